@@ -1,0 +1,67 @@
+"""gunicorn settings for ptth_relay: `gunicorn -c conf/gunicorn.conf.py ptth_relay:app`.
+
+The relay config file comes from $PTTH_RELAY_CONFIG (default ./ptth_relay.toml).
+"""
+
+import os
+import sys
+
+# Loopback by default; put nginx (with TLS) in front for the internet. --bind on
+# the command line overrides this.
+bind = os.environ.get("PTTH_RELAY_BIND", "127.0.0.1:4000")
+
+# Exactly one worker: the rendezvous (parked listens, queued requests, bodies in
+# flight) lives in the worker's memory, so a second worker would see half of it.
+workers = 1
+
+# gevent: every parked long-poll and streaming body is a cheap greenlet.
+worker_class = "gevent"
+
+# Connections the one worker holds at once: one parked listen per server plus
+# its responses in flight, plus clients. Raise the open-file limit to match
+# (ulimit -n, or LimitNOFILE= in a systemd unit).
+worker_connections = 4096
+
+# With gevent this is a heartbeat of the worker, not a request limit; long-polls
+# and long downloads are bounded by the relay's own timeouts.
+timeout = 60
+
+# Above listen_timeout_secs (default 30), so a restart lets parked polls drain.
+graceful_timeout = 40
+
+# Keep idle connections longer than the listen timeout: servers reuse one
+# connection for polls and responses instead of reconnecting.
+keepalive = 75
+
+# The response head travels base64-encoded in the X-PTTH-2LJYXWC4 header
+# (ptth_lib.protocol.MAX_RESPONSE_HEAD_BYTES).
+limit_request_field_size = 65536
+
+# Never preload: gevent must monkey-patch in the worker before the app loads.
+preload_app = False
+
+# Each relay has no need for gunicorn's per-user control socket, and tests run
+# many relays side by side.
+control_socket_disable = True
+
+# Logs to stderr; the relay's own lines go through gunicorn's error log.
+errorlog = "-"
+loglevel = os.environ.get("PTTH_LOG_LEVEL", "info").lower()
+accesslog = os.environ.get("PTTH_ACCESS_LOG") or None
+
+
+def on_starting(server):
+    """Check the relay config in the master, before any worker starts.
+
+    A bad config then stops gunicorn with one line instead of a worker crash.
+    """
+    sys.path.insert(0, os.getcwd())
+    from ptth_lib.config import load_relay_config
+    from ptth_lib.errors import ConfigError
+
+    path = os.environ.get("PTTH_RELAY_CONFIG", "./ptth_relay.toml")
+    try:
+        load_relay_config(path)
+    except ConfigError as e:
+        print(f"ptth_relay: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

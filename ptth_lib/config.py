@@ -1,0 +1,229 @@
+"""Config files: TOML in, frozen dataclasses out, every key declared once.
+
+Each key is declared in one table below with its type, default, check and a
+one-line doc; `tests/test_config.py` checks that `conf/*.example.toml` shows
+every key. Unknown keys are errors, so a typo never silently falls back to a
+default. Errors are `ConfigError` with one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import tripcode
+from .errors import ConfigError
+
+# Server names appear in URL paths unescaped, so keep them to URL-safe characters.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,63}$")
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class _Key:
+    name: str
+    type: type | tuple[type, ...]
+    default: Any
+    doc: str
+    check: Callable[[Any], str | None] | None = None
+
+
+def _check_name(value: str) -> str | None:
+    if _NAME_RE.match(value):
+        return None
+    return "must be 1-64 characters of A-Z a-z 0-9 . _ ~ - (it is part of URLs)"
+
+
+def _check_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme in ("http", "https") and parts.netloc:
+        return None
+    return "must be an http:// or https:// URL such as http://127.0.0.1:4000"
+
+
+def _check_tripcode(value: str) -> str | None:
+    if tripcode.is_valid(value):
+        return None
+    return "must be a tripcode (44 characters of base64, from ptth_server.py --print-tripcode)"
+
+
+def _check_timeout(value: float) -> str | None:
+    if 1 <= value <= 3600:
+        return None
+    return "must be a number of seconds from 1 to 3600"
+
+
+def _check_key(value: str) -> str | None:
+    if tripcode.is_strong(value):
+        return None
+    return (
+        f"is too weak: use at least {tripcode.MIN_API_KEY_CHARS} random characters "
+        "(delete the line and ptth_server.py will generate one)"
+    )
+
+
+SERVER_KEYS = (
+    _Key("name", str, _REQUIRED, "the name this server registers under at the relay", _check_name),
+    _Key("api_key", str, None, "secret key; only its tripcode goes in the relay config", _check_key),
+    _Key("relay_url", str, _REQUIRED, "base URL of the relay, e.g. http://127.0.0.1:4000", _check_url),
+    _Key("file_server_root", str, "./data", "folder served under /files/"),
+)
+
+RELAY_KEYS = (
+    _Key("listen_timeout_secs", (int, float), 30, "how long a server's listen waits before 204", _check_timeout),
+    _Key("request_timeout_secs", (int, float), 30, "how long a client waits for a server to answer", _check_timeout),
+    _Key("servers", list, [], "[[servers]] tables: name, tripcode, optional display_name"),
+    _Key("server_tripcodes", dict, {}, "older form: a table of name = tripcode"),
+)
+
+SERVER_ENTRY_KEYS = (
+    _Key("name", str, _REQUIRED, "the server's name", _check_name),
+    _Key("tripcode", str, _REQUIRED, "the server's tripcode", _check_tripcode),
+    _Key("display_name", str, None, "a friendlier name for the server list"),
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str
+    api_key: str | None
+    relay_url: str
+    file_server_root: str
+
+
+@dataclass(frozen=True)
+class RegisteredServer:
+    name: str
+    tripcode: str
+    display_name: str
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    listen_timeout_secs: float
+    request_timeout_secs: float
+    servers: Mapping[str, RegisteredServer]
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML file, turning every failure into a one-line ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _apply(keys: tuple[_Key, ...], raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Check `raw` against `keys` and fill in defaults; `where` prefixes errors."""
+    known = {k.name for k in keys}
+    for name in raw:
+        if name not in known:
+            raise ConfigError(f"{where}: unknown key {name!r} (known keys: {', '.join(sorted(known))})")
+    out: dict[str, Any] = {}
+    for key in keys:
+        if key.name not in raw:
+            if key.default is _REQUIRED:
+                raise ConfigError(f"{where}: missing key {key.name!r} ({key.doc})")
+            out[key.name] = key.default
+            continue
+        value = raw[key.name]
+        if isinstance(value, bool) or not isinstance(value, key.type):
+            expected = key.type.__name__ if isinstance(key.type, type) else "number"
+            raise ConfigError(f"{where}: {key.name!r} must be a {expected}, not {value!r}")
+        problem = key.check(value) if key.check else None
+        if problem:
+            raise ConfigError(f"{where}: {key.name!r} {problem}")
+        out[key.name] = value
+    return out
+
+
+def parse_server_config(raw: Mapping[str, Any], where: str) -> ServerConfig:
+    """Validate a server config (file contents merged with flags)."""
+    return ServerConfig(**_apply(SERVER_KEYS, raw, where))
+
+
+def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
+    """Validate a relay config; both ways of listing servers are accepted."""
+    values = _apply(RELAY_KEYS, raw, where)
+    entries: list[Mapping[str, Any]] = []
+    for i, entry in enumerate(values["servers"]):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: servers[{i}] must be a [[servers]] table")
+        entries.append(_apply(SERVER_ENTRY_KEYS, entry, f"{where}: [[servers]] #{i + 1}"))
+    for name, code in values["server_tripcodes"].items():
+        entries.append(_apply(SERVER_ENTRY_KEYS, {"name": name, "tripcode": code}, f"{where}: [server_tripcodes]"))
+    servers: dict[str, RegisteredServer] = {}
+    for e in entries:
+        if e["name"] in servers:
+            raise ConfigError(f"{where}: server {e['name']!r} is listed twice")
+        servers[e["name"]] = RegisteredServer(e["name"], e["tripcode"], e["display_name"] or e["name"])
+    return RelayConfig(
+        listen_timeout_secs=float(values["listen_timeout_secs"]),
+        request_timeout_secs=float(values["request_timeout_secs"]),
+        servers=servers,
+    )
+
+
+def load_relay_config(path: str | os.PathLike[str]) -> RelayConfig:
+    """Read and validate a relay config file."""
+    return parse_relay_config(read_toml(path), str(path))
+
+
+# Environment variable that may hold the server's API key instead of the file.
+API_KEY_ENV = "PTTH_API_KEY"
+
+
+def load_server_config(path: str | os.PathLike[str], overrides: Mapping[str, Any]) -> tuple[ServerConfig, str]:
+    """Read the server config file, apply flags and the environment, validate.
+
+    `overrides` holds command-line values (None for flags not given). The API
+    key may come from the environment variable PTTH_API_KEY; if it is found
+    nowhere, one is generated and saved in the file (see `_save_new_key`).
+    Returns the config and where its key came from: "file", "env" or "generated".
+    """
+    raw = read_toml(path)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    env_key = os.environ.get(API_KEY_ENV)
+    where = str(path)
+    source = "file"
+    if env_key:
+        source = "env"
+        raw["api_key"] = env_key
+        where = f"{path} (api_key from ${API_KEY_ENV})"
+    cfg = parse_server_config(raw, where)
+    if cfg.api_key is None:
+        cfg = ServerConfig(cfg.name, _save_new_key(path), cfg.relay_url, cfg.file_server_root)
+        source = "generated"
+    return cfg, source
+
+
+def _save_new_key(path: str | os.PathLike[str]) -> str:
+    """Append a fresh API key to the config file and make the file private."""
+    import toml  # the writer; tomllib only reads
+
+    key = tripcode.generate_key()
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("\n# Generated by ptth_server.py. Keep it secret: it proves this server's name.\n")
+            f.write(toml.dumps({"api_key": key}))
+        os.chmod(path, 0o600)
+    except OSError as e:
+        raise ConfigError(f"{path}: no api_key, and cannot save a generated one: {e.strerror}") from None
+    return key
+
+
+def is_private(path: str | os.PathLike[str]) -> bool:
+    """Tell whether a file is unreadable by group and others."""
+    return (Path(path).stat().st_mode & 0o077) == 0

@@ -1,0 +1,279 @@
+"""The relay: a Flask app over the rendezvous.
+
+Routes, thin over `rendezvous.Rendezvous`:
+
+- backend API (servers): `GET /7ZSFUKGV/http_listen/<name>` (long-poll) and
+  `POST /7ZSFUKGV/http_response/<id>` (response head in a header, body streamed);
+- frontend (clients): `/frontend/servers/<name>/<path>` (alias `/servers/...`)
+  relayed to the server as `/<path>`, plus the server list, the unregistered
+  servers page, and `/frontend/relay_up_check`.
+
+The rendezvous state lives in this process, so the relay runs as exactly one
+gevent worker (see conf/gunicorn.conf.py).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import socket
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Flask, Response, redirect, request
+
+from . import __version__
+from .config import RelayConfig
+from .errors import ProtocolError
+from .protocol import (
+    API_KEY_HEADER,
+    RESPONSE_HEAD_HEADER,
+    collect_headers,
+    decode_response_head,
+    encode_requests,
+)
+from .rendezvous import BodyStream, PendingRequest, Rendezvous, RendezvousError
+
+logger = logging.getLogger(__name__)
+
+# Bytes read from a server's POST body at a time: as large as the server's own
+# chunks, so each chunk crosses the relay as one piece.
+RELAY_CHUNK_BYTES = 256 * 1024
+
+# Environ keys under which the WSGI server exposes the client's socket:
+# gunicorn's own, and ours for gevent's WSGIServer (see `dev_server.py`).
+_SOCKET_KEYS = ("gunicorn.socket", "ptth.socket")
+
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]
+
+
+def create_app(config: RelayConfig) -> Flask:
+    """Build the relay's Flask app for `config`."""
+    app = Flask("ptth_relay")
+    rv = Rendezvous(config)
+    app.extensions["ptth_rendezvous"] = rv
+
+    @app.errorhandler(RendezvousError)
+    def _rendezvous_error(e: RendezvousError) -> Response:
+        resp = _text(e.status, str(e))
+        if e.status == 503:
+            resp.headers["Retry-After"] = "5"
+        return resp
+
+    @app.get("/")
+    def _index() -> Response:
+        return _page("PTTH relay", '<p><a href="frontend/servers/">Server list</a></p>')
+
+    @app.get("/frontend/relay_up_check")
+    def _up_check() -> Response:
+        return _text(200, "Relay is up")
+
+    @app.get("/frontend/servers/")
+    def _server_list() -> Response:
+        rows = []
+        for name in sorted(rv.servers):
+            s = rv.servers[name]
+            status = "online" if s.is_online() else "offline"
+            seen = _format_time(s.last_seen_wall) if s.last_seen_wall else "never"
+            rows.append(
+                f'<tr><td><a href="{html.escape(name)}/">{html.escape(s.registered.display_name)}</a></td>'
+                f"<td>{html.escape(name)}</td><td>{status}</td><td>{seen}</td></tr>"
+            )
+        table = "<tr><th>Server</th><th>Name</th><th>Status</th><th>Last seen</th></tr>" + "".join(rows)
+        return _page("PTTH servers", f"<table>{table}</table>")
+
+    @app.get("/frontend/unregistered_servers")
+    def _unregistered() -> Response:
+        rows = "".join(
+            f"<tr><td>{html.escape(name)}</td><td><code>{html.escape(code)}</code></td>"
+            f"<td>{_format_time(seen)}</td></tr>"
+            for name, (code, seen) in sorted(rv.unregistered.items())
+        )
+        body = (
+            "<p>Servers that tried to connect but are not in the relay config. To let one in, "
+            "add a <code>[[servers]]</code> table with its name and tripcode.</p>"
+            f"<table><tr><th>Name</th><th>Tripcode</th><th>Last try</th></tr>{rows}</table>"
+        )
+        return _page("Unregistered servers", body)
+
+    @app.route("/frontend/servers/<name>", methods=_ALL_METHODS, provide_automatic_options=False)
+    @app.route("/servers/<name>", methods=_ALL_METHODS, provide_automatic_options=False)
+    def _server_root_redirect(name: str) -> Any:
+        return redirect(f"{name}/", code=302)
+
+    @app.route("/frontend/servers/<name>/", methods=_ALL_METHODS, provide_automatic_options=False)
+    @app.route("/frontend/servers/<name>/<path:_path>", methods=_ALL_METHODS, provide_automatic_options=False)
+    @app.route("/servers/<name>/", methods=_ALL_METHODS, provide_automatic_options=False)
+    @app.route("/servers/<name>/<path:_path>", methods=_ALL_METHODS, provide_automatic_options=False)
+    def _frontend(name: str, _path: str = "") -> Response:
+        return _relay_client_request(rv, name)
+
+    @app.get("/7ZSFUKGV/http_listen/<name>")
+    def _listen(name: str) -> Response:
+        server = rv.authenticate(name, request.headers.get(API_KEY_HEADER))
+        batch = rv.listen(server, config.listen_timeout_secs)
+        if not batch:
+            return Response(status=204)
+        logger.debug("listen by %s takes %d requests", name, len(batch))
+        return Response(encode_requests(p.request for p in batch), 200, content_type="application/msgpack")
+
+    @app.post("/7ZSFUKGV/http_response/<request_id>")
+    def _response(request_id: str) -> Response:
+        try:
+            p = rv.claim(request_id, request.headers.get(API_KEY_HEADER))
+        except RendezvousError as e:
+            _cut_connection(request.environ)  # do not read the body we refuse
+            return _text(e.status, str(e))
+        return _relay_server_response(rv, p)
+
+    return app
+
+
+def _relay_client_request(rv: Rendezvous, name: str) -> Response:
+    """P2 to P6 for one client request: queue it, wait for the head, stream the body."""
+    environ = request.environ
+    if request.content_length or "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return _text(501, "request bodies are not relayed through the tunnel")
+    uri = _relayed_uri(environ)
+    p = rv.submit(name, request.method, uri, collect_headers(request.headers.items()))
+    logger.debug("request %s: %s %s for %s", p.request.id, request.method, uri, name)
+    head = rv.wait_for_head(p)
+    headers = [(_display_case(k), v.decode("latin-1")) for k, v in head.headers.items()]
+    body: Any
+    if request.method == "HEAD" or head.status_code in (204, 304):
+        rv.skip_body(p)
+        body = []  # a list, not b"": werkzeug would reset Content-Length to 0
+    else:
+        body = BodyStream(rv, p, lambda reason: _cut_connection(environ))
+    resp = Response(body, status=head.status_code, headers=headers)
+    if "content-type" not in head.headers:
+        del resp.headers["Content-Type"]
+    return resp
+
+
+def _relay_server_response(rv: Rendezvous, p: PendingRequest) -> Response:
+    """P5 and P7: hand the head to the client, copy the body, answer when delivered."""
+    environ = request.environ
+    try:
+        head = decode_response_head(request.headers.get(RESPONSE_HEAD_HEADER))
+    except ProtocolError as e:
+        logger.warning("bad response head for request %s: %s", p.request.id, e)
+        rv.fail(p, str(e))
+        _cut_connection(environ)
+        return _text(400, f"bad response head: {e}")
+    rv.start_response(p, head)
+
+    stream = environ["wsgi.input"]
+    declared = request.content_length
+    received = 0
+    complete = True
+    while True:
+        try:
+            chunk = stream.read(RELAY_CHUNK_BYTES)
+        except Exception as e:  # the WSGI server's body reader: OSError or its parse errors
+            logger.warning("response body of request %s broke off: %s", p.request.id, type(e).__name__)
+            complete = False
+            break
+        if not chunk:
+            break
+        received += len(chunk)
+        if not rv.put_chunk(p, chunk):
+            logger.info("client of request %s is gone; stopping the server's upload", p.request.id)
+            _cut_connection(environ)
+            return _text(410, "the client is gone")
+    if declared is not None and received != declared:
+        complete = False
+    delivered = rv.end_body(p, complete)
+    if not complete:
+        _cut_connection(environ)
+        return _text(400, "response body broke off")
+    if not delivered:
+        _cut_connection(environ)
+        return _text(410, "the client is gone")
+    return _text(200, "delivered")
+
+
+def _relayed_uri(environ: dict[str, Any]) -> str:
+    """The request target as the client sent it, minus the `/frontend/servers/<name>` prefix.
+
+    Works on the raw target so that percent-escapes (`%3F`, `%23`, `%2F`)
+    reach the server unchanged.
+    """
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if not raw:
+        raw = environ.get("PATH_INFO", "/")
+        if environ.get("QUERY_STRING"):
+            raw += "?" + environ["QUERY_STRING"]
+    if not raw.startswith("/"):  # absolute-form target
+        parts = urlsplit(raw)
+        raw = parts.path + ("?" + parts.query if parts.query else "")
+    path, sep, query = raw.partition("?")
+    segments = path.split("/", 4 if path.startswith("/frontend/") else 3)
+    rest = segments[-1] if len(segments) == (5 if path.startswith("/frontend/") else 4) else ""
+    return "/" + rest + sep + query
+
+
+def _cut_connection(environ: dict[str, Any]) -> bool:
+    """Shut the connection down so the peer sees a cut, not a clean end."""
+    for key in _SOCKET_KEYS:
+        sock = environ.get(key)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return True
+    return False
+
+
+def _display_case(name: str) -> str:
+    """content-type -> Content-Type, as clients show headers to people."""
+    return "-".join(part.capitalize() for part in name.split("-"))
+
+
+def _text(status: int, message: str) -> Response:
+    return Response(message + "\n", status=status, content_type="text/plain; charset=utf-8")
+
+
+def _page(title: str, body: str) -> Response:
+    page = (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title>'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:0.2em 1em;text-align:left}</style>"
+        f"</head><body><h1>{title}</h1>{body}"
+        f"<footer><small>ptth_relay {__version__}</small></footer></body></html>"
+    )
+    return Response(page, content_type="text/html; charset=utf-8")
+
+
+def _format_time(wall: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall))
+
+
+
+def serve_forever(app: Flask, host: str, port: int, on_listening: Any = None) -> None:
+    """Run `app` on gevent's WSGI server (development; production uses gunicorn).
+
+    The caller must have monkey-patched with gevent. Binds first so that a busy
+    port raises OSError before anything else happens.
+    """
+    import signal
+
+    import gevent
+    from gevent.pywsgi import WSGIHandler, WSGIServer
+
+    class _Handler(WSGIHandler):  # type: ignore[misc]
+        def get_environ(self) -> dict[str, Any]:
+            env: dict[str, Any] = super().get_environ()
+            env["ptth.socket"] = self.socket  # for _cut_connection
+            env["RAW_URI"] = self.path  # the raw request target, as gunicorn gives it
+            return env
+
+    server = WSGIServer((host, port), app, handler_class=_Handler, log=None, error_log=logger)
+    server.init_socket()
+    if on_listening:
+        on_listening(server.address)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(sig, server.stop)
+    server.serve_forever()

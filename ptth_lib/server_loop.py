@@ -1,0 +1,244 @@
+"""The server side of the tunnel: long-poll the relay, answer with streamed POSTs.
+
+One thread runs the listen loop on its own `requests.Session`: it asks the
+relay for requests (P1), gets them packed in the answer (P3), and hands each to
+a thread pool. A pool thread runs the file server (P4) and POSTs the response
+back (P5) with the head in a header and the body as a chunked upload, which the
+relay answers once the client has the whole body (P7).
+
+Faults are expected: connection errors back off exponentially with jitter and
+are logged once per change of state; a 403 from the relay stops the loop,
+because retrying with a key the relay refuses cannot succeed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from urllib.parse import quote
+
+import requests
+
+from . import __version__, file_server, tripcode
+from .config import ServerConfig
+from .errors import ProtocolError
+from .protocol import (
+    API_KEY_HEADER,
+    LISTEN_PATH,
+    RESPONSE_HEAD_HEADER,
+    RESPONSE_PATH,
+    RelayRequest,
+    ServerResponseHead,
+    collect_headers,
+    decode_requests,
+    encode_response_head,
+)
+
+logger = logging.getLogger(__name__)
+
+# Requests served at once; more wait in the pool's queue. Each one holds a file
+# and a connection to the relay, so this also bounds both.
+MAX_CONCURRENT_REQUESTS = 16
+
+# Reconnect delays: start small so a relay restart costs little, cap so that a
+# relay that is down for hours sees one attempt per half minute per server.
+BACKOFF_START_SECS = 0.5
+BACKOFF_CAP_SECS = 30.0
+
+CONNECT_TIMEOUT_SECS = 10.0
+# A listen parks at the relay for its listen_timeout_secs (at most 300 s).
+LISTEN_READ_TIMEOUT_SECS = 330.0
+# The relay holds our POST while the client reads; a client slower than this
+# between two chunks gets cut by the relay first (rendezvous.BODY_STALL_SECS).
+RESPONSE_READ_TIMEOUT_SECS = 150.0
+
+# On Ctrl+C / SIGTERM, responses in flight get this long to finish.
+SHUTDOWN_GRACE_SECS = 10.0
+
+
+class _Aborted(Exception):
+    """Raised inside a body generator to abandon an upload at shutdown."""
+
+
+class ServerLoop:
+    """Keeps one server connected to its relay and answers its requests."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        assert config.api_key is not None
+        self.config = config
+        self._api_key: str = config.api_key
+        base = config.relay_url.rstrip("/")
+        self._listen_url = base + LISTEN_PATH.format(name=quote(config.name, safe=""))
+        self._response_url = base + RESPONSE_PATH
+        self._stop = threading.Event()
+        self._abort = threading.Event()
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(MAX_CONCURRENT_REQUESTS, thread_name_prefix="ptth-response")
+        self._in_flight: set[Future[None]] = set()
+        self._lock = threading.Lock()
+        self.exit_code = 0
+
+    # ---- lifecycle ------------------------------------------------------
+
+    def run(self) -> int:
+        """Listen until `stop()` or a refusal from the relay; return the exit code."""
+        listener = threading.Thread(target=self._listen_forever, name="ptth-listen", daemon=True)
+        listener.start()
+        self._stop.wait()
+        with self._lock:
+            running = set(self._in_flight)
+        if running:
+            logger.info("stopping: waiting up to %.0f s for %d responses", SHUTDOWN_GRACE_SECS, len(running))
+            _, not_done = wait(running, timeout=SHUTDOWN_GRACE_SECS)
+            if not_done:
+                logger.warning("stopping: abandoning %d unfinished responses", len(not_done))
+                self._abort.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        return self.exit_code
+
+    def stop(self) -> None:
+        """Ask the loop to stop (safe from a signal handler)."""
+        self._stop.set()
+
+    # ---- P1/P3: the listen loop ----------------------------------------
+
+    def _listen_forever(self) -> None:
+        session = requests.Session()
+        session.headers.update({API_KEY_HEADER: self._api_key, "User-Agent": f"ptth_server/{__version__}"})
+        failures = 0
+        state = ""
+        while not self._stop.is_set():
+            problem = ""
+            try:
+                r = session.get(self._listen_url, timeout=(CONNECT_TIMEOUT_SECS, LISTEN_READ_TIMEOUT_SECS))
+                if r.status_code == 200:
+                    self._dispatch(decode_requests(r.content))
+                elif r.status_code == 403:
+                    self._refused()
+                    return
+                elif r.status_code != 204:
+                    problem = f"relay answered {r.status_code} {r.reason}"
+            except requests.RequestException as e:
+                problem = f"cannot reach the relay at {self.config.relay_url}: {_describe(e)}"
+            except ProtocolError as e:
+                problem = f"relay sent a malformed listen answer: {e}"
+            new_state = problem or "connected"
+            if new_state != state:
+                if problem:
+                    logger.warning("%s; retrying with backoff", problem)
+                else:
+                    logger.info("connected to relay %s as %r", self.config.relay_url, self.config.name)
+                state = new_state
+            if not problem:
+                failures = 0
+                continue
+            delay = min(BACKOFF_CAP_SECS, BACKOFF_START_SECS * 2**failures) * random.uniform(0.5, 1.0)
+            failures = min(failures + 1, 16)
+            self._stop.wait(delay)
+
+    def _refused(self) -> None:
+        logger.error(
+            "relay %s refused server %r: its name or API key is not registered there. "
+            "Add this server to the relay config: name = %r, tripcode = %r",
+            self.config.relay_url, self.config.name, self.config.name, tripcode.derive(self._api_key),
+        )
+        self.exit_code = 1
+        self._stop.set()
+
+    def _dispatch(self, batch: list[RelayRequest]) -> None:
+        for req in batch:
+            with self._lock:
+                if self._stop.is_set():
+                    return  # the relay answers these with 502/504 in time
+                future = self._pool.submit(self._respond, req)
+                self._in_flight.add(future)
+            future.add_done_callback(self._done)
+
+    def _done(self, future: Future[None]) -> None:
+        with self._lock:
+            self._in_flight.discard(future)
+        if future.exception() is not None:
+            logger.error("bug while answering a request", exc_info=future.exception())
+
+    # ---- P4/P5: answer one request ---------------------------------------
+
+    def _respond(self, req: RelayRequest) -> None:
+        headers = {k: v.decode("latin-1") for k, v in req.headers.items()}
+        answer = file_server.serve(self.config.file_server_root, req.method, req.uri, headers)
+        head = ServerResponseHead(answer.status, collect_headers(answer.headers))
+        logger.debug("request %s: %s %s -> %d", req.id, req.method, req.uri, answer.status)
+        body = _CountingBody(answer.body, self._abort)
+        try:
+            self._post(req.id, head, body)
+        finally:
+            body.close()
+
+    def _post(self, request_id: str, head: ServerResponseHead, body: _CountingBody) -> None:
+        url = self._response_url.format(id=quote(request_id, safe=""))
+        headers = {API_KEY_HEADER: self._api_key, RESPONSE_HEAD_HEADER: encode_response_head(head)}
+        for attempt in (1, 2):
+            session = self._session()
+            try:
+                r = session.post(url, data=body.chunks(), headers=headers,
+                                 timeout=(CONNECT_TIMEOUT_SECS, RESPONSE_READ_TIMEOUT_SECS))
+            except _Aborted:
+                logger.info("response %s abandoned at shutdown after %d bytes", request_id, body.sent)
+                return
+            except requests.RequestException as e:
+                if body.started or attempt == 2:
+                    logger.info("response %s cut off after %d bytes: %s", request_id, body.sent, _describe(e))
+                    return
+                # Nothing was sent: the connection was stale (closed while idle). Retry once.
+                self._local.session = None
+                continue
+            if r.status_code == 200:
+                logger.debug("response %s delivered, %d bytes", request_id, body.sent)
+            elif r.status_code == 410:
+                logger.info("response %s: the client left after %d bytes", request_id, body.sent)
+            else:
+                logger.warning("response %s: relay answered %d: %s", request_id, r.status_code, r.text.strip()[:200])
+            return
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.headers["User-Agent"] = f"ptth_server/{__version__}"
+            self._local.session = session
+        return session
+
+
+class _CountingBody:
+    """A response body on its way to the relay: counts bytes, can be abandoned."""
+
+    def __init__(self, chunks: Iterator[bytes], abort: threading.Event) -> None:
+        self._chunks = chunks
+        self._abort = abort
+        self.sent = 0
+        self.started = False
+
+    def chunks(self) -> Iterator[bytes]:
+        self.started = True
+        for chunk in self._chunks:
+            if self._abort.is_set():
+                raise _Aborted("server is stopping")
+            self.sent += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close:
+            close()
+
+
+def _describe(e: BaseException) -> str:
+    """One short line for a requests exception, without URLs or headers."""
+    cause: BaseException = e
+    while cause.__context__ is not None and not isinstance(cause, (OSError, socket.timeout)):
+        cause = cause.__context__
+    text = str(cause) or type(cause).__name__
+    return text.split(" (Caused by ")[0][:200]

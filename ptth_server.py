@@ -1,0 +1,79 @@
+"""ptth_server: serve a folder through a PTTH relay, from behind a firewall.
+
+`python ptth_server.py [--config PATH] [--print-tripcode] [--name N]
+[--relay-url URL] [--file-server-root DIR]`; flags override the config file
+(default ./ptth_server.toml), and the API key may come from $PTTH_API_KEY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from ptth_lib import tripcode
+from ptth_lib.cli import setup_logging
+from ptth_lib.config import ServerConfig, is_private, load_server_config
+from ptth_lib.errors import ConfigError
+
+DEFAULT_CONFIG = "./ptth_server.toml"
+
+logger = logging.getLogger("ptth_server")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ptth_server.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    parser.add_argument("--print-tripcode", action="store_true",
+                        help="print the tripcode of the API key (for the relay config) and exit")
+    parser.add_argument("--name", help="name to register under (overrides the config)")
+    parser.add_argument("--relay-url", help="relay base URL, e.g. http://127.0.0.1:4000")
+    parser.add_argument("--file-server-root", help="folder to serve under /files/")
+    args = parser.parse_args(argv)
+    setup_logging()
+
+    overrides = {"name": args.name, "relay_url": args.relay_url, "file_server_root": args.file_server_root}
+    try:
+        config, key_source = load_server_config(args.config, overrides)
+        _check_root(config, args.config, key_in_file=key_source != "env")
+    except ConfigError as e:
+        print(f"ptth_server: {e}", file=sys.stderr)
+        return 2
+    assert config.api_key is not None
+    code = tripcode.derive(config.api_key)
+    if key_source == "generated":
+        print(f"ptth_server: {args.config} had no api_key, so a new one was generated and saved there "
+              f"(file mode 0600). Register this server at the relay with:\n\n"
+              f"[[servers]]\nname = \"{config.name}\"\ntripcode = \"{code}\"\n", file=sys.stderr)
+    elif key_source == "file" and not is_private(args.config):
+        logger.warning("%s holds the API key but others can read it: chmod 600 %s", args.config, args.config)
+    if args.print_tripcode:
+        print(code)
+        return 0
+
+    from ptth_lib.server_loop import ServerLoop
+
+    loop = ServerLoop(config)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: loop.stop())
+    logger.info("serving %s as %r through %s (tripcode %s)",
+                config.file_server_root, config.name, config.relay_url, code)
+    return loop.run()
+
+
+def _check_root(config: ServerConfig, config_path: str, key_in_file: bool) -> None:
+    """The root must be a folder, and must not contain the file holding our key."""
+    root = Path(config.file_server_root)
+    if not root.is_dir():
+        raise ConfigError(f"file_server_root {str(root)!r} is not a folder: create it or point the "
+                          "config's file_server_root (or --file-server-root) at the folder to serve")
+    config_file = Path(config_path).resolve()
+    if key_in_file and config_file.is_relative_to(root.resolve()):
+        raise ConfigError(f"{config_path} holds the API key and lies inside file_server_root "
+                          f"{str(root)!r}, so anyone could download it: move one of them")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
