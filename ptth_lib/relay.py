@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 # chunks, so each chunk crosses the relay as one piece.
 RELAY_CHUNK_BYTES = 256 * 1024
 
+# A refused POST body up to this size is read and dropped, so the connection
+# can be reused; past it, reading would cost more than a new connection.
+SMALL_BODY_BYTES = 64 * 1024
+
 # Environ keys under which the WSGI server exposes the client's socket:
 # gunicorn's own, and ours for gevent's WSGIServer (see `dev_server.py`).
 _SOCKET_KEYS = ("gunicorn.socket", "ptth.socket")
@@ -123,8 +127,7 @@ def create_app(config: RelayConfig) -> Flask:
         try:
             p = rv.claim(request_id, request.headers.get(API_KEY_HEADER))
         except RendezvousError as e:
-            _cut_connection(request.environ)  # do not read the body we refuse
-            return _text(e.status, str(e))
+            return _refuse(e.status, str(e))
         return _relay_server_response(rv, p)
 
     return app
@@ -160,8 +163,7 @@ def _relay_server_response(rv: Rendezvous, p: PendingRequest) -> Response:
     except ProtocolError as e:
         logger.warning("bad response head for request %s: %s", p.request.id, e)
         rv.fail(p, str(e))
-        _cut_connection(environ)
-        return _text(400, f"bad response head: {e}")
+        return _refuse(400, f"bad response head: {e}")
     rv.start_response(p, head)
 
     stream = environ["wsgi.input"]
@@ -192,6 +194,20 @@ def _relay_server_response(rv: Rendezvous, p: PendingRequest) -> Response:
         _cut_connection(environ)
         return _text(410, "the client is gone")
     return _text(200, "delivered")
+
+
+def _refuse(status: int, message: str) -> Response:
+    """Answer a server's POST without reading its body.
+
+    A small body is left for the WSGI server to discard; a large or chunked
+    one is not read at all: the connection is shut once the answer is out.
+    """
+    resp = _text(status, message)
+    length = request.content_length
+    if length is None or length > SMALL_BODY_BYTES:
+        environ = request.environ
+        resp.call_on_close(lambda: _cut_connection(environ))
+    return resp
 
 
 def _relayed_uri(environ: dict[str, Any]) -> str:

@@ -312,6 +312,7 @@ class BodyStream:
         self._p = p
         self._cut = cut
         self._sent = 0
+        self._started = False
         self._complete = False
         self._closed = False
         length = p.head.headers.get("content-length") if p.head else None
@@ -323,6 +324,11 @@ class BodyStream:
     def __next__(self) -> bytes:
         if self._closed:
             raise StopIteration
+        if not self._started:
+            # An empty first chunk makes the WSGI server send the status and
+            # headers now, before the first body bytes arrive.
+            self._started = True
+            return b""
         try:
             item = self._p.body.get(timeout=BODY_STALL_SECS)
         except gevent.queue.Empty:

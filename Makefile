@@ -1,0 +1,42 @@
+# Entry points for people and CI: `make demo`, `make test`, `make test-all`, `make clean`.
+# Everything runs from .venv, which is (re)built from the requirements files.
+
+PYTHON ?= python3
+VENV := .venv
+# Touched after a successful install; older than a requirements file means reinstall.
+STAMP := $(VENV)/.requirements.stamp
+PORT ?= 4000
+
+.PHONY: demo test test-all clean debian-deps
+
+# One venv for demo and tests: requirements-dev.txt includes requirements.txt.
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+# Relay and server on 127.0.0.1:$(PORT) until Ctrl+C; state in demo/.
+demo: $(STAMP)
+	$(VENV)/bin/python -m ptth_lib.demo --port $(PORT)
+
+# Debian programs the tests call. Installed only when missing, and only as root (CI is root).
+debian-deps:
+	@command -v curl >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends curl; \
+	  else \
+	    echo "make: the tests need curl; install it (sudo apt-get install curl) and run make again" >&2; exit 1; \
+	  fi; }
+
+# pytest exits 5 when it collected no test; say so, since a silent exit 5 looks like a crash.
+test: $(STAMP) debian-deps
+	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests: that is a failure" >&2; fi; \
+	  exit $$rc
+
+# Also the soak/load runs marked slow (the last -m given to pytest wins over addopts).
+test-all: PYTEST_ARGS += -m ""
+test-all: test
+
+clean:
+	rm -rf $(VENV) demo

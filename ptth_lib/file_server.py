@@ -1,0 +1,376 @@
+"""The file server: maps one request onto a directory tree, without sockets.
+
+`serve` turns (method, raw request target, headers) into a `FileResponse`
+whose body is a generator reading the file in `CHUNK_BYTES` blocks. The
+server calls it in-process for each request that comes through the tunnel;
+`make_wsgi_app` adapts it to WSGI for the standalone `ptth_file_server.py`.
+
+URLs: `/` is a small root page, `/files/...` is the tree. Every link and
+redirect is relative, so pages work the same behind the relay's
+`/frontend/servers/NAME/` prefix. Every client path goes through
+`_safe_path`, which refuses anything that would leave the root.
+"""
+
+from __future__ import annotations
+
+import html
+import http
+import logging
+import mimetypes
+import os
+import stat
+from collections.abc import Generator, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Literal, TypeAlias
+from urllib.parse import quote, unquote_to_bytes
+
+from werkzeug.http import http_date, parse_date, parse_etags, quote_etag
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+logger = logging.getLogger(__name__)
+
+# Big enough that per-chunk overhead (a tunnel write, a gevent switch) is
+# small next to the copy, small enough that a slow client pins little memory.
+CHUNK_BYTES = 256 * 1024
+
+# Longer digit strings are refused as malformed: 10**100 bytes is no real file
+# and int() of thousands of digits is slow (and raises past 4300 digits).
+_MAX_RANGE_DIGITS = 100
+
+UNSATISFIABLE: Literal["unsatisfiable"] = "unsatisfiable"
+
+# Typed as a generator (an Iterator with close()) so callers can close it.
+Body: TypeAlias = Generator[bytes, None, None]
+
+RangeResult: TypeAlias = tuple[int, int] | Literal["unsatisfiable"] | None
+
+_ALLOWED_METHODS = "GET, HEAD"
+_FILES_PREFIX = "/files/"
+_PRINTABLE_ASCII = "".join(map(chr, range(0x21, 0x7F)))
+
+
+@dataclass(frozen=True)
+class FileResponse:
+    """Status, lowercase headers and a body generator (close it to free the file)."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: Body
+
+
+def parse_range(header: str | None, size: int) -> RangeResult:
+    """Parse a Range header against a file of `size` bytes.
+
+    Returns inclusive `(start, end)` for one satisfiable byte range,
+    `UNSATISFIABLE` for a well-formed range outside the file (answer 416), and
+    `None` for no header, anything malformed or several ranges (answer 200).
+    """
+    if header is None:
+        return None
+    unit, equals, spec = header.partition("=")
+    if not equals or unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash:
+        return None
+    if first == "":
+        suffix = _plain_int(last)
+        if suffix is None:
+            return None
+        if suffix == 0 or size == 0:
+            return UNSATISFIABLE
+        return max(0, size - suffix), size - 1
+    start = _plain_int(first)
+    if start is None:
+        return None
+    if last == "":
+        end = size - 1
+    else:
+        parsed_end = _plain_int(last)
+        if parsed_end is None or parsed_end < start:
+            return None
+        end = min(parsed_end, size - 1)
+    if start >= size:
+        return UNSATISFIABLE
+    return start, end
+
+
+def _plain_int(text: str) -> int | None:
+    """Parse ASCII digits only: int() would also take "+1", " 1", "1_0" and "١"."""
+    if not text or len(text) > _MAX_RANGE_DIGITS or not (text.isascii() and text.isdigit()):
+        return None
+    return int(text)
+
+
+def serve(
+    root: str | os.PathLike[str], method: str, uri: str, headers: Mapping[str, str]
+) -> FileResponse:
+    """Answer one request for the tree under `root`.
+
+    `uri` is the raw request target (percent-encoded path, optional query);
+    `headers` has lowercase names.
+    """
+    is_head = method == "HEAD"
+    if method not in ("GET", "HEAD"):
+        return _error(405, is_head, [("allow", _ALLOWED_METHODS)])
+    path = uri.partition("?")[0]
+    if path == "/":
+        page = '<p><a href="files/">files/</a></p>'
+        return _html(_page("PTTH server", page), is_head)
+    if path == "/files":
+        return _redirect("files/", is_head)
+    if not path.startswith(_FILES_PREFIX):
+        return _error(404, is_head)
+    url_path = path[len(_FILES_PREFIX) :]
+    target = _safe_path(root, url_path)
+    if target is None:
+        return _error(404, is_head)
+    try:
+        st = os.stat(target)
+    except OSError:
+        return _error(404, is_head)
+    # The name as requested: `target` is the resolved path, maybe a symlink's target.
+    name = _decode_segment(url_path.rsplit("/", 1)[-1])
+    if stat.S_ISDIR(st.st_mode):
+        if url_path and not url_path.endswith("/"):
+            return _redirect(_href(name) + "/", is_head)
+        return _serve_listing(target, url_path, is_head)
+    if url_path.endswith("/"):
+        return _error(404, is_head)
+    if not stat.S_ISREG(st.st_mode):
+        return _error(403, is_head)  # FIFOs, devices, sockets: never opened
+    return _serve_file(target, name, is_head, headers)
+
+
+def make_wsgi_app(root: str | os.PathLike[str]) -> WSGIApplication:
+    """Wrap `serve` as a WSGI application for the standalone file server."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        headers = {
+            key[5:].replace("_", "-").lower(): value
+            for key, value in environ.items()
+            if key.startswith("HTTP_")
+        }
+        response = serve(root, environ["REQUEST_METHOD"], _raw_uri(environ), headers)
+        start_response(
+            f"{response.status} {http.HTTPStatus(response.status).phrase}", response.headers
+        )
+        return response.body
+
+    return app
+
+
+def _raw_uri(environ: WSGIEnvironment) -> str:
+    """Rebuild the request target from a WSGI environ, percent-encoded."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw is None:
+        raw = quote(_wsgi_bytes(environ.get("PATH_INFO", "")), safe="/")
+        if environ.get("QUERY_STRING"):
+            raw += "?" + environ["QUERY_STRING"]
+    # Encode what is not printable ASCII so `serve` reads the original bytes
+    # back out of the percent escapes.
+    return quote(_wsgi_bytes(str(raw)), safe=_PRINTABLE_ASCII)
+
+
+def _wsgi_bytes(text: str) -> bytes:
+    """Undo WSGI's bytes-as-latin-1 strings (PEP 3333); be lenient with servers that do not."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _safe_path(root: str | os.PathLike[str], url_path: str) -> Path | None:
+    """Map a percent-encoded path below `/files/` to a real path inside `root`.
+
+    Returns None when the path is malformed or would leave the root: `.` and
+    `..`, empty segments, encoded `/`, backslashes, NUL, or symlinks whose
+    target lies outside the root. Symlinks that stay inside are followed.
+    """
+    segments = url_path.split("/")
+    if segments[-1] == "":
+        segments.pop()  # a trailing slash asks for a directory; serve() checks
+    names = []
+    for segment in segments:
+        name = _decode_segment(segment)
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            return None
+        names.append(name)
+    real_root = Path(os.path.realpath(root))
+    candidate = real_root.joinpath(*names)
+    real = Path(os.path.realpath(candidate))
+    if not real.is_relative_to(real_root):
+        logger.debug("refused path leaving the root: %r", url_path)
+        return None
+    return real
+
+
+def _decode_segment(segment: str) -> str:
+    """Percent-decode one path segment to a file name (bytes as os.fsdecode sees them)."""
+    # surrogatepass: a stray surrogate in `uri` must not raise; it just names no file.
+    return os.fsdecode(unquote_to_bytes(segment.encode("utf-8", "surrogatepass")))
+
+
+def _serve_file(path: Path, name: str, is_head: bool, headers: Mapping[str, str]) -> FileResponse:
+    # O_NONBLOCK: a FIFO swapped in after stat() must not block open();
+    # fstat then checks what we actually opened.
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except PermissionError:
+        return _error(403, is_head)
+    except OSError:
+        return _error(404, is_head)
+    file = open(fd, "rb", buffering=0)  # noqa: SIM115 - owns fd; closed below or by the body
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            file.close()
+            return _error(403, is_head)
+        size = st.st_size
+        etag = quote_etag(f"{st.st_ino:x}-{size:x}-{st.st_mtime_ns:x}")
+        last_modified = http_date(int(st.st_mtime))
+        validators = [("etag", etag), ("last-modified", last_modified)]
+        if _is_not_modified(headers, etag, int(st.st_mtime)):
+            file.close()
+            return FileResponse(304, validators, _chunks(b""))
+        ctype, encoding = mimetypes.guess_type(name)
+        if ctype is None or encoding is not None:
+            ctype = "application/octet-stream"  # no Content-Encoding: a .gz is served as is
+        common = [("content-type", ctype), ("accept-ranges", "bytes"), *validators]
+        # RFC 9110 section 14.2: range handling is defined for GET only.
+        byte_range = (
+            None if is_head else parse_range(_honored_range(headers, etag, last_modified), size)
+        )
+        if byte_range == UNSATISFIABLE:
+            file.close()
+            return _error(416, is_head, [("content-range", f"bytes */{size}")])
+        if byte_range is None:
+            status, start, length, extra = 200, 0, size, []
+        else:
+            start, end = byte_range
+            status, length = 206, end - start + 1
+            extra = [("content-range", f"bytes {start}-{end}/{size}")]
+        response_headers = [*common, *extra, ("content-length", str(length))]
+        if is_head:
+            file.close()
+            return FileResponse(status, response_headers, _chunks(b""))
+        body = _read_file(file, start, length)
+        next(body)  # run up to the priming yield: now close() closes the file
+        return FileResponse(status, response_headers, body)
+    except BaseException:
+        file.close()
+        raise
+
+
+def _read_file(file: IO[bytes], start: int, length: int) -> Body:
+    """Yield `length` bytes from `start` in CHUNK_BYTES blocks, then close the file.
+
+    The first yield is an empty priming one consumed by `_serve_file`, so the
+    generator is already inside `try` when handed out and closing it before
+    the first read still closes the file.
+    """
+    try:
+        file.seek(start)
+        yield b""
+        remaining = length
+        while remaining > 0:
+            chunk = file.read(min(CHUNK_BYTES, remaining))
+            if not chunk:
+                logger.debug("file shrank while serving, %d bytes short", remaining)
+                return
+            remaining -= len(chunk)
+            yield chunk
+    finally:
+        file.close()
+
+
+def _honored_range(headers: Mapping[str, str], etag: str, last_modified: str) -> str | None:
+    """Return the Range header unless an If-Range validator says the file changed."""
+    if_range = headers.get("if-range")
+    if if_range is not None and if_range.strip() not in (etag, last_modified):
+        return None
+    return headers.get("range")
+
+
+def _is_not_modified(headers: Mapping[str, str], etag: str, mtime_seconds: int) -> bool:
+    if_none_match = headers.get("if-none-match")
+    if if_none_match is not None:  # takes precedence (RFC 9110 section 13.1.3)
+        return parse_etags(if_none_match).contains_weak(etag.strip('"'))
+    since = parse_date(headers.get("if-modified-since"))
+    return since is not None and mtime_seconds <= since.timestamp()
+
+
+def _serve_listing(directory: Path, url_path: str, is_head: bool) -> FileResponse:
+    try:
+        with os.scandir(directory) as entries:
+            dirs, files = _sorted_entries(entries)
+    except PermissionError:
+        return _error(403, is_head)
+    except OSError:
+        return _error(404, is_head)
+    title = "/files/" + _display(_decode_segment(url_path))
+    items = [] if url_path == "" else ['<li><a href="../">../</a></li>']
+    for name in dirs:
+        items.append(f'<li><a href="{_href(name)}/">{_display(name)}/</a></li>')
+    for name, size in files:
+        items.append(f'<li><a href="{_href(name)}">{_display(name)}</a> {size} bytes</li>')
+    body = f"<h1>{title}</h1>\n<ul>\n" + "\n".join(items) + "\n</ul>"
+    return _html(_page(title, body), is_head)
+
+
+def _sorted_entries(entries: Iterable[os.DirEntry[str]]) -> tuple[list[str], list[tuple[str, int]]]:
+    """Split directory entries into sorted subdirectory names and (file name, size)."""
+    dirs: list[str] = []
+    files: list[tuple[str, int]] = []
+    for entry in entries:
+        try:
+            if entry.is_dir():
+                dirs.append(entry.name)
+            elif entry.is_file():
+                files.append((entry.name, entry.stat().st_size))
+        except OSError:  # vanished or broken symlink: leave it out
+            continue
+    return sorted(dirs), sorted(files)
+
+
+def _href(name: str) -> str:
+    # quote() leaves no quote or ampersand, so the result is safe in an attribute.
+    return quote(os.fsencode(name), safe="")
+
+
+def _display(name: str) -> str:
+    """HTML-escape a file name; undecodable bytes become U+FFFD."""
+    return html.escape(name.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
+        f"<title>{title}</title></head>\n<body>\n{body}\n</body></html>\n"
+    )
+
+
+def _html(page: str, is_head: bool) -> FileResponse:
+    data = page.encode("utf-8")
+    headers = [("content-type", "text/html; charset=utf-8"), ("content-length", str(len(data)))]
+    return FileResponse(200, headers, _chunks(b"" if is_head else data))
+
+
+def _redirect(location: str, is_head: bool) -> FileResponse:
+    return _error(302, is_head, [("location", location)])
+
+
+def _error(status: int, is_head: bool, extra: list[tuple[str, str]] | None = None) -> FileResponse:
+    data = f"{status} {http.HTTPStatus(status).phrase}\n".encode()
+    headers = [("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(data)))]
+    return FileResponse(status, headers + (extra or []), _chunks(b"" if is_head else data))
+
+
+def _chunks(data: bytes) -> Body:
+    """A generator over `data` (none if empty), so every body has close()."""
+    if data:
+        yield data
