@@ -11,11 +11,10 @@ import argparse
 import logging
 import signal
 import sys
-from pathlib import Path
 
 from ptth_lib import tripcode
 from ptth_lib.cli import setup_logging
-from ptth_lib.config import ServerConfig, is_private, load_server_config
+from ptth_lib.config import check_root, is_private, load_server_config
 from ptth_lib.errors import ConfigError
 
 DEFAULT_CONFIG = "./ptth_server.toml"
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"name": args.name, "relay_url": args.relay_url, "file_server_root": args.file_server_root}
     try:
         config, key_source = load_server_config(args.config, overrides)
-        _check_root(config, args.config, key_in_file=key_source != "env")
+        check_root(config, args.config, key_in_file=key_source != "env")
     except ConfigError as e:
         print(f"ptth_server: {e}", file=sys.stderr)
         return 2
@@ -61,18 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("serving %s as %r through %s (tripcode %s)",
                 config.file_server_root, config.name, config.relay_url, code)
     return loop.run()
-
-
-def _check_root(config: ServerConfig, config_path: str, key_in_file: bool) -> None:
-    """The root must be a folder, and must not contain the file holding our key."""
-    root = Path(config.file_server_root)
-    if not root.is_dir():
-        raise ConfigError(f"file_server_root {str(root)!r} is not a folder: create it or point the "
-                          "config's file_server_root (or --file-server-root) at the folder to serve")
-    config_file = Path(config_path).resolve()
-    if key_in_file and config_file.is_relative_to(root.resolve()):
-        raise ConfigError(f"{config_path} holds the API key and lies inside file_server_root "
-                          f"{str(root)!r}, so anyone could download it: move one of them")
 
 
 if __name__ == "__main__":

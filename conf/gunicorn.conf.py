@@ -26,12 +26,14 @@ worker_connections = 4096
 # and long downloads are bounded by the relay's own timeouts.
 timeout = 60
 
-# Above listen_timeout_secs (default 30), so a restart lets parked polls drain.
+# How long a stopping worker lets downloads in flight finish. Parked listens do
+# not count: post_worker_init below answers them at once.
 graceful_timeout = 40
 
-# Keep idle connections longer than the listen timeout: servers reuse one
-# connection for polls and responses instead of reconnecting.
-keepalive = 75
+# Idle keep-alive connections are held this long. A server re-polls at once, so
+# its listen connection is never idle; a graceful stop waits for idle ones, so
+# keep this short.
+keepalive = 5
 
 # The response head travels base64-encoded in the X-PTTH-2LJYXWC4 header
 # (ptth_lib.protocol.MAX_RESPONSE_HEAD_BYTES).
@@ -65,3 +67,23 @@ def on_starting(server):
     except ConfigError as e:
         print(f"ptth_relay: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def post_worker_init(worker):
+    """When the worker starts to stop, answer parked listens at once (204).
+
+    gunicorn's graceful stop waits for every open request, and a parked listen
+    lasts up to listen_timeout_secs; the servers reconnect to the new worker.
+    """
+    import gevent
+
+    rendezvous = getattr(worker.wsgi, "extensions", {}).get("ptth_rendezvous")
+    if rendezvous is None:
+        return
+
+    def close_when_stopping():
+        while worker.alive:
+            gevent.sleep(0.5)
+        rendezvous.close()
+
+    gevent.spawn(close_when_stopping)

@@ -204,9 +204,25 @@ def load_server_config(path: str | os.PathLike[str], overrides: Mapping[str, Any
         where = f"{path} (api_key from ${API_KEY_ENV})"
     cfg = parse_server_config(raw, where)
     if cfg.api_key is None:
+        _check_key_outside_root(path, cfg.file_server_root)
         cfg = ServerConfig(cfg.name, _save_new_key(path), cfg.relay_url, cfg.file_server_root)
         source = "generated"
     return cfg, source
+
+
+def check_root(config: ServerConfig, config_path: str | os.PathLike[str], key_in_file: bool) -> None:
+    """The root must be a folder, and must not hold the file with our key."""
+    if not Path(config.file_server_root).is_dir():
+        raise ConfigError(f"file_server_root {config.file_server_root!r} is not a folder: create it or "
+                          "point file_server_root (or --file-server-root) at the folder to serve")
+    if key_in_file:
+        _check_key_outside_root(config_path, config.file_server_root)
+
+
+def _check_key_outside_root(config_path: str | os.PathLike[str], root: str) -> None:
+    if Path(root).is_dir() and Path(config_path).resolve().is_relative_to(Path(root).resolve()):
+        raise ConfigError(f"{config_path} holds the API key and lies inside file_server_root "
+                          f"{root!r}, so anyone could download it: move one of them")
 
 
 def _save_new_key(path: str | os.PathLike[str]) -> str:

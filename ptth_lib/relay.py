@@ -49,6 +49,9 @@ SMALL_BODY_BYTES = 64 * 1024
 # gunicorn's own, and ours for gevent's WSGIServer (see `dev_server.py`).
 _SOCKET_KEYS = ("gunicorn.socket", "ptth.socket")
 
+# How long a stopping development server lets responses in flight finish.
+GRACEFUL_STOP_SECS = 10.0
+
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]
 
 
@@ -290,6 +293,12 @@ def serve_forever(app: Flask, host: str, port: int, on_listening: Any = None) ->
     server.init_socket()
     if on_listening:
         on_listening(server.address)
+    rendezvous: Rendezvous = app.extensions["ptth_rendezvous"]
+
+    def stop() -> None:
+        rendezvous.close()
+        server.stop(timeout=GRACEFUL_STOP_SECS)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(sig, server.stop)
+        gevent.signal_handler(sig, stop)
     server.serve_forever()

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import gevent
 import gevent.event
 import gevent.queue
 
@@ -87,6 +88,10 @@ class QueueFullError(RendezvousError):
     status = 503
 
 
+class _ShuttingDown(Exception):
+    """Thrown into parked listens when the relay stops, so they end at once."""
+
+
 class BodyCutError(PtthError):
     """The response body could not be delivered whole; the client must see a cut."""
 
@@ -138,6 +143,8 @@ class Rendezvous:
         self.servers = {name: ServerState(reg) for name, reg in config.servers.items()}
         self.pending: dict[str, PendingRequest] = {}
         self.unregistered: dict[str, tuple[str, float]] = {}
+        self.closing = False
+        self._parked: set[gevent.Greenlet] = set()
 
     # ---- backend side: servers -----------------------------------------
 
@@ -155,10 +162,19 @@ class Rendezvous:
 
     def listen(self, server: ServerState, timeout: float) -> list[PendingRequest]:
         """Wait up to `timeout` for requests; return every one queued (maybe none)."""
+        if self.closing:
+            return []
         server.listeners += 1
         server.touch()
+        me = gevent.getcurrent()
+        self._parked.add(me)
         try:
-            first = self._take(server.queue, timeout)
+            try:
+                first = self._take(server.queue, timeout)
+            except _ShuttingDown:
+                return []
+            finally:
+                self._parked.discard(me)
             if first is None:
                 return []
             batch = [first]
@@ -228,6 +244,15 @@ class Rendezvous:
         if not complete:
             return False
         return p.delivered.wait(BODY_STALL_SECS) and not p.client_gone
+
+    def close(self) -> None:
+        """The relay is stopping: answer every parked listen now (204).
+
+        Without this a graceful stop waits for every listen's timeout.
+        """
+        self.closing = True
+        for greenlet in list(self._parked):
+            gevent.kill(greenlet, _ShuttingDown)
 
     # ---- frontend side: clients ----------------------------------------
 

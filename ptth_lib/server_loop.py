@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -236,9 +235,8 @@ class _CountingBody:
 
 
 def _describe(e: BaseException) -> str:
-    """One short line for a requests exception, without URLs or headers."""
-    cause: BaseException = e
-    while cause.__context__ is not None and not isinstance(cause, (OSError, socket.timeout)):
-        cause = cause.__context__
-    text = str(cause) or type(cause).__name__
-    return text.split(" (Caused by ")[0][:200]
+    """One short line for a requests exception: its root cause, without URLs or headers."""
+    cause = e
+    while (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    return (str(cause) or type(cause).__name__)[:200]

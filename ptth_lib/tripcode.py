@@ -31,7 +31,7 @@ def matches(api_key: str | None, tripcode: str) -> bool:
     """Tell whether `api_key` hashes to `tripcode`, comparing in constant time."""
     if not api_key:
         return False
-    return hmac.compare_digest(derive(api_key).encode("ascii"), tripcode.encode("ascii"))
+    return hmac.compare_digest(derive(api_key).encode("utf-8"), tripcode.encode("utf-8"))
 
 
 def is_strong(api_key: str) -> bool:
