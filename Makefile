@@ -20,13 +20,16 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m ptth_lib.demo --port $(PORT)
 
 # Debian programs the tests call. Installed only when missing, and only as root (CI is root).
+DEBIAN_TOOLS := curl wget
 debian-deps:
-	@command -v curl >/dev/null || { \
+	@missing=""; for t in $(DEBIAN_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends curl; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
 	  else \
-	    echo "make: the tests need curl; install it (sudo apt-get install curl) and run make again" >&2; exit 1; \
-	  fi; }
+	    echo "make: the tests need$$missing; install (sudo apt-get install$$missing) and run make again" >&2; exit 1; \
+	  fi; \
+	fi
 
 # pytest exits 5 when it collected no test; say so, since a silent exit 5 looks like a crash.
 test: $(STAMP) debian-deps

@@ -60,6 +60,13 @@ def _check_timeout(value: float) -> str | None:
     return "must be a number of seconds from 1 to 3600"
 
 
+def _check_listen_timeout(value: float) -> str | None:
+    # ptth_server waits 330 s for a listen answer (server_loop.LISTEN_READ_TIMEOUT_SECS).
+    if 1 <= value <= 300:
+        return None
+    return "must be a number of seconds from 1 to 300"
+
+
 def _check_key(value: str) -> str | None:
     if tripcode.is_strong(value):
         return None
@@ -77,7 +84,8 @@ SERVER_KEYS = (
 )
 
 RELAY_KEYS = (
-    _Key("listen_timeout_secs", (int, float), 30, "how long a server's listen waits before 204", _check_timeout),
+    _Key("listen_timeout_secs", (int, float), 30, "how long a server's listen waits before 204",
+         _check_listen_timeout),
     _Key("request_timeout_secs", (int, float), 30, "how long a client waits for a server to answer", _check_timeout),
     _Key("servers", list, [], "[[servers]] tables: name, tripcode, optional display_name"),
     _Key("server_tripcodes", dict, {}, "older form: a table of name = tripcode"),

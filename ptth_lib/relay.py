@@ -32,6 +32,7 @@ from .protocol import (
     collect_headers,
     decode_response_head,
     encode_requests,
+    is_hop_by_hop,
 )
 from .rendezvous import BodyStream, PendingRequest, Rendezvous, RendezvousError
 
@@ -145,7 +146,7 @@ def _relay_client_request(rv: Rendezvous, name: str) -> Response:
     p = rv.submit(name, request.method, uri, collect_headers(request.headers.items()))
     logger.debug("request %s: %s %s for %s", p.request.id, request.method, uri, name)
     head = rv.wait_for_head(p)
-    headers = [(_display_case(k), v.decode("latin-1")) for k, v in head.headers.items()]
+    headers = [(_display_case(k), v.decode("latin-1")) for k, v in head.headers.items() if not is_hop_by_hop(k)]
     body: Any
     if request.method == "HEAD" or head.status_code in (204, 304):
         rv.skip_body(p)

@@ -281,3 +281,20 @@ def test_client_leaving_stops_the_servers_upload(relay_and_key: tuple[Relay, str
     assert not uploader.is_alive(), "the relay kept reading from the server after the client left"
     assert result.get("status") != 200  # an error status or a cut connection
     assert sent < 64 * 1024 * 1024
+
+
+def test_hop_by_hop_headers_from_the_server_are_dropped(relay_and_key: tuple[Relay, str]) -> None:
+    relay, key = relay_and_key
+    listen(relay, "raw", key)
+    client = ClientCall(f"{relay.url}/frontend/servers/raw/x")
+    (item,) = take_requests(relay, key)
+    r = respond(relay, item["id"], key, 200, {"upgrade": b"h2c", "keep-alive": b"timeout=999",
+                                               "proxy-authenticate": b"Basic", "x-kept": b"1",
+                                               "content-length": b"2"}, b"ok")
+    assert r.status_code == 200
+    resp = client.join().response
+    assert resp is not None and resp.content == b"ok"
+    assert resp.headers["X-Kept"] == "1"
+    for name in ("Upgrade", "Proxy-Authenticate"):
+        assert name not in resp.headers
+    assert "timeout=999" not in resp.headers.get("Keep-Alive", "")

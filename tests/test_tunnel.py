@@ -191,3 +191,16 @@ def test_concurrent_downloads(tunnel: Tunnel) -> None:
     with ThreadPoolExecutor(12) as pool:
         for rel, digest in pool.map(fetch, names):
             assert digest == sha(tunnel.files[rel])
+
+
+@pytest.mark.skipif(shutil.which("wget") is None, reason="wget is not installed")
+def test_wget_mirrors_the_whole_tree(tunnel: Tunnel, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """wget follows the listings' relative links like a crawler and gets every file intact."""
+    out = tmp_path / "mirror"
+    prefix_depth = 4  # frontend/servers/NAME/files
+    subprocess.run(["wget", "-q", "-r", "-np", "-nH", f"--cut-dirs={prefix_depth}", "-e", "robots=off",
+                    "--restrict-file-names=nocontrol", "-R", "index.html*", "-P", str(out),
+                    f"{tunnel.base}/files/"], check=True, timeout=120)
+    got = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    got = {k: v for k, v in got.items() if not k.endswith("index.html")}
+    assert got == tunnel.files
