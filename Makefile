@@ -7,7 +7,7 @@ VENV := .venv
 STAMP := $(VENV)/.requirements.stamp
 PORT ?= 4000
 
-.PHONY: demo test test-all clean debian-deps
+.PHONY: demo test test-all lint clean debian-deps
 
 # One venv for demo and tests: requirements-dev.txt includes requirements.txt.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -31,8 +31,13 @@ debian-deps:
 	  fi; \
 	fi
 
+# ruff over everything, mypy --strict over ptth_lib (settings in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check --quiet .
+	$(VENV)/bin/mypy
+
 # pytest exits 5 when it collected no test; say so, since a silent exit 5 looks like a crash.
-test: $(STAMP) debian-deps
+test: $(STAMP) debian-deps lint
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests: that is a failure" >&2; fi; \
 	  exit $$rc

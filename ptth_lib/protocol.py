@@ -88,10 +88,11 @@ def collect_headers(pairs: Iterable[tuple[str, str | bytes]]) -> dict[str, bytes
 
 def encode_requests(requests: Iterable[RelayRequest]) -> bytes:
     """Encode a listen answer."""
-    return msgpack.packb([
+    packed: bytes = msgpack.packb([
         {"id": r.id, "req": {"method": r.method, "uri": r.uri, "headers": r.headers}}
         for r in requests
     ])
+    return packed
 
 
 def decode_requests(data: bytes) -> list[RelayRequest]:

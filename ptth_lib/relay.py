@@ -177,7 +177,7 @@ def _relay_server_response(rv: Rendezvous, p: PendingRequest) -> Response:
     while True:
         try:
             chunk = stream.read(RELAY_CHUNK_BYTES)
-        except Exception as e:  # the WSGI server's body reader: OSError or its parse errors
+        except Exception as e:  # noqa: BLE001 - the WSGI server's body reader: OSError or its parse errors
             logger.warning("response body of request %s broke off: %s", p.request.id, type(e).__name__)
             complete = False
             break
@@ -220,7 +220,7 @@ def _relayed_uri(environ: dict[str, Any]) -> str:
     Works on the raw target so that percent-escapes (`%3F`, `%23`, `%2F`)
     reach the server unchanged.
     """
-    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    raw: str = environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""
     if not raw:
         raw = environ.get("PATH_INFO", "/")
         if environ.get("QUERY_STRING"):
@@ -229,8 +229,10 @@ def _relayed_uri(environ: dict[str, Any]) -> str:
         parts = urlsplit(raw)
         raw = parts.path + ("?" + parts.query if parts.query else "")
     path, sep, query = raw.partition("?")
-    segments = path.split("/", 4 if path.startswith("/frontend/") else 3)
-    rest = segments[-1] if len(segments) == (5 if path.startswith("/frontend/") else 4) else ""
+    # "/frontend/servers/NAME/rest" or "/servers/NAME/rest"
+    prefix = 3 if path.startswith("/frontend/") else 2
+    segments = path.split("/", prefix + 1)
+    rest = segments[prefix + 1] if len(segments) > prefix + 1 else ""
     return "/" + rest + sep + query
 
 

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 import msgpack
 import pytest
 import requests
-
 from conftest import Cluster, Relay, new_key, tripcode_of
 
 pytestmark = pytest.mark.process

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import REPO, Cluster, Proc, new_key, tripcode_of, wait_until
 
 pytestmark = pytest.mark.process
@@ -213,7 +212,7 @@ def test_generated_key(tmp_path: Path, root: Path) -> None:
     assert first.returncode == 0, first
     assert_clean(first.output)
     text = config.read_text()
-    key = re.search(r'^api_key = "([^"]+)"$', text, re.M)
+    key = re.search(r'^api_key = "([^"]+)"$', text, re.MULTILINE)
     assert key, text
     key_value = key.group(1)
     assert len(key_value) >= 20

@@ -52,8 +52,8 @@ def test_relay_example_parses() -> None:
 
 def test_relay_example_shows_the_legacy_form_commented_out() -> None:
     text = RELAY_EXAMPLE.read_text()
-    assert re.search(r"^#\s*\[server_tripcodes\]\s*$", text, re.M)
-    assert re.search(r"^#\s*[A-Za-z0-9_.~-]+\s*=\s*\"[A-Za-z0-9+/=]{44}\"", text, re.M)
+    assert re.search(r"^#\s*\[server_tripcodes\]\s*$", text, re.MULTILINE)
+    assert re.search(r"^#\s*[A-Za-z0-9_.~-]+\s*=\s*\"[A-Za-z0-9+/=]{44}\"", text, re.MULTILINE)
     assert text.count("[[servers]]") >= 2
 
 
@@ -77,7 +77,7 @@ def test_server_example_parses_once_given_a_key() -> None:
 
 def test_server_example_explains_the_key() -> None:
     text = SERVER_EXAMPLE.read_text()
-    assert re.search(r"^#\s*api_key\s*=", text, re.M)
+    assert re.search(r"^#\s*api_key\s*=", text, re.MULTILINE)
     assert "PTTH_API_KEY" in text
     assert "generat" in text
 
@@ -85,7 +85,7 @@ def test_server_example_explains_the_key() -> None:
 def _shows_key(text: str, name: str) -> bool:
     """`name =` or `# name =`, or the table forms `[name]`, `[[name]]`."""
     esc = re.escape(name)
-    return bool(re.search(rf"^\s*(#\s*)?({esc}\s*=|\[{esc}\]|\[\[{esc}\]\])", text, re.M))
+    return bool(re.search(rf"^\s*(#\s*)?({esc}\s*=|\[{esc}\]|\[\[{esc}\]\])", text, re.MULTILINE))
 
 
 @pytest.mark.parametrize(("keys", "example"), [
@@ -280,8 +280,8 @@ def test_relay_timeouts_accept_int_and_float_at_the_bounds() -> None:
 def test_legacy_server_tripcodes_merged_with_servers(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text(
-        '[[servers]]\nname = "alpha"\ntripcode = "%s"\ndisplay_name = "Alpha Server"\n\n'
-        '[server_tripcodes]\nbeta = "%s"\n' % (CODE_A, CODE_B)
+        f'[[servers]]\nname = "alpha"\ntripcode = "{CODE_A}"\ndisplay_name = "Alpha Server"\n\n'
+        f'[server_tripcodes]\nbeta = "{CODE_B}"\n'
     )
     cfg = load_relay_config(path)
     assert set(cfg.servers) == {"alpha", "beta"}

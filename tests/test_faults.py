@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import Cluster, new_key, wait_for_online, wait_until
 
 pytestmark = pytest.mark.process
@@ -77,7 +76,7 @@ def test_client_leaving_mid_download_stops_the_server(cluster: Cluster, tmp_path
     relay = cluster.relay({"leave": key})
     server = cluster.server(relay, "leave", key, root)
     url = f"{relay.url}/frontend/servers/leave/files/big.bin"
-    for attempt in range(3):
+    for _ in range(3):
         with requests.get(url, stream=True, timeout=30) as r:
             assert r.status_code == 200
             next(r.iter_content(1 << 20))
