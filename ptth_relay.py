@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from ptth_lib.cli import parse_bind, setup_logging
     from ptth_lib.config import load_relay_config
     from ptth_lib.errors import ConfigError
-    from ptth_lib.relay import create_app, serve_forever
+    from ptth_lib.relay import create_app
+    from ptth_lib.wsgi_server import ListenError, run
 
     setup_logging()
     try:
@@ -76,18 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ptth_relay: {e}", file=sys.stderr)
         return 2
-
-    def announce(address: tuple[str, int]) -> None:
-        print(f"ptth_relay: listening on http://{address[0]}:{address[1]}/ "
-              f"with {len(config.servers)} servers registered", file=sys.stderr, flush=True)
-
+    app = create_app(config)
     try:
-        serve_forever(create_app(config), host, port, on_listening=announce)
-    except OSError as e:
-        print(f"ptth_relay: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        run(app, host, port, "ptth_relay", on_stop=app.extensions["ptth_rendezvous"].close)
+    except ListenError as e:
+        print(f"ptth_relay: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

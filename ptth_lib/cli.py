@@ -28,6 +28,6 @@ def parse_bind(value: str) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 as [::1]:PORT); port 0 means any free port."""
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ConfigError(f"--bind {value!r}: expected HOST:PORT, e.g. 127.0.0.1:4000")
     return host, int(port)

@@ -47,11 +47,8 @@ RELAY_CHUNK_BYTES = 256 * 1024
 SMALL_BODY_BYTES = 64 * 1024
 
 # Environ keys under which the WSGI server exposes the client's socket:
-# gunicorn's own, and ours for gevent's WSGIServer (see `dev_server.py`).
+# gunicorn's own, and ours for gevent's WSGIServer (see `wsgi_server.py`).
 _SOCKET_KEYS = ("gunicorn.socket", "ptth.socket")
-
-# How long a stopping development server lets responses in flight finish.
-GRACEFUL_STOP_SECS = 10.0
 
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]
 
@@ -273,35 +270,3 @@ def _format_time(wall: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall))
 
 
-
-def serve_forever(app: Flask, host: str, port: int, on_listening: Any = None) -> None:
-    """Run `app` on gevent's WSGI server (development; production uses gunicorn).
-
-    The caller must have monkey-patched with gevent. Binds first so that a busy
-    port raises OSError before anything else happens.
-    """
-    import signal
-
-    import gevent
-    from gevent.pywsgi import WSGIHandler, WSGIServer
-
-    class _Handler(WSGIHandler):  # type: ignore[misc]
-        def get_environ(self) -> dict[str, Any]:
-            env: dict[str, Any] = super().get_environ()
-            env["ptth.socket"] = self.socket  # for _cut_connection
-            env["RAW_URI"] = self.path  # the raw request target, as gunicorn gives it
-            return env
-
-    server = WSGIServer((host, port), app, handler_class=_Handler, log=None, error_log=logger)
-    server.init_socket()
-    if on_listening:
-        on_listening(server.address)
-    rendezvous: Rendezvous = app.extensions["ptth_rendezvous"]
-
-    def stop() -> None:
-        rendezvous.close()
-        server.stop(timeout=GRACEFUL_STOP_SECS)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(sig, stop)
-    server.serve_forever()

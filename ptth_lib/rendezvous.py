@@ -354,6 +354,8 @@ class BodyStream:
             # headers now, before the first body bytes arrive.
             self._started = True
             return b""
+        if self._p.client_gone:  # put_chunk gave up on this client: it read nothing for too long
+            return self._break_off(f"client read nothing for {BODY_STALL_SECS:.0f} s")
         try:
             item = self._p.body.get(timeout=BODY_STALL_SECS)
         except gevent.queue.Empty:
