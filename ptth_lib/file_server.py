@@ -313,12 +313,13 @@ def _serve_listing(directory: Path, url_path: str, is_head: bool) -> FileRespons
     except OSError:
         return _error(404, is_head)
     title = "/files/" + _display(_decode_segment(url_path))
-    items = [] if url_path == "" else ['<li><a href="../">../</a></li>']
+    rows = [] if url_path == "" else ['<tr><td><a href="../">../</a></td><td></td></tr>']
     for name in dirs:
-        items.append(f'<li><a href="{_href(name)}/">{_display(name)}/</a></li>')
+        rows.append(f'<tr><td><a href="{_href(name)}/">{_display(name)}/</a></td><td></td></tr>')
     for name, size in files:
-        items.append(f'<li><a href="{_href(name)}">{_display(name)}</a> {size} bytes</li>')
-    body = f"<h1>{title}</h1>\n<ul>\n" + "\n".join(items) + "\n</ul>"
+        rows.append(f'<tr><td><a href="{_href(name)}">{_display(name)}</a></td>'
+                    f'<td title="{size} bytes">{_human_size(size)}</td></tr>')
+    body = f"<h1>{title}</h1>\n<table>\n" + "\n".join(rows) + "\n</table>"
     return _html(_page(title, body), is_head)
 
 
@@ -337,6 +338,16 @@ def _sorted_entries(entries: Iterable[os.DirEntry[str]]) -> tuple[list[str], lis
     return sorted(dirs), sorted(files)
 
 
+def _human_size(size: int) -> str:
+    """1536 -> "1.5 KiB": sizes as people read them; the exact count is in the title."""
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{size} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 def _href(name: str) -> str:
     # quote() leaves no quote or ampersand, so the result is safe in an attribute.
     return quote(os.fsencode(name), safe="")
@@ -350,6 +361,9 @@ def _display(name: str) -> str:
 def _page(title: str, body: str) -> str:
     return (
         '<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        "<style>body{font-family:sans-serif;margin:2em}td{padding:0.15em 1.5em 0.15em 0}"
+        "td+td{text-align:right;color:#555}</style>"
         f"<title>{title}</title></head>\n<body>\n{body}\n</body></html>\n"
     )
 

@@ -125,6 +125,9 @@ class ServerLoop:
                 problem = f"cannot reach the relay at {self.config.relay_url}: {_describe(e)}"
             except ProtocolError as e:
                 problem = f"relay sent a malformed listen answer: {e}"
+            except Exception:  # a bug of ours: say so loudly, but keep the server up
+                logger.exception("bug in the listen loop")
+                problem = "internal error (see above)"
             new_state = problem or "connected"
             if new_state != state:
                 if problem:

@@ -419,3 +419,9 @@ def test_is_private(tmp_path: Path) -> None:
     assert is_private(path)
     path.chmod(0o640)
     assert not is_private(path)
+
+
+def test_readme_documents_every_key() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for key in (*SERVER_KEYS, *RELAY_KEYS, *SERVER_ENTRY_KEYS):
+        assert f"`{key.name}`" in readme or f"[[{key.name}]]" in readme or f"[{key.name}]" in readme, key.name

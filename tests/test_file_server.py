@@ -92,8 +92,8 @@ def test_listing_puts_directories_first_sorted_with_sizes(tmp_path: Path) -> Non
     assert response.status == 200
     assert hrefs(body) == ["Beta/", "alpha/", "zeta/", "%3Cx%3E%26%22.txt", "c.txt", "d.txt"]
     text = body.decode()
-    assert "&lt;x&gt;&amp;&quot;.txt</a> 2 bytes" in text
-    assert "d.txt</a> 4 bytes" in text
+    assert '&lt;x&gt;&amp;&quot;.txt</a></td><td title="2 bytes">2 bytes</td>' in text
+    assert 'd.txt</a></td><td title="4 bytes">4 bytes</td>' in text
     assert "<x>" not in text
     assert "../" not in hrefs(body), "no parent link at the files root"
 
@@ -183,7 +183,7 @@ def test_directories_without_slash_redirect_relatively(root: Path, uri: str, loc
     target = urlsplit(urljoin("http://relay.example" + prefix + uri, location)).path
     assert target.startswith(prefix + "/files") and target.endswith("/")
     response, page = fetch(root, target[len(prefix) :])
-    assert response.status == 200 and b"<ul>" in page
+    assert response.status == 200 and b"<table>" in page
 
 
 @pytest.mark.parametrize(
@@ -803,3 +803,13 @@ def test_process_port_in_use_exits_nonzero(tmp_path: Path) -> None:
     assert time.monotonic() - started < 30
     assert len(stderr.splitlines()) == 1 and "Traceback" not in stderr
     assert stderr.startswith(f"ptth_file_server: cannot listen on 127.0.0.1:{port}: ")
+
+
+def test_listing_shows_sizes_as_people_read_them(tmp_path: Path) -> None:
+    (tmp_path / "k.bin").write_bytes(b"x" * 1536)
+    with open(tmp_path / "big.bin", "wb") as f:
+        f.truncate(10 * 1024 * 1024)
+    _, body = fetch(tmp_path, "/files/")
+    text = body.decode()
+    assert '<td title="1536 bytes">1.5 KiB</td>' in text
+    assert '<td title="10485760 bytes">10.0 MiB</td>' in text
