@@ -33,6 +33,7 @@ def __getattr__(name: str) -> Any:
 
 
 def _load_app_for_gunicorn() -> Any:
+    from ptth_lib.cli import LOG_FORMAT_ENV, make_handler
     from ptth_lib.config import load_relay_config
     from ptth_lib.errors import ConfigError
     from ptth_lib.relay import create_app
@@ -43,14 +44,18 @@ def _load_app_for_gunicorn() -> Any:
     except ConfigError as e:
         print(f"ptth_relay: {e}", file=sys.stderr, flush=True)
         sys.exit(3)  # gunicorn's "worker failed to boot": the master stops instead of retrying
+    # The relay's own lines go through gunicorn's error log, or as JSON if asked.
     gunicorn_log = logging.getLogger("gunicorn.error")
     lib_log = logging.getLogger("ptth_lib")
-    if gunicorn_log.handlers and not lib_log.handlers:
-        lib_log.handlers = gunicorn_log.handlers
+    if not lib_log.handlers:
+        if os.environ.get(LOG_FORMAT_ENV, "").lower() == "json":
+            lib_log.handlers = [make_handler("json")]
+        else:
+            lib_log.handlers = gunicorn_log.handlers
         lib_log.setLevel(gunicorn_log.level)
         lib_log.propagate = False
-    gunicorn_log.info("ptth_relay: %d servers registered (config %s)", len(config.servers), path)
-    return create_app(config)
+    lib_log.info("ptth_relay: %d servers registered (config %s)", len(config.servers), path)
+    return create_app(config, config_path=path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,11 +63,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=os.environ.get(CONFIG_ENV, DEFAULT_CONFIG),
                         help=f"relay config file (default: ${CONFIG_ENV} or {DEFAULT_CONFIG})")
     parser.add_argument("--bind", default=DEFAULT_BIND, help=f"HOST:PORT to listen on (default {DEFAULT_BIND})")
+    parser.add_argument("--new-scraper-key", metavar="NAME",
+                        help="print a new scraper API key and the [[scraper_keys]] snippet for it, and exit")
+    parser.add_argument("--valid-days", type=int, default=30, metavar="N",
+                        help="with --new-scraper-key: days until the key expires (default 30)")
+    from ptth_lib.cli import add_logging_flags
+
+    add_logging_flags(parser)
     args = parser.parse_args(argv)
+    if args.new_scraper_key is not None:
+        return _print_new_scraper_key(args.new_scraper_key, args.valid_days)
 
     from gevent import monkey
 
     monkey.patch_all()
+
+    import signal
+
+    import gevent
 
     from ptth_lib.cli import parse_bind, setup_logging
     from ptth_lib.config import load_relay_config
@@ -70,19 +88,35 @@ def main(argv: list[str] | None = None) -> int:
     from ptth_lib.relay import create_app
     from ptth_lib.wsgi_server import ListenError, run
 
-    setup_logging()
+    setup_logging(args.log_level, args.log_format)
     try:
         host, port = parse_bind(args.bind)
         config = load_relay_config(args.config)
     except ConfigError as e:
         print(f"ptth_relay: {e}", file=sys.stderr)
         return 2
-    app = create_app(config)
+    app = create_app(config, config_path=args.config)
+    gevent.signal_handler(signal.SIGHUP, app.extensions["ptth_config_watcher"].reload)
     try:
         run(app, host, port, "ptth_relay", on_stop=app.extensions["ptth_rendezvous"].close)
     except ListenError as e:
         print(f"ptth_relay: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _print_new_scraper_key(name: str, days: int) -> int:
+    from ptth_lib.scraper_api import new_key_snippet
+
+    if not 0 < len(name) <= 64 or not name.isprintable() or '"' in name or "\\" in name:
+        print("ptth_relay: --new-scraper-key NAME: use 1-64 printable characters, no quotes", file=sys.stderr)
+        return 2
+    if not 1 <= days <= 3650:
+        print("ptth_relay: --valid-days must be from 1 to 3650", file=sys.stderr)
+        return 2
+    key, snippet = new_key_snippet(name, days)
+    print(f"New scraper API key (shown only now; the relay keeps only its hash):\n\n    {key}\n\n"
+          f"Add this to the relay config; the relay picks it up within seconds:\n\n{snippet}")
     return 0
 
 

@@ -13,7 +13,7 @@ import signal
 import sys
 
 from ptth_lib import tripcode
-from ptth_lib.cli import setup_logging
+from ptth_lib.cli import add_logging_flags, setup_logging
 from ptth_lib.config import check_root, is_private, load_server_config
 from ptth_lib.errors import ConfigError
 
@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="name to register under (overrides the config)")
     parser.add_argument("--relay-url", help="relay base URL, e.g. http://127.0.0.1:4000")
     parser.add_argument("--file-server-root", help="folder to serve under /files/")
+    add_logging_flags(parser)
     args = parser.parse_args(argv)
-    setup_logging()
+    setup_logging(args.log_level, args.log_format)
 
     overrides = {"name": args.name, "relay_url": args.relay_url, "file_server_root": args.file_server_root}
     try:

@@ -13,6 +13,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +25,11 @@ from .errors import ConfigError
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,63}$")
 
 _REQUIRED = object()
+
+_TYPE_NAMES: dict[Any, str] = {
+    str: "string", bool: "boolean (true or false)", list: "list of tables", dict: "table",
+    (int, float): "number", (datetime, date): "TOML date-time such as 2026-12-31T00:00:00Z",
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,12 @@ def _check_name(value: str) -> str | None:
     if _NAME_RE.match(value):
         return None
     return "must be 1-64 characters of A-Z a-z 0-9 . _ ~ - (it is part of URLs)"
+
+
+def _check_label(value: str) -> str | None:
+    if 0 < len(value) <= 64 and value.isprintable():
+        return None
+    return "must be 1-64 printable characters"
 
 
 def _check_url(value: str) -> str | None:
@@ -89,6 +101,19 @@ RELAY_KEYS = (
     _Key("request_timeout_secs", (int, float), 30, "how long a client waits for a server to answer", _check_timeout),
     _Key("servers", list, [], "[[servers]] tables: name, tripcode, optional display_name"),
     _Key("server_tripcodes", dict, {}, "older form: a table of name = tripcode"),
+    _Key("enable_scraper_api", bool, False, "serve the scraper API under /scraper/ (else 404)"),
+    _Key("scraper_keys", list, [], "[[scraper_keys]] tables: name, hash, optional not_before, not_after"),
+    _Key("metrics", bool, True, "serve Prometheus metrics at /metrics"),
+    _Key("audit_log", str, None, "file to append audit events to, as JSON lines (default: off)"),
+    _Key("trust_x_forwarded_for", bool, False,
+         "take client addresses from X-Forwarded-For (only behind a proxy that sets it)"),
+)
+
+SCRAPER_KEY_KEYS = (
+    _Key("name", str, _REQUIRED, "a label for the key, shown in the audit log", _check_label),
+    _Key("hash", str, _REQUIRED, "the key's tripcode, from ptth_relay.py --new-scraper-key", _check_tripcode),
+    _Key("not_before", (datetime, date), None, "the key is refused before this time"),
+    _Key("not_after", (datetime, date), None, "the key is refused after this time"),
 )
 
 SERVER_ENTRY_KEYS = (
@@ -114,10 +139,23 @@ class RegisteredServer:
 
 
 @dataclass(frozen=True)
+class ScraperKey:
+    name: str
+    hash: str
+    not_before: datetime | None  # aware, UTC
+    not_after: datetime | None
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     listen_timeout_secs: float
     request_timeout_secs: float
     servers: Mapping[str, RegisteredServer]
+    enable_scraper_api: bool = False
+    scraper_keys: tuple[ScraperKey, ...] = ()
+    metrics: bool = True
+    audit_log: str | None = None
+    trust_x_forwarded_for: bool = False
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -147,8 +185,8 @@ def _apply(keys: tuple[_Key, ...], raw: Mapping[str, Any], where: str) -> dict[s
             out[key.name] = key.default
             continue
         value = raw[key.name]
-        if isinstance(value, bool) or not isinstance(value, key.type):
-            expected = key.type.__name__ if isinstance(key.type, type) else "number"
+        if (isinstance(value, bool) and key.type is not bool) or not isinstance(value, key.type):
+            expected = _TYPE_NAMES.get(key.type, "value of another type")
             raise ConfigError(f"{where}: {key.name!r} must be a {expected}, not {value!r}")
         problem = key.check(value) if key.check else None
         if problem:
@@ -177,16 +215,44 @@ def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
         if e["name"] in servers:
             raise ConfigError(f"{where}: server {e['name']!r} is listed twice")
         servers[e["name"]] = RegisteredServer(e["name"], e["tripcode"], e["display_name"] or e["name"])
+    scraper_keys = []
+    for i, entry in enumerate(values["scraper_keys"]):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: scraper_keys[{i}] must be a [[scraper_keys]] table")
+        k = _apply(SCRAPER_KEY_KEYS, entry, f"{where}: [[scraper_keys]] #{i + 1}")
+        scraper_keys.append(ScraperKey(k["name"], k["hash"], _as_utc(k["not_before"]), _as_utc(k["not_after"])))
     return RelayConfig(
         listen_timeout_secs=float(values["listen_timeout_secs"]),
         request_timeout_secs=float(values["request_timeout_secs"]),
         servers=servers,
+        enable_scraper_api=values["enable_scraper_api"],
+        scraper_keys=tuple(scraper_keys),
+        metrics=values["metrics"],
+        audit_log=values["audit_log"],
+        trust_x_forwarded_for=values["trust_x_forwarded_for"],
     )
 
 
+def _as_utc(value: datetime | date | None) -> datetime | None:
+    """TOML times to aware UTC datetimes: a date means its midnight, no offset means UTC."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        value = datetime.combine(value, time(0))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
 def load_relay_config(path: str | os.PathLike[str]) -> RelayConfig:
-    """Read and validate a relay config file."""
-    return parse_relay_config(read_toml(path), str(path))
+    """Read and validate a relay config file, including that its audit log is writable."""
+    config = parse_relay_config(read_toml(path), str(path))
+    if config.audit_log is not None:
+        log = Path(config.audit_log)
+        writable = os.access(log, os.W_OK) if log.exists() else os.access(log.parent, os.W_OK | os.X_OK)
+        if log.is_dir() or not writable:
+            raise ConfigError(f"{path}: 'audit_log' {config.audit_log!r} is not a file the relay can write")
+    return config
 
 
 # Environment variable that may hold the server's API key instead of the file.

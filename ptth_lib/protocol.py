@@ -31,6 +31,11 @@ RESPONSE_PATH = "/7ZSFUKGV/http_response/{id}"
 
 API_KEY_HEADER = "X-ApiKey"
 RESPONSE_HEAD_HEADER = "X-PTTH-2LJYXWC4"
+# Sent by a server with each listen, shown in the relay's server lists.
+SERVER_VERSION_HEADER = "X-PTTH-Server-Version"
+SERVER_HOST_HEADER = "X-PTTH-Server-Host"
+# Longest version or host name the relay keeps; longer ones are cut.
+MAX_REPORT_CHARS = 64
 
 # A listen answer carries only request heads, never bodies; 4 MiB is room for
 # a full queue of requests with large cookies, and still bounds a hostile relay.
@@ -72,6 +77,14 @@ class ServerResponseHead:
 def is_hop_by_hop(name: str) -> bool:
     """Tell whether a header belongs to one connection and must not be forwarded."""
     return name.lower() in HOP_BY_HOP
+
+
+def clean_report(value: str | None) -> str | None:
+    """A server's self-report, kept to printable ASCII and MAX_REPORT_CHARS."""
+    if not value:
+        return None
+    kept = "".join(c for c in value if " " <= c <= "~")[:MAX_REPORT_CHARS]
+    return kept or None
 
 
 def collect_headers(pairs: Iterable[tuple[str, str | bytes]]) -> dict[str, bytes]:

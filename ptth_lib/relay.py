@@ -21,20 +21,35 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, redirect, request
+import gevent
+from flask import Flask, Response, jsonify, redirect, request
 
-from . import __version__
+from . import __version__, scraper_api, tripcode
+from .audit import AuditLog
 from .config import RelayConfig
+from .config_watch import ConfigWatcher
 from .errors import ProtocolError
+from .metrics import RelayMetrics
 from .protocol import (
     API_KEY_HEADER,
     RESPONSE_HEAD_HEADER,
+    SERVER_HOST_HEADER,
+    SERVER_VERSION_HEADER,
+    clean_report,
     collect_headers,
     decode_response_head,
     encode_requests,
     is_hop_by_hop,
 )
-from .rendezvous import BodyStream, PendingRequest, Rendezvous, RendezvousError
+from .rendezvous import (
+    BodyStream,
+    ForbiddenError,
+    PendingRequest,
+    Rendezvous,
+    RendezvousError,
+    ServerState,
+    format_rfc3339,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +68,66 @@ _SOCKET_KEYS = ("gunicorn.socket", "ptth.socket")
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]
 
 
-def create_app(config: RelayConfig) -> Flask:
-    """Build the relay's Flask app for `config`."""
+def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
+    """Build the relay's Flask app for `config`.
+
+    Starts the greenlets that watch server presence and, given `config_path`,
+    the config file for changes (see config_watch.py).
+    """
     app = Flask("ptth_relay")
     rv = Rendezvous(config)
+    metrics = RelayMetrics(rv)
+    audit = AuditLog(config.audit_log)
+    rv.on_event = audit.record
     app.extensions["ptth_rendezvous"] = rv
+    gevent.spawn(rv.watch_presence)
+    if config_path is not None:
+        def apply(new: RelayConfig) -> None:
+            audit.set_path(new.audit_log)
+            rv.reconfigure(new)
+
+        def reported(ok: bool, detail: str) -> None:
+            audit.record("config_reloaded" if ok else "config_rejected", detail=detail)
+
+        watcher = ConfigWatcher(config_path, apply, reported)
+        app.extensions["ptth_config_watcher"] = watcher
+        gevent.spawn(watcher.run)
+
+    def client_address() -> str:
+        return _client_address(request.environ, rv.config.trust_x_forwarded_for)
+
+    def authenticate_server(name: str) -> ServerState:
+        """The backend API's key check, with refusals counted and audited."""
+        key = request.headers.get(API_KEY_HEADER)
+        try:
+            return rv.authenticate(name, key)
+        except ForbiddenError as e:
+            metrics.backend_auth_rejected.inc()
+            audit.record("backend_key_rejected", server=name[:64], address=client_address(), reason=str(e),
+                         tripcode=tripcode.derive(key) if key else None)
+            raise
+
+    def relay_measured(name: str) -> Response:
+        """Relay one client request, counting it in the metrics when its response ends."""
+        started = time.monotonic()
+        metrics.client_requests_in_flight.inc()
+        try:
+            resp = _relay_client_request(rv, name)
+        except RendezvousError as e:
+            resp = _rendezvous_error(e)
+
+        def finished() -> None:
+            metrics.client_requests_in_flight.dec()
+            metrics.client_requests.labels(str(resp.status_code)).inc()
+            metrics.client_request_duration.observe(time.monotonic() - started)
+            body = resp.response
+            if isinstance(body, BodyStream):
+                metrics.relayed_bytes.labels("to_client").inc(body.sent)
+                if body.was_cut:
+                    metrics.client_responses_cut.inc()
+
+        resp.call_on_close(finished)
+        return resp
 
     @app.errorhandler(RendezvousError)
     def _rendezvous_error(e: RendezvousError) -> Response:
@@ -76,23 +146,27 @@ def create_app(config: RelayConfig) -> Flask:
 
     @app.get("/frontend/servers/")
     def _server_list() -> Response:
+        if request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json":
+            return jsonify(rv.describe_servers())
         rows = []
-        for name in sorted(rv.servers):
-            s = rv.servers[name]
-            status = "online" if s.is_online() else "offline"
-            seen = _format_time(s.last_seen_wall) if s.last_seen_wall else "never"
+        for s in rv.describe_servers():
+            name = str(s["name"])
+            about = html.escape(" on ".join(str(x) for x in (s["version"], s["host"]) if x))
+            seen = html.escape(str(s["last_seen"] or "never"))
             rows.append(
-                f'<tr><td><a href="{html.escape(name)}/">{html.escape(s.registered.display_name)}</a></td>'
-                f"<td>{html.escape(name)}</td><td>{status}</td><td>{seen}</td></tr>"
+                f'<tr><td><a href="{html.escape(name)}/">{html.escape(str(s["display_name"]))}</a></td>'
+                f"<td>{html.escape(name)}</td><td>{'online' if s['online'] else 'offline'}</td>"
+                f"<td>{seen}</td><td>{about}</td></tr>"
             )
-        table = "<tr><th>Server</th><th>Name</th><th>Status</th><th>Last seen</th></tr>" + "".join(rows)
+        table = ("<tr><th>Server</th><th>Name</th><th>Status</th><th>Last seen (UTC)</th><th>Version</th></tr>"
+                 + "".join(rows))
         return _page("PTTH servers", f"<table>{table}</table>")
 
     @app.get("/frontend/unregistered_servers")
     def _unregistered() -> Response:
         rows = "".join(
             f"<tr><td>{html.escape(name)}</td><td><code>{html.escape(code)}</code></td>"
-            f"<td>{_format_time(seen)}</td></tr>"
+            f"<td>{format_rfc3339(seen)}</td></tr>"
             for name, (code, seen) in sorted(rv.unregistered.items())
         )
         body = (
@@ -101,6 +175,25 @@ def create_app(config: RelayConfig) -> Flask:
             f"<table><tr><th>Name</th><th>Tripcode</th><th>Last try</th></tr>{rows}</table>"
         )
         return _page("Unregistered servers", body)
+
+    @app.get("/frontend/audit_log")
+    def _audit_log() -> Response:
+        if not audit.enabled:
+            return _text(404, "the audit log is off: set audit_log in the relay config")
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(entry.get(col) or ''))}</td>" for col in _AUDIT_COLUMNS)
+            + f"<td>{html.escape(_audit_details(entry))}</td></tr>"
+            for entry in reversed(audit.recent)
+        )
+        head = "".join(f"<th>{col}</th>" for col in (*_AUDIT_COLUMNS, "details"))
+        return _page("Audit log", f"<p>Newest first.</p><table><tr>{head}</tr>{rows}</table>")
+
+    @app.get("/metrics")
+    def _metrics() -> Response:
+        if not rv.config.metrics:
+            return _text(404, "metrics are off: set metrics = true in the relay config")
+        body, content_type = metrics.render()
+        return Response(body, content_type=content_type)
 
     @app.route("/frontend/servers/<name>", methods=_ALL_METHODS, provide_automatic_options=False)
     @app.route("/servers/<name>", methods=_ALL_METHODS, provide_automatic_options=False)
@@ -112,26 +205,60 @@ def create_app(config: RelayConfig) -> Flask:
     @app.route("/servers/<name>/", methods=_ALL_METHODS, provide_automatic_options=False)
     @app.route("/servers/<name>/<path:_path>", methods=_ALL_METHODS, provide_automatic_options=False)
     def _frontend(name: str, _path: str = "") -> Response:
-        return _relay_client_request(rv, name)
+        return relay_measured(name)
+
+    def scraper_auth(outcome: str, address: str, detail: str | None) -> None:
+        if outcome == "rejected":
+            metrics.scraper_auth_rejected.labels(detail or "unknown").inc()
+            audit.record("scraper_key_rejected", reason=detail, address=address)
+        else:
+            audit.record("scraper_key_used", key=detail, address=address, path=request.path[:200])
+
+    scraper_api.register(app, lambda: rv.config, client_address, rv.describe_servers, relay_measured,
+                         scraper_auth)
 
     @app.get("/7ZSFUKGV/http_listen/<name>")
     def _listen(name: str) -> Response:
-        server = rv.authenticate(name, request.headers.get(API_KEY_HEADER))
-        batch = rv.listen(server, config.listen_timeout_secs)
+        server = authenticate_server(name)
+        server.version = clean_report(request.headers.get(SERVER_VERSION_HEADER)) or server.version
+        server.host = clean_report(request.headers.get(SERVER_HOST_HEADER)) or server.host
+        batch = rv.listen(server, rv.config.listen_timeout_secs)
         if not batch:
             return Response(status=204)
         logger.debug("listen by %s takes %d requests", name, len(batch))
-        return Response(encode_requests(p.request for p in batch), 200, content_type="application/msgpack")
+        body = encode_requests(p.request for p in batch)
+        metrics.relayed_bytes.labels("to_server").inc(len(body))
+        return Response(body, 200, content_type="application/msgpack")
 
     @app.post("/7ZSFUKGV/http_response/<request_id>")
     def _response(request_id: str) -> Response:
         try:
             p = rv.claim(request_id, request.headers.get(API_KEY_HEADER))
+        except ForbiddenError as e:
+            metrics.backend_auth_rejected.inc()
+            return _refuse(e.status, str(e))
         except RendezvousError as e:
             return _refuse(e.status, str(e))
         return _relay_server_response(rv, p)
 
     return app
+
+
+_AUDIT_COLUMNS = ("time", "event", "server", "address")
+
+
+def _audit_details(entry: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in entry.items() if k not in _AUDIT_COLUMNS and v is not None)
+
+
+def _client_address(environ: dict[str, Any], trust_x_forwarded_for: bool) -> str:
+    """The client's address; from X-Forwarded-For only if the config says a proxy sets it."""
+    if trust_x_forwarded_for:
+        forwarded: str = environ.get("HTTP_X_FORWARDED_FOR", "")
+        last_hop = forwarded.rsplit(",", 1)[-1].strip()
+        if last_hop:
+            return last_hop[:64]
+    return str(environ.get("REMOTE_ADDR", "unknown"))
 
 
 def _relay_client_request(rv: Rendezvous, name: str) -> Response:
@@ -226,8 +353,8 @@ def _relayed_uri(environ: dict[str, Any]) -> str:
         parts = urlsplit(raw)
         raw = parts.path + ("?" + parts.query if parts.query else "")
     path, sep, query = raw.partition("?")
-    # "/frontend/servers/NAME/rest" or "/servers/NAME/rest"
-    prefix = 3 if path.startswith("/frontend/") else 2
+    # "/frontend/servers/NAME/rest", "/scraper/v1/server/NAME/rest" or "/servers/NAME/rest"
+    prefix = 4 if path.startswith("/scraper/") else 3 if path.startswith("/frontend/") else 2
     segments = path.split("/", prefix + 1)
     rest = segments[prefix + 1] if len(segments) > prefix + 1 else ""
     return "/" + rest + sep + query
@@ -266,7 +393,5 @@ def _page(title: str, body: str) -> Response:
     return Response(page, content_type="text/html; charset=utf-8")
 
 
-def _format_time(wall: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall))
 
 

@@ -48,6 +48,9 @@ BODY_QUEUE_CHUNKS = 4
 # one chunk at 16 KiB/s, short enough to free a stuck transfer.
 BODY_STALL_SECS = 120.0
 
+# How often watch_presence looks for servers coming online or going offline.
+PRESENCE_CHECK_SECS = 1.0
+
 # Names and tripcodes offered by unknown servers, kept for the admin page.
 MAX_UNREGISTERED_SHOWN = 50
 
@@ -105,6 +108,15 @@ class ServerState:
     listeners: int = 0
     last_seen_monotonic: float | None = None
     last_seen_wall: float | None = None
+    version: str | None = None  # as the server reports itself when it listens
+    host: str | None = None
+    parked: set[gevent.Greenlet] = field(default_factory=set)  # greenlets of its parked listens
+    reported_online: bool = False  # last state announced by watch_presence
+
+    def wake_listeners(self) -> None:
+        """End this server's parked listens now (they answer 204)."""
+        for greenlet in list(self.parked):
+            gevent.kill(greenlet, _ShuttingDown)
 
     def touch(self) -> None:
         self.last_seen_monotonic = time.monotonic()
@@ -115,6 +127,26 @@ class ServerState:
             return True
         seen = self.last_seen_monotonic
         return seen is not None and time.monotonic() - seen <= OFFLINE_AFTER_SECS
+
+    def describe(self) -> dict[str, object]:
+        """The server's entry in the JSON server lists (frontend and scraper API).
+
+        A server with a listen parked is being seen right now, so last_seen is now.
+        """
+        seen = time.time() if self.listeners > 0 else self.last_seen_wall
+        return {
+            "name": self.registered.name,
+            "display_name": self.registered.display_name,
+            "online": self.is_online(),
+            "last_seen": format_rfc3339(seen) if seen is not None else None,
+            "version": self.version,
+            "host": self.host,
+        }
+
+
+def format_rfc3339(wall: float) -> str:
+    """Seconds since the epoch as RFC 3339 UTC, e.g. 2026-11-22T00:57:35Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
 
 
 @dataclass
@@ -144,7 +176,8 @@ class Rendezvous:
         self.pending: dict[str, PendingRequest] = {}
         self.unregistered: dict[str, tuple[str, float]] = {}
         self.closing = False
-        self._parked: set[gevent.Greenlet] = set()
+        # Called as on_event(event, **fields) for server_online and server_offline.
+        self.on_event: Callable[..., None] = lambda event, **fields: None
 
     # ---- backend side: servers -----------------------------------------
 
@@ -167,14 +200,14 @@ class Rendezvous:
         server.listeners += 1
         server.touch()
         me = gevent.getcurrent()
-        self._parked.add(me)
+        server.parked.add(me)
         try:
             try:
                 first = self._take(server.queue, timeout)
             except _ShuttingDown:
                 return []
             finally:
-                self._parked.discard(me)
+                server.parked.discard(me)
             if first is None:
                 return []
             batch = [first]
@@ -245,14 +278,51 @@ class Rendezvous:
             return False
         return p.delivered.wait(BODY_STALL_SECS) and not p.client_gone
 
+    def describe_servers(self) -> list[dict[str, object]]:
+        """Every registered server, sorted by name, as the JSON server lists show them."""
+        return [self.servers[name].describe() for name in sorted(self.servers)]
+
     def close(self) -> None:
         """The relay is stopping: answer every parked listen now (204).
 
         Without this a graceful stop waits for every listen's timeout.
         """
         self.closing = True
-        for greenlet in list(self._parked):
-            gevent.kill(greenlet, _ShuttingDown)
+        for server in self.servers.values():
+            server.wake_listeners()
+
+    def reconfigure(self, config: RelayConfig) -> None:
+        """Apply a new config without dropping servers that stay registered.
+
+        A removed server, or one whose tripcode changed, has its parked
+        listens ended at once: its next listen is then checked against the
+        new config (and refused with 403 if it no longer matches).
+        """
+        old = self.servers
+        self.servers = {}
+        for name, registered in config.servers.items():
+            state = old.pop(name, None)
+            if state is None:
+                state = ServerState(registered)
+            elif state.registered.tripcode != registered.tripcode:
+                state.wake_listeners()
+            state.registered = registered
+            self.servers[name] = state
+        for state in old.values():
+            state.wake_listeners()
+        self.config = config
+
+    def watch_presence(self, interval_secs: float = PRESENCE_CHECK_SECS) -> None:
+        """Forever: announce servers coming online and going offline via on_event."""
+        while True:
+            for state in list(self.servers.values()):
+                online = state.is_online()
+                if online != state.reported_online:
+                    state.reported_online = online
+                    event = "server_online" if online else "server_offline"
+                    logger.info("server %s is %s", state.registered.name, "online" if online else "offline")
+                    self.on_event(event, server=state.registered.name, host=state.host, version=state.version)
+            gevent.sleep(interval_secs)
 
     # ---- frontend side: clients ----------------------------------------
 
@@ -336,7 +406,8 @@ class BodyStream:
         self._rv = rendezvous
         self._p = p
         self._cut = cut
-        self._sent = 0
+        self.sent = 0
+        self.was_cut = False
         self._started = False
         self._complete = False
         self._closed = False
@@ -363,14 +434,14 @@ class BodyStream:
         if item is _CUT:
             return self._break_off("server's response body broke off")
         if item is _END:
-            if self._declared is not None and self._sent != self._declared:
-                return self._break_off(f"server sent {self._sent} bytes, not its Content-Length {self._declared}")
+            if self._declared is not None and self.sent != self._declared:
+                return self._break_off(f"server sent {self.sent} bytes, not its Content-Length {self._declared}")
             self._complete = True
             self.close()
             raise StopIteration
         chunk: bytes = item
-        self._sent += len(chunk)
-        if self._declared is not None and self._sent > self._declared:
+        self.sent += len(chunk)
+        if self._declared is not None and self.sent > self._declared:
             return self._break_off(f"server sent more than its Content-Length {self._declared}")
         return chunk
 
@@ -388,6 +459,7 @@ class BodyStream:
 
     def _break_off(self, reason: str) -> bytes:
         logger.warning("cutting client of request %s: %s", self._p.request.id, reason)
+        self.was_cut = True
         self.close()
         if self._cut(reason):
             raise StopIteration

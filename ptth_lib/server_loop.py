@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -30,6 +31,8 @@ from .protocol import (
     LISTEN_PATH,
     RESPONSE_HEAD_HEADER,
     RESPONSE_PATH,
+    SERVER_HOST_HEADER,
+    SERVER_VERSION_HEADER,
     RelayRequest,
     ServerResponseHead,
     collect_headers,
@@ -107,7 +110,12 @@ class ServerLoop:
 
     def _listen_forever(self) -> None:
         session = requests.Session()
-        session.headers.update({API_KEY_HEADER: self._api_key, "User-Agent": f"ptth_server/{__version__}"})
+        session.headers.update({
+            API_KEY_HEADER: self._api_key,
+            "User-Agent": f"ptth_server/{__version__}",
+            SERVER_VERSION_HEADER: f"ptth_server/{__version__} (Python)",
+            SERVER_HOST_HEADER: socket.gethostname(),
+        })
         failures = 0
         state = ""
         while not self._stop.is_set():

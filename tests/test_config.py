@@ -14,6 +14,7 @@ from ptth_lib.config import (
     API_KEY_ENV,
     RELAY_KEYS,
     SERVER_ENTRY_KEYS,
+    SCRAPER_KEY_KEYS,
     SERVER_KEYS,
     is_private,
     load_relay_config,
@@ -92,7 +93,8 @@ def _shows_key(text: str, name: str) -> bool:
     (SERVER_KEYS, SERVER_EXAMPLE),
     (RELAY_KEYS, RELAY_EXAMPLE),
     (SERVER_ENTRY_KEYS, RELAY_EXAMPLE),
-], ids=["SERVER_KEYS", "RELAY_KEYS", "SERVER_ENTRY_KEYS"])
+    (SCRAPER_KEY_KEYS, RELAY_EXAMPLE),
+], ids=["SERVER_KEYS", "RELAY_KEYS", "SERVER_ENTRY_KEYS", "SCRAPER_KEY_KEYS"])
 def test_example_shows_every_key(keys, example: Path) -> None:  # type: ignore[no-untyped-def]
     text = example.read_text()
     missing = [k.name for k in keys if not _shows_key(text, k.name)]
@@ -103,7 +105,8 @@ def test_example_shows_every_key(keys, example: Path) -> None:  # type: ignore[n
     (SERVER_KEYS, SERVER_EXAMPLE),
     (RELAY_KEYS, RELAY_EXAMPLE),
     (SERVER_ENTRY_KEYS, RELAY_EXAMPLE),
-], ids=["SERVER_KEYS", "RELAY_KEYS", "SERVER_ENTRY_KEYS"])
+    (SCRAPER_KEY_KEYS, RELAY_EXAMPLE),
+], ids=["SERVER_KEYS", "RELAY_KEYS", "SERVER_ENTRY_KEYS", "SCRAPER_KEY_KEYS"])
 def test_example_comments_every_key(keys, example: Path) -> None:  # type: ignore[no-untyped-def]
     """Each key's first appearance is preceded by a comment line."""
     lines = example.read_text().splitlines()
@@ -117,7 +120,7 @@ def test_example_comments_every_key(keys, example: Path) -> None:  # type: ignor
 
 
 def test_every_key_has_a_doc() -> None:
-    for key in (*SERVER_KEYS, *RELAY_KEYS, *SERVER_ENTRY_KEYS):
+    for key in (*SERVER_KEYS, *RELAY_KEYS, *SERVER_ENTRY_KEYS, *SCRAPER_KEY_KEYS):
         assert key.doc and "\n" not in key.doc
 
 
@@ -423,5 +426,42 @@ def test_is_private(tmp_path: Path) -> None:
 
 def test_readme_documents_every_key() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    for key in (*SERVER_KEYS, *RELAY_KEYS, *SERVER_ENTRY_KEYS):
+    for key in (*SERVER_KEYS, *RELAY_KEYS, *SERVER_ENTRY_KEYS, *SCRAPER_KEY_KEYS):
         assert f"`{key.name}`" in readme or f"[[{key.name}]]" in readme or f"[{key.name}]" in readme, key.name
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("2026-12-31T00:00:00Z", "2026-12-31T00:00:00+00:00"),
+    ("2026-12-31T02:00:00+02:00", "2026-12-31T00:00:00+00:00"),
+    ("2026-12-31T00:00:00", "2026-12-31T00:00:00+00:00"),  # no offset: UTC
+    ("2026-12-31", "2026-12-31T00:00:00+00:00"),  # a date: its midnight, UTC
+])
+def test_scraper_key_times_become_utc(value: str, expected: str) -> None:
+    raw = tomllib.loads(f'[[scraper_keys]]\nname = "k"\nhash = "{CODE_A}"\nnot_after = {value}\n')
+    cfg = parse_relay_config(raw, "r")
+    assert cfg.scraper_keys[0].not_after is not None
+    assert cfg.scraper_keys[0].not_after.isoformat() == expected
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ('enable_scraper_api = "yes"', ["enable_scraper_api", "boolean"]),
+    ("metrics = 1", ["metrics", "boolean"]),
+    ('[[scraper_keys]]\nname = "k"\nhash = "nope"', ["hash", "tripcode"]),
+    ('[[scraper_keys]]\nname = "k"', ["hash", "missing"]),
+    (f'[[scraper_keys]]\nname = "k"\nhash = "{CODE_A}"\nnot_after = "tomorrow"', ["not_after", "date-time"]),
+    (f'[[scraper_keys]]\nname = "k"\nhash = "{CODE_A}"\nexpires = 2026-01-01', ["expires", "unknown"]),
+])
+def test_bad_scraper_and_ops_keys(text: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_relay_config(tomllib.loads(text), "relay.toml")
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_unwritable_audit_log_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(f'audit_log = "{tmp_path}/no/such/dir/audit.jsonl"\n')
+    with pytest.raises(ConfigError, match="audit_log"):
+        load_relay_config(path)
+    path.write_text(f'audit_log = "{tmp_path}/audit.jsonl"\n')
+    assert load_relay_config(path).audit_log == f"{tmp_path}/audit.jsonl"
