@@ -13,8 +13,8 @@ from ptth_lib import tripcode
 from ptth_lib.config import (
     API_KEY_ENV,
     RELAY_KEYS,
-    SERVER_ENTRY_KEYS,
     SCRAPER_KEY_KEYS,
+    SERVER_ENTRY_KEYS,
     SERVER_KEYS,
     is_private,
     load_relay_config,
