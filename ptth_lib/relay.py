@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import gevent
+import gevent.socket
 from flask import Flask, Response, jsonify, redirect, request
 
 from . import __version__, scraper_api, tripcode
@@ -44,6 +45,7 @@ from .protocol import (
 from .rendezvous import (
     BodyStream,
     ForbiddenError,
+    ListenEnded,
     PendingRequest,
     Rendezvous,
     RendezvousError,
@@ -222,7 +224,13 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
         server = authenticate_server(name)
         server.version = clean_report(request.headers.get(SERVER_VERSION_HEADER)) or server.version
         server.host = clean_report(request.headers.get(SERVER_HOST_HEADER)) or server.host
-        batch = rv.listen(server, rv.config.listen_timeout_secs)
+        sock = _connection_socket(request.environ)
+        watcher = gevent.spawn(_end_listen_on_hangup, sock, gevent.getcurrent()) if sock else None
+        try:
+            batch = rv.listen(server, rv.config.listen_timeout_secs)
+        finally:
+            if watcher is not None:
+                watcher.kill()
         if not batch:
             return Response(status=204)
         logger.debug("listen by %s takes %d requests", name, len(batch))
@@ -360,17 +368,43 @@ def _relayed_uri(environ: dict[str, Any]) -> str:
     return "/" + rest + sep + query
 
 
+def _connection_socket(environ: dict[str, Any]) -> socket.socket | None:
+    for key in _SOCKET_KEYS:
+        if environ.get(key) is not None:
+            sock: socket.socket = environ[key]
+            return sock
+    return None
+
+
 def _cut_connection(environ: dict[str, Any]) -> bool:
     """Shut the connection down so the peer sees a cut, not a clean end."""
-    for key in _SOCKET_KEYS:
-        sock = environ.get(key)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return True
-    return False
+    sock = _connection_socket(environ)
+    if sock is None:
+        return False
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    return True
+
+
+def _end_listen_on_hangup(sock: socket.socket, listen: gevent.Greenlet) -> None:
+    """End a parked listen as soon as its server hangs up.
+
+    A listen parked on a dead connection would take requests and lose them
+    until request_timeout_secs; NAT boxes and proxies cut idle connections.
+    While a listen is parked its server sends nothing, so a readable socket
+    means end of file (or a reset): the server has gone.
+    """
+    try:
+        gevent.socket.wait_read(sock.fileno())
+        gone = sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        gone = True
+    except ValueError:  # TLS sockets cannot peek: cannot tell, so leave the listen be
+        return
+    if gone:
+        gevent.kill(listen, ListenEnded)
 
 
 def _display_case(name: str) -> str:

@@ -91,8 +91,13 @@ class QueueFullError(RendezvousError):
     status = 503
 
 
-class _ShuttingDown(Exception):
-    """Thrown into parked listens when the relay stops, so they end at once."""
+class ListenEnded(Exception):
+    """Thrown into a parked listen to end it at once with no requests.
+
+    Used when the relay stops, when the server's registration changes, and
+    when the listen's connection is found closed. A request still in the queue
+    stays there: gevent leaves an item in the queue until the getter runs.
+    """
 
 
 class BodyCutError(PtthError):
@@ -116,7 +121,7 @@ class ServerState:
     def wake_listeners(self) -> None:
         """End this server's parked listens now (they answer 204)."""
         for greenlet in list(self.parked):
-            gevent.kill(greenlet, _ShuttingDown)
+            gevent.kill(greenlet, ListenEnded)
 
     def touch(self) -> None:
         self.last_seen_monotonic = time.monotonic()
@@ -204,7 +209,7 @@ class Rendezvous:
         try:
             try:
                 first = self._take(server.queue, timeout)
-            except _ShuttingDown:
+            except ListenEnded:
                 return []
             finally:
                 server.parked.discard(me)

@@ -297,3 +297,25 @@ def test_hop_by_hop_headers_from_the_server_are_dropped(relay_and_key: tuple[Rel
     for name in ("Upgrade", "Proxy-Authenticate"):
         assert name not in resp.headers
     assert "timeout=999" not in resp.headers.get("Keep-Alive", "")
+
+
+def test_a_listen_whose_server_hung_up_gets_no_requests(cluster: Cluster) -> None:
+    """A NAT box or proxy that drops the listen's connection must not swallow requests."""
+    key = new_key("raw")
+    relay = cluster.relay({"raw": key}, extra="listen_timeout_secs = 60\nrequest_timeout_secs = 5")
+    dead = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    dead.sendall(f"GET {LISTEN}raw HTTP/1.1\r\nHost: x\r\nX-ApiKey: {key}\r\n\r\n".encode())
+    time.sleep(0.5)  # parked first, so it would be first in line for a request
+    dead.close()
+    live: dict[str, requests.Response] = {}
+    live_listen = threading.Thread(target=lambda: live.update(r=listen(relay, "raw", key, timeout=70)),
+                                   daemon=True)
+    live_listen.start()
+    time.sleep(0.5)
+    client = ClientCall(f"{relay.url}/frontend/servers/raw/hello")
+    live_listen.join(10)
+    assert "r" in live and live["r"].status_code == 200, "the request went to the dead listen"
+    (item,) = msgpack.unpackb(live["r"].content, raw=False)
+    assert respond(relay, item["id"], key, 200, {}, b"hi").status_code == 200
+    resp = client.join().response
+    assert resp is not None and (resp.status_code, resp.content) == (200, b"hi")
