@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 
 # How often the config file is looked at; a saved change applies within this.
 CHECK_INTERVAL_SECS = 2.0
+# A changed file is read once it has looked the same for SETTLE_SECS (editors
+# that save in place truncate first), but not waited for more than 10 times.
+SETTLE_SECS = 0.3
+SETTLE_MAX_CHECKS = 10
 
 
 class ConfigWatcher:
@@ -40,7 +44,18 @@ class ConfigWatcher:
         while True:
             gevent.sleep(interval_secs)
             if self._signature() != self._seen:
+                self._wait_until_settled()
                 self.reload()
+
+    def _wait_until_settled(self) -> None:
+        """Wait until the file stops changing, so a save in progress is not read half-written."""
+        before = self._signature()
+        for _ in range(SETTLE_MAX_CHECKS):
+            gevent.sleep(SETTLE_SECS)
+            now = self._signature()
+            if now == before:
+                return
+            before = now
 
     def reload(self) -> bool:
         """Load the file now; apply it if valid, else log why and keep the old config."""

@@ -240,10 +240,13 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
 
     @app.post("/7ZSFUKGV/http_response/<request_id>")
     def _response(request_id: str) -> Response:
+        key = request.headers.get(API_KEY_HEADER)
         try:
-            p = rv.claim(request_id, request.headers.get(API_KEY_HEADER))
+            p = rv.claim(request_id, key)
         except ForbiddenError as e:
             metrics.backend_auth_rejected.inc()
+            audit.record("backend_key_rejected", request=request_id[:64], address=client_address(),
+                         reason=str(e), tripcode=tripcode.derive(key) if key else None)
             return _refuse(e.status, str(e))
         except RendezvousError as e:
             return _refuse(e.status, str(e))

@@ -193,7 +193,7 @@ class Rendezvous:
             raise ForbiddenError("missing X-ApiKey header")
         if state is None:
             self._remember_unregistered(name, api_key)
-            raise ForbiddenError(f"server {name!r} is not registered at this relay")
+            raise ForbiddenError(f"server {name[:64]!r} is not registered at this relay")
         if not tripcode.matches(api_key, state.registered.tripcode):
             raise ForbiddenError(f"wrong API key for server {name!r}")
         return state
@@ -233,7 +233,7 @@ class Rendezvous:
             raise ForbiddenError("missing X-ApiKey header")
         p = self.pending.get(request_id)
         if p is None or p.answered or p.cancelled:
-            raise UnknownRequestError(f"no request {request_id!r} is waiting for a response")
+            raise UnknownRequestError(f"no request {request_id[:64]!r} is waiting for a response")
         if not tripcode.matches(api_key, p.server.registered.tripcode):
             raise ForbiddenError(f"request {request_id!r} belongs to another server")
         p.answered = True
@@ -315,6 +315,8 @@ class Rendezvous:
             self.servers[name] = state
         for state in old.values():
             state.wake_listeners()
+            if state.reported_online:  # watch_presence no longer sees it
+                self._announce(state, online=False)
         self.config = config
 
     def watch_presence(self, interval_secs: float = PRESENCE_CHECK_SECS) -> None:
@@ -323,11 +325,14 @@ class Rendezvous:
             for state in list(self.servers.values()):
                 online = state.is_online()
                 if online != state.reported_online:
-                    state.reported_online = online
-                    event = "server_online" if online else "server_offline"
-                    logger.info("server %s is %s", state.registered.name, "online" if online else "offline")
-                    self.on_event(event, server=state.registered.name, host=state.host, version=state.version)
+                    self._announce(state, online)
             gevent.sleep(interval_secs)
+
+    def _announce(self, state: ServerState, online: bool) -> None:
+        state.reported_online = online
+        logger.info("server %s is %s", state.registered.name, "online" if online else "offline")
+        self.on_event("server_online" if online else "server_offline",
+                      server=state.registered.name, host=state.host, version=state.version)
 
     # ---- frontend side: clients ----------------------------------------
 
