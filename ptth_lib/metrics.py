@@ -9,8 +9,10 @@ the one gevent worker, whose memory holds the state being reported.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
+import greenlet
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -68,3 +70,8 @@ class _RendezvousCollector(Collector):
                                 sum(s.listeners for s in servers))
         yield GaugeMetricFamily("ptth_requests_pending", "Requests in the rendezvous: queued, waiting "
                                 "for a response, or streaming", len(self._rv.pending))
+        yield GaugeMetricFamily("ptth_requests_queued", "Requests waiting for a listen, all servers",
+                                sum(s.queue.qsize() for s in servers))
+        # Walks the heap: fine at scrape intervals, and the way to see leaked greenlets.
+        yield GaugeMetricFamily("ptth_greenlets", "Greenlets alive in the relay worker",
+                                sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet)))

@@ -134,7 +134,7 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
     @app.errorhandler(RendezvousError)
     def _rendezvous_error(e: RendezvousError) -> Response:
         resp = _text(e.status, str(e))
-        if e.status == 503:
+        if e.status in (429, 503):
             resp.headers["Retry-After"] = "5"
         return resp
 

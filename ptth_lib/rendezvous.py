@@ -39,6 +39,10 @@ OFFLINE_AFTER_SECS = 5.0
 # taking requests must not make the relay grow without bound).
 MAX_QUEUED_PER_SERVER = 256
 
+# Listens parked at once for one server name: enough for several processes
+# sharing a name, each with a few listens in flight; more is a misbehaving peer.
+MAX_LISTENERS_PER_SERVER = 32
+
 # Body chunks held between a server's POST and its client. With the server's
 # 256 KiB chunks this is 1 MiB per transfer: enough to keep both sockets busy.
 BODY_QUEUE_CHUNKS = 4
@@ -89,6 +93,10 @@ class GatewayTimeoutError(RendezvousError):
 
 class QueueFullError(RendezvousError):
     status = 503
+
+
+class TooManyListenersError(RendezvousError):
+    status = 429
 
 
 class ListenEnded(Exception):
@@ -202,6 +210,9 @@ class Rendezvous:
         """Wait up to `timeout` for requests; return every one queued (maybe none)."""
         if self.closing:
             return []
+        if server.listeners >= MAX_LISTENERS_PER_SERVER:
+            raise TooManyListenersError(f"server {server.registered.name!r} already has "
+                                        f"{MAX_LISTENERS_PER_SERVER} listens parked")
         server.listeners += 1
         server.touch()
         me = gevent.getcurrent()
