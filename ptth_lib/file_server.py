@@ -13,6 +13,7 @@ redirect is relative, so pages work the same behind the relay's
 
 from __future__ import annotations
 
+import functools
 import html
 import http
 import logging
@@ -199,13 +200,19 @@ def _safe_path(root: str | os.PathLike[str], url_path: str) -> Path | None:
         if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
             return None
         names.append(name)
-    real_root = Path(os.path.realpath(root))
+    real_root = _real_root(os.fspath(root))
     candidate = real_root.joinpath(*names)
     real = Path(os.path.realpath(candidate))
     if not real.is_relative_to(real_root):
         logger.debug("refused path leaving the root: %r", url_path)
         return None
     return real
+
+
+@functools.lru_cache(maxsize=16)
+def _real_root(root: str) -> Path:
+    """The root with symlinks resolved, once per root rather than per request."""
+    return Path(os.path.realpath(root))
 
 
 def _decode_segment(segment: str) -> str:

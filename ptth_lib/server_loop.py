@@ -17,7 +17,7 @@ import logging
 import random
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from urllib.parse import quote
 
@@ -43,8 +43,14 @@ from .protocol import (
 logger = logging.getLogger(__name__)
 
 # Requests served at once; more wait in the pool's queue. Each one holds a file
-# and a connection to the relay, so this also bounds both.
-MAX_CONCURRENT_REQUESTS = 16
+# and a connection to the relay until its client has the whole body (P7), so
+# this bounds both, and also how many clients are served in parallel.
+MAX_CONCURRENT_REQUESTS = 64
+
+# Listens kept parked at the relay at once. With two, a request arriving while
+# one listen is on its way back still finds the other parked, instead of
+# waiting a round trip for the re-poll.
+LISTENS_IN_FLIGHT = 2
 
 # Reconnect delays: start small so a relay restart costs little, cap so that a
 # relay that is down for hours sees one attempt per half minute per server.
@@ -80,16 +86,18 @@ class ServerLoop:
         self._abort = threading.Event()
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(MAX_CONCURRENT_REQUESTS, thread_name_prefix="ptth-response")
+        self._proxies = requests.utils.get_environ_proxies(base)
         self._in_flight: set[Future[None]] = set()
         self._lock = threading.Lock()
         self.exit_code = 0
+        self._state = ""  # "connected" or the last problem, for _report
 
     # ---- lifecycle ------------------------------------------------------
 
     def run(self) -> int:
         """Listen until `stop()` or a refusal from the relay; return the exit code."""
-        listener = threading.Thread(target=self._listen_forever, name="ptth-listen", daemon=True)
-        listener.start()
+        for i in range(LISTENS_IN_FLIGHT):
+            threading.Thread(target=self._listen_forever, name=f"ptth-listen-{i}", daemon=True).start()
         self._stop.wait()
         with self._lock:
             running = set(self._in_flight)
@@ -109,7 +117,7 @@ class ServerLoop:
     # ---- P1/P3: the listen loop ----------------------------------------
 
     def _listen_forever(self) -> None:
-        session = requests.Session()
+        session = self._new_session()
         session.headers.update({
             API_KEY_HEADER: self._api_key,
             "User-Agent": f"ptth_server/{__version__}",
@@ -117,7 +125,6 @@ class ServerLoop:
             SERVER_HOST_HEADER: socket.gethostname(),
         })
         failures = 0
-        state = ""
         while not self._stop.is_set():
             problem = ""
             try:
@@ -136,13 +143,7 @@ class ServerLoop:
             except Exception:  # a bug of ours: say so loudly, but keep the server up
                 logger.exception("bug in the listen loop")
                 problem = "internal error (see above)"
-            new_state = problem or "connected"
-            if new_state != state:
-                if problem:
-                    logger.warning("%s; retrying with backoff", problem)
-                else:
-                    logger.info("connected to relay %s as %r", self.config.relay_url, self.config.name)
-                state = new_state
+            self._report(problem)
             if not problem:
                 failures = 0
                 continue
@@ -150,14 +151,29 @@ class ServerLoop:
             failures = min(failures + 1, 16)
             self._stop.wait(delay)
 
+    def _report(self, problem: str) -> None:
+        """Log a change of the connection's state once, whichever listen thread sees it."""
+        state = problem or "connected"
+        with self._lock:
+            if state == self._state:
+                return
+            self._state = state
+        if problem:
+            logger.warning("%s; retrying with backoff", problem)
+        else:
+            logger.info("connected to relay %s as %r", self.config.relay_url, self.config.name)
+
     def _refused(self) -> None:
+        with self._lock:
+            if self._stop.is_set():
+                return  # another listen thread said it already
+            self.exit_code = 1
+            self._stop.set()
         logger.error(
             "relay %s refused server %r: its name or API key is not registered there. "
             "Add this server to the relay config: name = %r, tripcode = %r",
             self.config.relay_url, self.config.name, self.config.name, tripcode.derive(self._api_key),
         )
-        self.exit_code = 1
-        self._stop.set()
 
     def _dispatch(self, batch: list[RelayRequest]) -> None:
         for req in batch:
@@ -181,7 +197,9 @@ class ServerLoop:
         answer = file_server.serve(self.config.file_server_root, req.method, req.uri, headers)
         head = ServerResponseHead(answer.status, collect_headers(answer.headers))
         logger.debug("request %s: %s %s -> %d", req.id, req.method, req.uri, answer.status)
-        body = _CountingBody(answer.body, self._abort)
+        has_body = req.method != "HEAD" and answer.status not in (204, 304)
+        length = head.headers.get("content-length") if has_body else b"0"
+        body = _CountingBody(answer.body, self._abort, int(length) if length is not None else None)
         try:
             self._post(req.id, head, body)
         finally:
@@ -193,7 +211,7 @@ class ServerLoop:
         for attempt in (1, 2):
             session = self._session()
             try:
-                r = session.post(url, data=body.chunks(), headers=headers,
+                r = session.post(url, data=body.upload(), headers=headers,
                                  timeout=(CONNECT_TIMEOUT_SECS, RESPONSE_READ_TIMEOUT_SECS))
             except _Aborted:
                 logger.info("response %s abandoned at shutdown after %d bytes", request_id, body.sent)
@@ -216,20 +234,45 @@ class ServerLoop:
     def _session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
-            session = requests.Session()
-            session.headers["User-Agent"] = f"ptth_server/{__version__}"
+            session = self._new_session()
             self._local.session = session
+        return session
+
+    def _new_session(self) -> requests.Session:
+        """A Session for one thread, with the environment's proxy settings read once.
+
+        requests would otherwise look up proxy variables and ~/.netrc on every
+        request; the relay URL does not change, so neither does the answer.
+        """
+        session = requests.Session()
+        session.trust_env = False
+        session.proxies.update(self._proxies)
+        session.headers["User-Agent"] = f"ptth_server/{__version__}"
         return session
 
 
 class _CountingBody:
-    """A response body on its way to the relay: counts bytes, can be abandoned."""
+    """A response body on its way to the relay: counts bytes, can be abandoned.
 
-    def __init__(self, chunks: Iterator[bytes], abort: threading.Event) -> None:
+    With a known length the upload carries a Content-Length and goes out as
+    the file's own chunks; without one, requests frames it as chunked, which
+    costs a copy of every chunk.
+    """
+
+    def __init__(self, chunks: Iterator[bytes], abort: threading.Event, length: int | None) -> None:
         self._chunks = chunks
         self._abort = abort
+        self._length = length
         self.sent = 0
         self.started = False
+
+    def upload(self) -> bytes | Iterable[bytes]:
+        """What to give requests as `data`."""
+        if self._length == 0:
+            return b""  # requests would frame a sized but empty iterable as chunked
+        if self._length is not None:
+            return _SizedIterable(self.chunks(), self._length)
+        return self.chunks()
 
     def chunks(self) -> Iterator[bytes]:
         self.started = True
@@ -243,6 +286,20 @@ class _CountingBody:
         close = getattr(self._chunks, "close", None)
         if close:
             close()
+
+
+class _SizedIterable:
+    """An iterable with a length: requests then sends Content-Length, not chunked."""
+
+    def __init__(self, chunks: Iterator[bytes], length: int) -> None:
+        self._chunks = chunks
+        self._length = length
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._chunks
+
+    def __len__(self) -> int:
+        return self._length
 
 
 def _describe(e: BaseException) -> str:
