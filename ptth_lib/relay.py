@@ -27,6 +27,7 @@ from flask import Flask, Response, jsonify, redirect, request
 
 from . import __version__, scraper_api, tripcode
 from .audit import AuditLog
+from .body_reader import iter_body
 from .config import RelayConfig
 from .config_watch import ConfigWatcher
 from .errors import ProtocolError
@@ -305,13 +306,13 @@ def _relay_server_response(rv: Rendezvous, p: PendingRequest) -> Response:
         return _refuse(400, f"bad response head: {e}")
     rv.start_response(p, head)
 
-    stream = environ["wsgi.input"]
     declared = request.content_length
     received = 0
     complete = True
+    chunks = iter_body(environ, RELAY_CHUNK_BYTES)
     while True:
         try:
-            chunk = stream.read(RELAY_CHUNK_BYTES)
+            chunk = next(chunks, b"")
         except Exception as e:  # noqa: BLE001 - the WSGI server's body reader: OSError or its parse errors
             logger.warning("response body of request %s broke off: %s", p.request.id, type(e).__name__)
             complete = False

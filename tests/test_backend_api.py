@@ -319,3 +319,25 @@ def test_a_listen_whose_server_hung_up_gets_no_requests(cluster: Cluster) -> Non
     assert respond(relay, item["id"], key, 200, {}, b"hi").status_code == 200
     resp = client.join().response
     assert resp is not None and (resp.status_code, resp.content) == (200, b"hi")
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "content-length"])
+def test_body_bytes_reach_the_client_as_they_arrive(relay_and_key: tuple[Relay, str], chunked: bool) -> None:
+    """A server that trickles its body (a log being written, say) is not held back by relay buffering."""
+    relay, key = relay_and_key
+    listen(relay, "raw", key)
+    client = ClientCall(f"{relay.url}/frontend/servers/raw/trickle", stream=True)
+    (item,) = take_requests(relay, key)
+    sock = _raw_post(relay, item["id"], key, head_header(200, {"content-length": b"2000"}),
+                     b"a" * 1000, chunked, content_length=2000)
+    client.join()
+    assert client.response is not None
+    first: list[bytes] = []
+    reader = threading.Thread(target=lambda: first.append(client.response.raw.read(1000)), daemon=True)
+    reader.start()
+    reader.join(5)  # the second half is not sent yet: only relay buffering could hold the first back
+    assert first == [b"a" * 1000], "the first 1000 bytes did not arrive before the rest was sent"
+    rest = b"%x\r\n%s\r\n0\r\n\r\n" % (1000, b"b" * 1000) if chunked else b"b" * 1000
+    sock.sendall(rest)
+    assert client.response.raw.read(1000) == b"b" * 1000
+    sock.close()
