@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,15 @@ class ListenError(PtthError):
 
 
 class _Handler(WSGIHandler):  # type: ignore[misc]
+    def handle(self) -> None:
+        # pywsgi writes the headers and the body in separate sends; with Nagle's
+        # algorithm on, the body then waits for the client's delayed ACK (40 ms).
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (a Unix socket): nothing to do
+        super().handle()
+
     def get_environ(self) -> dict[str, Any]:
         environ: dict[str, Any] = super().get_environ()
         environ["RAW_URI"] = self.path
