@@ -18,12 +18,14 @@ import html
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import gevent
 import gevent.socket
 from flask import Flask, Response, jsonify, redirect, request
+from werkzeug.wrappers import Request
 
 from . import __version__, scraper_api, tripcode
 from .audit import AuditLog
@@ -96,28 +98,28 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
         app.extensions["ptth_config_watcher"] = watcher
         gevent.spawn(watcher.run)
 
-    def client_address() -> str:
-        return _client_address(request.environ, rv.config.trust_x_forwarded_for)
+    def client_address(req: Request) -> str:
+        return _client_address(req.environ, rv.config.trust_x_forwarded_for)
 
-    def authenticate_server(name: str) -> ServerState:
+    def authenticate_server(name: str, req: Request) -> ServerState:
         """The backend API's key check, with refusals counted and audited."""
-        key = request.headers.get(API_KEY_HEADER)
+        key = req.headers.get(API_KEY_HEADER)
         try:
             return rv.authenticate(name, key)
         except ForbiddenError as e:
             metrics.backend_auth_rejected.inc()
-            audit.record("backend_key_rejected", server=name[:64], address=client_address(), reason=str(e),
+            audit.record("backend_key_rejected", server=name[:64], address=client_address(req), reason=str(e),
                          tripcode=tripcode.derive(key) if key else None)
             raise
 
-    def relay_measured(name: str) -> Response:
+    def relay_measured(name: str, req: Request) -> Response:
         """Relay one client request, counting it in the metrics when its response ends."""
         started = time.monotonic()
         metrics.client_requests_in_flight.inc()
         try:
-            resp = _relay_client_request(rv, name)
+            resp = _relay_client_request(rv, name, req)
         except RendezvousError as e:
-            resp = _rendezvous_error(e)
+            resp = _error_response(e)
 
         def finished() -> None:
             metrics.client_requests_in_flight.dec()
@@ -132,12 +134,7 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
         resp.call_on_close(finished)
         return resp
 
-    @app.errorhandler(RendezvousError)
-    def _rendezvous_error(e: RendezvousError) -> Response:
-        resp = _text(e.status, str(e))
-        if e.status in (429, 503):
-            resp.headers["Retry-After"] = "5"
-        return resp
+    app.register_error_handler(RendezvousError, _error_response)
 
     @app.get("/")
     def _index() -> Response:
@@ -203,13 +200,6 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
     def _server_root_redirect(name: str) -> Any:
         return redirect(f"{name}/", code=302)
 
-    @app.route("/frontend/servers/<name>/", methods=_ALL_METHODS, provide_automatic_options=False)
-    @app.route("/frontend/servers/<name>/<path:_path>", methods=_ALL_METHODS, provide_automatic_options=False)
-    @app.route("/servers/<name>/", methods=_ALL_METHODS, provide_automatic_options=False)
-    @app.route("/servers/<name>/<path:_path>", methods=_ALL_METHODS, provide_automatic_options=False)
-    def _frontend(name: str, _path: str = "") -> Response:
-        return relay_measured(name)
-
     def scraper_auth(outcome: str, address: str, detail: str | None) -> None:
         if outcome == "rejected":
             metrics.scraper_auth_rejected.labels(detail or "unknown").inc()
@@ -217,15 +207,14 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
         else:
             audit.record("scraper_key_used", key=detail, address=address, path=request.path[:200])
 
-    scraper_api.register(app, lambda: rv.config, client_address, rv.describe_servers, relay_measured,
-                         scraper_auth)
+    scraper_api.register(app, lambda: rv.config, lambda: client_address(request), rv.describe_servers,
+                         lambda name: relay_measured(name, request), scraper_auth)
 
-    @app.get("/7ZSFUKGV/http_listen/<name>")
-    def _listen(name: str) -> Response:
-        server = authenticate_server(name)
-        server.version = clean_report(request.headers.get(SERVER_VERSION_HEADER)) or server.version
-        server.host = clean_report(request.headers.get(SERVER_HOST_HEADER)) or server.host
-        sock = _connection_socket(request.environ)
+    def listen(name: str, req: Request) -> Response:
+        server = authenticate_server(name, req)
+        server.version = clean_report(req.headers.get(SERVER_VERSION_HEADER)) or server.version
+        server.host = clean_report(req.headers.get(SERVER_HOST_HEADER)) or server.host
+        sock = _connection_socket(req.environ)
         watcher = gevent.spawn(_end_listen_on_hangup, sock, gevent.getcurrent()) if sock else None
         try:
             batch = rv.listen(server, rv.config.listen_timeout_secs)
@@ -239,21 +228,67 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
         metrics.relayed_bytes.labels("to_server").inc(len(body))
         return Response(body, 200, content_type="application/msgpack")
 
-    @app.post("/7ZSFUKGV/http_response/<request_id>")
-    def _response(request_id: str) -> Response:
-        key = request.headers.get(API_KEY_HEADER)
+    def respond(request_id: str, req: Request) -> Response:
+        key = req.headers.get(API_KEY_HEADER)
         try:
             p = rv.claim(request_id, key)
         except ForbiddenError as e:
             metrics.backend_auth_rejected.inc()
-            audit.record("backend_key_rejected", request=request_id[:64], address=client_address(),
+            audit.record("backend_key_rejected", request=request_id[:64], address=client_address(req),
                          reason=str(e), tripcode=tripcode.derive(key) if key else None)
-            return _refuse(e.status, str(e))
+            return _refuse(e.status, str(e), req)
         except RendezvousError as e:
-            return _refuse(e.status, str(e))
-        return _relay_server_response(rv, p)
+            return _refuse(e.status, str(e), req)
+        return _relay_server_response(rv, p, req)
 
+    app.wsgi_app = _HotPaths(app.wsgi_app, listen, respond, relay_measured)  # type: ignore[method-assign]
     return app
+
+
+class _HotPaths:
+    """Plain WSGI in front of Flask for the three paths every relayed request takes.
+
+    A listen, a response POST and a client request each cost a Flask request
+    context, routing and signals, which profiling put at a third of the
+    relay's CPU for small files (BENCHMARKS.md). These paths skip them; every
+    other path (pages, scraper API, metrics) goes to Flask as usual.
+    """
+
+    def __init__(self, flask_app: Any, listen: _Handler, respond: _Handler, relay: _Handler) -> None:
+        self._flask_app = flask_app
+        self._routes = (
+            ("/7ZSFUKGV/http_listen/", ("GET", "HEAD"), listen, False),
+            ("/7ZSFUKGV/http_response/", ("POST",), respond, False),
+            ("/frontend/servers/", None, relay, True),
+            ("/servers/", None, relay, True),
+        )
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        path: str = environ.get("PATH_INFO", "")
+        for prefix, methods, handler, has_rest in self._routes:
+            if not path.startswith(prefix):
+                continue
+            arg, slash, _ = path[len(prefix):].partition("/")
+            if not arg or bool(slash) != has_rest:
+                break  # "/frontend/servers/" itself, "/frontend/servers/x" (redirect), etc.: Flask's
+            if methods is not None and environ.get("REQUEST_METHOD") not in methods:
+                return _text(405, "method not allowed")(environ, start_response)
+            try:
+                response = handler(arg, Request(environ))
+            except RendezvousError as e:
+                response = _error_response(e)
+            return response(environ, start_response)
+        return self._flask_app(environ, start_response)
+
+
+_Handler = Callable[[str, Request], Response]
+
+
+def _error_response(e: RendezvousError) -> Response:
+    resp = _text(e.status, str(e))
+    if e.status in (429, 503):
+        resp.headers["Retry-After"] = "5"
+    return resp
 
 
 _AUDIT_COLUMNS = ("time", "event", "server", "address")
@@ -273,18 +308,18 @@ def _client_address(environ: dict[str, Any], trust_x_forwarded_for: bool) -> str
     return str(environ.get("REMOTE_ADDR", "unknown"))
 
 
-def _relay_client_request(rv: Rendezvous, name: str) -> Response:
+def _relay_client_request(rv: Rendezvous, name: str, req: Request) -> Response:
     """P2 to P6 for one client request: queue it, wait for the head, stream the body."""
-    environ = request.environ
-    if request.content_length or "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+    environ = req.environ
+    if req.content_length or "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         return _text(501, "request bodies are not relayed through the tunnel")
     uri = _relayed_uri(environ)
-    p = rv.submit(name, request.method, uri, collect_headers(request.headers.items()))
-    logger.debug("request %s: %s %s for %s", p.request.id, request.method, uri, name)
+    p = rv.submit(name, req.method, uri, collect_headers(req.headers.items()))
+    logger.debug("request %s: %s %s for %s", p.request.id, req.method, uri, name)
     head = rv.wait_for_head(p)
     headers = [(_display_case(k), v.decode("latin-1")) for k, v in head.headers.items() if not is_hop_by_hop(k)]
     body: Any
-    if request.method == "HEAD" or head.status_code in (204, 304):
+    if req.method == "HEAD" or head.status_code in (204, 304):
         rv.skip_body(p)
         body = []  # a list, not b"": werkzeug would reset Content-Length to 0
     else:
@@ -295,18 +330,18 @@ def _relay_client_request(rv: Rendezvous, name: str) -> Response:
     return resp
 
 
-def _relay_server_response(rv: Rendezvous, p: PendingRequest) -> Response:
+def _relay_server_response(rv: Rendezvous, p: PendingRequest, req: Request) -> Response:
     """P5 and P7: hand the head to the client, copy the body, answer when delivered."""
-    environ = request.environ
+    environ = req.environ
     try:
-        head = decode_response_head(request.headers.get(RESPONSE_HEAD_HEADER))
+        head = decode_response_head(req.headers.get(RESPONSE_HEAD_HEADER))
     except ProtocolError as e:
         logger.warning("bad response head for request %s: %s", p.request.id, e)
         rv.fail(p, str(e))
-        return _refuse(400, f"bad response head: {e}")
+        return _refuse(400, f"bad response head: {e}", req)
     rv.start_response(p, head)
 
-    declared = request.content_length
+    declared = req.content_length
     received = 0
     complete = True
     chunks = iter_body(environ, RELAY_CHUNK_BYTES)
@@ -336,16 +371,16 @@ def _relay_server_response(rv: Rendezvous, p: PendingRequest) -> Response:
     return _text(200, "delivered")
 
 
-def _refuse(status: int, message: str) -> Response:
+def _refuse(status: int, message: str, req: Request) -> Response:
     """Answer a server's POST without reading its body.
 
     A small body is left for the WSGI server to discard; a large or chunked
     one is not read at all: the connection is shut once the answer is out.
     """
     resp = _text(status, message)
-    length = request.content_length
+    length = req.content_length
     if length is None or length > SMALL_BODY_BYTES:
-        environ = request.environ
+        environ = req.environ
         resp.call_on_close(lambda: _cut_connection(environ))
     return resp
 
