@@ -7,7 +7,7 @@ VENV := .venv
 STAMP := $(VENV)/.requirements.stamp
 PORT ?= 4000
 
-.PHONY: demo test test-all lint clean debian-deps
+.PHONY: demo test test-all lint bench clean debian-deps
 
 # One venv for demo and tests: requirements-dev.txt includes requirements.txt.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -45,6 +45,12 @@ test: $(STAMP) debian-deps lint
 # Also the soak/load runs marked slow (the last -m given to pytest wins over addopts).
 test-all: PYTEST_ARGS += -m ""
 test-all: test
+
+# The benchmark suite (minutes; never part of `make test`): tunnel against direct
+# serving and nginx, side by side. It installs nginx and wrk when missing.
+# BENCH_ARGS="--quick" for a smoke run; results in bench/results.json.
+bench: $(STAMP)
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo

@@ -35,9 +35,13 @@ graceful_timeout = 40
 # keep this short.
 keepalive = 5
 
-# The response head travels base64-encoded in the X-PTTH-2LJYXWC4 header
-# (ptth_lib.protocol.MAX_RESPONSE_HEAD_BYTES).
-limit_request_field_size = 65536
+# The response head travels base64-encoded in the X-PTTH-2LJYXWC4 header, up
+# to 16 KiB (ptth_lib.protocol.MAX_RESPONSE_HEAD_BYTES), plus room for the
+# name. gunicorn's time to parse a header block grows with the square of its
+# size, and the one worker serves nobody else meanwhile, so fields x size is
+# kept to about 800 KiB (a few hundredths of a second).
+limit_request_field_size = 16 * 1024 + 64
+limit_request_fields = 50
 
 # Never preload: gevent must monkey-patch in the worker before the app loads.
 preload_app = False

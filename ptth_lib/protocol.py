@@ -41,9 +41,15 @@ MAX_REPORT_CHARS = 64
 # a full queue of requests with large cookies, and still bounds a hostile relay.
 MAX_LISTEN_BODY_BYTES = 4 * 1024 * 1024
 
-# The base64 response head travels in one HTTP header; gunicorn.conf.py raises
-# limit_request_field_size to match.
-MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+# The base64 response head travels in one HTTP header. 16 KiB is ten times a
+# file server's head with room for large cookies; gunicorn.conf.py allows
+# header fields just over this, and the relay's header parsing time grows
+# with the square of the header block, so this is kept small on purpose.
+MAX_RESPONSE_HEAD_BYTES = 16 * 1024
+
+# A client request whose method, uri and headers add up to more than this is
+# refused (431) at the relay, so that it always fits a listen answer.
+MAX_REQUEST_HEAD_BYTES = 256 * 1024
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1) describe one connection, not the
 # message, so they are dropped at every hop in both directions.
@@ -53,7 +59,11 @@ HOP_BY_HOP = frozenset({
 })
 
 _TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9a-z-]+$")
-_BAD_VALUE_RE = re.compile(rb"[\r\n\x00]")
+# Field values may hold visible characters, spaces and tabs (RFC 9110 5.5);
+# every other control character is refused, CR, LF and NUL above all.
+_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Request ids as the relay makes them; anything else could smuggle text into logs.
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,11 @@ def collect_headers(pairs: Iterable[tuple[str, str | bytes]]) -> dict[str, bytes
     return out
 
 
+def head_size(method: str, uri: str, headers: Mapping[str, bytes]) -> int:
+    """About how many bytes a request head takes in a listen answer."""
+    return 64 + len(method) + len(uri) + sum(len(k) + len(v) + 8 for k, v in headers.items())
+
+
 def encode_requests(requests: Iterable[RelayRequest]) -> bytes:
     """Encode a listen answer."""
     packed: bytes = msgpack.packb([
@@ -121,6 +136,8 @@ def decode_requests(data: bytes) -> list[RelayRequest]:
         rid, method, uri = item.get("id"), req.get("method"), req.get("uri")
         if not (isinstance(rid, str) and isinstance(method, str) and isinstance(uri, str)):
             raise ProtocolError("listen answer item has a bad id, method or uri")
+        if not _ID_RE.match(rid) or not _TOKEN_RE.match(method.lower().encode("utf-8", "replace")):
+            raise ProtocolError("listen answer item has a malformed id or method")
         if not uri.startswith("/") or _BAD_VALUE_RE.search(uri.encode("utf-8", "replace")):
             raise ProtocolError("listen answer item has a bad uri")
         out.append(RelayRequest(rid, method, uri, _check_headers(req.get("headers"))))

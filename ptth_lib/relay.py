@@ -62,6 +62,10 @@ logger = logging.getLogger(__name__)
 # chunks, so each chunk crosses the relay as one piece.
 RELAY_CHUNK_BYTES = 256 * 1024
 
+# How long after a listen's answer the relay watches its connection for a
+# cut (see _requeue_if_lost); ptth_server re-polls within milliseconds.
+LISTEN_LEASE_SECS = 10.0
+
 # A refused POST body up to this size is read and dropped, so the connection
 # can be reused; past it, reading would cost more than a new connection.
 SMALL_BODY_BYTES = 64 * 1024
@@ -224,6 +228,8 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
         if not batch:
             return Response(status=204)
         logger.debug("listen by %s takes %d requests", name, len(batch))
+        if sock is not None:
+            gevent.spawn(_requeue_if_lost, rv, sock, batch)
         body = encode_requests(p.request for p in batch)
         metrics.relayed_bytes.labels("to_server").inc(len(body))
         return Response(body, 200, content_type="application/msgpack")
@@ -314,7 +320,9 @@ def _relay_client_request(rv: Rendezvous, name: str, req: Request) -> Response:
     if req.content_length or "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         return _text(501, "request bodies are not relayed through the tunnel")
     uri = _relayed_uri(environ)
-    p = rv.submit(name, req.method, uri, collect_headers(req.headers.items()))
+    # X-ApiKey is ours (a scraper key, or a mistake): it must never reach a server.
+    forwarded = collect_headers((k, v) for k, v in req.headers.items() if k.lower() != "x-apikey")
+    p = rv.submit(name, req.method, uri, forwarded)
     logger.debug("request %s: %s %s for %s", p.request.id, req.method, uri, name)
     head = rv.wait_for_head(p)
     headers = [(_display_case(k), v.decode("latin-1")) for k, v in head.headers.items() if not is_hop_by_hop(k)]
@@ -425,6 +433,32 @@ def _cut_connection(environ: dict[str, Any]) -> bool:
     except OSError:
         pass
     return True
+
+
+def _requeue_if_lost(rv: Rendezvous, sock: socket.socket, batch: list[PendingRequest]) -> None:
+    """Take a listen's requests back if its connection dies before the server answers.
+
+    A connection cut by a NAT box or proxy just as the answer is written can
+    swallow it (the write succeeds, then the connection resets). ptth_server
+    re-polls on the same connection at once, so its next bytes there confirm
+    that the answer arrived; an end of file instead means it may not have, and
+    the requests go back to the queue for the next listen. A request answered
+    twice is harmless: the second answer gets 404.
+    """
+    with gevent.Timeout(LISTEN_LEASE_SECS, False):
+        raw = getattr(sock, "_sock", sock)  # gevent's socket would wait, beside the worker's own reader
+        try:
+            gevent.socket.wait_read(sock.fileno())
+            alive = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            alive = True  # already read by the worker: the next request came
+        except (OSError, ValueError):
+            alive = False  # reset, or the worker saw the end first and closed the socket
+        if not alive:
+            returned = rv.requeue(batch)
+            if returned:
+                logger.info("listen connection lost after taking %d requests; %d back in the queue",
+                            len(batch), returned)
 
 
 def _end_listen_on_hangup(sock: socket.socket, listen: gevent.Greenlet) -> None:

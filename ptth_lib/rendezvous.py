@@ -26,7 +26,13 @@ import gevent.queue
 from . import tripcode
 from .config import RegisteredServer, RelayConfig
 from .errors import PtthError
-from .protocol import RelayRequest, ServerResponseHead
+from .protocol import (
+    MAX_LISTEN_BODY_BYTES,
+    MAX_REQUEST_HEAD_BYTES,
+    RelayRequest,
+    ServerResponseHead,
+    head_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,10 @@ MAX_QUEUED_PER_SERVER = 256
 # Listens parked at once for one server name: enough for several processes
 # sharing a name, each with a few listens in flight; more is a misbehaving peer.
 MAX_LISTENERS_PER_SERVER = 32
+
+# Request heads handed to one listen, in bytes: half what a server accepts,
+# so that MsgPack's own overhead never pushes an answer over the limit.
+MAX_BATCH_BYTES = MAX_LISTEN_BODY_BYTES // 2
 
 # Body chunks held between a server's POST and its client. With the server's
 # 256 KiB chunks this is 1 MiB per transfer: enough to keep both sockets busy.
@@ -97,6 +107,10 @@ class QueueFullError(RendezvousError):
 
 class TooManyListenersError(RendezvousError):
     status = 429
+
+
+class RequestHeadTooLargeError(RendezvousError):
+    status = 431
 
 
 class ListenEnded(Exception):
@@ -168,6 +182,7 @@ class PendingRequest:
 
     request: RelayRequest
     server: ServerState
+    head_size: int = 0  # protocol.head_size of the request, for batching listens
     picked_up: gevent.event.Event = field(default_factory=gevent.event.Event)
     head_ready: gevent.event.Event = field(default_factory=gevent.event.Event)
     delivered: gevent.event.Event = field(default_factory=gevent.event.Event)
@@ -227,10 +242,15 @@ class Rendezvous:
             if first is None:
                 return []
             batch = [first]
+            size = first.head_size
             while not server.queue.empty():
-                p = server.queue.get_nowait()
-                if not p.cancelled:
+                p = server.queue.peek_nowait()
+                if not (p.cancelled or p.answered):
+                    if size + p.head_size > MAX_BATCH_BYTES:
+                        break  # the next listen takes the rest
+                    size += p.head_size
                     batch.append(p)
+                server.queue.get_nowait()
             for p in batch:
                 p.picked_up.set()
             return batch
@@ -354,8 +374,12 @@ class Rendezvous:
             raise UnknownServerError(f"no server named {name!r} is registered at this relay")
         if not server.is_online():
             raise BadGatewayError(f"server {name!r} is offline (not connected to the relay)")
+        size = head_size(method, uri, headers)
+        if size > MAX_REQUEST_HEAD_BYTES:
+            raise RequestHeadTooLargeError(f"request head of {size} bytes is over the relay's limit of "
+                                           f"{MAX_REQUEST_HEAD_BYTES}")
         request_id = base64.b32encode(secrets.token_bytes(_ID_BYTES)).decode("ascii")
-        p = PendingRequest(RelayRequest(request_id, method, uri, headers), server)
+        p = PendingRequest(RelayRequest(request_id, method, uri, headers), server, head_size=size)
         try:
             server.queue.put_nowait(p)
         except gevent.queue.Full:
@@ -392,6 +416,23 @@ class Rendezvous:
 
     # ---- helpers -------------------------------------------------------
 
+    def requeue(self, batch: list[PendingRequest]) -> int:
+        """Give requests back to their server's queue: the listen that took them is gone.
+
+        Only requests still waiting for a response go back; the next listen
+        takes them. Returns how many went back.
+        """
+        returned = 0
+        for p in batch:
+            if p.answered or p.cancelled or p.request.id not in self.pending:
+                continue
+            try:
+                p.server.queue.put_nowait(p)
+                returned += 1
+            except gevent.queue.Full:
+                self.fail(p, "the server's queue was full when its listen was lost")
+        return returned
+
     def _take(self, queue: gevent.queue.Queue, timeout: float) -> PendingRequest | None:
         deadline = time.monotonic() + timeout
         while True:
@@ -402,7 +443,7 @@ class Rendezvous:
                 p: PendingRequest = queue.get(timeout=remaining)
             except gevent.queue.Empty:
                 return None
-            if not p.cancelled:
+            if not (p.cancelled or p.answered):
                 return p
 
     def _remember_unregistered(self, name: str, api_key: str) -> None:

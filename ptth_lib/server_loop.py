@@ -17,6 +17,7 @@ import logging
 import random
 import socket
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from urllib.parse import quote
@@ -29,6 +30,8 @@ from .errors import ProtocolError
 from .protocol import (
     API_KEY_HEADER,
     LISTEN_PATH,
+    MAX_LISTEN_BODY_BYTES,
+    MAX_RESPONSE_HEAD_BYTES,
     RESPONSE_HEAD_HEADER,
     RESPONSE_PATH,
     SERVER_HOST_HEADER,
@@ -58,11 +61,17 @@ BACKOFF_START_SECS = 0.5
 BACKOFF_CAP_SECS = 30.0
 
 CONNECT_TIMEOUT_SECS = 10.0
+# A listen that fails after this long had been parked at the relay, so the
+# relay was up: the connection was cut on the way (see _listen_forever).
+PARKED_CUT_SECS = 1.0
 # A listen parks at the relay for its listen_timeout_secs (at most 300 s).
 LISTEN_READ_TIMEOUT_SECS = 330.0
 # The relay holds our POST while the client reads; a client slower than this
 # between two chunks gets cut by the relay first (rendezvous.BODY_STALL_SECS).
 RESPONSE_READ_TIMEOUT_SECS = 150.0
+
+# The relay answers a response POST with a line of text; more is not read.
+MAX_ANSWER_BYTES = 4096
 
 # On Ctrl+C / SIGTERM, responses in flight get this long to finish.
 SHUTDOWN_GRACE_SECS = 10.0
@@ -127,16 +136,27 @@ class ServerLoop:
         failures = 0
         while not self._stop.is_set():
             problem = ""
+            started = time.monotonic()
             try:
-                r = session.get(self._listen_url, timeout=(CONNECT_TIMEOUT_SECS, LISTEN_READ_TIMEOUT_SECS))
+                with session.get(self._listen_url, stream=True,
+                                 timeout=(CONNECT_TIMEOUT_SECS, LISTEN_READ_TIMEOUT_SECS)) as r:
+                    # Read at most one byte past the limit: a hostile relay cannot make us read more.
+                    data = r.raw.read(MAX_LISTEN_BODY_BYTES + 1, decode_content=True)
                 if r.status_code == 200:
-                    self._dispatch(decode_requests(r.content))
+                    self._dispatch(decode_requests(data))
                 elif r.status_code == 403:
                     self._refused()
                     return
                 elif r.status_code != 204:
                     problem = f"relay answered {r.status_code} {r.reason}"
             except requests.RequestException as e:
+                if time.monotonic() - started >= PARKED_CUT_SECS:
+                    # The listen was parked, then cut: a NAT box or proxy dropping an idle
+                    # connection, not a relay that is down. Reconnect at once, no backoff.
+                    logger.debug("listen cut after %.1f s: %s; listening again", time.monotonic() - started,
+                                 _describe(e))
+                    failures = 0
+                    continue
                 problem = f"cannot reach the relay at {self.config.relay_url}: {_describe(e)}"
             except ProtocolError as e:
                 problem = f"relay sent a malformed listen answer: {e}"
@@ -207,12 +227,19 @@ class ServerLoop:
 
     def _post(self, request_id: str, head: ServerResponseHead, body: _CountingBody) -> None:
         url = self._response_url.format(id=quote(request_id, safe=""))
-        headers = {API_KEY_HEADER: self._api_key, RESPONSE_HEAD_HEADER: encode_response_head(head)}
+        encoded = encode_response_head(head)
+        if len(encoded) > MAX_RESPONSE_HEAD_BYTES:  # the relay would refuse it; tell the client why
+            logger.warning("response %s: head of %d bytes is over the limit; answering 502", request_id,
+                           len(encoded))
+            encoded = encode_response_head(ServerResponseHead(502, {"content-length": b"0"}))
+            body = _CountingBody(iter(()), self._abort, 0)
+        headers = {API_KEY_HEADER: self._api_key, RESPONSE_HEAD_HEADER: encoded}
         for attempt in (1, 2):
             session = self._session()
             try:
-                r = session.post(url, data=body.upload(), headers=headers,
-                                 timeout=(CONNECT_TIMEOUT_SECS, RESPONSE_READ_TIMEOUT_SECS))
+                with session.post(url, data=body.upload(), headers=headers, stream=True,
+                                  timeout=(CONNECT_TIMEOUT_SECS, RESPONSE_READ_TIMEOUT_SECS)) as r:
+                    answer = r.raw.read(MAX_ANSWER_BYTES, decode_content=True).decode("utf-8", "replace")
             except _Aborted:
                 logger.info("response %s abandoned at shutdown after %d bytes", request_id, body.sent)
                 return
@@ -228,7 +255,7 @@ class ServerLoop:
             elif r.status_code == 410:
                 logger.info("response %s: the client left after %d bytes", request_id, body.sent)
             else:
-                logger.warning("response %s: relay answered %d: %s", request_id, r.status_code, r.text.strip()[:200])
+                logger.warning("response %s: relay answered %d: %r", request_id, r.status_code, answer.strip()[:200])
             return
 
     def _session(self) -> requests.Session:
