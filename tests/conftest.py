@@ -139,9 +139,13 @@ class Cluster:
                      "--bind", f"127.0.0.1:{port}", "ptth_relay:app"],
                     self._log("relay"), env={"PTTH_RELAY_CONFIG": str(config), **(env or {})})
         self.procs.append(proc)
-        port = int(proc.wait_for_output(r"Listening at: http://127\.0\.0\.1:(\d+)").group(1))
-        relay = Relay(proc, port, config)
-        wait_until(lambda: _get_ok(relay.url + "/frontend/relay_up_check"), "relay up", proc)
+        try:
+            port = int(proc.wait_for_output(r"Listening at: http://127\.0\.0\.1:(\d+)").group(1))
+            relay = Relay(proc, port, config)
+            wait_until(lambda: _get_ok(relay.url + "/frontend/relay_up_check"), "relay up", proc)
+        except BaseException:
+            proc.kill()  # a fixture that fails here never reaches its teardown
+            raise
         return relay
 
     def server(self, relay: Relay, name: str, key: str, root: Path, wait: bool = True,
@@ -155,7 +159,11 @@ class Cluster:
                     self._log(f"server-{name}"))
         self.procs.append(proc)
         if wait:
-            wait_for_online(relay, name, proc)
+            try:
+                wait_for_online(relay, name, proc)
+            except BaseException:
+                self.close()  # a fixture that fails here never reaches its teardown
+                raise
         return Server(proc, name, key, root, config)
 
     def file_server(self, root: Path) -> tuple[Proc, str]:

@@ -4,42 +4,7 @@ Each test starts the real relay (gunicorn, gevent worker) and real servers on
 127.0.0.1, injects one fault, and checks both what the client sees and that the
 relay and server free what the fault left behind (the relay's /metrics gauges,
 /proc for threads and RSS). Every wait is bounded in count and time.
-
-| # | fault | how it is tested | observed (2-core machine, shared) |
-| - | ----- | ---------------- | -------- |
-| 1 | relay SIGKILLed mid-download | 300 MiB sparse file, client reads 8 MiB slowly (`stream=True`), SIGKILL to the relay's process group, client reads on; relay restarted on the same port; server's reconnect timed from the restart; new 8 MiB download checked | PASS. Client gets `ChunkedEncodingError` after ~12-14 MiB, never a short success. Server back online 0.5-0.8 s after the restart, no traceback; new download byte-exact. |
-| 1 | relay SIGTERMed mid-download | same, graceful stop | PASS. The stopping worker drains the download: the client gets all 300 MiB, sha256 right. Relay exits ~5-6 s after SIGTERM (gunicorn waits for idle keep-alive connections, keepalive = 5 s); server back online 0.8-5.6 s after the restart (its backoff grew while the relay was down). Not tested: a reader too slow to finish within graceful_timeout (40 s). |
-| 2 | server SIGKILLed mid-response | 300 MiB download, SIGKILL the server after 4 MiB; time the client's error; poll `/metrics` | PASS. Client gets `ChunkedEncodingError` 0.02-0.06 s after the kill; `ptth_requests_pending` and `ptth_listeners_waiting` 0, `ptth_greenlets` back to (below) baseline (11 -> 6), `ptth_servers_online` 0 within ~5 s, `ptth_client_responses_cut_total` counted. |
-| 3 | client leaves mid-download, 200 times | 4 threads x 50: open a 64 MiB stream, read one 64 KiB chunk, close; baseline after a 40-departure warm-up | PASS. 200 departures in 1.8-3.7 s; server threads +0..+3, server RSS +1..+4 MiB, relay worker RSS +4..+8 MiB (plateaus ~+13 MiB over 1200 departures: allocator, not a leak), greenlets unchanged (10), pending 0; the server logs every departure. |
-| 4 | slow client beside a fast one | one client reads 4 KiB every 0.25 s (16 KiB/s) for 5 s while another downloads a 64 MiB random file at full speed; RSS sampled and VmHWM | PASS. Fast download 0.2-0.4 s, sha256 right; peak RSS growth relay worker 3-8 MiB, server ~1 MiB. |
-| 5 | middlebox cutting idle connections | `tests/tcp_proxy.py` between server and relay closes connections idle 2 s (relay `listen_timeout_secs = 10`); 20 requests in 4 bursts after quiet stretches of 0, 2.5, 15, 0.5 s; new listen connections counted at the proxy during the 15 s quiet | FAIL (product bug A). All 20 requests 200, server online at the end, but the server treats each idle cut as "cannot reach the relay" and backs off exponentially per listen thread: 8 listen reconnects in 15 s (at ~2.4, 5.3, 8.4, 12.8 s per thread) instead of ~14; up to 2-4 s with no listen parked; some requests wait 1-3.5 s; in a longer quiet the backoff reaches 30 s and the relay counts the server offline (502). With a patched server that re-polls at once after a cut: 14 reconnects, 20/20, gaps ~0. |
-| 5b | request arriving as the middlebox cuts the listen | proxy cuts at 1 s idle; 20 client requests fired within -4..+4 ms of the moment the proxy cuts the oldest parked listen | FAIL (product bug B). 2-7 of 20 requests end in 504 after `request_timeout_secs`: the relay hands them to the listen being cut, gunicorn logs "Ignoring EPIPE" / "Ignoring connection reset" for the answer, and the requests are never re-queued. Requests 1-4 ms away from the cut, and all 20 in test 5, are fine. |
-| 6 | two servers with one name, one SIGKILLed | two processes, same name/key/root, DEBUG logs; 40 requests; SIGKILL one, then 20 more at once | PASS. 40 split 20/20 (each process's log shows its `request ID: GET uri -> 200` lines); after the kill 20/20 served by the survivor within 0.02 s each: the relay ends the dead listens at once. |
-| 7 | server restarted while requests wait | SIGTERM the server; 5 requests at once (relay still counts it online, 5 s) or after 6 s (offline); start a new process with the same name (`request_timeout_secs = 8`) | PASS. Within 5 s: 5 queued, all served by the new process in ~0.6 s. After 6 s: all 5 get 502 at once (0.01-0.04 s). Nothing hangs; pending and queued 0 afterwards. |
-
-Product bugs found (details in the tests' messages):
-
-A. `ptth_lib/server_loop.py`, `ServerLoop._listen_forever`: a listen that reached the
-   relay and was parked, then cut by a middlebox (`RemoteDisconnected`/reset while
-   reading the answer), is handled like an unreachable relay: logged as "cannot reach
-   the relay ... retrying with backoff" and `failures` grows, so each further idle cut
-   waits 0.25-0.5, 0.5-1, 1-2, 2-4 ... up to 30 s. Behind NAT with an idle timeout
-   shorter than `listen_timeout_secs` the server drifts into long backoff during quiet
-   hours and goes offline. It should listen again at once (and not count a failure)
-   when the listen was cut after being parked a while; backoff only for failures to
-   connect or immediate errors.
-B. `ptth_lib/rendezvous.py` `Rendezvous.listen` with `ptth_lib/relay.py` `_listen`:
-   requests are marked `picked_up` as soon as a listen takes them, before the answer
-   is written, and nothing ever returns them to the queue. When a request meets a
-   listen whose connection is being cut (the queue wakes the listen greenlet before
-   `_end_listen_on_hangup` runs), the answer goes to a dead connection and each
-   client gets a 504 after `request_timeout_secs`. Relay DEBUG logs show "listen by
-   NAME takes 1 requests" then gunicorn's "Ignoring EPIPE" (write failed) or
-   "Ignoring connection reset" (write accepted, connection reset right after). A
-   prototype (not applied) that checks the socket for a hangup before answering and
-   re-queues the batch when the answer's write fails cut the loss from ~25% to ~10% of
-   these attempts; the rest need a lease: re-queue a batch whose listen connection
-   closes or resets before the server re-polls on it or POSTs for those ids.
+RELIABILITY.md lists each fault, how it is tested and the result.
 """
 
 from __future__ import annotations
