@@ -65,6 +65,9 @@ RELAY_CHUNK_BYTES = 256 * 1024
 # How long after a listen's answer the relay watches its connection for a
 # cut (see _requeue_if_lost); ptth_server re-polls within milliseconds.
 LISTEN_LEASE_SECS = 10.0
+# After a clean close of a listen's connection, requests still unanswered this
+# long afterwards are taken back; a reset takes them back at once.
+LISTEN_CLOSE_GRACE_SECS = 1.0
 
 # A refused POST body up to this size is read and dropped, so the connection
 # can be reused; past it, reading would cost more than a new connection.
@@ -445,20 +448,25 @@ def _requeue_if_lost(rv: Rendezvous, sock: socket.socket, batch: list[PendingReq
     the requests go back to the queue for the next listen. A request answered
     twice is harmless: the second answer gets 404.
     """
-    with gevent.Timeout(LISTEN_LEASE_SECS, False):
-        raw = getattr(sock, "_sock", sock)  # gevent's socket would wait, beside the worker's own reader
-        try:
+    raw = getattr(sock, "_sock", sock)  # gevent's socket would wait, beside the worker's own reader
+    try:
+        with gevent.Timeout(LISTEN_LEASE_SECS):
             gevent.socket.wait_read(sock.fileno())
-            alive = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-        except BlockingIOError:
-            alive = True  # already read by the worker: the next request came
-        except (OSError, ValueError):
-            alive = False  # reset, or the worker saw the end first and closed the socket
-        if not alive:
-            returned = rv.requeue(batch)
-            if returned:
-                logger.info("listen connection lost after taking %d requests; %d back in the queue",
-                            len(batch), returned)
+        if raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b"":
+            return  # the server's next request: it has the answer
+    except gevent.Timeout:
+        return  # quiet but open: nothing says the answer was lost
+    except BlockingIOError:
+        return  # already read by the worker: the next request came
+    except (OSError, ValueError):
+        pass  # reset, or the worker saw the end of file first and closed the socket
+    # The connection ended. Some clients close after every listen, so give the
+    # server a moment to answer before taking back what is still unanswered.
+    gevent.sleep(LISTEN_CLOSE_GRACE_SECS)
+    returned = rv.requeue(batch)
+    if returned:
+        logger.info("listen connection lost after taking %d requests; %d back in the queue",
+                    len(batch), returned)
 
 
 def _end_listen_on_hangup(sock: socket.socket, listen: gevent.Greenlet) -> None:

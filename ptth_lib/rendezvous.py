@@ -411,7 +411,7 @@ class Rendezvous:
 
     def forget(self, p: PendingRequest) -> None:
         """Drop a request from the table of requests in flight."""
-        p.cancelled = not p.picked_up.is_set()
+        p.cancelled = True  # a listen that finds it in a queue (requeued, say) skips it
         self.pending.pop(p.request.id, None)
 
     # ---- helpers -------------------------------------------------------

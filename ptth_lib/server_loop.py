@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from urllib.parse import quote
 
 import requests
+import urllib3
 
 from . import __version__, file_server, tripcode
 from .config import ServerConfig
@@ -149,7 +150,7 @@ class ServerLoop:
                     return
                 elif r.status_code != 204:
                     problem = f"relay answered {r.status_code} {r.reason}"
-            except requests.RequestException as e:
+            except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
                 if time.monotonic() - started >= PARKED_CUT_SECS:
                     # The listen was parked, then cut: a NAT box or proxy dropping an idle
                     # connection, not a relay that is down. Reconnect at once, no backoff.
@@ -243,7 +244,7 @@ class ServerLoop:
             except _Aborted:
                 logger.info("response %s abandoned at shutdown after %d bytes", request_id, body.sent)
                 return
-            except requests.RequestException as e:
+            except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
                 if body.started or attempt == 2:
                     logger.info("response %s cut off after %d bytes: %s", request_id, body.sent, _describe(e))
                     return

@@ -31,12 +31,15 @@ from ptth_lib.protocol import (
 _TOKEN_CHARS = "!#$%&'*+.^_`|~0123456789abcdefghijklmnopqrstuvwxyz-"
 
 header_names = st.text(alphabet=_TOKEN_CHARS, min_size=1, max_size=30)
-header_values = st.binary(max_size=200).filter(lambda b: not any(c in b for c in b"\r\n\x00"))
+# Field values: visible bytes, spaces and tabs; every other control byte is refused.
+header_values = st.binary(max_size=200).map(lambda b: bytes(c for c in b if c == 9 or 32 <= c != 127))
 headers = st.dictionaries(header_names, header_values, max_size=8)
-ids = st.text(min_size=1, max_size=40)
+# Request ids as the relay makes them (protocol._ID_RE); others are refused.
+ids = st.from_regex(r"\A[A-Za-z0-9_-]{1,40}\Z")
 methods = st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]) | st.text(
     alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=1, max_size=10)
-uris = st.text(max_size=100).filter(lambda s: not any(c in s for c in "\r\n\x00")).map(lambda s: "/" + s)
+uris = st.text(max_size=100).filter(
+    lambda s: not any((ord(c) < 32 and c != "\t") or c == "\x7f" for c in s)).map(lambda s: "/" + s)
 relay_requests = st.builds(RelayRequest, id=ids, method=methods, uri=uris, headers=headers)
 statuses = st.integers(min_value=200, max_value=599)
 
