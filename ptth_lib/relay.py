@@ -65,9 +65,10 @@ RELAY_CHUNK_BYTES = 256 * 1024
 # How long after a listen's answer the relay watches its connection for a
 # cut (see _requeue_if_lost); ptth_server re-polls within milliseconds.
 LISTEN_LEASE_SECS = 10.0
-# After a clean close of a listen's connection, requests still unanswered this
-# long afterwards are taken back; a reset takes them back at once.
-LISTEN_CLOSE_GRACE_SECS = 1.0
+# When a listen's connection ends, requests still unanswered this long
+# afterwards are taken back. Clients that close after every listen answer in
+# milliseconds; a NAT box's next cut should not find them again.
+LISTEN_CLOSE_GRACE_SECS = 0.3
 
 # A refused POST body up to this size is read and dropped, so the connection
 # can be reused; past it, reading would cost more than a new connection.
