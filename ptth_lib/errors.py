@@ -17,3 +17,15 @@ class ConfigError(PtthError, ValueError):
 
 class ProtocolError(PtthError, ValueError):
     """A peer sent something that does not follow the PTTH wire protocol."""
+
+
+def root_cause(e: BaseException) -> str:
+    """One short line for a network error: its innermost cause.
+
+    requests wraps urllib3's MaxRetryError, which wraps the OSError worth
+    showing ("[Errno 111] Connection refused"); the outer messages repeat URLs.
+    """
+    cause = e
+    while (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    return (str(cause) or type(cause).__name__)[:200]

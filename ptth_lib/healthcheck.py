@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from .errors import ConfigError, PtthError
+from .errors import ConfigError, PtthError, root_cause
 
 # Each HTTP call gets this long to connect and again between reads. The relay
 # answers both pages at once, so this trips only on a real outage and keeps a
@@ -128,17 +128,7 @@ def _get(session: requests.Session, relay: str, path: str, headers: dict[str, st
     except requests.Timeout:
         raise _CheckError(f"relay {relay} is not reachable: no answer within {TIMEOUT_SECS:g} s") from None
     except requests.RequestException as e:
-        raise _CheckError(f"relay {relay} is not reachable: {_root_cause(e)}") from None
-
-
-def _root_cause(e: BaseException) -> str:
-    """requests wraps urllib3's MaxRetryError, which wraps the OSError worth showing."""
-    for _ in range(10):
-        inner = getattr(e, "reason", None) or e.__cause__ or (e.args[0] if e.args else None)
-        if not isinstance(inner, BaseException):
-            break
-        e = inner
-    return str(e) or type(e).__name__
+        raise _CheckError(f"relay {relay} is not reachable: {root_cause(e)}") from None
 
 
 def _unexpected(relay: str, path: str, status: int, body: str) -> str:

@@ -6,7 +6,11 @@ Routes, thin over `rendezvous.Rendezvous`:
   `POST /7ZSFUKGV/http_response/<id>` (response head in a header, body streamed);
 - frontend (clients): `/frontend/servers/<name>/<path>` (alias `/servers/...`)
   relayed to the server as `/<path>`, plus the server list, the unregistered
-  servers page, and `/frontend/relay_up_check`.
+  servers page, the audit log page and `/frontend/relay_up_check`;
+- `/metrics` (metrics.py) and the scraper API (scraper_api.py).
+
+The three paths every relayed request takes (listen, response POST, client
+request) are dispatched by `_HotPaths` before Flask; everything else is Flask.
 
 The rendezvous state lives in this process, so the relay runs as exactly one
 gevent worker (see conf/gunicorn.conf.py).
@@ -52,14 +56,13 @@ from .rendezvous import (
     PendingRequest,
     Rendezvous,
     RendezvousError,
-    ServerState,
     format_rfc3339,
 )
 
 logger = logging.getLogger(__name__)
 
-# Bytes read from a server's POST body at a time: as large as the server's own
-# chunks, so each chunk crosses the relay as one piece.
+# Largest piece of a server's POST body handed to the client at once: the
+# server's own chunk size, so each chunk crosses the relay as one piece.
 RELAY_CHUNK_BYTES = 256 * 1024
 
 # How long after a listen's answer the relay watches its connection for a
@@ -109,16 +112,12 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
     def client_address(req: Request) -> str:
         return _client_address(req.environ, rv.config.trust_x_forwarded_for)
 
-    def authenticate_server(name: str, req: Request) -> ServerState:
-        """The backend API's key check, with refusals counted and audited."""
+    def reject_backend_key(req: Request, e: ForbiddenError, **where: str) -> None:
+        """Count and audit a refused backend call; `where` names the server or request."""
         key = req.headers.get(API_KEY_HEADER)
-        try:
-            return rv.authenticate(name, key)
-        except ForbiddenError as e:
-            metrics.backend_auth_rejected.inc()
-            audit.record("backend_key_rejected", server=name[:64], address=client_address(req), reason=str(e),
-                         tripcode=tripcode.derive(key) if key else None)
-            raise
+        metrics.backend_auth_rejected.inc()
+        audit.record("backend_key_rejected", **where, address=client_address(req), reason=str(e),
+                     tripcode=tripcode.derive(key) if key else None)
 
     def relay_measured(name: str, req: Request) -> Response:
         """Relay one client request, counting it in the metrics when its response ends."""
@@ -219,7 +218,11 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
                          lambda name: relay_measured(name, request), scraper_auth)
 
     def listen(name: str, req: Request) -> Response:
-        server = authenticate_server(name, req)
+        try:
+            server = rv.authenticate(name, req.headers.get(API_KEY_HEADER))
+        except ForbiddenError as e:
+            reject_backend_key(req, e, server=name[:64])
+            raise
         server.version = clean_report(req.headers.get(SERVER_VERSION_HEADER)) or server.version
         server.host = clean_report(req.headers.get(SERVER_HOST_HEADER)) or server.host
         sock = _connection_socket(req.environ)
@@ -239,13 +242,10 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
         return Response(body, 200, content_type="application/msgpack")
 
     def respond(request_id: str, req: Request) -> Response:
-        key = req.headers.get(API_KEY_HEADER)
         try:
-            p = rv.claim(request_id, key)
+            p = rv.claim(request_id, req.headers.get(API_KEY_HEADER))
         except ForbiddenError as e:
-            metrics.backend_auth_rejected.inc()
-            audit.record("backend_key_rejected", request=request_id[:64], address=client_address(req),
-                         reason=str(e), tripcode=tripcode.derive(key) if key else None)
+            reject_backend_key(req, e, request=request_id[:64])
             return _refuse(e.status, str(e), req)
         except RendezvousError as e:
             return _refuse(e.status, str(e), req)

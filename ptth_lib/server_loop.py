@@ -27,7 +27,7 @@ import urllib3
 
 from . import __version__, file_server, tripcode
 from .config import ServerConfig
-from .errors import ProtocolError
+from .errors import ProtocolError, root_cause
 from .protocol import (
     API_KEY_HEADER,
     LISTEN_PATH,
@@ -155,10 +155,10 @@ class ServerLoop:
                     # The listen was parked, then cut: a NAT box or proxy dropping an idle
                     # connection, not a relay that is down. Reconnect at once, no backoff.
                     logger.debug("listen cut after %.1f s: %s; listening again", time.monotonic() - started,
-                                 _describe(e))
+                                 root_cause(e))
                     failures = 0
                     continue
-                problem = f"cannot reach the relay at {self.config.relay_url}: {_describe(e)}"
+                problem = f"cannot reach the relay at {self.config.relay_url}: {root_cause(e)}"
             except ProtocolError as e:
                 problem = f"relay sent a malformed listen answer: {e}"
             except Exception:  # a bug of ours: say so loudly, but keep the server up
@@ -246,7 +246,7 @@ class ServerLoop:
                 return
             except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
                 if body.started or attempt == 2:
-                    logger.info("response %s cut off after %d bytes: %s", request_id, body.sent, _describe(e))
+                    logger.info("response %s cut off after %d bytes: %s", request_id, body.sent, root_cause(e))
                     return
                 # Nothing was sent: the connection was stale (closed while idle). Retry once.
                 self._local.session = None
@@ -328,11 +328,3 @@ class _SizedIterable:
 
     def __len__(self) -> int:
         return self._length
-
-
-def _describe(e: BaseException) -> str:
-    """One short line for a requests exception: its root cause, without URLs or headers."""
-    cause = e
-    while (cause.__cause__ or cause.__context__) is not None:
-        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
-    return (str(cause) or type(cause).__name__)[:200]
