@@ -29,15 +29,33 @@ def iter_body(environ: dict[str, Any], chunk_bytes: int) -> Iterator[bytes]:
     Raises BodyBrokeOff, or the WSGI server's own error, if the body is cut short.
     """
     body = environ["wsgi.input"]
+    kind = _reader_kind(body)
+    if kind == "sized":
+        return _iter_sized(body.reader, chunk_bytes)
+    if kind == "chunked":
+        return _iter_chunked(body.reader, chunk_bytes)
+    return _iter_portable(body, chunk_bytes)
+
+
+def reads_promptly(environ: dict[str, Any]) -> bool:
+    """Tell whether iter_body hands on each piece as it arrives, however small.
+
+    The portable fallback does not: `read(n)` waits for n bytes. TCP port
+    forwarding needs every keystroke passed on at once, so it needs this.
+    """
+    return _reader_kind(environ["wsgi.input"]) != "portable"
+
+
+def _reader_kind(body: Any) -> str:
     reader: Any = getattr(body, "reader", None)
     untouched = isinstance(getattr(body, "buf", None), io.BytesIO) and body.buf.tell() == 0
     kind = type(reader).__name__
     if untouched and kind == "LengthReader" and hasattr(getattr(reader, "unreader", None), "sock"):
-        return _iter_sized(reader, chunk_bytes)
+        return "sized"
     if untouched and kind == "ChunkedReader" and getattr(reader, "parser", None) is not None \
             and isinstance(getattr(reader, "buf", None), io.BytesIO) and reader.buf.tell() == 0:
-        return _iter_chunked(reader, chunk_bytes)
-    return _iter_portable(body, chunk_bytes)
+        return "chunked"
+    return "portable"
 
 
 def _iter_sized(reader: Any, chunk_bytes: int) -> Iterator[bytes]:

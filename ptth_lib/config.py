@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,9 @@ from .errors import ConfigError
 
 # Server names appear in URL paths unescaped, so keep them to URL-safe characters.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,63}$")
+
+# Forwarded port names (the spec's opaque server ports) are URL path segments too.
+PORT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 _REQUIRED = object()
 
@@ -79,6 +82,42 @@ def _check_listen_timeout(value: float) -> str | None:
     return "must be a number of seconds from 1 to 300"
 
 
+def _check_idle_timeout(value: float) -> str | None:
+    if value == 0 or 10 <= value <= 7 * 24 * 3600:
+        return None
+    return "must be 0 (never) or a number of seconds from 10 to 604800 (a week)"
+
+
+def _check_port_name(value: str) -> str | None:
+    if PORT_NAME_RE.match(value):
+        return None
+    return "must be 1-64 characters of A-Z a-z 0-9 _ - (it is part of URLs)"
+
+
+def _check_forwarded_ports(value: dict[str, Any]) -> str | None:
+    for name, address in value.items():
+        if _check_port_name(name):
+            return f"has a bad port name {name!r}: {_check_port_name(name)}"
+        if not isinstance(address, str) or parse_address(address) is None:
+            return f"{name!r} must be a string HOST:PORT such as \"127.0.0.1:22\", not {address!r}"
+    return None
+
+
+def _check_allow(value: list[Any]) -> str | None:
+    for entry in value:
+        server, sep, port = entry.partition(":") if isinstance(entry, str) else ("", "", "")
+        if not sep or _check_name(server) or (port != "*" and _check_port_name(port)):
+            return f"has {entry!r}: each entry must be \"SERVER:PORTNAME\" or \"SERVER:*\""
+    return None
+
+
+def _check_forward_specs(value: list[Any]) -> str | None:
+    for entry in value:
+        if not isinstance(entry, str) or parse_forward(entry) is None:
+            return f"has {entry!r}: each entry must be \"LOCALPORT:SERVER:PORTNAME\", e.g. \"2200:myserver:ssh\""
+    return None
+
+
 def _check_key(value: str) -> str | None:
     if tripcode.is_strong(value):
         return None
@@ -93,6 +132,15 @@ SERVER_KEYS = (
     _Key("api_key", str, None, "secret key; only its tripcode goes in the relay config", _check_key),
     _Key("relay_url", str, _REQUIRED, "base URL of the relay, e.g. http://127.0.0.1:4000", _check_url),
     _Key("file_server_root", str, "./data", "folder served under /files/"),
+    _Key("forwarded_ports", dict, {}, "[forwarded_ports] table: port name = \"HOST:PORT\" clients may reach",
+         _check_forwarded_ports),
+)
+
+CLIENT_KEYS = (
+    _Key("relay_url", str, _REQUIRED, "base URL of the relay, e.g. http://127.0.0.1:4000", _check_url),
+    _Key("api_key_file", str, None, "file holding the client's API key (or set $PTTH_CLIENT_API_KEY)"),
+    _Key("bind", str, "127.0.0.1", "address the local ports are bound on"),
+    _Key("forward", list, [], "LOCALPORT:SERVER:PORTNAME entries, one per local port", _check_forward_specs),
 )
 
 RELAY_KEYS = (
@@ -107,6 +155,18 @@ RELAY_KEYS = (
     _Key("audit_log", str, None, "file to append audit events to, as JSON lines (default: off)"),
     _Key("trust_x_forwarded_for", bool, False,
          "take client addresses from X-Forwarded-For (only behind a proxy that sets it)"),
+    _Key("clients", list, [], "[[clients]] tables for TCP port forwarding: name, tripcode, allow"),
+    _Key("tcp_idle_timeout_secs", (int, float), 3600,
+         "a forwarded TCP connection with no bytes either way for this long is closed (0: never)",
+         _check_idle_timeout),
+)
+
+CLIENT_ENTRY_KEYS = (
+    _Key("name", str, _REQUIRED, "the client's name, shown in logs and to servers", _check_name),
+    _Key("tripcode", str, _REQUIRED, "the client's tripcode, from ptth_client.py --print-tripcode",
+         _check_tripcode),
+    _Key("allow", list, _REQUIRED, "what it may reach: \"SERVER:PORTNAME\" or \"SERVER:*\" entries",
+         _check_allow),
 )
 
 SCRAPER_KEY_KEYS = (
@@ -129,6 +189,36 @@ class ServerConfig:
     api_key: str | None
     relay_url: str
     file_server_root: str
+    # port name -> (host, port): the only places the server ever connects to for a client
+    forwarded_ports: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RegisteredClient:
+    name: str
+    tripcode: str
+    allow: frozenset[str]  # "SERVER:PORTNAME" and "SERVER:*"
+
+    def may_reach(self, server: str, port: str) -> bool:
+        """Tell whether this client may connect to `port` on `server`."""
+        return f"{server}:{port}" in self.allow or f"{server}:*" in self.allow
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One local port of ptth_client and what it reaches."""
+
+    local_port: int
+    server: str
+    port: str
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    relay_url: str
+    api_key: str
+    bind: str
+    forwards: tuple[Forward, ...]
 
 
 @dataclass(frozen=True)
@@ -156,6 +246,8 @@ class RelayConfig:
     metrics: bool = True
     audit_log: str | None = None
     trust_x_forwarded_for: bool = False
+    clients: Mapping[str, RegisteredClient] = field(default_factory=dict)
+    tcp_idle_timeout_secs: float = 3600.0
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -197,7 +289,37 @@ def _apply(keys: tuple[_Key, ...], raw: Mapping[str, Any], where: str) -> dict[s
 
 def parse_server_config(raw: Mapping[str, Any], where: str) -> ServerConfig:
     """Validate a server config (file contents merged with flags)."""
-    return ServerConfig(**_apply(SERVER_KEYS, raw, where))
+    values = _apply(SERVER_KEYS, raw, where)
+    ports = values.pop("forwarded_ports")
+    return ServerConfig(**values, forwarded_ports={name: _must(parse_address(a)) for name, a in ports.items()})
+
+
+def parse_address(value: str) -> tuple[str, int] | None:
+    """Split "HOST:PORT" (IPv6 as "[::1]:PORT") into (host, port 1-65535), or None."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def parse_forward(value: str) -> Forward | None:
+    """Parse "LOCALPORT:SERVER:PORTNAME", or None if it is not one."""
+    parts = value.split(":")
+    if len(parts) != 3:
+        return None
+    local, server, port = parts
+    if not (local.isascii() and local.isdigit() and int(local) < 65536):  # 0: any free port
+        return None
+    if _check_name(server) or _check_port_name(port):
+        return None
+    return Forward(int(local), server, port)
+
+
+def _must(value: Any) -> Any:
+    assert value is not None  # the key's check has accepted it
+    return value
 
 
 def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
@@ -221,6 +343,17 @@ def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
             raise ConfigError(f"{where}: scraper_keys[{i}] must be a [[scraper_keys]] table")
         k = _apply(SCRAPER_KEY_KEYS, entry, f"{where}: [[scraper_keys]] #{i + 1}")
         scraper_keys.append(ScraperKey(k["name"], k["hash"], _as_utc(k["not_before"]), _as_utc(k["not_after"])))
+    clients: dict[str, RegisteredClient] = {}
+    for i, entry in enumerate(values["clients"]):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: clients[{i}] must be a [[clients]] table")
+        c = _apply(CLIENT_ENTRY_KEYS, entry, f"{where}: [[clients]] #{i + 1}")
+        if c["name"] in clients:
+            raise ConfigError(f"{where}: client {c['name']!r} is listed twice")
+        if any(other.tripcode == c["tripcode"] for other in clients.values()):
+            raise ConfigError(f"{where}: client {c['name']!r} has the tripcode of another client: "
+                              "each client needs its own key")
+        clients[c["name"]] = RegisteredClient(c["name"], c["tripcode"], frozenset(c["allow"]))
     return RelayConfig(
         listen_timeout_secs=float(values["listen_timeout_secs"]),
         request_timeout_secs=float(values["request_timeout_secs"]),
@@ -230,6 +363,8 @@ def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
         metrics=values["metrics"],
         audit_log=values["audit_log"],
         trust_x_forwarded_for=values["trust_x_forwarded_for"],
+        clients=clients,
+        tcp_idle_timeout_secs=float(values["tcp_idle_timeout_secs"]),
     )
 
 
@@ -279,7 +414,7 @@ def load_server_config(path: str | os.PathLike[str], overrides: Mapping[str, Any
     cfg = parse_server_config(raw, where)
     if cfg.api_key is None:
         _check_key_outside_root(path, cfg.file_server_root)
-        cfg = ServerConfig(cfg.name, _save_new_key(path), cfg.relay_url, cfg.file_server_root)
+        cfg = replace(cfg, api_key=_save_new_key(path))
         source = "generated"
     return cfg, source
 
@@ -311,6 +446,76 @@ def _save_new_key(path: str | os.PathLike[str]) -> str:
         os.chmod(path, 0o600)
     except OSError as e:
         raise ConfigError(f"{path}: no api_key, and cannot save a generated one: {e.strerror}") from None
+    return key
+
+
+# Environment variable that may hold ptth_client's API key instead of a file.
+CLIENT_API_KEY_ENV = "PTTH_CLIENT_API_KEY"
+
+
+def load_client_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any]) -> ClientConfig:
+    """ptth_client's settings: the config file (if any), then flags, then the key.
+
+    `overrides` holds command-line values (None or [] for flags not given);
+    --forward flags replace the file's list. The key comes from
+    $PTTH_CLIENT_API_KEY or from the file named by api_key_file, never from argv.
+    """
+    raw = read_toml(path) if path is not None else {}
+    raw.update({k: v for k, v in overrides.items() if v})
+    where = str(path) if path is not None else "command line"
+    if "relay_url" not in raw:
+        raise ConfigError(f"{where}: no relay URL: give --relay-url URL or relay_url in --config FILE")
+    values = _apply(CLIENT_KEYS, raw, where)
+    forwards = tuple(_must(parse_forward(spec)) for spec in values["forward"])
+    if not forwards:
+        raise ConfigError(f"{where}: nothing to forward: give --forward LOCALPORT:SERVER:PORTNAME "
+                          "(or forward = [...] in the config file)")
+    ports = [f.local_port for f in forwards if f.local_port]
+    if len(set(ports)) != len(ports):
+        raise ConfigError(f"{where}: a local port is forwarded twice in {values['forward']}")
+    return ClientConfig(values["relay_url"], read_client_key(values["api_key_file"], where), values["bind"],
+                        forwards)
+
+
+def read_client_key(key_file: str | None, where: str) -> str:
+    """ptth_client's key: from $PTTH_CLIENT_API_KEY, else from `key_file`; checked for strength."""
+    key = os.environ.get(CLIENT_API_KEY_ENV)
+    if not key:
+        if key_file is None:
+            raise ConfigError(f"{where}: no API key: give --api-key-file FILE (make one with "
+                              f"ptth_client.py --new-key FILE) or set ${CLIENT_API_KEY_ENV}")
+        key = _read_key_file(key_file)
+    if not tripcode.is_strong(key):
+        raise ConfigError(f"the client API key is too weak: use at least {tripcode.MIN_API_KEY_CHARS} "
+                          "random characters (ptth_client.py --new-key FILE makes one)")
+    return key
+
+
+def _read_key_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.read().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: API key file not found: make one with "
+                          f"ptth_client.py --new-key {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the API key file: {getattr(e, 'strerror', None) or e}") from None
+    if not key or "\n" in key:
+        raise ConfigError(f"{path}: the API key file must hold one line, the key")
+    return key
+
+
+def write_new_key_file(path: str) -> str:
+    """Create `path` (mode 0600, never overwriting) holding a fresh API key; return the key."""
+    key = tripcode.generate_key()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists: choose another file, or use that key") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot create the key file: {e.strerror}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(key + "\n")
     return key
 
 

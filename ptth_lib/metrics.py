@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from .forwarding import ForwardedConnection, PortForwarding
 from .rendezvous import Rendezvous
 
 # Client request durations span a cached 304 (milliseconds) to a large download (hours).
@@ -27,7 +28,7 @@ DURATION_BUCKETS_SECS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10
 class RelayMetrics:
     """The relay's metrics, in a registry of their own."""
 
-    def __init__(self, rendezvous: Rendezvous) -> None:
+    def __init__(self, rendezvous: Rendezvous, forwarding: PortForwarding) -> None:
         self.registry = CollectorRegistry()
         self.client_requests_in_flight = Gauge(
             "ptth_client_requests_in_flight", "Client requests being answered now", registry=self.registry)
@@ -48,7 +49,21 @@ class RelayMetrics:
         self.scraper_auth_rejected = Counter(
             "ptth_scraper_auth_rejected", "Scraper API calls refused, by reason", ["reason"],
             registry=self.registry)
-        self.registry.register(_RendezvousCollector(rendezvous))
+        self.tcp_connections = Counter(
+            "ptth_tcp_connections", "Forwarded TCP connections asked for, by outcome "
+            "(accepted, refused, failed, timed_out, forbidden)", ["outcome"], registry=self.registry)
+        self.tcp_auth_rejected = Counter(
+            "ptth_tcp_auth_rejected", "Port forwarding calls refused for a missing or unknown client key",
+            registry=self.registry)
+        self.tcp_bytes = Counter(
+            "ptth_tcp_bytes", "Bytes carried by forwarded TCP connections that have closed",
+            ["direction"], registry=self.registry)
+        self.registry.register(_RendezvousCollector(rendezvous, forwarding))
+        forwarding.on_closed = self._count_closed
+
+    def _count_closed(self, conn: ForwardedConnection) -> None:
+        self.tcp_bytes.labels("to_server").inc(conn.up.bytes)
+        self.tcp_bytes.labels("to_client").inc(conn.down.bytes)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
@@ -58,8 +73,9 @@ class RelayMetrics:
 class _RendezvousCollector(Collector):
     """Gauges read from the rendezvous at each scrape."""
 
-    def __init__(self, rendezvous: Rendezvous) -> None:
+    def __init__(self, rendezvous: Rendezvous, forwarding: PortForwarding) -> None:
         self._rv = rendezvous
+        self._fw = forwarding
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         servers = list(self._rv.servers.values())
@@ -72,6 +88,8 @@ class _RendezvousCollector(Collector):
                                 "for a response, or streaming", len(self._rv.pending))
         yield GaugeMetricFamily("ptth_requests_queued", "Requests waiting for a listen, all servers",
                                 sum(s.queue.qsize() for s in servers))
+        yield GaugeMetricFamily("ptth_tcp_connections_open", "Forwarded TCP connections open now",
+                                self._fw.count_open())
         # Walks the heap: fine at scrape intervals, and the way to see leaked greenlets.
         yield GaugeMetricFamily("ptth_greenlets", "Greenlets alive in the relay worker",
                                 sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet)))

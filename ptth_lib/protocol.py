@@ -29,6 +29,18 @@ from .errors import ProtocolError
 LISTEN_PATH = "/7ZSFUKGV/http_listen/{name}"
 RESPONSE_PATH = "/7ZSFUKGV/http_response/{id}"
 
+# TCP port forwarding (spec 003; forward_api.py). Servers use their own key:
+TCP_LISTEN_PATH = "/7ZSFUKGV/tcp_listen/{name}/{port}"
+TCP_ACCEPT_PATH = "/7ZSFUKGV/tcp_accept/{id}"
+TCP_REFUSE_PATH = "/7ZSFUKGV/tcp_refuse/{id}"
+TCP_DOWNSTREAM_PATH = "/7ZSFUKGV/tcp_downstream/{id}"
+# ...clients use a key from a [[clients]] table:
+TCP_CHECK_PATH = "/frontend/tcp/check"
+TCP_CONNECT_PATH = "/frontend/tcp/connect/{server}/{port}"
+TCP_UPSTREAM_PATH = "/frontend/tcp/upstream/{id}"
+CONNECTION_ID_HEADER = "X-PTTH-Connection-Id"
+CLIENT_NAME_HEADER = "X-PTTH-Client"
+
 API_KEY_HEADER = "X-ApiKey"
 RESPONSE_HEAD_HEADER = "X-PTTH-2LJYXWC4"
 # Sent by a server with each listen, shown in the relay's server lists.

@@ -31,12 +31,13 @@ import gevent.socket
 from flask import Flask, Response, jsonify, redirect, request
 from werkzeug.wrappers import Request
 
-from . import __version__, scraper_api, tripcode
+from . import __version__, forward_api, scraper_api, tripcode
 from .audit import AuditLog
 from .body_reader import iter_body
 from .config import RelayConfig
 from .config_watch import ConfigWatcher
 from .errors import ProtocolError
+from .forwarding import PortForwarding
 from .metrics import RelayMetrics
 from .protocol import (
     API_KEY_HEADER,
@@ -52,12 +53,12 @@ from .protocol import (
 from .rendezvous import (
     BodyStream,
     ForbiddenError,
-    ListenEnded,
     PendingRequest,
     Rendezvous,
     RendezvousError,
     format_rfc3339,
 )
+from .wsgi_socket import connection_socket, cut_connection, end_on_hangup
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +78,6 @@ LISTEN_CLOSE_GRACE_SECS = 0.3
 # can be reused; past it, reading would cost more than a new connection.
 SMALL_BODY_BYTES = 64 * 1024
 
-# Environ keys under which the WSGI server exposes the client's socket:
-# gunicorn's own, and ours for gevent's WSGIServer (see `wsgi_server.py`).
-_SOCKET_KEYS = ("gunicorn.socket", "ptth.socket")
-
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]
 
 
@@ -92,15 +89,20 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
     """
     app = Flask("ptth_relay")
     rv = Rendezvous(config)
-    metrics = RelayMetrics(rv)
+    fw = PortForwarding(config)
+    rv.on_close = fw.close
+    metrics = RelayMetrics(rv, fw)
     audit = AuditLog(config.audit_log)
     rv.on_event = audit.record
     app.extensions["ptth_rendezvous"] = rv
+    app.extensions["ptth_forwarding"] = fw
     gevent.spawn(rv.watch_presence)
+    gevent.spawn(fw.sweep)
     if config_path is not None:
         def apply(new: RelayConfig) -> None:
             audit.set_path(new.audit_log)
             rv.reconfigure(new)
+            fw.reconfigure(new)
 
         def reported(ok: bool, detail: str) -> None:
             audit.record("config_reloaded" if ok else "config_rejected", detail=detail)
@@ -217,6 +219,9 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
     scraper_api.register(app, lambda: rv.config, lambda: client_address(request), rv.describe_servers,
                          lambda name: relay_measured(name, request), scraper_auth)
 
+    forward_api.register(app, rv, fw, metrics, audit, lambda: client_address(request),
+                         lambda e, name: reject_backend_key(request, e, server=name))
+
     def listen(name: str, req: Request) -> Response:
         try:
             server = rv.authenticate(name, req.headers.get(API_KEY_HEADER))
@@ -225,8 +230,8 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
             raise
         server.version = clean_report(req.headers.get(SERVER_VERSION_HEADER)) or server.version
         server.host = clean_report(req.headers.get(SERVER_HOST_HEADER)) or server.host
-        sock = _connection_socket(req.environ)
-        watcher = gevent.spawn(_end_listen_on_hangup, sock, gevent.getcurrent()) if sock else None
+        sock = connection_socket(req.environ)
+        watcher = gevent.spawn(end_on_hangup, sock, gevent.getcurrent()) if sock else None
         try:
             batch = rv.listen(server, rv.config.listen_timeout_secs)
         finally:
@@ -335,7 +340,7 @@ def _relay_client_request(rv: Rendezvous, name: str, req: Request) -> Response:
         rv.skip_body(p)
         body = []  # a list, not b"": werkzeug would reset Content-Length to 0
     else:
-        body = BodyStream(rv, p, lambda reason: _cut_connection(environ))
+        body = BodyStream(rv, p, lambda reason: cut_connection(environ))
     resp = Response(body, status=head.status_code, headers=headers)
     if "content-type" not in head.headers:
         del resp.headers["Content-Type"]
@@ -369,16 +374,16 @@ def _relay_server_response(rv: Rendezvous, p: PendingRequest, req: Request) -> R
         received += len(chunk)
         if not rv.put_chunk(p, chunk):
             logger.info("client of request %s is gone; stopping the server's upload", p.request.id)
-            _cut_connection(environ)
+            cut_connection(environ)
             return _text(410, "the client is gone")
     if declared is not None and received != declared:
         complete = False
     delivered = rv.end_body(p, complete)
     if not complete:
-        _cut_connection(environ)
+        cut_connection(environ)
         return _text(400, "response body broke off")
     if not delivered:
-        _cut_connection(environ)
+        cut_connection(environ)
         return _text(410, "the client is gone")
     return _text(200, "delivered")
 
@@ -393,7 +398,7 @@ def _refuse(status: int, message: str, req: Request) -> Response:
     length = req.content_length
     if length is None or length > SMALL_BODY_BYTES:
         environ = req.environ
-        resp.call_on_close(lambda: _cut_connection(environ))
+        resp.call_on_close(lambda: cut_connection(environ))
     return resp
 
 
@@ -417,26 +422,6 @@ def _relayed_uri(environ: dict[str, Any]) -> str:
     segments = path.split("/", prefix + 1)
     rest = segments[prefix + 1] if len(segments) > prefix + 1 else ""
     return "/" + rest + sep + query
-
-
-def _connection_socket(environ: dict[str, Any]) -> socket.socket | None:
-    for key in _SOCKET_KEYS:
-        if environ.get(key) is not None:
-            sock: socket.socket = environ[key]
-            return sock
-    return None
-
-
-def _cut_connection(environ: dict[str, Any]) -> bool:
-    """Shut the connection down so the peer sees a cut, not a clean end."""
-    sock = _connection_socket(environ)
-    if sock is None:
-        return False
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    return True
 
 
 def _requeue_if_lost(rv: Rendezvous, sock: socket.socket, batch: list[PendingRequest]) -> None:
@@ -468,25 +453,6 @@ def _requeue_if_lost(rv: Rendezvous, sock: socket.socket, batch: list[PendingReq
     if returned:
         logger.info("listen connection lost after taking %d requests; %d back in the queue",
                     len(batch), returned)
-
-
-def _end_listen_on_hangup(sock: socket.socket, listen: gevent.Greenlet) -> None:
-    """End a parked listen as soon as its server hangs up.
-
-    A listen parked on a dead connection would take requests and lose them
-    until request_timeout_secs; NAT boxes and proxies cut idle connections.
-    While a listen is parked its server sends nothing, so a readable socket
-    means end of file (or a reset): the server has gone.
-    """
-    try:
-        gevent.socket.wait_read(sock.fileno())
-        gone = sock.recv(1, socket.MSG_PEEK) == b""
-    except OSError:
-        gone = True
-    except ValueError:  # TLS sockets cannot peek: cannot tell, so leave the listen be
-        return
-    if gone:
-        gevent.kill(listen, ListenEnded)
 
 
 def _display_case(name: str) -> str:

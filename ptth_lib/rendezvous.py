@@ -206,6 +206,8 @@ class Rendezvous:
         self.closing = False
         # Called as on_event(event, **fields) for server_online and server_offline.
         self.on_event: Callable[..., None] = lambda event, **fields: None
+        # Called by close(), for what else the relay must end when it stops.
+        self.on_close: Callable[[], None] = lambda: None
 
     # ---- backend side: servers -----------------------------------------
 
@@ -326,6 +328,7 @@ class Rendezvous:
         self.closing = True
         for server in self.servers.values():
             server.wake_listeners()
+        self.on_close()
 
     def reconfigure(self, config: RelayConfig) -> None:
         """Apply a new config without dropping servers that stay registered.

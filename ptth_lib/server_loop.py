@@ -9,6 +9,9 @@ relay answers once the client has the whole body (P7).
 Faults are expected: connection errors back off exponentially with jitter and
 are logged once per change of state; a 403 from the relay stops the loop,
 because retrying with a key the relay refuses cannot succeed.
+
+When the config has `[forwarded_ports]`, TCP port forwarding runs beside the
+listen loop (forward_server.py) and stops with it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import urllib3
 from . import __version__, file_server, tripcode
 from .config import ServerConfig
 from .errors import ProtocolError, root_cause
+from .forward_server import PortForwardServer
 from .protocol import (
     API_KEY_HEADER,
     LISTEN_PATH,
@@ -101,6 +105,7 @@ class ServerLoop:
         self._lock = threading.Lock()
         self.exit_code = 0
         self._state = ""  # "connected" or the last problem, for _report
+        self._forwarding = PortForwardServer(config, self._new_session, self._stop)
 
     # ---- lifecycle ------------------------------------------------------
 
@@ -108,7 +113,9 @@ class ServerLoop:
         """Listen until `stop()` or a refusal from the relay; return the exit code."""
         for i in range(LISTENS_IN_FLIGHT):
             threading.Thread(target=self._listen_forever, name=f"ptth-listen-{i}", daemon=True).start()
+        self._forwarding.start()
         self._stop.wait()
+        self._forwarding.stop()
         with self._lock:
             running = set(self._in_flight)
         if running:

@@ -149,11 +149,11 @@ class Cluster:
         return relay
 
     def server(self, relay: Relay, name: str, key: str, root: Path, wait: bool = True,
-               extra_args: list[str] | None = None) -> Server:
+               extra_args: list[str] | None = None, extra_config: str = "") -> Server:
         """Start ptth_server and (unless wait=False) wait until the relay has it online."""
         config = self.tmp / f"server-{name}-{self.counter}.toml"
         config.write_text(f'name = "{name}"\napi_key = "{key}"\nrelay_url = "{relay.url}/"\n'
-                          f'file_server_root = "{root}"\n')
+                          f'file_server_root = "{root}"\n{extra_config}\n')
         config.chmod(0o600)
         proc = Proc([sys.executable, "ptth_server.py", "--config", str(config), *(extra_args or [])],
                     self._log(f"server-{name}"))
@@ -165,6 +165,29 @@ class Cluster:
                 self.close()  # a fixture that fails here never reaches its teardown
                 raise
         return Server(proc, name, key, root, config)
+
+    def client(self, relay: Relay, key: str, forwards: list[str], extra_args: list[str] | None = None,
+               wait: bool = True) -> tuple[Proc, list[int]]:
+        """Start ptth_client; returns it and the local port of each forward, in order.
+
+        A forward "0:SERVER:PORT" binds any free port; the port is read from the log.
+        """
+        key_file = self.tmp / f"client-key-{self.counter}"
+        key_file.write_text(key + "\n")
+        key_file.chmod(0o600)
+        args = [sys.executable, "ptth_client.py", "--relay-url", relay.url, "--api-key-file", str(key_file)]
+        for f in forwards:
+            args += ["--forward", f]
+        proc = Proc(args + (extra_args or []), self._log("client"))
+        self.procs.append(proc)
+        if not wait:
+            return proc, []
+        ports = []
+        for f in forwards:
+            _, server, port = f.split(":")
+            m = proc.wait_for_output(rf"forwarding 127\.0\.0\.1:(\d+) to {re.escape(server)}:{re.escape(port)}\b")
+            ports.append(int(m.group(1)))
+        return proc, ports
 
     def file_server(self, root: Path) -> tuple[Proc, str]:
         proc = Proc([sys.executable, "ptth_file_server.py", "--root", str(root), "--bind", "127.0.0.1:0"],

@@ -12,6 +12,8 @@ import pytest
 from ptth_lib import tripcode
 from ptth_lib.config import (
     API_KEY_ENV,
+    CLIENT_ENTRY_KEYS,
+    CLIENT_KEYS,
     RELAY_KEYS,
     SCRAPER_KEY_KEYS,
     SERVER_ENTRY_KEYS,
@@ -28,6 +30,7 @@ from ptth_lib.errors import ConfigError, PtthError
 REPO = Path(__file__).resolve().parent.parent
 RELAY_EXAMPLE = REPO / "conf" / "relay.example.toml"
 SERVER_EXAMPLE = REPO / "conf" / "server.example.toml"
+CLIENT_EXAMPLE = REPO / "conf" / "client.example.toml"
 
 STRONG_KEY = "a-strong-test-key-0123456789abcdef"
 CODE_A = tripcode.derive("key-for-server-a-0123456789")
@@ -94,7 +97,9 @@ def _shows_key(text: str, name: str) -> bool:
     (RELAY_KEYS, RELAY_EXAMPLE),
     (SERVER_ENTRY_KEYS, RELAY_EXAMPLE),
     (SCRAPER_KEY_KEYS, RELAY_EXAMPLE),
-], ids=["SERVER_KEYS", "RELAY_KEYS", "SERVER_ENTRY_KEYS", "SCRAPER_KEY_KEYS"])
+    (CLIENT_ENTRY_KEYS, RELAY_EXAMPLE),
+    (CLIENT_KEYS, CLIENT_EXAMPLE),
+], ids=["SERVER_KEYS", "RELAY_KEYS", "SERVER_ENTRY_KEYS", "SCRAPER_KEY_KEYS", "CLIENT_ENTRY_KEYS", "CLIENT_KEYS"])
 def test_example_shows_every_key(keys, example: Path) -> None:  # type: ignore[no-untyped-def]
     text = example.read_text()
     missing = [k.name for k in keys if not _shows_key(text, k.name)]
@@ -106,7 +111,9 @@ def test_example_shows_every_key(keys, example: Path) -> None:  # type: ignore[n
     (RELAY_KEYS, RELAY_EXAMPLE),
     (SERVER_ENTRY_KEYS, RELAY_EXAMPLE),
     (SCRAPER_KEY_KEYS, RELAY_EXAMPLE),
-], ids=["SERVER_KEYS", "RELAY_KEYS", "SERVER_ENTRY_KEYS", "SCRAPER_KEY_KEYS"])
+    (CLIENT_ENTRY_KEYS, RELAY_EXAMPLE),
+    (CLIENT_KEYS, CLIENT_EXAMPLE),
+], ids=["SERVER_KEYS", "RELAY_KEYS", "SERVER_ENTRY_KEYS", "SCRAPER_KEY_KEYS", "CLIENT_ENTRY_KEYS", "CLIENT_KEYS"])
 def test_example_comments_every_key(keys, example: Path) -> None:  # type: ignore[no-untyped-def]
     """Each key's first appearance is preceded by a comment line."""
     lines = example.read_text().splitlines()

@@ -1,0 +1,76 @@
+"""ptth_client: forward local TCP ports through a PTTH relay to ports of a server.
+
+`python ptth_client.py --relay-url URL --api-key-file FILE --forward
+LOCALPORT:SERVER:PORTNAME [--forward ...] [--bind 127.0.0.1]`, or the same
+settings from `--config ptth_client.toml`; flags override the file. The key
+comes from the file or from $PTTH_CLIENT_API_KEY, never from the command line.
+`--new-key FILE` makes a key file; `--print-tripcode` prints the key's tripcode
+for the relay's [[clients]] table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from ptth_lib import tripcode
+from ptth_lib.cli import add_logging_flags, setup_logging
+from ptth_lib.config import load_client_config, read_client_key, read_toml, write_new_key_file
+from ptth_lib.errors import ConfigError
+
+logger = logging.getLogger("ptth_client")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ptth_client.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="config file (TOML) with relay_url, api_key_file, bind, forward")
+    parser.add_argument("--relay-url", help="relay base URL, e.g. https://relay.example.com")
+    parser.add_argument("--api-key-file", help="file holding this client's API key (or set $PTTH_CLIENT_API_KEY)")
+    parser.add_argument("--forward", action="append", metavar="LOCALPORT:SERVER:PORTNAME",
+                        help="forward a local port to a server's forwarded port; repeat for more")
+    parser.add_argument("--bind", help="local address to listen on (default 127.0.0.1)")
+    parser.add_argument("--new-key", metavar="FILE", help="write a new API key to FILE (mode 0600), "
+                        "print its tripcode and exit")
+    parser.add_argument("--print-tripcode", action="store_true",
+                        help="print the tripcode of the API key (for the relay's [[clients]]) and exit")
+    add_logging_flags(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+
+    try:
+        if args.new_key:
+            key = write_new_key_file(args.new_key)
+            print(f"ptth_client: wrote a new API key to {args.new_key}. Register this client at the relay with:"
+                  f"\n\n[[clients]]\nname = \"CHOOSE_A_NAME\"\ntripcode = \"{tripcode.derive(key)}\"\n"
+                  f"allow = [\"SERVER:PORTNAME\"]\n", file=sys.stderr)
+            return 0
+        if args.print_tripcode:
+            key_file = args.api_key_file or (read_toml(args.config).get("api_key_file") if args.config else None)
+            print(tripcode.derive(read_client_key(key_file, args.config or "command line")))
+            return 0
+        overrides = {"relay_url": args.relay_url, "api_key_file": args.api_key_file, "bind": args.bind,
+                     "forward": args.forward}
+        config = load_client_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"ptth_client: {e}", file=sys.stderr)
+        return 2
+    from ptth_lib.client import ClientError, PortForwardClient
+
+    client = PortForwardClient(config)
+    try:
+        name = client.check_relay()
+        client.bind()
+    except ClientError as e:
+        print(f"ptth_client: {e}", file=sys.stderr)
+        return 1
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: client.stop())
+    logger.info("connected to relay %s as client %r", config.relay_url, name)
+    client.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
