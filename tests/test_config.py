@@ -127,7 +127,7 @@ def test_example_comments_every_key(keys, example: Path) -> None:  # type: ignor
 
 
 def test_every_key_has_a_doc() -> None:
-    for key in (*SERVER_KEYS, *RELAY_KEYS, *SERVER_ENTRY_KEYS, *SCRAPER_KEY_KEYS):
+    for key in (*SERVER_KEYS, *RELAY_KEYS, *SERVER_ENTRY_KEYS, *SCRAPER_KEY_KEYS, *CLIENT_KEYS, *CLIENT_ENTRY_KEYS):
         assert key.doc and "\n" not in key.doc
 
 
@@ -433,7 +433,7 @@ def test_is_private(tmp_path: Path) -> None:
 
 def test_readme_documents_every_key() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    for key in (*SERVER_KEYS, *RELAY_KEYS, *SERVER_ENTRY_KEYS, *SCRAPER_KEY_KEYS):
+    for key in (*SERVER_KEYS, *RELAY_KEYS, *SERVER_ENTRY_KEYS, *SCRAPER_KEY_KEYS, *CLIENT_KEYS, *CLIENT_ENTRY_KEYS):
         assert f"`{key.name}`" in readme or f"[[{key.name}]]" in readme or f"[{key.name}]" in readme, key.name
 
 
