@@ -30,7 +30,14 @@ from flask import Flask, Response, jsonify, request
 from .audit import AuditLog
 from .body_reader import iter_body, reads_promptly
 from .config import PORT_NAME_RE, RegisteredClient
-from .forwarding import PIECE_BYTES, ForwardedConnection, Pipe, PipeAborted, PortForwarding
+from .forwarding import (
+    PIECE_BYTES,
+    ForwardedConnection,
+    Pipe,
+    PipeAborted,
+    PortForwarding,
+    RefusedError,
+)
 from .metrics import RelayMetrics
 from .protocol import API_KEY_HEADER, CLIENT_NAME_HEADER, CONNECTION_ID_HEADER
 from .rendezvous import ForbiddenError, Rendezvous, RendezvousError
@@ -50,6 +57,10 @@ _STREAM_HEADERS = {
     "Cache-Control": "no-store",
     "X-Accel-Buffering": "no",  # nginx: pass each chunk on at once
 }
+
+
+# ptth_tcp_connections{outcome} for a connect that got no connection.
+_OUTCOMES = {502: "failed", 504: "timed_out"}
 
 
 class BadNameError(RendezvousError):
@@ -107,7 +118,6 @@ def register(app: Flask, rv: Rendezvous, fw: PortForwarding, metrics: RelayMetri
         if (request.content_length or 0) > MAX_REFUSAL_BYTES:
             return _text(413, f"a refusal reason is at most {MAX_REFUSAL_BYTES} bytes")
         fw.refuse(conn, request.get_data().decode("utf-8", "replace"))
-        metrics.tcp_connections.labels("refused").inc()
         return _text(200, "refused")
 
     @app.post("/7ZSFUKGV/tcp_downstream/<conn_id>")
@@ -133,7 +143,8 @@ def register(app: Flask, rv: Rendezvous, fw: PortForwarding, metrics: RelayMetri
             metrics.tcp_connections.labels("forbidden").inc()
             raise
         except RendezvousError as e:
-            metrics.tcp_connections.labels("failed" if e.status == 502 else "timed_out").inc()
+            outcome = "refused" if isinstance(e, RefusedError) else _OUTCOMES.get(e.status, "rejected")
+            metrics.tcp_connections.labels(outcome).inc()
             raise
         resp = _stream_out(fw, conn, conn.down, "connect")
         resp.headers[CONNECTION_ID_HEADER] = conn.id

@@ -100,6 +100,10 @@ class ConflictError(RendezvousError):
     status = 409
 
 
+class RefusedError(BadGatewayError):
+    """The server refused the connection (its reason is the message)."""
+
+
 class PipeAborted(PtthError):
     """The connection this pipe belongs to was aborted."""
 
@@ -337,7 +341,7 @@ class PortForwarding:
             raise ConflictError(f"connection {conn.id[:8]} was already accepted or refused, or never offered")
         reason = "".join(ch for ch in reason[:MAX_REASON_CHARS] if ch.isprintable()) or "no reason given"
         logger.info("connection %s refused by the server: %s", conn.describe(), reason)
-        conn.decision.set_exception(BadGatewayError(f"server {conn.server!r} refused: {reason}"))
+        conn.decision.set_exception(RefusedError(f"server {conn.server!r} refused: {reason}"))
 
     def attach_downstream(self, conn: ForwardedConnection) -> ForwardedConnection:
         """The connection a server's downstream POST feeds; 409 if attached twice."""

@@ -51,7 +51,7 @@ class RelayMetrics:
             registry=self.registry)
         self.tcp_connections = Counter(
             "ptth_tcp_connections", "Forwarded TCP connections asked for, by outcome "
-            "(accepted, refused, failed, timed_out, forbidden)", ["outcome"], registry=self.registry)
+            "(accepted, refused, failed, timed_out, forbidden, rejected)", ["outcome"], registry=self.registry)
         self.tcp_auth_rejected = Counter(
             "ptth_tcp_auth_rejected", "Port forwarding calls refused for a missing or unknown client key",
             registry=self.registry)

@@ -11,12 +11,14 @@ import os
 import random
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.conftest import Cluster, Proc, Relay, new_key, tripcode_of
 from tests.tcp_peers import DigestServer, EchoServer, recv_all
@@ -181,3 +183,21 @@ def test_connections_log_open_and_close(fwd: Forwarding) -> None:
     fwd.client.wait_for_output(r"connection \S+ 127\.0\.0\.1:\d+ -> alpha:echo closed: 1 bytes up, 1 down")
     fwd.server.wait_for_output(r"connection \S+ from client laptop to echo \(127\.0\.0\.1:\d+\) closed: "
                                r"1 bytes in, 1 out")
+
+
+def test_dev_server_refuses_forwarding_instead_of_stalling(tmp_path: Path) -> None:
+    """gevent's own WSGI server cannot hand on small chunks at once: 501, never a stall."""
+    key = new_key("laptop")
+    config = tmp_path / "relay.toml"
+    config.write_text(client_config("laptop", key, ["alpha:*"]))
+    proc = Proc([sys.executable, "ptth_relay.py", "--config", str(config), "--bind", "127.0.0.1:0"],
+                tmp_path / "relay.log")
+    try:
+        port = int(proc.wait_for_output(r"listening on http://127\.0\.0\.1:(\d+)/").group(1))
+        r = requests.post(f"http://127.0.0.1:{port}/frontend/tcp/connect/alpha/ssh",
+                          headers={"X-ApiKey": key}, timeout=10)
+        assert r.status_code == 501 and "gunicorn" in r.text
+        r = requests.post(f"http://127.0.0.1:{port}/frontend/tcp/check", headers={"X-ApiKey": key}, timeout=10)
+        assert r.status_code == 200 and r.json() == {"client": "laptop", "allow": ["alpha:*"]}
+    finally:
+        proc.kill()
