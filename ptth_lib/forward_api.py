@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 # Pieces already queued are joined into one write up to this size: fewer,
 # larger writes when the sender is ahead, and no waiting when it is not.
-MAX_WRITE_BYTES = 4 * PIECE_BYTES
+MAX_WRITE_BYTES = 2 * PIECE_BYTES
 
 # A server's refusal reason; anything longer is not read.
 MAX_REFUSAL_BYTES = 1024

@@ -49,13 +49,12 @@ from .rendezvous import (
 
 logger = logging.getLogger(__name__)
 
-# Pieces queued per direction. The relay reads at most PIECE_BYTES at a time,
-# so this is at most 512 KiB in flight per direction: enough to keep a fast
-# link busy, small enough for thousands of idle SSH sessions.
-PIPE_PIECES = 8
-
-# Largest piece read from a POST body at once.
-PIECE_BYTES = 64 * 1024
+# Pieces queued per direction, and the largest piece read from a POST body at
+# once: at most 1 MiB in the relay per direction of a busy connection (none
+# for an idle one). Pieces of 256 KiB rather than 64 KiB cut the relay's CPU
+# per byte by about a third, its bottleneck in bulk transfers (BENCHMARKS.md).
+PIPE_PIECES = 4
+PIECE_BYTES = 256 * 1024
 
 # A connect waits this long for one of the server's listens to take it. The
 # server re-polls within milliseconds, so this only covers a slow network.

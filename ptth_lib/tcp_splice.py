@@ -30,9 +30,10 @@ from .errors import PtthError, root_cause
 
 logger = logging.getLogger(__name__)
 
-# Largest read from the TCP peer: one chunk of the POST body. Smaller reads
-# happen whenever less is waiting, so a keystroke goes out at once.
-READ_BYTES = 64 * 1024
+# Largest read from the TCP peer: one chunk of the POST body, the size of the
+# relay's pieces (forwarding.PIECE_BYTES). Smaller reads happen whenever less
+# is waiting, so a keystroke goes out at once.
+READ_BYTES = 256 * 1024
 
 # Errors of the HTTP side that mean "the stream broke" rather than a bug.
 HTTP_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
