@@ -19,10 +19,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 demo: $(STAMP)
 	$(VENV)/bin/python -m ptth_lib.demo --port $(PORT)
 
-# Debian programs the tests call. Installed only when missing, and only as root (CI is root).
-DEBIAN_TOOLS := curl wget
+# Debian programs the tests call, as command:package (sshd by its path: /usr/sbin is not
+# always on PATH). Installed only when missing, and only as root (CI is root).
+DEBIAN_TOOLS := curl:curl wget:wget ssh:openssh-client /usr/sbin/sshd:openssh-server
 debian-deps:
-	@missing=""; for t in $(DEBIAN_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(DEBIAN_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
