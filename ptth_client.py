@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.print_tripcode:
             key_file = args.api_key_file or (read_toml(args.config).get("api_key_file") if args.config else None)
+            if key_file is not None and not isinstance(key_file, str):
+                raise ConfigError(f"{args.config}: 'api_key_file' must be a string, the key file's path")
             print(tripcode.derive(read_client_key(key_file, args.config or "command line")))
             return 0
         overrides = {"relay_url": args.relay_url, "api_key_file": args.api_key_file, "bind": args.bind,

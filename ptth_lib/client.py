@@ -10,11 +10,11 @@ reason logged. Any number of connections per port, each independent.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import struct
 import threading
-from collections.abc import Iterator
 from urllib.parse import quote
 
 import requests
@@ -61,9 +61,10 @@ class PortForwardClient:
             with requests.post(self._base + TCP_CHECK_PATH, headers=self._headers,
                                timeout=(CONNECT_TIMEOUT_SECS, CONNECT_TIMEOUT_SECS)) as r:
                 status, text = r.status_code, r.text[:MAX_REASON_CHARS]
-                answer = r.json() if status == 200 else {}
         except HTTP_ERRORS as e:
             raise ClientError(f"cannot reach the relay at {self.config.relay_url}: {root_cause(e)}") from None
+        try:
+            answer = json.loads(text) if status == 200 else {}
         except ValueError:
             raise ClientError(f"{self.config.relay_url} does not look like a PTTH relay") from None
         if status == 403:
@@ -126,9 +127,9 @@ class PortForwardClient:
         """One TCP connection: ask the relay to connect it, then splice until it ends."""
         label = f"{peer[0]}:{peer[1]} -> {forward.server}:{forward.port}"
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connect_session, upstream_session = requests.Session(), requests.Session()
-        for session in (connect_session, upstream_session):
-            session.headers.update(self._headers)
+        connect_session = requests.Session()
+        connect_session.trust_env = False  # straight to the relay, as the upstream POST goes (tcp_splice)
+        connect_session.headers.update(self._headers)
         try:
             url = self._base + TCP_CONNECT_PATH.format(server=quote(forward.server, safe=""),
                                                        port=quote(forward.port, safe=""))
@@ -153,13 +154,8 @@ class PortForwardClient:
                 with self._lock:
                     self._open.add(splice)
                 upstream_url = self._base + TCP_UPSTREAM_PATH.format(id=quote(conn_id, safe=""))
-
-                def post_upstream(body: Iterator[bytes]) -> int:
-                    with upstream_session.post(upstream_url, data=body, timeout=None) as answer:
-                        return answer.status_code
-
                 try:
-                    splice.run(r.iter_content(None), post_upstream)
+                    splice.run(r, upstream_url, self._headers)
                 finally:
                     with self._lock:
                         self._open.discard(splice)
@@ -167,7 +163,6 @@ class PortForwardClient:
                         f" ({splice.reason})" if splice.aborted else "", splice.bytes_out, splice.bytes_in)
         finally:
             connect_session.close()
-            upstream_session.close()
 
 
 def _reset(sock: socket.socket) -> None:

@@ -57,8 +57,12 @@ def _check_label(value: str) -> str | None:
 
 
 def _check_url(value: str) -> str | None:
-    parts = urlsplit(value)
-    if parts.scheme in ("http", "https") and parts.netloc:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        parts = None
+    if parts is not None and parts.scheme in ("http", "https") and parts.hostname:
         return None
     return "must be an http:// or https:// URL such as http://127.0.0.1:4000"
 
@@ -119,6 +123,8 @@ def _check_forward_specs(value: list[Any]) -> str | None:
 
 
 def _check_key(value: str) -> str | None:
+    if not tripcode.is_sendable(value):
+        return "must be printable ASCII with no spaces (it travels in an HTTP header)"
     if tripcode.is_strong(value):
         return None
     return (
@@ -259,16 +265,22 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: the file is not UTF-8 text") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
 
 
-def _apply(keys: tuple[_Key, ...], raw: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Check `raw` against `keys` and fill in defaults; `where` prefixes errors."""
+def _check_known(keys: tuple[_Key, ...], raw: Mapping[str, Any], where: str) -> None:
     known = {k.name for k in keys}
     for name in raw:
         if name not in known:
             raise ConfigError(f"{where}: unknown key {name!r} (known keys: {', '.join(sorted(known))})")
+
+
+def _apply(keys: tuple[_Key, ...], raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Check `raw` against `keys` and fill in defaults; `where` prefixes errors."""
+    _check_known(keys, raw, where)
     out: dict[str, Any] = {}
     for key in keys:
         if key.name not in raw:
@@ -404,7 +416,7 @@ def load_server_config(path: str | os.PathLike[str], overrides: Mapping[str, Any
     """
     raw = read_toml(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    env_key = os.environ.get(API_KEY_ENV)
+    env_key = os.environ.get(API_KEY_ENV, "").strip()
     where = str(path)
     source = "file"
     if env_key:
@@ -463,6 +475,7 @@ def load_client_config(path: str | os.PathLike[str] | None, overrides: Mapping[s
     raw = read_toml(path) if path is not None else {}
     raw.update({k: v for k, v in overrides.items() if v})
     where = str(path) if path is not None else "command line"
+    _check_known(CLIENT_KEYS, raw, where)
     if "relay_url" not in raw:
         raise ConfigError(f"{where}: no relay URL: give --relay-url URL or relay_url in --config FILE")
     values = _apply(CLIENT_KEYS, raw, where)
@@ -479,12 +492,15 @@ def load_client_config(path: str | os.PathLike[str] | None, overrides: Mapping[s
 
 def read_client_key(key_file: str | None, where: str) -> str:
     """ptth_client's key: from $PTTH_CLIENT_API_KEY, else from `key_file`; checked for strength."""
-    key = os.environ.get(CLIENT_API_KEY_ENV)
+    key = os.environ.get(CLIENT_API_KEY_ENV, "").strip()
     if not key:
         if key_file is None:
             raise ConfigError(f"{where}: no API key: give --api-key-file FILE (make one with "
                               f"ptth_client.py --new-key FILE) or set ${CLIENT_API_KEY_ENV}")
         key = _read_key_file(key_file)
+    if not tripcode.is_sendable(key):
+        raise ConfigError("the client API key must be printable ASCII with no spaces "
+                          "(ptth_client.py --new-key FILE makes one)")
     if not tripcode.is_strong(key):
         raise ConfigError(f"the client API key is too weak: use at least {tripcode.MIN_API_KEY_CHARS} "
                           "random characters (ptth_client.py --new-key FILE makes one)")

@@ -115,9 +115,15 @@ def register(app: Flask, rv: Rendezvous, fw: PortForwarding, metrics: RelayMetri
     @app.post("/7ZSFUKGV/tcp_refuse/<conn_id>")
     def _refuse(conn_id: str) -> Response:
         conn = fw.find_for_server(conn_id, server_is)
-        if (request.content_length or 0) > MAX_REFUSAL_BYTES:
-            return _text(413, f"a refusal reason is at most {MAX_REFUSAL_BYTES} bytes")
-        fw.refuse(conn, request.get_data().decode("utf-8", "replace"))
+        reason = b""
+        environ = request.environ
+        for piece in iter_body(environ, MAX_REFUSAL_BYTES + 1):
+            reason += piece
+            if len(reason) > MAX_REFUSAL_BYTES:  # never read the rest, chunked or not
+                resp = _text(413, f"a refusal reason is at most {MAX_REFUSAL_BYTES} bytes")
+                resp.call_on_close(lambda: cut_connection(environ))
+                return resp
+        fw.refuse(conn, reason.decode("utf-8", "replace"))
         return _text(200, "refused")
 
     @app.post("/7ZSFUKGV/tcp_downstream/<conn_id>")

@@ -16,11 +16,12 @@ import logging
 import random
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from urllib.parse import quote
 
 import requests
 
+from . import __version__
 from .config import ServerConfig
 from .errors import root_cause
 from .protocol import (
@@ -119,7 +120,8 @@ class PortForwardServer:
             return
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        accept_session, downstream_session = self._new_session(), self._new_session()
+        accept_session = self._new_session()
+        accept_session.proxies.clear()  # straight to the relay, as the downstream POST goes (tcp_splice)
         try:
             r = accept_session.post(self._url(TCP_ACCEPT_PATH, conn_id), headers=self._headers, stream=True,
                                     timeout=(CONNECT_TIMEOUT_SECS, None))
@@ -137,18 +139,13 @@ class PortForwardServer:
             with self._lock:
                 self._open.add(splice)
 
-            def post_downstream(body: Iterator[bytes]) -> int:
-                with downstream_session.post(self._url(TCP_DOWNSTREAM_PATH, conn_id), data=body,
-                                             headers=self._headers, timeout=None) as answer:
-                    return answer.status_code
-
             try:
-                splice.run(r.iter_content(None), post_downstream)
+                splice.run(r, self._url(TCP_DOWNSTREAM_PATH, conn_id),
+                           {**self._headers, "User-Agent": f"ptth_server/{__version__}"})
             finally:
                 with self._lock:
                     self._open.discard(splice)
                 accept_session.close()
-                downstream_session.close()
         logger.info("connection %s closed%s: %d bytes in, %d out", label,
                     f" ({splice.reason})" if splice.aborted else "", splice.bytes_in, splice.bytes_out)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -266,12 +267,7 @@ class PortForwarding:
             raise QueueFullError(f"{MAX_OFFERS_PER_PORT} connections already wait for {server}:{port}") from None
         self.connections[conn.id] = conn
         try:
-            conn.decision.get(timeout=OFFER_WAIT_SECS + DECIDE_WAIT_SECS)
-        except gevent.Timeout:
-            reason = "the server took no listen for it" if conn.taken is None else "the server did not answer"
-            self.abort(conn, f"not accepted in time: {reason}")
-            raise GatewayTimeoutError(f"server {server!r} did not accept the connection in time ({reason})") \
-                from None
+            self._wait_for_decision(conn)
         except RendezvousError:
             self._forget(conn)
             raise
@@ -280,6 +276,24 @@ class PortForwarding:
             raise
         conn.attached.add("connect")
         return conn
+
+    def _wait_for_decision(self, conn: ForwardedConnection) -> None:
+        """Wait OFFER_WAIT_SECS for a listen to take `conn`, then DECIDE_WAIT_SECS from then on."""
+        while True:
+            if conn.taken is None:
+                deadline, reason = conn.created + OFFER_WAIT_SECS, "the server took no listen for it"
+            else:
+                deadline, reason = conn.taken + DECIDE_WAIT_SECS, "the server neither accepted nor refused it"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.abort(conn, f"not accepted in time: {reason}")
+                raise GatewayTimeoutError(f"server {conn.server!r} did not accept the connection in time "
+                                          f"({reason})")
+            try:
+                conn.decision.get(timeout=left)
+                return
+            except gevent.Timeout:
+                continue  # look again: a listen may have taken it meanwhile, moving the deadline
 
     def attach_upstream(self, conn_id: str, client: RegisteredClient) -> ForwardedConnection:
         """The connection a client's upstream POST feeds; 404 unknown, 403 not its own, 409 twice."""
@@ -398,7 +412,7 @@ class PortForwarding:
         """
         self.closing = True
         for greenlet in list(self._parked):
-            gevent.kill(greenlet, ListenEnded, block=False)
+            gevent.kill(greenlet, ListenEnded)
         for conn in list(self.connections.values()):
             self.abort(conn, "the relay is stopping")
 
@@ -438,7 +452,13 @@ class PortForwarding:
 
 
 def _shut(sock: socket.socket) -> None:
+    """Shut a stream's connection down; when the WSGI server closes it, it is reset.
+
+    The reset matters when the proxy has stopped reading: a FIN would wait
+    behind the bytes it has not read, a reset does not.
+    """
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass

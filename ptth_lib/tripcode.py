@@ -39,6 +39,11 @@ def is_strong(api_key: str) -> bool:
     return len(api_key) >= MIN_API_KEY_CHARS
 
 
+def is_sendable(api_key: str) -> bool:
+    """Tell whether an API key can travel in an HTTP header as it is: printable ASCII, no spaces."""
+    return api_key.isascii() and api_key.isprintable() and " " not in api_key
+
+
 def generate_key() -> str:
     """Return a fresh random API key."""
     return secrets.token_urlsafe(GENERATED_KEY_BYTES)

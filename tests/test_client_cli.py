@@ -253,9 +253,6 @@ def test_bad_relay_url(key_file: Path) -> None:
     assert "relay_url" in line and "http://" in line
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: config._check_url calls urlsplit() unguarded, and urlsplit raises "
-                   "ValueError('Invalid IPv6 URL') for an unclosed '[': a traceback instead of the one-line "
-                   "relay_url error (ptth_server's --relay-url too)")
 def test_relay_url_with_unclosed_bracket(key_file: Path) -> None:
     line = assert_one_line_error(client("--relay-url", "http://[::1:4000", "--api-key-file", str(key_file),
                                         "--forward", "0:alpha:echo"))
@@ -341,9 +338,6 @@ def test_weak_key_refused_by_print_tripcode(tmp_path: Path) -> None:
     assert tripcode_of(weak) not in line, "no tripcode for a key that will be refused"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a key from $PTTH_CLIENT_API_KEY with leading whitespace or a "
-                   "line break is printed in full: requests' InvalidHeader message, shown by "
-                   "PortForwardClient.check_relay as 'cannot reach the relay at ...: <root cause>'")
 @pytest.mark.parametrize("env_key", [" pasted-with-a-space-0123456789abcdef",
                                      "pasted-with-a-newline-0123456789\n"],
                          ids=["leading-space", "trailing-newline"])
@@ -355,9 +349,6 @@ def test_env_key_with_whitespace_is_never_printed(env_key: str) -> None:
     assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a key that HTTP headers cannot carry (not Latin-1) makes "
-                   "check_relay say the relay 'does not look like a PTTH relay' (its `except ValueError`, "
-                   "meant for r.json(), catches http.client's UnicodeEncodeError), even with no relay there")
 def test_non_latin1_key_is_not_blamed_on_the_relay() -> None:
     odd_key = "key-with-a-euro-sign-\u20ac-0123456789"
     result = client("--relay-url", f"http://127.0.0.1:{free_port()}", "--forward", "0:alpha:echo",
@@ -390,9 +381,6 @@ def test_config_file_invalid_toml(tmp_path: Path) -> None:
     assert str(path) in line and "TOML" in line
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: config.read_toml lets tomllib's UnicodeDecodeError through "
-                   "(it catches only FileNotFoundError, TOMLDecodeError and OSError): a config file that is "
-                   "not UTF-8 gives a traceback and exit 1")
 def test_config_file_not_utf8(tmp_path: Path, key_file: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes(f'relay_url = "http://127.0.0.1:4000"\napi_key_file = "{key_file}"\n'
@@ -427,9 +415,6 @@ def test_bad_config_file(tmp_path: Path, text: str, words: list[str]) -> None:
         assert word in line, (word, line)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: load_client_config checks for relay_url before it checks for "
-                   "unknown keys, so a misspelt relay_url is reported as 'no relay URL: give --relay-url URL "
-                   "or relay_url in --config FILE', never naming the key actually written")
 def test_misspelt_relay_url_is_named(tmp_path: Path, key_file: Path) -> None:
     path = tmp_path / "client.toml"
     path.write_text(f'relay_ulr = "http://127.0.0.1:4000"\napi_key_file = "{key_file}"\n'
@@ -582,9 +567,6 @@ def test_print_tripcode_without_a_key() -> None:
     assert "no API key" in line
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --print-tripcode takes api_key_file from --config without "
-                   "checking its type (ptth_client.py main): a list gives a TypeError traceback, and 0 "
-                   "reads the key from stdin (file descriptor 0) and prints its tripcode")
 @pytest.mark.parametrize("value", ['["client.key"]', "0"], ids=["list", "zero"])
 def test_print_tripcode_checks_api_key_file_type(tmp_path: Path, value: str) -> None:
     config = tmp_path / "client.toml"

@@ -542,9 +542,6 @@ def test_refusal_reason_is_bounded(api: Api) -> None:
     assert "short" in connect.text and len(connect.text) < 400, "the reason is cut to 200 characters"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: forward_api._refuse checks the refusal size only through "
-                   "Content-Length; a chunked refusal body has none, so any size is read whole into memory "
-                   "(request.get_data()) instead of answering 413")
 def test_chunked_refusal_reason_is_bounded_too(api: Api) -> None:
     connect, conn_id, _ = offer(api, unique_port("refused-chunked"))
     refuse = Sender(api.url(REFUSE, id=conn_id), KEYS["alpha"])
@@ -580,10 +577,6 @@ def test_taken_but_never_accepted_times_out_with_504(api: Api) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="BUG: PROTOCOL.md and forwarding.OFFER_WAIT_SECS say a connect that no "
-                   "listen takes answers 504 after 10 s, but PortForwarding.connect waits for the decision "
-                   "OFFER_WAIT_SECS + DECIDE_WAIT_SECS (20 s) from the start, taken or not (and so a server whose "
-                   "listen takes it late gets less than DECIDE_WAIT_SECS to decide)")
 def test_connect_no_listen_takes_times_out_after_10_s(api: Api) -> None:
     port = unique_port("gone")
     listener = Listener(api, port)

@@ -393,9 +393,6 @@ def test_ptth_server_killed(fresh: Forwarding) -> None:
     fresh.wait_works()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: PortForwarding.close (forwarding.py:402) calls gevent.kill(..., "
-                   "block=False), a TypeError, so a stopping relay neither ends tcp listens nor aborts "
-                   "open connections, and waits for gunicorn's graceful_timeout")
 def test_relay_stopped_gracefully_cuts_open_connections(fresh: Forwarding) -> None:
     c = fresh.open_conversation()
     with c.sock:
@@ -409,8 +406,6 @@ def test_relay_stopped_gracefully_cuts_open_connections(fresh: Forwarding) -> No
     fresh.assert_up(fresh.server_proc, fresh.client_proc)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a proxy blocked in sendall towards a TCP peer that reads nothing "
-                   "does not watch its HTTP streams, so it never notices the relay's cut (tcp_splice.Splice)")
 def test_relay_killed_while_both_ends_read_nothing(make_forwarding: Callable[..., Forwarding]) -> None:
     """The cut must reach an end that has stopped reading too, as a reset: it may never read again."""
     hold, flood = HoldingServer(), FloodServer()
