@@ -7,7 +7,7 @@ VENV := .venv
 STAMP := $(VENV)/.requirements.stamp
 PORT ?= 4000
 
-.PHONY: demo test test-all lint bench clean debian-deps
+.PHONY: demo test test-all lint bench bench-forward clean debian-deps
 
 # One venv for demo and tests: requirements-dev.txt includes requirements.txt.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -52,6 +52,10 @@ test-all: test
 # BENCH_ARGS="--quick" for a smoke run; results in bench/results.json.
 bench: $(STAMP)
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+# TCP port forwarding: round trip and bulk through a forward vs direct TCP (about a minute).
+bench-forward: $(STAMP)
+	$(VENV)/bin/python bench/forward.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo
