@@ -201,3 +201,24 @@ def test_dev_server_refuses_forwarding_instead_of_stalling(tmp_path: Path) -> No
         assert r.status_code == 200 and r.json() == {"client": "laptop", "allow": ["alpha:*"]}
     finally:
         proc.kill()
+
+
+def test_a_client_added_to_the_config_works_without_a_restart(fwd: Forwarding, tmp_path: Path) -> None:
+    """[[clients]] changes apply on the relay's config reload; open connections and processes stay."""
+    key = new_key("tablet")
+    with connect(fwd, "echo") as open_sock:
+        open_sock.sendall(b"a")
+        assert recv_exactly(open_sock, 1) == b"a"
+        config = fwd.relay.config
+        before = fwd.relay.proc.output().count("config reloaded from")
+        saving = config.with_suffix(".saving")
+        saving.write_text(config.read_text() + client_config("tablet", key, ["alpha:echo"]))
+        os.replace(saving, config)
+        fwd.relay.proc.wait_for_output(r"(?s)" + r"config reloaded from.*" * (before + 1))
+        tablet, (port,) = fwd.cluster.client(fwd.relay, key, ["0:alpha:echo"])
+        with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_SECS) as sock:
+            sock.sendall(b"new client")
+            assert recv_exactly(sock, 10) == b"new client"
+        tablet.stop()
+        open_sock.sendall(b"b")  # the connection opened before the reload still works
+        assert recv_exactly(open_sock, 1) == b"b"
