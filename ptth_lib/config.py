@@ -140,6 +140,18 @@ SERVER_KEYS = (
     _Key("file_server_root", str, "./data", "folder served under /files/"),
     _Key("forwarded_ports", dict, {}, "[forwarded_ports] table: port name = \"HOST:PORT\" clients may reach",
          _check_forwarded_ports),
+    _Key("quic", dict, None, "[quic] table: also serve the forwarded ports through a QUIC relay "
+         "(relay, relay_fingerprint or ca_file)"),
+)
+
+QUIC_SERVER_KEYS = (
+    _Key("relay", str, _REQUIRED, "the QUIC relay's HOST:PORT (UDP), e.g. relay.example.com:30380",
+         lambda v: None if parse_address(v) else "must be HOST:PORT, e.g. relay.example.com:30380"),
+    _Key("relay_fingerprint", str, None, "SHA-256 of the relay's certificate, as ptth_quic_relay.py prints it",
+         lambda v: None if _is_fingerprint(v) else "must be 64 hex digits (colons allowed), as "
+         "ptth_quic_relay.py prints it"),
+    _Key("ca_file", str, None, "CA certificates (PEM) to check the relay's certificate with, instead of a "
+         "fingerprint"),
 )
 
 CLIENT_KEYS = (
@@ -162,6 +174,11 @@ RELAY_KEYS = (
     _Key("trust_x_forwarded_for", bool, False,
          "take client addresses from X-Forwarded-For (only behind a proxy that sets it)"),
     _Key("clients", list, [], "[[clients]] tables for TCP port forwarding: name, tripcode, allow"),
+    _Key("quic_bind", str, "0.0.0.0:30380", "UDP HOST:PORT for ptth_quic_relay.py (port 0: any free port)",
+         lambda v: None if parse_address(v.removesuffix(":0") + ":1" if v.endswith(":0") else v)
+         else "must be HOST:PORT, e.g. 0.0.0.0:30380"),
+    _Key("quic_cert_file", str, "ptth_quic_relay.crt", "ptth_quic_relay.py's certificate (PEM); made on first start"),
+    _Key("quic_key_file", str, "ptth_quic_relay.key", "its private key (PEM, mode 0600); made on first start"),
     _Key("tcp_idle_timeout_secs", (int, float), 3600,
          "a forwarded TCP connection with no bytes either way for this long is closed (0: never)",
          _check_idle_timeout),
@@ -197,6 +214,15 @@ class ServerConfig:
     file_server_root: str
     # port name -> (host, port): the only places the server ever connects to for a client
     forwarded_ports: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    quic: QuicServerSettings | None = None
+
+
+@dataclass(frozen=True)
+class QuicServerSettings:
+    relay_host: str
+    relay_port: int
+    relay_fingerprint: str | None
+    ca_file: str | None
 
 
 @dataclass(frozen=True)
@@ -254,6 +280,9 @@ class RelayConfig:
     trust_x_forwarded_for: bool = False
     clients: Mapping[str, RegisteredClient] = field(default_factory=dict)
     tcp_idle_timeout_secs: float = 3600.0
+    quic_bind: str = "0.0.0.0:30380"
+    quic_cert_file: str = "ptth_quic_relay.crt"
+    quic_key_file: str = "ptth_quic_relay.key"
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -303,7 +332,24 @@ def parse_server_config(raw: Mapping[str, Any], where: str) -> ServerConfig:
     """Validate a server config (file contents merged with flags)."""
     values = _apply(SERVER_KEYS, raw, where)
     ports = values.pop("forwarded_ports")
-    return ServerConfig(**values, forwarded_ports={name: _must(parse_address(a)) for name, a in ports.items()})
+    quic_raw = values.pop("quic")
+    quic = None
+    if quic_raw is not None:
+        q = _apply(QUIC_SERVER_KEYS, quic_raw, f"{where}: [quic]")
+        if q["relay_fingerprint"] is None and q["ca_file"] is None:
+            raise ConfigError(f"{where}: [quic] needs relay_fingerprint (as ptth_quic_relay.py prints it) "
+                              "or ca_file, to know the relay is the right one")
+        host, port = _must(parse_address(q["relay"]))
+        fingerprint = "".join(q["relay_fingerprint"].lower().removeprefix("sha256:").split(":")) \
+            if q["relay_fingerprint"] else None
+        quic = QuicServerSettings(host, port, fingerprint, q["ca_file"])
+    return ServerConfig(**values, forwarded_ports={name: _must(parse_address(a)) for name, a in ports.items()},
+                        quic=quic)
+
+
+def _is_fingerprint(value: str) -> bool:
+    digits = value.lower().removeprefix("sha256:").replace(":", "")
+    return len(digits) == 64 and all(c in "0123456789abcdef" for c in digits)
 
 
 def parse_address(value: str) -> tuple[str, int] | None:
@@ -377,6 +423,9 @@ def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
         trust_x_forwarded_for=values["trust_x_forwarded_for"],
         clients=clients,
         tcp_idle_timeout_secs=float(values["tcp_idle_timeout_secs"]),
+        quic_bind=values["quic_bind"],
+        quic_cert_file=values["quic_cert_file"],
+        quic_key_file=values["quic_key_file"],
     )
 
 

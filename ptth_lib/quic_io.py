@@ -1,0 +1,432 @@
+"""QUIC for PTTH's blocking style: aioquic's sans-I/O connection driven by gevent.
+
+aioquic's `QuicConnection` does no I/O: it is fed datagrams and the time, and
+says what to send and when to wake it. Here one greenlet per UDP socket
+reads datagrams and feeds them to their connection, a greenlet per
+connection runs its timer, and every stream is a `QuicStream` with blocking
+`read()` and `write()` for the greenlets that copy bytes, as sockets have. No
+asyncio event loop anywhere.
+
+Flow control is ours, both ways, because aioquic bounds neither:
+
+- Sending: aioquic buffers whatever it is given until the peer acknowledges
+  it. `QuicStream.write` waits while SEND_BUFFER_BYTES are unacknowledged, so
+  a proxy never reads more from its TCP socket than the stream has room for.
+- Receiving: aioquic doubles a stream's window as bytes *arrive*, whether or
+  not anyone reads them. `PacedQuicConnection` grants credit only for bytes
+  the application has read, so a slow reader at one end slows the writer at
+  the other, through the relay, and no process buffers more than
+  STREAM_WINDOW_BYTES per stream.
+
+Both rely on aioquic internals (the stream sender's buffer offsets and
+`_write_stream_limits`), so aioquic is pinned; `tests/test_quic_io.py` checks
+the bounds hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.socket
+from aioquic._buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import (
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    QuicConnection,
+    QuicConnectionState,
+)
+from aioquic.quic.packet import QuicFrameType, QuicPacketType, pull_quic_header
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream as _AioStream
+
+from .errors import PtthError
+
+logger = logging.getLogger(__name__)
+
+ALPN = "ptth-quic-1"
+
+# Bytes a stream may hold unread at the receiver, and unacknowledged at the
+# sender: enough for a 100 MiB/s stream over a 10 ms round trip.
+STREAM_WINDOW_BYTES = 1024 * 1024
+SEND_BUFFER_BYTES = 1024 * 1024
+
+# Largest piece one read() returns; also the size of proxies' TCP reads.
+READ_BYTES = 64 * 1024
+
+# Keepalive below common NAT timeouts (often 30 s for UDP), and the idle
+# timeout after which a silent peer counts as gone.
+KEEPALIVE_SECS = 10.0
+IDLE_TIMEOUT_SECS = 30.0
+
+MAX_DATAGRAM_BYTES = 65536
+
+# QUIC packets we send: 1,350 bytes fit the common 1,500-byte path MTU with
+# room for tunnels (aioquic's default, 1,200, is the protocol's minimum).
+MAX_DATAGRAM_PAYLOAD_BYTES = 1350
+
+# Application error codes in RESET_STREAM / STOP_SENDING / CONNECTION_CLOSE.
+ERROR_ABORTED = 1
+
+
+class StreamBroken(PtthError, OSError):
+    """The stream was reset by the peer or by us, or its connection closed."""
+
+
+class PacedQuicConnection(QuicConnection):
+    """A QuicConnection whose stream windows follow what the application has read."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.consumed: dict[int, int] = {}
+
+    def _write_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace,
+                             stream: _AioStream) -> None:
+        # aioquic's own version doubles the window as bytes arrive (unbounded
+        # buffering for a slow reader); this one grants credit as bytes are
+        # read, in steps of half a window. Adapted from aioquic 1.7.2.
+        assert stream.stream_id is not None
+        if stream.max_stream_data_local:
+            target = self.consumed.get(stream.stream_id, 0) + STREAM_WINDOW_BYTES
+            if target - stream.max_stream_data_local >= STREAM_WINDOW_BYTES // 2:
+                stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+    def unacked_bytes(self, stream_id: int) -> int:
+        """Bytes given to the stream that the peer has not acknowledged yet."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        return int(stream.sender._buffer_stop - stream.sender._buffer_start)
+
+
+def configure(config: QuicConfiguration) -> QuicConfiguration:
+    """Our settings on a configuration from quic_cert: ALPN, windows, idle timeout."""
+    config.alpn_protocols = [ALPN]
+    config.max_stream_data = STREAM_WINDOW_BYTES
+    config.max_data = 64 * STREAM_WINDOW_BYTES
+    config.idle_timeout = IDLE_TIMEOUT_SECS
+    config.max_datagram_size = MAX_DATAGRAM_PAYLOAD_BYTES
+    return config
+
+
+class QuicStream:
+    """One bidirectional QUIC stream, read and written like a blocking socket."""
+
+    def __init__(self, peer: QuicPeer, stream_id: int) -> None:
+        self.peer = peer
+        self.stream_id = stream_id
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self.broken = ""
+        self._readable = gevent.event.Event()
+        self._writable = gevent.event.Event()
+        self._writable.set()
+        self._ended = False
+
+    def read(self, max_bytes: int = READ_BYTES) -> bytes:
+        """Up to max_bytes, waiting for at least one; b"" at the peer's end of stream."""
+        while not self._chunks and not self._eof and not self.broken:
+            self._readable.clear()
+            self._readable.wait()
+        if self._chunks:
+            data = self._chunks.popleft()
+            if len(data) > max_bytes:
+                self._chunks.appendleft(data[max_bytes:])
+                data = data[:max_bytes]
+            self.peer.read_done(self.stream_id, len(data))
+            return data
+        if self.broken:
+            raise StreamBroken(self.broken)
+        return b""
+
+    def write(self, data: bytes) -> None:
+        """Queue data, waiting while the peer has not acknowledged SEND_BUFFER_BYTES."""
+        while True:
+            if self.broken:
+                raise StreamBroken(self.broken)
+            if self.peer.quic.unacked_bytes(self.stream_id) < SEND_BUFFER_BYTES:
+                break
+            self._writable.clear()
+            self._writable.wait()
+        self.peer.quic.send_stream_data(self.stream_id, data)
+        self.peer.transmit()
+
+    def end(self) -> None:
+        """Our end of stream: the peer reads b"" after the last byte (a half-close)."""
+        if not self._ended and not self.broken:
+            self._ended = True
+            self.peer.quic.send_stream_data(self.stream_id, b"", end_stream=True)
+            self.peer.transmit()
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Reset both directions; the peer's read() and write() raise StreamBroken."""
+        if self.broken:
+            return
+        self._break(reason)
+        # Either may find the stream already finished or reset on aioquic's side.
+        with contextlib.suppress(Exception):
+            self.peer.quic.reset_stream(self.stream_id, ERROR_ABORTED)
+        with contextlib.suppress(Exception):
+            self.peer.quic.stop_stream(self.stream_id, ERROR_ABORTED)
+        self.peer.transmit()
+
+    # called by QuicPeer
+
+    def _received(self, data: bytes, end: bool) -> None:
+        if data:
+            self._chunks.append(data)
+        if end:
+            self._eof = True
+        self._readable.set()
+
+    def _break(self, reason: str) -> None:
+        if not self.broken:
+            self.broken = reason
+        self._readable.set()
+        self._writable.set()
+
+
+class QuicPeer:
+    """One QUIC connection and its streams, driven by gevent."""
+
+    def __init__(self, quic: PacedQuicConnection, send: Callable[[bytes, Any], None],
+                 on_stream: Callable[[QuicStream], None] | None = None) -> None:
+        self.quic = quic
+        self._send = send
+        self.on_stream = on_stream  # called in a new greenlet for each stream the peer opens
+        self.streams: dict[int, QuicStream] = {}
+        self.handshake_done = gevent.event.Event()
+        self.closed = gevent.event.Event()
+        self.close_reason = ""
+        self.on_cid: Callable[[bytes, bool], None] = lambda cid, issued: None
+        self._highest_peer_stream = -1
+        self._flush_scheduled = False
+        self._timer_changed = gevent.event.Event()
+        self._timer = gevent.spawn(self._run_timer)
+        self._keepalive = gevent.spawn(self._run_keepalive)
+
+    def open_stream(self) -> QuicStream:
+        """A new bidirectional stream of ours."""
+        if self.closed.is_set():
+            raise StreamBroken(self.close_reason or "connection closed")
+        stream_id = self.quic.get_next_available_stream_id()
+        stream = QuicStream(self, stream_id)
+        self.streams[stream_id] = stream
+        return stream
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.quic.receive_datagram(data, addr, now=time.monotonic())
+        self._process()
+
+    def read_done(self, stream_id: int, n: int) -> None:
+        """The application read n bytes: credit may now be granted back."""
+        consumed = self.quic.consumed
+        consumed[stream_id] = consumed.get(stream_id, 0) + n
+        self.transmit()
+
+    def transmit(self) -> None:
+        """Send what aioquic has ready, soon: once per turn of the event loop.
+
+        Every write, read and datagram may give aioquic something to send,
+        and asking it costs as much as a small packet; so callers only mark
+        the connection, and one flush per loop turn sends for all of them.
+        """
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            gevent.get_hub().loop.run_callback(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        for data, addr in self.quic.datagrams_to_send(now=time.monotonic()):
+            try:
+                self._send(data, addr)
+            except OSError as e:  # e.g. the network is down: QUIC retransmits later
+                logger.debug("sendto failed: %s", e)
+        self._timer_changed.set()
+        self._wake_writers()
+
+    def close(self, reason: str = "closing") -> None:
+        """Close the connection (the peer sees CONNECTION_CLOSE)."""
+        if self.quic._state not in (QuicConnectionState.CLOSING, QuicConnectionState.DRAINING,
+                                    QuicConnectionState.TERMINATED):
+            self.quic.close(error_code=0, reason_phrase=reason[:100])
+            self.transmit()
+        self._terminated(reason)
+
+    def _process(self) -> None:
+        while (event := self.quic.next_event()) is not None:
+            if isinstance(event, events.StreamDataReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is None:
+                    if event.stream_id <= self._highest_peer_stream:
+                        continue  # late bytes of a stream we have finished with
+                    self._highest_peer_stream = event.stream_id
+                    stream = QuicStream(self, event.stream_id)
+                    self.streams[event.stream_id] = stream
+                    if self.on_stream is not None:
+                        gevent.spawn(self.on_stream, stream)
+                stream._received(event.data, event.end_stream)
+            elif isinstance(event, events.StreamReset):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream._break("reset by the peer")
+            elif isinstance(event, events.StopSendingReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream._break("the peer stopped reading")
+            elif isinstance(event, events.HandshakeCompleted):
+                self.handshake_done.set()
+            elif isinstance(event, events.ConnectionIdIssued):
+                self.on_cid(event.connection_id, True)
+            elif isinstance(event, events.ConnectionIdRetired):
+                self.on_cid(event.connection_id, False)
+            elif isinstance(event, events.ConnectionTerminated):
+                self._terminated(event.reason_phrase or f"closed (error {event.error_code})")
+        self.transmit()
+
+    def _wake_writers(self) -> None:
+        done = []
+        for stream_id, stream in self.streams.items():
+            if not stream._writable.is_set() and self.quic.unacked_bytes(stream_id) < SEND_BUFFER_BYTES:
+                stream._writable.set()
+            if stream_id not in self.quic._streams and (stream.broken or (stream._eof and not stream._chunks)):
+                done.append(stream_id)  # over on both sides, and aioquic has let go of it
+        for stream_id in done:
+            del self.streams[stream_id]
+
+    def _run_keepalive(self) -> None:
+        """A PING now and then, so NAT boxes keep the mapping and a dead peer is noticed."""
+        while not self.closed.wait(KEEPALIVE_SECS):
+            self.quic.send_ping(0)
+            self.transmit()
+
+    def _run_timer(self) -> None:
+        while not self.closed.is_set():
+            deadline = self.quic.get_timer()
+            self._timer_changed.clear()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._timer_changed.wait(timeout):
+                continue  # re-armed: look at the new deadline
+            self.quic.handle_timer(now=time.monotonic())
+            self._process()
+
+    def _terminated(self, reason: str) -> None:
+        if self.closed.is_set():
+            return
+        self.close_reason = reason
+        self.closed.set()
+        for stream in list(self.streams.values()):
+            stream._break(f"connection closed: {reason}")
+        self.handshake_done.set()  # wake waiters; they check closed
+        for greenlet in (self._timer, self._keepalive):
+            if greenlet is not gevent.getcurrent():
+                greenlet.kill(block=False)
+
+
+class QuicServerEndpoint:
+    """The relay's UDP socket: every proxy's QUIC connection to it."""
+
+    def __init__(self, sock: socket.socket, configuration: QuicConfiguration,
+                 on_peer: Callable[[QuicPeer], None]) -> None:
+        self.sock = sock
+        self.configuration = configuration
+        self.on_peer = on_peer  # called in a new greenlet for each new connection
+        self.peers: dict[bytes, QuicPeer] = {}
+
+    def serve_forever(self) -> None:
+        while True:
+            data, addr = self.sock.recvfrom(MAX_DATAGRAM_BYTES)
+            try:
+                header = pull_quic_header(Buffer(data=data),
+                                          host_cid_length=self.configuration.connection_id_length)
+            except ValueError:
+                continue
+            peer = self.peers.get(header.destination_cid)
+            if peer is None:
+                if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200 \
+                        or header.version not in self.configuration.supported_versions:
+                    continue
+                peer = self._new_peer(header.destination_cid)
+            peer.datagram_received(data, addr)
+
+    def _new_peer(self, original_cid: bytes) -> QuicPeer:
+        quic = PacedQuicConnection(configuration=self.configuration,
+                                   original_destination_connection_id=original_cid)
+        peer = QuicPeer(quic, self._sendto)
+        cids = {original_cid, quic.host_cid}
+
+        def on_cid(cid: bytes, issued: bool) -> None:
+            if issued:
+                cids.add(cid)
+                self.peers[cid] = peer
+            else:
+                cids.discard(cid)
+                self.peers.pop(cid, None)
+
+        peer.on_cid = on_cid
+        for cid in cids:
+            self.peers[cid] = peer
+
+        def forget() -> None:
+            peer.closed.wait()
+            for cid in cids:
+                if self.peers.get(cid) is peer:
+                    del self.peers[cid]
+
+        gevent.spawn(forget)
+        gevent.spawn(self.on_peer, peer)
+        return peer
+
+    def _sendto(self, data: bytes, addr: Any) -> None:
+        self.sock.sendto(data, addr)
+
+
+def connect(host: str, port: int, configuration: QuicConfiguration, timeout: float,
+            on_stream: Callable[[QuicStream], None] | None = None) -> QuicPeer:
+    """Open a QUIC connection to (host, port); raise OSError if no handshake within timeout."""
+    infos = gevent.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, _, _, _, addr = infos[0]
+    sock = gevent.socket.socket(family, socket.SOCK_DGRAM)
+    sock.connect(addr)
+    quic = PacedQuicConnection(configuration=configuration)
+    peer = QuicPeer(quic, lambda data, _addr: sock.send(data), on_stream)
+
+    def receive() -> None:
+        while not peer.closed.is_set():
+            try:
+                data = sock.recv(MAX_DATAGRAM_BYTES)
+            except OSError as e:  # ICMP port unreachable: nobody at that port (yet)
+                logger.debug("recv: %s", e)
+                gevent.sleep(0.2)
+                continue
+            peer.datagram_received(data, addr)
+        sock.close()
+
+    gevent.spawn(receive)
+    quic.connect(addr, now=time.monotonic())
+    peer.transmit()
+    if not peer.handshake_done.wait(timeout) or peer.closed.is_set():
+        reason = peer.close_reason or f"no answer within {timeout:.0f} s"
+        peer.close("handshake failed")
+        raise OSError(f"QUIC handshake with {host}:{port} failed: {reason}")
+    return peer
+

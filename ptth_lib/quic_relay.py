@@ -1,0 +1,146 @@
+"""The QUIC relay (spec 004): where client proxies' streams meet server proxies'.
+
+Every proxy keeps one QUIC connection here. Its first stream must carry a
+`PeerHello` whose key matches the tripcode of that server (`[[servers]]`) or
+client (`[[clients]]`) in the relay config, the same tables as the HTTP
+relay's; nothing else is accepted from a connection before that. Then:
+
+1. a client opens a stream with `ClientConnect(server, port, inner)`;
+2. the relay checks the client's `allow` list and that the server is
+   connected, opens a stream to that server's proxy with
+   `RelayOffer(client, port, inner)` (the inner tip re-wrapped, untouched);
+3. the server answers OK or a refusal, and the relay passes the `Answer` back;
+4. on OK the relay copies bytes between the two streams until both end, and
+   a reset on either side resets the other.
+
+Refusals go back as an `Answer` with the reason, and the stream is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import gevent
+import gevent.queue
+
+from . import quic_tip, tripcode
+from .config import RelayConfig
+from .errors import ProtocolError
+from .quic_forward import TIP_WAIT_SECS, read_tip, splice_streams
+from .quic_io import QuicPeer, QuicStream, StreamBroken
+
+logger = logging.getLogger(__name__)
+
+# A new connection must say hello within this long, or it is closed.
+HELLO_WAIT_SECS = 10.0
+
+
+class QuicRelay:
+    """Connected proxies, and the streams between them."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.servers: dict[str, QuicPeer] = {}  # name -> the server proxy's connection (newest wins)
+
+    def on_peer(self, peer: QuicPeer) -> None:
+        """A new QUIC connection: wait for its hello, then serve its streams."""
+        first: gevent.queue.Queue = gevent.queue.Queue(1)
+        peer.on_stream = first.put
+        try:
+            stream = first.get(timeout=HELLO_WAIT_SECS)
+            hello, _ = read_tip(stream, HELLO_WAIT_SECS)
+        except (gevent.queue.Empty, gevent.Timeout, ProtocolError, StreamBroken) as e:
+            logger.info("quic peer closed before a valid hello: %s", e or "no stream")
+            peer.close("no valid hello")
+            return
+        if not isinstance(hello, quic_tip.PeerHello):
+            return self._refuse_hello(peer, stream, "the first stream must carry a hello")
+        problem = self._check(hello)
+        if problem:
+            logger.warning("quic %s %r refused: %s", hello.role, hello.name, problem)
+            return self._refuse_hello(peer, stream, problem)
+        stream.write(quic_tip.encode(quic_tip.HelloAnswer(True, "")))
+        stream.end()
+        logger.info("quic %s %r connected", hello.role, hello.name)
+        if hello.role == "server":
+            old = self.servers.get(hello.name)
+            self.servers[hello.name] = peer
+            if old is not None and old is not peer:
+                old.close("replaced by a new connection of the same server")
+            peer.on_stream = lambda s: s.abort("servers do not open streams")
+        else:
+            peer.on_stream = lambda s: self._connect(hello.name, s)
+        peer.closed.wait()
+        if self.servers.get(hello.name) is peer:
+            del self.servers[hello.name]
+        logger.info("quic %s %r disconnected: %s", hello.role, hello.name, peer.close_reason)
+
+    def _check(self, hello: quic_tip.PeerHello) -> str:
+        if hello.role == "server":
+            registered = self.config.servers.get(hello.name)
+            code = registered.tripcode if registered else None
+        else:
+            client = self.config.clients.get(hello.name)
+            code = client.tripcode if client else None
+        # Compare even for an unknown name, so timing does not tell names apart.
+        ok = tripcode.matches(hello.key, code or tripcode.derive(secrets.token_hex(16)))
+        return "" if ok and code else f"unknown {hello.role} or wrong key (register its tripcode)"
+
+    def _refuse_hello(self, peer: QuicPeer, stream: QuicStream, reason: str) -> None:
+        try:
+            stream.write(quic_tip.encode(quic_tip.HelloAnswer(False, reason)))
+            stream.end()
+        except StreamBroken:
+            pass
+        gevent.sleep(0.2)  # let the answer go out before the close
+        peer.close(reason)
+
+    def _connect(self, client_name: str, stream: QuicStream) -> None:
+        """One client stream: check, offer to the server, pass the answer back, splice."""
+        try:
+            tip, first_up = read_tip(stream)
+        except (ProtocolError, StreamBroken, gevent.Timeout) as e:
+            logger.info("bad stream from client %r: %s", client_name, e)
+            stream.abort("bad tip")
+            return
+        if not isinstance(tip, quic_tip.ClientConnect):
+            stream.abort("expected a connect")
+            return
+        label = f"{client_name} -> {tip.server}:{tip.port}"
+        client = self.config.clients.get(client_name)
+        server_peer = self.servers.get(tip.server)
+        if client is None or not client.may_reach(tip.server, tip.port):
+            return self._answer_refusal(stream, label, f"client {client_name!r} may not reach "
+                                        f"{tip.server}:{tip.port}")
+        if server_peer is None:
+            return self._answer_refusal(stream, label, f"server {tip.server!r} is not connected")
+        try:
+            upstream = server_peer.open_stream()
+            upstream.write(quic_tip.encode(quic_tip.RelayOffer(client_name, tip.port, tip.inner)))
+            answer, first_down = read_tip(upstream, TIP_WAIT_SECS)
+        except (ProtocolError, StreamBroken, gevent.Timeout) as e:
+            return self._answer_refusal(stream, label, f"server {tip.server!r} did not answer: {e}")
+        if not isinstance(answer, quic_tip.Answer):
+            upstream.abort("expected an answer")
+            return self._answer_refusal(stream, label, f"server {tip.server!r} sent a bad answer")
+        try:
+            stream.write(quic_tip.encode(answer))
+        except StreamBroken:
+            upstream.abort("client left")
+            return
+        if not answer.ok:
+            logger.info("quic connection %s refused by the server: %s", label, answer.error)
+            stream.end()
+            return
+        logger.info("quic connection %s open", label)
+        reason = splice_streams(stream, upstream, first_up, first_down)
+        logger.info("quic connection %s closed%s", label, f" ({reason})" if reason else "")
+
+    def _answer_refusal(self, stream: QuicStream, label: str, reason: str) -> None:
+        logger.info("quic connection %s refused: %s", label, reason)
+        try:
+            stream.write(quic_tip.encode(quic_tip.refusal(reason)))
+            stream.end()
+        except StreamBroken:
+            pass

@@ -1,0 +1,79 @@
+"""ptth_quic_relay: the QUIC relay for TCP port forwarding (spec 004).
+
+`python ptth_quic_relay.py [--config PATH] [--bind HOST:PORT]` reads the same
+relay config as ptth_relay ([[servers]], [[clients]]; default
+$PTTH_RELAY_CONFIG or ./ptth_relay.toml) and listens on UDP (quic_bind,
+default 0.0.0.0:30380). On first start it makes a self-signed certificate
+(quic_cert_file, quic_key_file) and prints its SHA-256 fingerprint, which
+proxies pin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+CONFIG_ENV = "PTTH_RELAY_CONFIG"
+DEFAULT_CONFIG = "./ptth_relay.toml"
+
+logger = logging.getLogger("ptth_quic_relay")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ptth_lib.cli import add_logging_flags, setup_logging
+
+    parser = argparse.ArgumentParser(prog="ptth_quic_relay.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=os.environ.get(CONFIG_ENV, DEFAULT_CONFIG),
+                        help=f"relay config file (default: ${CONFIG_ENV} or {DEFAULT_CONFIG})")
+    parser.add_argument("--bind", help="UDP HOST:PORT to listen on (default: quic_bind, 0.0.0.0:30380)")
+    add_logging_flags(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic's own per-connection lines
+
+    import signal
+    import socket
+
+    import gevent
+    import gevent.socket
+
+    from ptth_lib import quic_cert, quic_io
+    from ptth_lib.cli import parse_bind
+    from ptth_lib.config import load_relay_config
+    from ptth_lib.errors import ConfigError
+    from ptth_lib.quic_relay import QuicRelay
+
+    try:
+        config = load_relay_config(args.config)
+        host, port = parse_bind(args.bind or config.quic_bind)
+        identity = quic_cert.load_or_create(config.quic_cert_file, config.quic_key_file)
+    except ConfigError as e:
+        print(f"ptth_quic_relay: {e}", file=sys.stderr)
+        return 2
+    sock = gevent.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        print(f"ptth_quic_relay: cannot listen on UDP {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    if identity.created:
+        logger.info("made a new self-signed certificate %s (key %s)", identity.cert_path, identity.key_path)
+    relay = QuicRelay(config)
+    endpoint = quic_io.QuicServerEndpoint(sock, quic_io.configure(
+        quic_cert.server_configuration(quic_io.ALPN, identity)), relay.on_peer)
+    logger.info("listening on udp://%s:%d, certificate fingerprint %s", host, sock.getsockname()[1],
+                identity.fingerprint)
+    server = gevent.spawn(endpoint.serve_forever)
+    gevent.signal_handler(signal.SIGTERM, server.kill)
+    gevent.signal_handler(signal.SIGINT, server.kill)
+    server.join()
+    for peer in set(endpoint.peers.values()):
+        peer.close("the relay is stopping")
+    gevent.sleep(0.1)  # let the closes go out
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
