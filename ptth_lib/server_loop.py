@@ -114,6 +114,9 @@ class ServerLoop:
         for i in range(LISTENS_IN_FLIGHT):
             threading.Thread(target=self._listen_forever, name=f"ptth-listen-{i}", daemon=True).start()
         self._forwarding.start()
+        if self.config.quic is not None:
+            threading.Thread(target=_run_quic_end_server, args=(self.config,), name="ptth-quic",
+                             daemon=True).start()
         self._stop.wait()
         self._forwarding.stop()
         with self._lock:
@@ -284,6 +287,22 @@ class ServerLoop:
         session.proxies.update(self._proxies)
         session.headers["User-Agent"] = f"ptth_server/{__version__}"
         return session
+
+
+def _run_quic_end_server(config: ServerConfig) -> None:
+    """The [quic] side of port forwarding, in a thread with its own gevent hub.
+
+    gevent runs one hub per thread, so the QUIC proxy's greenlets live here
+    while the rest of the server stays plain threads; it ends with the process.
+    """
+    from .quic_forward import QuicEndServer, RelayTarget
+
+    assert config.quic is not None and config.api_key is not None
+    q = config.quic
+    server = QuicEndServer(config.name, config.api_key,
+                           RelayTarget(q.relay_host, q.relay_port, q.relay_fingerprint, q.ca_file),
+                           dict(config.forwarded_ports))
+    server.run_forever()
 
 
 class _CountingBody:
