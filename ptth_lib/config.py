@@ -22,10 +22,10 @@ from . import tripcode
 from .errors import ConfigError
 
 # Server names appear in URL paths unescaped, so keep them to URL-safe characters.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,63}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,63}\Z")
 
 # Forwarded port names (the spec's opaque server ports) are URL path segments too.
-PORT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+PORT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 _REQUIRED = object()
 

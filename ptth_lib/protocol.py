@@ -70,12 +70,12 @@ HOP_BY_HOP = frozenset({
     "proxy-connection", "proxy-authenticate", "proxy-authorization",
 })
 
-_TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9a-z-]+$")
+_TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9a-z-]+\Z")
 # Field values may hold visible characters, spaces and tabs (RFC 9110 5.5);
 # every other control character is refused, CR, LF and NUL above all.
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Request ids as the relay makes them; anything else could smuggle text into logs.
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,8 @@ def connect_to_relay(target: RelayTarget, hello: quic_tip.PeerHello,
     Raises OSError (unreachable), RefusedError (wrong certificate, or the
     relay refused the key), ProtocolError (not a PTTH relay).
     """
-    config = quic_io.configure(quic_cert.client_configuration(quic_io.ALPN, target.fingerprint, target.ca_file))
+    config = quic_io.configure(quic_cert.client_configuration(quic_io.ALPN, target.fingerprint, target.ca_file,
+                                                              server_name=target.host))
     peer = quic_io.connect(target.host, target.port, config, HANDSHAKE_SECS, on_stream)
     try:
         if target.fingerprint is not None:
