@@ -197,14 +197,16 @@ class _RelayLink:
     """Keeps one QUIC connection to the relay open, reconnecting with backoff."""
 
     def __init__(self, what: str, target: RelayTarget, hello: quic_tip.PeerHello,
-                 on_stream: Callable[[QuicStream], None] | None = None) -> None:
+                 on_stream: Callable[[QuicStream], None] | None = None, must_start: bool = False) -> None:
         self.what = what
+        self.must_start = must_start  # a first attempt that fails is fatal (a program run by hand)
         self.target = target
         self.hello = hello
         self.on_stream = on_stream
         self.peer: QuicPeer | None = None
         self.connected = gevent.event.Event()
         self.fatal: str = ""  # a refusal that retrying cannot fix
+        self.started = False  # connected at least once
 
     def run_forever(self) -> None:
         failures = 0
@@ -218,6 +220,10 @@ class _RelayLink:
                 self.connected.set()
                 return
             except (OSError, ProtocolError) as e:
+                if self.must_start and not self.started:
+                    self.fatal = f"cannot connect to the QUIC relay at {self.target.host}:{self.target.port}: {e}"
+                    self.connected.set()
+                    return
                 if state != str(e):
                     logger.warning("%s: cannot connect to the QUIC relay at %s:%d: %s; retrying with backoff",
                                    self.what, self.target.host, self.target.port, e)
@@ -230,6 +236,7 @@ class _RelayLink:
             logger.info("%s: connected to the QUIC relay at %s:%d as %r", self.what, self.target.host,
                         self.target.port, self.hello.name)
             self.peer = peer
+            self.started = True
             self.connected.set()
             peer.closed.wait()
             self.connected.clear()
@@ -291,7 +298,8 @@ class QuicForwardClient:
     """The client-side proxy: local TCP ports forwarded through the QUIC relay."""
 
     def __init__(self, name: str, api_key: str, target: RelayTarget) -> None:
-        self.link = _RelayLink("quic client", target, quic_tip.PeerHello("client", name, api_key))
+        self.link = _RelayLink("quic client", target, quic_tip.PeerHello("client", name, api_key),
+                               must_start=True)
 
     def serve(self, listener: gevent.socket.socket, server: str, port: str) -> None:
         """Accept TCP connections on `listener` forever, one greenlet each."""
