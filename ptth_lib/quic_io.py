@@ -63,10 +63,12 @@ SEND_BUFFER_BYTES = 1024 * 1024
 # Largest piece one read() returns; also the size of proxies' TCP reads.
 READ_BYTES = 64 * 1024
 
-# Keepalive below common NAT timeouts (often 30 s for UDP), and the idle
-# timeout after which a silent peer counts as gone.
-KEEPALIVE_SECS = 10.0
-IDLE_TIMEOUT_SECS = 30.0
+# A PING every few seconds: far below common NAT timeouts for UDP (30 s and
+# up), and it lets a peer that went silent count as gone after
+# IDLE_TIMEOUT_SECS, so the connections through it close within seconds (a
+# restarted relay cannot tell the proxies that their old connection is gone).
+KEEPALIVE_SECS = 3.0
+IDLE_TIMEOUT_SECS = 10.0
 
 MAX_DATAGRAM_BYTES = 65536
 
@@ -414,7 +416,13 @@ def connect(host: str, port: int, configuration: QuicConfiguration, timeout: flo
         while not peer.closed.is_set():
             try:
                 data = sock.recv(MAX_DATAGRAM_BYTES)
-            except OSError as e:  # ICMP port unreachable: nobody at that port (yet)
+            except ConnectionRefusedError:  # ICMP port unreachable: nothing listens there now
+                if peer.handshake_done.is_set():
+                    peer.close("the relay is gone (port unreachable)")
+                    break
+                gevent.sleep(0.2)  # still connecting: it may be starting
+                continue
+            except OSError as e:
                 logger.debug("recv: %s", e)
                 gevent.sleep(0.2)
                 continue
