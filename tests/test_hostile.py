@@ -658,6 +658,9 @@ class FakeRelay:
 
         class Quiet(ThreadingHTTPServer):
             daemon_threads = True
+            # The server POSTs up to 64 responses at once; socketserver's default backlog
+            # of 5 made a loaded machine reset some, and a POST cut mid-body is not retried.
+            request_queue_size = 128
 
             def handle_error(self, request: Any, client_address: Any) -> None:
                 pass  # a peer hanging up mid-answer is expected here
