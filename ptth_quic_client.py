@@ -82,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     for listener, f in listeners:
         logger.info("forwarding %s:%d to %s:%s over QUIC", args.bind, listener.getsockname()[1], f.server, f.port)
         gevent.spawn(client.serve, listener, f.server, f.port)
-    gevent.signal_handler(signal.SIGTERM, link.kill)
-    gevent.signal_handler(signal.SIGINT, link.kill)
+
+    def stop() -> None:
+        client.link.stop()
+        link.kill()
+
+    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(stop))
+    gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(stop))
     link.join()
     if client.link.fatal:
         return 1

@@ -48,8 +48,13 @@ def main(argv: list[str] | None = None) -> int:
                                                                     q.relay_fingerprint, q.ca_file),
                            dict(config.forwarded_ports))
     run = gevent.spawn(server.run_forever)
-    gevent.signal_handler(signal.SIGTERM, run.kill)
-    gevent.signal_handler(signal.SIGINT, run.kill)
+
+    def stop() -> None:
+        server.link.stop()
+        run.kill()
+
+    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(stop))
+    gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(stop))
     run.join()
     return 1 if server.link.fatal else 0
 

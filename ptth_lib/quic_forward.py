@@ -207,6 +207,18 @@ class _RelayLink:
         self.connected = gevent.event.Event()
         self.fatal: str = ""  # a refusal that retrying cannot fix
         self.started = False  # connected at least once
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Close the connection to the relay: every stream breaks, each TCP connection is reset.
+
+        Waits a moment so the CONNECTION_CLOSE and the resets go out before
+        the process ends; the relay then cuts the far ends at once.
+        """
+        self.stopping = True
+        if self.peer is not None:
+            self.peer.close(f"the {self.what} is stopping")
+            gevent.sleep(0.3)
 
     def run_forever(self) -> None:
         failures = 0
@@ -216,7 +228,8 @@ class _RelayLink:
                 peer = connect_to_relay(self.target, self.hello, self.on_stream)
             except RefusedError as e:
                 self.fatal = str(e)
-                logger.error("%s", e)
+                if not self.must_start:  # otherwise the program prints it, as its one line
+                    logger.error("%s", e)
                 self.connected.set()
                 return
             except (OSError, ProtocolError) as e:
@@ -241,6 +254,8 @@ class _RelayLink:
             peer.closed.wait()
             self.connected.clear()
             self.peer = None
+            if self.stopping:
+                return
             logger.warning("%s: lost the QUIC relay (%s); reconnecting", self.what, peer.close_reason)
 
 

@@ -21,7 +21,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from urllib.parse import quote
 
@@ -80,6 +80,8 @@ MAX_ANSWER_BYTES = 4096
 
 # On Ctrl+C / SIGTERM, responses in flight get this long to finish.
 SHUTDOWN_GRACE_SECS = 10.0
+# ...and the QUIC side this long to close its connection to the relay.
+QUIC_STOP_SECS = 2.0
 
 
 class _Aborted(Exception):
@@ -114,10 +116,16 @@ class ServerLoop:
         for i in range(LISTENS_IN_FLIGHT):
             threading.Thread(target=self._listen_forever, name=f"ptth-listen-{i}", daemon=True).start()
         self._forwarding.start()
+        quic_stop: list[Callable[[], None]] = []
+        quic_thread = None
         if self.config.quic is not None:
-            threading.Thread(target=_run_quic_end_server, args=(self.config,), name="ptth-quic",
-                             daemon=True).start()
+            quic_thread = threading.Thread(target=_run_quic_end_server, args=(self.config, quic_stop),
+                                           name="ptth-quic", daemon=True)
+            quic_thread.start()
         self._stop.wait()
+        if quic_thread is not None and quic_stop:
+            quic_stop[0]()  # close the QUIC connection: its streams and TCP connections are cut
+            quic_thread.join(QUIC_STOP_SECS)
         self._forwarding.stop()
         with self._lock:
             running = set(self._in_flight)
@@ -289,12 +297,16 @@ class ServerLoop:
         return session
 
 
-def _run_quic_end_server(config: ServerConfig) -> None:
+def _run_quic_end_server(config: ServerConfig, stop: list[Callable[[], None]]) -> None:
     """The [quic] side of port forwarding, in a thread with its own gevent hub.
 
     gevent runs one hub per thread, so the QUIC proxy's greenlets live here
-    while the rest of the server stays plain threads; it ends with the process.
+    while the rest of the server stays plain threads. `stop` receives the
+    function that stops it from another thread (gevent's async watcher is
+    the one thread-safe way into a hub).
     """
+    import gevent
+
     from .quic_forward import QuicEndServer, RelayTarget
 
     assert config.quic is not None and config.api_key is not None
@@ -302,7 +314,16 @@ def _run_quic_end_server(config: ServerConfig) -> None:
     server = QuicEndServer(config.name, config.api_key,
                            RelayTarget(q.relay_host, q.relay_port, q.relay_fingerprint, q.ca_file),
                            dict(config.forwarded_ports))
-    server.run_forever()
+    runner = gevent.spawn(server.run_forever)
+    wake = gevent.get_hub().loop.async_()
+
+    def stop_here() -> None:
+        server.link.stop()
+        runner.kill()
+
+    wake.start(lambda: gevent.spawn(stop_here))
+    stop.append(wake.send)
+    runner.join()
 
 
 class _CountingBody:
