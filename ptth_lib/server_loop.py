@@ -119,7 +119,8 @@ class ServerLoop:
         quic_stop: list[Callable[[], None]] = []
         quic_thread = None
         if self.config.quic is not None:
-            quic_thread = threading.Thread(target=_run_quic_end_server, args=(self.config, quic_stop),
+            quic_thread = threading.Thread(target=_run_quic_end_server, args=(self.config, quic_stop,
+                                                                              self._quic_refused),
                                            name="ptth-quic", daemon=True)
             quic_thread.start()
         self._stop.wait()
@@ -201,6 +202,12 @@ class ServerLoop:
             logger.warning("%s; retrying with backoff", problem)
         else:
             logger.info("connected to relay %s as %r", self.config.relay_url, self.config.name)
+
+    def _quic_refused(self) -> None:
+        """The QUIC relay refused us (wrong certificate or key): stop, as for a 403 (its line is logged)."""
+        with self._lock:
+            self.exit_code = 1
+            self._stop.set()
 
     def _refused(self) -> None:
         with self._lock:
@@ -297,13 +304,15 @@ class ServerLoop:
         return session
 
 
-def _run_quic_end_server(config: ServerConfig, stop: list[Callable[[], None]]) -> None:
+def _run_quic_end_server(config: ServerConfig, stop: list[Callable[[], None]],
+                         refused: Callable[[], None]) -> None:
     """The [quic] side of port forwarding, in a thread with its own gevent hub.
 
     gevent runs one hub per thread, so the QUIC proxy's greenlets live here
     while the rest of the server stays plain threads. `stop` receives the
     function that stops it from another thread (gevent's async watcher is
-    the one thread-safe way into a hub).
+    the one thread-safe way into a hub); `refused` is called if the relay
+    refuses us, which retrying cannot fix.
     """
     import gevent
 
@@ -324,6 +333,8 @@ def _run_quic_end_server(config: ServerConfig, stop: list[Callable[[], None]]) -
     wake.start(lambda: gevent.spawn(stop_here))
     stop.append(wake.send)
     runner.join()
+    if server.link.fatal:
+        refused()
 
 
 class _CountingBody:

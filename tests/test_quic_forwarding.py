@@ -605,16 +605,14 @@ def test_server_proxy_with_a_wrong_fingerprint_exits(shared: Bundle) -> None:
     assert fw.works()  # the real alpha was not replaced
 
 
-def test_ptth_server_with_a_wrong_fingerprint_gives_up_its_quic_side(shared: Bundle) -> None:
-    """ptth_server logs the mismatch once and never retries; it keeps running (its HTTP side)."""
+def test_ptth_server_with_a_wrong_fingerprint_exits(shared: Bundle) -> None:
+    """ptth_server stops with exit 1, as when the HTTP relay refuses it, without sending its hello."""
     fw = shared.fw
     hellos = count_matches(fw.relay_proc, r"quic server 'alpha'")
     proc = fw.start_server(kind=PTTH_SERVER, fingerprint=WRONG_FINGERPRINT, wait=False)
     try:
+        assert wait_exit(proc) == 1
         mismatch = rf"has certificate {fw.fingerprint}, not the pinned {WRONG_FINGERPRINT}"
-        proc.wait_for_output(mismatch)
-        time.sleep(4)  # long enough for a retry with backoff
-        assert proc.popen.poll() is None, proc.output()
         assert count_matches(proc, mismatch) == 1, proc.output()
         assert count_matches(proc, r"connected to the QUIC relay") == 0
         assert_no_traceback(proc)
