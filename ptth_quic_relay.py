@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ptth_quic_relay: {e}", file=sys.stderr)
         return 2
     sock = gevent.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    quic_io.size_buffers(sock)
     try:
         sock.bind((host, port))
     except OSError as e:

@@ -1,15 +1,21 @@
-"""TCP port forwarding benchmark: through the forward against a direct connection, on loopback.
+"""TCP port forwarding benchmark: over HTTP and over QUIC, against direct TCP, on loopback.
 
-    .venv/bin/python bench/forward.py [--quick] [--bytes 1G] [--round-trips 2000] [--runs 3]
+    .venv/bin/python bench/forward.py [--quick] [--bytes 1G] [--quic-bytes 64M]
+        [--round-trips 2000] [--runs 3] [--no-quic | --only-quic] [--profile-quic DIR]
 
-Starts on 127.0.0.1 the relay as deployed (gunicorn, gevent worker,
-conf/gunicorn.conf.py), ptth_server forwarding two ports, ptth_client with a
-local port for each, and the TCP end servers in a process of their own (so
-this script's GIL cannot slow them): `echo`, and `bulk`, which reads a header
+Starts on 127.0.0.1 the TCP end servers in a process of their own (so this
+script's GIL cannot slow them): `echo`, and `bulk`, which reads a header
 (bytes up, bytes down), then discards what it receives while it sends a fixed
-pattern, and answers the client's EOF with the count it received. The same
-client code measures through ptth_client's port (TCP -> ptth_client -> relay
--> ptth_server -> end server) and straight to the end server (the baseline):
+pattern, and answers the client's EOF with the count it received. Then two
+tunnels to them, each forwarding both ports:
+
+  http   the relay as deployed (gunicorn, gevent worker, conf/gunicorn.conf.py),
+         ptth_server and ptth_client: TCP -> ptth_client -> relay -> ptth_server
+  quic   ptth_quic_relay (UDP), ptth_quic_end_server and ptth_quic_client:
+         TCP -> client proxy -> QUIC relay -> server proxy, one QUIC stream a hop
+
+The same client code measures through each tunnel's local port and straight
+to the end server (direct, the baseline):
 
   round trip  1 byte back and forth on one TCP_NODELAY connection, N times after
               a warm-up: p50/p90/p99/max ms (and the first, which sets the forward up)
@@ -17,16 +23,23 @@ client code measures through ptth_client's port (TCP -> ptth_client -> relay
   both        upload and download at once on one connection, MiB/s each way
   parallel    8 downloads at once (bytes/8 each), aggregate MiB/s
 
-A transfer's clock starts once the end server has its header and stops at its
-last byte (an upload's count). Each transfer runs --runs times, forward and
-direct alternating, and the median run is kept. Meanwhile VmRSS of the relay
-worker (the gunicorn master's child), ptth_server and ptth_client is sampled
-every 50 ms (and VmHWM read after a reset), and every process's CPU seconds
-(utime + stime, all threads; the kernel part in the JSON) are taken, so the
-busiest hop shows. "others" is CPU taken by processes not ours (a shared
-machine's noise). Prints a table, writes bench/forward-results.json. --quick
-(128 MiB, 1 run, 1,000 round trips) is a smoke test, not figures. Targets:
-p99 under 20 ms, and at least 100 MiB/s each way, through the forward.
+QUIC (aioquic, pure Python) moves a few MiB/s, so its transfers are smaller
+(--quic-bytes, 64 MiB; direct and http move --bytes, 1 GiB). A transfer's
+clock starts once the end server has its header and stops at its last byte
+(an upload's count). Each transfer runs --runs times, the paths taking turns
+(the order rotating from run to run), and the median run is kept. Meanwhile
+VmRSS of every tunnel process (for http the relay worker, the gunicorn
+master's child) is sampled every 50 ms (and VmHWM read after a reset), every
+process's CPU seconds (utime + stime, all threads; the kernel part in the
+JSON) are taken, so the busiest hop shows, and the machine's UDP datagrams
+(/proc/net/snmp: on loopback every QUIC packet passes the QUIC relay) and UDP
+receive-buffer drops are counted. "others" is CPU taken by processes not ours
+(a shared machine's noise). Prints a table, writes bench/forward-results.json.
+--quick (128 MiB, QUIC 16 MiB, 1 run, 1,000 round trips) is a smoke test,
+not figures. --profile-quic DIR runs the three QUIC processes under cProfile
+(DIR/quic_*.prof, and the top functions in DIR/quic_*.txt); its figures are
+then the profiler's, not QUIC's. Targets: p99 under 20 ms through each
+forward, and at least 100 MiB/s each way through the HTTP forward.
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ import json
 import multiprocessing
 import os
 import platform
+import pstats
 import re
 import signal
 import socket
@@ -255,16 +269,43 @@ def status_kib(pid: int, key: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+def udp_counters() -> dict[str, int]:
+    """The machine's UDP counters (InDatagrams, OutDatagrams, RcvbufErrors, ...)."""
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()
+             if line.startswith("Udp:")]
+    return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:], strict=True)}
+
+
+def udp_drops(pids: dict[str, int]) -> dict[str, int]:
+    """Datagrams dropped so far at each process's UDP sockets (a full receive buffer)."""
+    drops = {}
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        fields = line.split()
+        drops[fields[9]] = int(fields[12])  # by inode
+    result = {}
+    for who, pid in pids.items():
+        inodes = []
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        inodes.append(link[8:-1])
+        result[who] = sum(drops.get(i, 0) for i in inodes)
+    return result
+
+
 def machine_busy_secs() -> float:
     values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     return (sum(values) - values[3] - values[4]) / TICKS
 
 
 class Watch:
-    """CPU seconds of each process, and peak RSS of the tunnel's, over one measurement."""
+    """CPU seconds of each process, peak RSS of the tunnels', UDP datagrams, over one measurement."""
 
     def __init__(self, pids: dict[str, int], rss_of: tuple[str, ...]) -> None:
         self.pids, self.rss_of = pids, rss_of
+        self.quic = {who: pid for who, pid in pids.items() if who.startswith("quic_")}
 
     def __enter__(self) -> Self:
         for who in self.rss_of:  # VmHWM starts again from the current RSS
@@ -272,6 +313,7 @@ class Watch:
                 Path(f"/proc/{self.pids[who]}/clear_refs").write_text("5")
         self.peak = {who: status_kib(self.pids[who], "VmRSS") for who in self.rss_of}
         self.cpu = {who: cpu_times(pid) for who, pid in self.pids.items()}
+        self.udp, self.drops = udp_counters(), udp_drops(self.quic)
         self.busy, self.wall = machine_busy_secs(), time.perf_counter()
         self._done = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
@@ -291,62 +333,131 @@ class Watch:
         sys_secs = {who: round(now[who][1] - self.cpu[who][1], 2) for who in now}
         cpu = {who: round(sum(now[who]) - sum(self.cpu[who]), 2) for who in now}
         cpu["others"] = round(max(0.0, machine_busy_secs() - self.busy - sum(cpu.values())), 2)
+        udp = {k: v - self.udp[k] for k, v in udp_counters().items()}
+        drops = {k: v - self.drops.get(k, 0) for k, v in udp_drops(self.quic).items()}
         for who in self.rss_of:
             self.peak[who] = max(self.peak[who], status_kib(self.pids[who], "VmHWM"))
         self.result = {"wall_secs": round(wall, 2), "cpu_secs": cpu, "cpu_sys_secs": sys_secs,
-                       "peak_rss_mib": {w: round(k / 1024, 1) for w, k in self.peak.items()}}
+                       "peak_rss_mib": {w: round(k / 1024, 1) for w, k in self.peak.items()},
+                       "udp_datagrams": udp["OutDatagrams"],
+                       "udp_rcvbuf_drops": udp["RcvbufErrors"], "udp_drops_by_process": drops}
 
 
-def start_tunnel(work: Path, ends: dict[str, int],
-                 procs: list[Proc]) -> tuple[dict[str, int], dict[str, int]]:
-    """Start relay, ptth_server and ptth_client (added to `procs`); return pids and local ports."""
+PATHS = ("direct", "http", "quic")
+HOPS = {"http": ("relay", "server", "client"),
+        "quic": ("quic_relay", "quic_server", "quic_client")}
+
+
+def make_key(name: str) -> tuple[str, str]:
+    """A fresh API key and its tripcode."""
     import blake3
 
-    def key(name: str) -> tuple[str, str]:
-        k = f"bench-key-{name}-" + os.urandom(18).hex()
-        return k, base64.b64encode(blake3.blake3(k.encode()).digest()).decode()
+    k = f"bench-key-{name}-" + os.urandom(18).hex()
+    return k, base64.b64encode(blake3.blake3(k.encode()).digest()).decode()
 
-    (server_key, server_trip), (client_key, client_trip) = key("server"), key("client")
-    (work / "relay.toml").write_text(
-        f'[[servers]]\nname = "bench"\ntripcode = "{server_trip}"\n\n'
-        f'[[clients]]\nname = "bench-client"\ntripcode = "{client_trip}"\nallow = ["bench:*"]\n')
-    procs.append(Proc([sys.executable, "-m", "gunicorn", "-c", "conf/gunicorn.conf.py", "--bind",
-                       "127.0.0.1:0", "ptth_relay:app"], work / "relay.log",
-                      env={"PTTH_RELAY_CONFIG": str(work / "relay.toml")}))
-    port = procs[0].wait_for(r"Listening at: http://127\.0\.0\.1:(\d+)").group(1)
+
+def wait_for_echo(port: int, what: str, work: Path) -> None:
+    """Until a round trip through `port` works (the server side is connected to its relay)."""
+    deadline = time.monotonic() + STARTUP_SECS
+    while True:
+        try:
+            with connect(port) as sock:
+                sock.sendall(b"x")
+                if sock.recv(1) == b"x":
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no round trip through the {what} forward; logs in {work}")
+        time.sleep(0.2)
+
+
+def start_http_tunnel(work: Path, ends: dict[str, int], keys: dict[str, tuple[str, str]],
+                      procs: list[Proc]) -> tuple[dict[str, int], dict[str, int]]:
+    """Start relay, ptth_server and ptth_client (added to `procs`); return pids and local ports."""
+    (server_key, _), (client_key, _) = keys["server"], keys["client"]
+    relay = Proc([sys.executable, "-m", "gunicorn", "-c", "conf/gunicorn.conf.py", "--bind",
+                  "127.0.0.1:0", "ptth_relay:app"], work / "relay.log",
+                 env={"PTTH_RELAY_CONFIG": str(work / "relay.toml")})
+    procs.append(relay)
+    port = relay.wait_for(r"Listening at: http://127\.0\.0\.1:(\d+)").group(1)
     url = f"http://127.0.0.1:{port}"
-    (work / "root").mkdir()
     ports_table = "".join(f'{name} = "127.0.0.1:{port}"\n' for name, port in ends.items())
     server_config = work / "server.toml"
     server_config.write_text(f'name = "bench"\napi_key = "{server_key}"\nrelay_url = "{url}/"\n'
                              f'file_server_root = "{work / "root"}"\n'
                              f'[forwarded_ports]\n{ports_table}')
     server_config.chmod(0o600)
-    procs.append(Proc([sys.executable, "ptth_server.py", "--config", str(server_config)],
-                      work / "server.log"))
+    server = Proc([sys.executable, "ptth_server.py", "--config", str(server_config)],
+                  work / "server.log")
+    procs.append(server)
     (work / "client.key").write_text(client_key + "\n")
     (work / "client.key").chmod(0o600)
     args = [sys.executable, "ptth_client.py", "--relay-url", url,
             "--api-key-file", str(work / "client.key")]
     args += [a for n in ends for a in ("--forward", f"0:bench:{n}")]
-    procs.append(Proc(args, work / "client.log"))
-    ports = {n: int(procs[2].wait_for(rf"forwarding 127\.0\.0\.1:(\d+) to bench:{n}\b").group(1))
+    client = Proc(args, work / "client.log")
+    procs.append(client)
+    ports = {n: int(client.wait_for(rf"forwarding 127\.0\.0\.1:(\d+) to bench:{n}\b").group(1))
              for n in ends}
-    deadline = time.monotonic() + STARTUP_SECS
-    while True:  # until ptth_server listens for the ports at the relay
-        try:
-            with connect(ports["echo"]) as sock:
-                sock.sendall(b"x")
-                if sock.recv(1) == b"x":
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no round trip through the forward; logs in {work}")
-        time.sleep(0.2)
-    master = procs[0].popen.pid
+    wait_for_echo(ports["echo"], "HTTP", work)
+    master = relay.popen.pid
     worker = int(Path(f"/proc/{master}/task/{master}/children").read_text().split()[0])
-    return {"relay": worker, "server": procs[1].popen.pid, "client": procs[2].popen.pid}, ports
+    return {"relay": worker, "server": server.popen.pid, "client": client.popen.pid}, ports
+
+
+def start_quic_tunnel(work: Path, ends: dict[str, int], keys: dict[str, tuple[str, str]],
+                      procs: list[Proc], profile: Path | None
+                      ) -> tuple[dict[str, int], dict[str, int]]:
+    """Start ptth_quic_relay, ptth_quic_end_server and ptth_quic_client; pids and local ports."""
+    (server_key, _), (client_key, _) = keys["server"], keys["client"]
+
+    def python(who: str) -> list[str]:
+        if profile is None:
+            return [sys.executable]
+        return [sys.executable, "-m", "cProfile", "-o", str(profile / f"{who}.prof")]
+
+    relay = Proc([*python("quic_relay"), "ptth_quic_relay.py", "--config",
+                  str(work / "relay.toml")], work / "quic-relay.log")
+    procs.append(relay)
+    m = relay.wait_for(r"listening on udp://127\.0\.0\.1:(\d+), certificate fingerprint ([0-9a-fA-F:]+)")
+    port, fingerprint = m.group(1), m.group(2)
+    ports_table = "".join(f'{name} = "127.0.0.1:{port}"\n' for name, port in ends.items())
+    server_config = work / "quic-server.toml"
+    server_config.write_text(f'name = "bench"\napi_key = "{server_key}"\n'
+                             f'relay_url = "http://127.0.0.1:1/"\n'  # not used: QUIC only
+                             f'file_server_root = "{work / "root"}"\n'
+                             f'[forwarded_ports]\n{ports_table}'
+                             f'[quic]\nrelay = "127.0.0.1:{port}"\n'
+                             f'relay_fingerprint = "{fingerprint}"\n')
+    server_config.chmod(0o600)
+    server = Proc([*python("quic_server"), "ptth_quic_end_server.py", "--config",
+                   str(server_config)], work / "quic-server.log")
+    procs.append(server)
+    args = [*python("quic_client"), "ptth_quic_client.py", "--relay", f"127.0.0.1:{port}",
+            "--relay-fingerprint", fingerprint, "--name", "bench-client"]
+    args += [a for n in ends for a in ("--forward", f"0:bench:{n}")]
+    client = Proc(args, work / "quic-client.log", env={"PTTH_CLIENT_API_KEY": client_key})
+    procs.append(client)
+    ports = {n: int(client.wait_for(rf"forwarding 127\.0\.0\.1:(\d+) to bench:{n} over QUIC")
+                    .group(1)) for n in ends}
+    wait_for_echo(ports["echo"], "QUIC", work)
+    return {"quic_relay": relay.popen.pid, "quic_server": server.popen.pid,
+            "quic_client": client.popen.pid}, ports
+
+
+def summarize_profiles(profile: Path, top: int = 30) -> None:
+    """Each DIR/quic_*.prof's top functions by tottime and by cumtime, as DIR/quic_*.txt."""
+    for who in HOPS["quic"]:
+        prof = profile / f"{who}.prof"
+        if not prof.exists():
+            progress(f"profile: no {prof} ({who} did not exit cleanly?)")
+            continue
+        with open(prof.with_suffix(".txt"), "w") as out:
+            stats = pstats.Stats(str(prof), stream=out).strip_dirs()
+            stats.sort_stats("tottime").print_stats(top)
+            stats.sort_stats("cumulative").print_stats(top)
+        progress(f"profile: {prof.with_suffix('.txt')}")
 
 
 # ---- the run ---------------------------------------------------------------------------
@@ -366,7 +477,8 @@ def machine() -> dict[str, Any]:
         out = subprocess.run(["git", *args], check=False, cwd=REPO, capture_output=True, text=True)
         return out.stdout.strip()
 
-    product = ("ptth_lib", "ptth_relay.py", "ptth_server.py", "ptth_client.py", "conf")
+    product = ("ptth_lib", "ptth_relay.py", "ptth_server.py", "ptth_client.py",
+               "ptth_quic_relay.py", "ptth_quic_end_server.py", "ptth_quic_client.py", "conf")
     return {"date": datetime.now(UTC).isoformat(timespec="seconds"),
             "uname": " ".join(filter(None, platform.uname())), "nproc": os.cpu_count(),
             "cpu_model": model.group(1).strip() if model else platform.processor(),
@@ -395,95 +507,172 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if not to_ends.poll(STARTUP_SECS):
             raise RuntimeError("the end servers did not start")
         ends = to_ends.recv()
-        pids, ports = start_tunnel(work, ends, procs)
+        keys = {who: make_key(who) for who in ("server", "client")}
+        (work / "root").mkdir()
+        (work / "relay.toml").write_text(  # read by both relays
+            f'quic_bind = "127.0.0.1:0"\nquic_cert_file = "{work / "quic-relay.crt"}"\n'
+            f'quic_key_file = "{work / "quic-relay.key"}"\n\n'
+            f'[[servers]]\nname = "bench"\ntripcode = "{keys["server"][1]}"\n\n'
+            f'[[clients]]\nname = "bench-client"\ntripcode = "{keys["client"][1]}"\n'
+            f'allow = ["bench:*"]\n')
+        pids: dict[str, int] = {}
+        routes: dict[str, dict[str, int]] = {"direct": ends}
+        if "http" in args.paths:
+            progress("starting the HTTP tunnel")
+            got, routes["http"] = start_http_tunnel(work, ends, keys, procs)
+            pids |= got
+        if "quic" in args.paths:
+            progress("starting the QUIC tunnel" + " under cProfile" * bool(args.profile_quic))
+            got, routes["quic"] = start_quic_tunnel(work, ends, keys, procs, args.profile_quic)
+            pids |= got
+        tunnel_pids = tuple(pids)
         pids |= {"ends": ends_proc.pid or 0, "bench": os.getpid()}
-        routes = {"forward": ports, "direct": ends}
         results: dict[str, Any] = {"round_trip": {}, "bulk": {}}
-        for route in ("direct", "forward"):
+        for route in args.paths:
             progress(f"{args.round_trips} round trips, {route}")
             results["round_trip"][route] = round_trips(routes[route]["echo"], args.round_trips,
                                                        args.warmup)
-        size = args.bytes
-        phases = {"upload": lambda p: transfer(p, size, 0),
-                  "download": lambda p: transfer(p, 0, size)}
+        sizes = {"direct": args.bytes, "http": args.bytes, "quic": args.quic_bytes}
+        phases: dict[str, Any] = {"upload": lambda p, n: transfer(p, n, 0),
+                                  "download": lambda p, n: transfer(p, 0, n)}
         if not args.no_extra:
-            phases["both"] = lambda p: transfer(p, size, size)
+            phases["both"] = lambda p, n: transfer(p, n, n)
             if args.parallel:
-                phases["parallel"] = lambda p: parallel_downloads(p, size, args.parallel)
-        transfer(ports["bulk"], 16 * MIB, 16 * MIB)  # warm-up
-        runs: dict[str, dict[str, list[Any]]] = {p: {"forward": [], "direct": []} for p in phases}
-        for i in range(args.runs):  # alternating, the order turning from run to run
+                phases["parallel"] = lambda p, n: parallel_downloads(p, n, args.parallel)
+        for route in args.paths[1:]:  # warm-up
+            warm = min(16 * MIB, sizes[route] // 4)
+            transfer(routes[route]["bulk"], warm, warm)
+        runs: dict[str, dict[str, list[Any]]] = {p: {r: [] for r in args.paths} for p in phases}
+        for i in range(args.runs):  # the paths taking turns, the order rotating from run to run
+            order = args.paths[i % len(args.paths):] + args.paths[:i % len(args.paths)]
             for phase, measure in phases.items():
-                for route in ("forward", "direct")[::1 if i % 2 == 0 else -1]:
-                    progress(f"run {i + 1}/{args.runs}: {phase}, {route}")
-                    with Watch(pids, ("relay", "server", "client")) as watch:
-                        secs = measure(routes[route]["bulk"])
+                for route in order:
+                    size = sizes[route]
+                    progress(f"run {i + 1}/{args.runs}: {phase}, {route}, {size / MIB:g} MiB")
+                    with Watch(pids, tunnel_pids) as watch:
+                        secs = measure(routes[route]["bulk"], size)
                     moved = size - size % args.parallel if phase == "parallel" else size
-                    mibs = round(moved / MIB / secs, 1)
-                    runs[phase][route].append({"mib_per_s": mibs, **watch.result})
+                    runs[phase][route].append({"bytes": moved, "mib_per_s": round(moved / MIB / secs, 1),
+                                               **watch.result})
         results["bulk"] = {p: {rt: median_run(rs) for rt, rs in r.items()} for p, r in runs.items()}
         return results
     finally:
         for proc in reversed(procs):
             proc.stop()
         ends_proc.kill()
+        if args.profile_quic:
+            summarize_profiles(args.profile_quic)
+
+
+NAMES = {"upload": "upload (client -> server)", "download": "download (server -> client)",
+         "both": "both ways at once, each way", "parallel": "{n} parallel downloads, total"}
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
-    rt, bulk = results["round_trip"], results["bulk"]
+    rt, bulk, paths = results["round_trip"], results["bulk"], args.paths
+    tunnels = [p for p in paths if p != "direct"]
+    head = "".join(f"{p:>10}" for p in paths)
     lines = [f"Round trip, 1 byte, {args.round_trips} after {args.warmup} warm-up (ms)",
-             f"  {'':10}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}{'mean':>9}{'first':>9}"]
-    for route in ("forward", "direct"):
-        keys = ("p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms", "first_ms")
-        lines.append(f"  {route:10}" + "".join(f"{rt[route][k]:9.3f}" for k in keys))
+             f"  {'':30}{head}"]
+    for key, name in (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("max_ms", "max"),
+                      ("mean_ms", "mean"), ("first_ms", "first (sets the forward up)")):
+        lines.append(f"  {name:30}" + "".join(f"{rt[p][key]:10.3f}" for p in paths))
+
+    sizes = [f"{p} {(args.quic_bytes if p == 'quic' else args.bytes) / MIB:g} MiB" for p in paths]
     runs = f"{args.runs} run{'s' * (args.runs > 1)}"
-    lines += ["", f"Throughput, {args.bytes / MIB:g} MiB each, median of {runs}, MiB/s",
-              f"  {'':34}{'forward':>9}{'direct':>9}{'ratio':>8}"]
-    names = {"upload": "upload (client -> server)", "download": "download (server -> client)",
-             "both": "both ways at once, each way",
-             "parallel": f"{args.parallel} parallel downloads, total"}
+    ratios = "".join(f"{t + '/direct':>13}" for t in tunnels)
+    lines += ["", f"Throughput, MiB/s, median of {runs}; per transfer: {', '.join(sizes)}",
+              f"  {'':30}{head}{ratios}"]
     for phase, r in bulk.items():
-        f, d = r["forward"]["mib_per_s"], r["direct"]["mib_per_s"]
-        lines.append(f"  {names[phase]:34}{f:9,.0f}{d:9,.0f}{f / d:8.2f}")
-    who = ("relay", "server", "client", "ends", "bench", "others")
-    lines += ["", "CPU seconds during each transfer (in brackets: % of one core); peak RSS MiB",
-              f"  {'':20}{'wall s':>7}" + "".join(f"{w:>12}" for w in who)
-              + "   peak RSS relay/server/client"]
+        name = NAMES[phase].format(n=args.parallel)
+        lines.append(f"  {name:30}" + "".join(f"{r[p]['mib_per_s']:10,.1f}" for p in paths)
+                     + "".join(f"{r[t]['mib_per_s'] / r['direct']['mib_per_s']:13.3f}"
+                               for t in tunnels))
+
+    cols = ("relay", "server", "client", "ends", "bench", "others")
+    lines += ["", ("CPU seconds during each transfer (in brackets: % of one core); relay, server "
+                   "and client are the path's own"), f"  {'':20}{'MiB':>6}{'wall s':>8}"
+              + "".join(f"{c:>13}" for c in cols) + "   peak RSS MiB relay/server/client"]
     for phase, r in bulk.items():
-        for route in ("forward", "direct"):
+        for route in paths:
             m = r[route]
-            cpu = m["cpu_secs"]
-            cells = "".join(f"{cpu[w]:6.2f} ({100 * cpu[w] / m['wall_secs']:3.0f})" for w in who)
-            rss = "/".join(f"{m['peak_rss_mib'][w]:.0f}" for w in ("relay", "server", "client"))
-            lines.append(f"  {phase + ', ' + route:20}{m['wall_secs']:7.2f}{cells}   {rss}")
-    each_way = [bulk[p]["forward"]["mib_per_s"] for p in ("upload", "download")]
-    targets = [
-        {"target": f"round trip p99 through the forward < {TARGET_P99_MS:g} ms",
-         "value": rt["forward"]["p99_ms"], "met": rt["forward"]["p99_ms"] < TARGET_P99_MS},
-        {"target": f"bulk through the forward >= {TARGET_MIBS:g} MiB/s each way (the slower way)",
-         "value": min(each_way), "met": min(each_way) >= TARGET_MIBS},
-    ]
+            hops = HOPS.get(route, ())
+            who = dict(zip(("relay", "server", "client"), hops, strict=True)) if hops else {}
+            cells = ""
+            for c in cols:
+                if c in ("relay", "server", "client") and c not in who:
+                    cells += f"{'-':>13}"
+                    continue
+                secs = m["cpu_secs"][who.get(c, c)]
+                cells += f"{secs:7.2f} ({100 * secs / m['wall_secs']:3.0f})"
+            rss = "/".join(f"{m['peak_rss_mib'][h]:.0f}" for h in hops) or "-"
+            lines.append(f"  {phase + ', ' + route:20}{m['bytes'] / MIB:6g}{m['wall_secs']:8.2f}"
+                         f"{cells}   {rss}")
+
+    lines += ["", "Per MiB moved (both ways counted for 'both'): CPU ms of relay/server/client"
+              + ("; UDP datagrams (each passes the QUIC relay),\n  and datagrams each QUIC process "
+                 "dropped (its UDP receive buffer was full)" if "quic" in tunnels else ""),
+              f"  {'':20}" + "".join(f"{t + ' CPU ms/MiB':>24}" for t in tunnels)
+              + (f"{'datagrams/MiB':>15}{'datagrams/s':>13}{'drops relay/server/client':>27}"
+                 if "quic" in tunnels else "")]
+    for phase, r in bulk.items():
+        mib = {t: r[t]["bytes"] / MIB * (2 if phase == "both" else 1) for t in tunnels}
+        per_mib = {t: "/".join(f"{1000 * r[t]['cpu_secs'][h] / mib[t]:.{1 if t == 'http' else 0}f}"
+                               for h in HOPS[t]) for t in tunnels}
+        cells = "".join(f"{per_mib[t]:>24}" for t in tunnels)
+        if "quic" in tunnels:
+            q = r["quic"]
+            cells += (f"{q['udp_datagrams'] / mib['quic']:15,.0f}"
+                      f"{q['udp_datagrams'] / q['wall_secs']:13,.0f}"
+                      f"{'/'.join(str(q['udp_drops_by_process'][h]) for h in HOPS['quic']):>27}")
+        lines.append(f"  {phase:20}{cells}")
+
+    targets = [{"target": f"round trip p99 through the {t} forward < {TARGET_P99_MS:g} ms",
+                "value": rt[t]["p99_ms"], "met": rt[t]["p99_ms"] < TARGET_P99_MS} for t in tunnels]
+    if "http" in tunnels:
+        each_way = min(bulk[p]["http"]["mib_per_s"] for p in ("upload", "download"))
+        targets.append({"target": f"bulk through the http forward >= {TARGET_MIBS:g} MiB/s each way "
+                                  "(the slower way)", "value": each_way, "met": each_way >= TARGET_MIBS})
     lines += ["", "Targets"]
     lines += [f"  {t['target']}: {t['value']:,} -> {'met' if t['met'] else 'MISSED'}"
               for t in targets]
+    if args.profile_quic:
+        lines += ["", (f"(QUIC processes ran under cProfile: their figures are the profiler's; "
+                       f"profiles in {args.profile_quic})")]
     return "\n".join(lines), targets
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="128 MiB per transfer, 1 run, 1,000 round trips")
-    parser.add_argument("--bytes", type=parse_bytes, help="per transfer, e.g. 1G (default), 256M")
+                        help="128 MiB per transfer (QUIC 16 MiB), 1 run, 1,000 round trips")
+    parser.add_argument("--bytes", type=parse_bytes,
+                        help="per transfer, direct and HTTP, e.g. 1G (default), 256M")
+    parser.add_argument("--quic-bytes", type=parse_bytes,
+                        help="per transfer through QUIC (default 64M; --quick 16M)")
     parser.add_argument("--round-trips", type=int, help="measured round trips (default 2000)")
     parser.add_argument("--warmup", type=int, default=200, help="round trips before measuring")
     parser.add_argument("--runs", type=int, help="runs of each transfer, median kept (default 3)")
     parser.add_argument("--parallel", type=int, default=8, help="parallel downloads (0: skip)")
     parser.add_argument("--no-extra", action="store_true", help="skip both-ways and parallel")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--no-quic", action="store_true", help="direct and HTTP only")
+    which.add_argument("--only-quic", action="store_true", help="direct and QUIC only")
+    parser.add_argument("--profile-quic", type=Path, metavar="DIR",
+                        help="run the QUIC relay and proxies under cProfile, profiles in DIR")
     parser.add_argument("--json", type=Path, default=BENCH / "forward-results.json")
     args = parser.parse_args(argv)
     args.bytes = args.bytes or (128 * MIB if args.quick else 1024 * MIB)
+    args.quic_bytes = args.quic_bytes or (16 * MIB if args.quick else 64 * MIB)
     args.round_trips = args.round_trips or (1000 if args.quick else 2000)
     args.runs = args.runs or (1 if args.quick else 3)
+    args.paths = [p for p in PATHS
+                  if not (p == "quic" and args.no_quic or p == "http" and args.only_quic)]
+    if args.profile_quic:
+        if args.no_quic:
+            parser.error("--profile-quic needs the QUIC path")
+        args.profile_quic = args.profile_quic.resolve()
+        args.profile_quic.mkdir(parents=True, exist_ok=True)
     info = machine()
     work = Path(tempfile.mkdtemp(prefix="ptth-bench-forward-"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop what we started
@@ -496,8 +685,10 @@ def main(argv: list[str] | None = None) -> int:
     dirty = " (dirty)" if info["git_dirty"] else ""
     print(f"PTTH TCP forwarding, {info['date']}, {info['git_commit']}{dirty}, "
           f"{info['cpu_model']} x {info['nproc']}\n\n{table}")
-    keys = ("quick", "bytes", "runs", "round_trips", "warmup", "parallel", "no_extra")
+    keys = ("quick", "bytes", "quic_bytes", "runs", "round_trips", "warmup", "parallel", "no_extra",
+            "paths")
     settings = {k: getattr(args, k) for k in keys}
+    settings["profile_quic"] = str(args.profile_quic) if args.profile_quic else None
     args.json.write_text(json.dumps({**info, "duration_secs": round(time.monotonic() - STARTED),
                                      "settings": settings, "results": results, "targets": targets},
                                     indent=2) + "\n")
