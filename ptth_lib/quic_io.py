@@ -19,8 +19,8 @@ Flow control is ours, both ways, because aioquic bounds neither:
   STREAM_WINDOW_BYTES per stream.
 
 Both rely on aioquic internals (the stream sender's buffer offsets and
-`_write_stream_limits`), so aioquic is pinned; `tests/test_quic_io.py` checks
-the bounds hold.
+`_write_stream_limits`), so aioquic is pinned; the backpressure test in
+`tests/test_quic_forwarding.py` checks that the bounds hold.
 """
 
 from __future__ import annotations

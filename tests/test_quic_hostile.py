@@ -1,0 +1,139 @@
+"""Hostile peers against the real QUIC relay: no hello, garbage tips, wrong roles, key leaks.
+
+The test process plays the peer with ptth_lib's own QUIC driver (quic_io), so
+it speaks valid QUIC and TLS and can then misbehave where the relay must be
+careful: in the tips. The relay must stay up and keep serving the proxies.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import gevent
+import pytest
+
+from ptth_lib import quic_cert, quic_io, quic_tip
+from ptth_lib.quic_io import QuicPeer, StreamBroken
+from tests.quic_cluster import QuicForwarding
+from tests.tcp_peers import EchoServer
+
+# The relay waits 10 s for a hello (quic_relay.HELLO_WAIT_SECS); room for a busy machine.
+HELLO_DEADLINE_SECS = 25.0
+ANSWER_SECS = 15.0
+
+
+@pytest.fixture(scope="module")
+def fw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuicForwarding]:
+    echo = EchoServer()
+    f = QuicForwarding(Path(tmp_path_factory.mktemp("quic-hostile")), targets={"echo": echo.port},
+                       allow=["alpha:echo"], forwards=["echo"])
+    f.start_relay()
+    f.start_server()
+    f.start_client()
+    yield f
+    f.close()
+    echo.close()
+
+
+def open_peer(fw: QuicForwarding) -> QuicPeer:
+    config = quic_io.configure(quic_cert.client_configuration(quic_io.ALPN, fw.fingerprint, None))
+    return quic_io.connect("127.0.0.1", fw.relay_port, config, ANSWER_SECS)
+
+
+def answer_to(peer: QuicPeer, payload: bytes) -> bytes:
+    """Send `payload` on a new stream and read what comes back until the end or a reset."""
+    stream = peer.open_stream()
+    stream.write(payload)
+    got = b""
+    with gevent.Timeout(ANSWER_SECS):
+        try:
+            while data := stream.read():
+                got += data
+        except StreamBroken:
+            pass
+    return got
+
+
+def relay_still_serves(fw: QuicForwarding) -> None:
+    assert fw.relay_proc.popen.poll() is None, fw.relay_proc.output()[-3000:]
+    assert fw.works(), fw.logs()
+
+
+def test_a_connection_that_never_says_hello_is_closed(fw: QuicForwarding) -> None:
+    peer = open_peer(fw)
+    try:
+        assert peer.closed.wait(HELLO_DEADLINE_SECS), "the relay kept a connection that never said hello"
+    finally:
+        peer.close()
+    relay_still_serves(fw)
+
+
+@pytest.mark.parametrize("payload", [
+    b"GET / HTTP/1.1\r\n\r\n",                       # not a tip at all
+    b"\x02\x00\x01\x80",                              # another version
+    b"\x01\xff\xff" + b"\x00" * 100,                  # a length over the limit
+    b"\x01\x00\x05\xc1\xc1\xc1\xc1\xc1",              # not MsgPack
+    quic_tip.encode(quic_tip.Answer(True, "")),       # a valid tip, but not a hello
+], ids=["http", "version", "length", "msgpack", "not-hello"])
+def test_a_first_stream_that_is_not_a_hello_closes_the_connection(fw: QuicForwarding, payload: bytes) -> None:
+    peer = open_peer(fw)
+    try:
+        answer_to(peer, payload)
+        assert peer.closed.wait(HELLO_DEADLINE_SECS), "the relay kept a connection after a bad first stream"
+    finally:
+        peer.close()
+    relay_still_serves(fw)
+
+
+def test_a_client_key_cannot_claim_a_server_name(fw: QuicForwarding) -> None:
+    peer = open_peer(fw)
+    try:
+        reply = answer_to(peer, quic_tip.encode(quic_tip.PeerHello("server", "alpha", fw.client_key)))
+        reader = quic_tip.TipReader()
+        answer = reader.feed(reply)
+        assert isinstance(answer, quic_tip.HelloAnswer) and not answer.ok, reply
+        assert peer.closed.wait(ANSWER_SECS)
+    finally:
+        peer.close()
+    relay_still_serves(fw)  # and the real alpha was not replaced
+
+
+def test_after_a_hello_a_bad_tip_resets_only_its_stream(fw: QuicForwarding) -> None:
+    peer = open_peer(fw)
+    try:
+        reply = answer_to(peer, quic_tip.encode(quic_tip.PeerHello("client", "laptop", fw.client_key)))
+        answer = quic_tip.TipReader().feed(reply)
+        assert isinstance(answer, quic_tip.HelloAnswer) and answer.ok, reply
+        # A tip a client may not send, then garbage: each stream is refused or reset, nothing more.
+        offer = quic_tip.RelayOffer("laptop", "echo", quic_tip.InnerTip(1))
+        assert answer_to(peer, quic_tip.encode(offer)) == b""
+        assert answer_to(peer, b"\x01" + struct.pack(">H", 3) + b"\x93\x01\x02") == b""
+        assert not peer.closed.is_set(), peer.close_reason
+        # The same connection still forwards.
+        stream = peer.open_stream()
+        stream.write(quic_tip.encode(quic_tip.ClientConnect("alpha", "echo", quic_tip.InnerTip(1))))
+        with gevent.Timeout(ANSWER_SECS):
+            first = stream.read()
+        answer = quic_tip.TipReader().feed(first)
+        assert isinstance(answer, quic_tip.Answer) and answer.ok, first
+        stream.write(b"still here")
+        with gevent.Timeout(ANSWER_SECS):
+            echoed = b""
+            while len(echoed) < 10:
+                echoed += stream.read()
+        assert echoed == b"still here"
+        stream.abort()
+    finally:
+        peer.close()
+    relay_still_serves(fw)
+
+
+def test_keys_never_reach_a_log(fw: QuicForwarding) -> None:
+    """Runs last in this file: every key used above must be absent from every process's log."""
+    relay_still_serves(fw)
+    logs = "\n".join(proc.output() for proc in fw.procs)
+    for key in (fw.server_key, fw.client_key, fw.other_client_key):
+        assert key not in logs
+    assert "connected" in logs  # the logs are there to search
