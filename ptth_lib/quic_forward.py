@@ -302,11 +302,7 @@ class QuicEndServer:
 
     def _refuse(self, stream: QuicStream, label: str, reason: str) -> None:
         logger.warning("quic connection %s refused: %s", label, reason)
-        try:
-            stream.write(quic_tip.encode(quic_tip.refusal(reason)))
-            stream.end()
-        except StreamBroken:
-            pass
+        send_refusal(stream, reason)
 
 
 class QuicForwardClient:
@@ -346,6 +342,15 @@ class QuicForwardClient:
         logger.info("quic connection %s open", label)
         reason = splice_tcp(stream, sock, first)
         logger.info("quic connection %s closed%s", label, f" ({reason})" if reason else "")
+
+
+def send_refusal(stream: QuicStream, reason: str) -> None:
+    """Answer a stream's tip with a refusal and end it (if the peer is still there)."""
+    try:
+        stream.write(quic_tip.encode(quic_tip.refusal(reason)))
+        stream.end()
+    except StreamBroken:
+        pass
 
 
 def _reset(sock: socket.socket) -> None:

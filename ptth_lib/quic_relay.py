@@ -27,7 +27,7 @@ import gevent.queue
 from . import quic_tip, tripcode
 from .config import RelayConfig
 from .errors import ProtocolError
-from .quic_forward import TIP_WAIT_SECS, read_tip, splice_streams
+from .quic_forward import TIP_WAIT_SECS, read_tip, send_refusal, splice_streams
 from .quic_io import QuicPeer, QuicStream, StreamBroken
 
 logger = logging.getLogger(__name__)
@@ -139,8 +139,4 @@ class QuicRelay:
 
     def _answer_refusal(self, stream: QuicStream, label: str, reason: str) -> None:
         logger.info("quic connection %s refused: %s", label, reason)
-        try:
-            stream.write(quic_tip.encode(quic_tip.refusal(reason)))
-            stream.end()
-        except StreamBroken:
-            pass
+        send_refusal(stream, reason)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.conftest import Proc, new_key, tripcode_of
-from tests.tcp_peers import EchoServer, TcpServer
+from tests.tcp_peers import EchoServer, TcpServer, recv_all
 
 # A wait that should take well under a second, with room for a busy 2-core machine.
 STARTUP_SECS = 20.0
@@ -61,21 +61,8 @@ def wait_exit(proc: Proc, timeout: float = STARTUP_SECS) -> int:
                              f"{proc.output()[-3000:]}") from None
 
 
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    parts = []
-    while n:
-        data = sock.recv(min(n, 1 << 20))
-        assert data, f"connection ended with {n} bytes still expected"
-        parts.append(data)
-        n -= len(data)
-    return b"".join(parts)
 
 
-def recv_all(sock: socket.socket) -> bytes:
-    parts = []
-    while data := sock.recv(1 << 20):
-        parts.append(data)
-    return b"".join(parts)
 
 
 @dataclass

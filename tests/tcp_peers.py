@@ -75,6 +75,17 @@ class DigestServer(TcpServer):
         sock.sendall(f"{count} {digest.hexdigest()}\n".encode())
 
 
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """Read exactly n bytes; fail if the connection ends first."""
+    parts = []
+    while n:
+        data = sock.recv(min(n, 1 << 20))
+        assert data, f"connection ended with {n} bytes still expected"
+        parts.append(data)
+        n -= len(data)
+    return b"".join(parts)
+
+
 def recv_all(sock: socket.socket) -> bytes:
     """Read until the peer's EOF."""
     parts = []

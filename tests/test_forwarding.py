@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from tests.conftest import Cluster, Proc, Relay, new_key, tripcode_of
-from tests.tcp_peers import DigestServer, EchoServer, recv_all
+from tests.tcp_peers import DigestServer, EchoServer, recv_all, recv_exactly
 
 # Long enough for a busy 2-core machine; a stalled byte would never arrive at all.
 SOCKET_TIMEOUT_SECS = 20.0
@@ -86,14 +86,6 @@ def connect(fwd: Forwarding, name: str) -> socket.socket:
     return sock
 
 
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    parts = []
-    while n:
-        data = sock.recv(min(n, 1 << 20))
-        assert data, f"connection ended with {n} bytes still expected"
-        parts.append(data)
-        n -= len(data)
-    return b"".join(parts)
 
 
 def test_single_bytes_cross_at_once(fwd: Forwarding) -> None:

@@ -43,6 +43,7 @@ from tests.fault_peers import (
     wait_reset_unread,
 )
 from tests.sshd import Sshd, start_sshd
+from tests.tcp_peers import recv_all, recv_exactly
 
 # How long a party may take to notice a cut: generous for a busy 2-core machine.
 CUT_SECS = 15.0
@@ -190,21 +191,8 @@ CUT_BY_RELAY = r"relay (stream: |answered )"
 RESET_BY_PEER = "TCP peer: Connection reset by peer"
 
 
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    parts = []
-    while n:
-        data = sock.recv(min(n, 1 << 20))
-        assert data, f"connection ended with {n} bytes still expected"
-        parts.append(data)
-        n -= len(data)
-    return b"".join(parts)
 
 
-def recv_all(sock: socket.socket) -> bytes:
-    parts = []
-    while data := sock.recv(1 << 20):
-        parts.append(data)
-    return b"".join(parts)
 
 
 # ---- helpers for the tests that fill the tunnel

@@ -51,12 +51,10 @@ from tests.quic_cluster import (
     QuicForwarding,
     count_matches,
     free_tcp_port,
-    recv_all,
-    recv_exactly,
     wait_count,
     wait_exit,
 )
-from tests.tcp_peers import DigestServer
+from tests.tcp_peers import DigestServer, recv_all, recv_exactly
 from tests.test_forwarding_faults import RssWatch, send_pattern
 
 pytestmark = pytest.mark.process
