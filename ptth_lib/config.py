@@ -154,6 +154,14 @@ QUIC_SERVER_KEYS = (
          "fingerprint"),
 )
 
+QUIC_CLIENT_KEYS = (
+    QUIC_SERVER_KEYS[0], QUIC_SERVER_KEYS[1], QUIC_SERVER_KEYS[2],
+    _Key("name", str, _REQUIRED, "this client's name in the relay's [[clients]]", _check_name),
+    _Key("api_key_file", str, None, "file holding the client's API key (or set $PTTH_CLIENT_API_KEY)"),
+    _Key("bind", str, "127.0.0.1", "address the local ports are bound on"),
+    _Key("forward", list, [], "LOCALPORT:SERVER:PORTNAME entries, one per local port", _check_forward_specs),
+)
+
 CLIENT_KEYS = (
     _Key("relay_url", str, _REQUIRED, "base URL of the relay, e.g. http://127.0.0.1:4000", _check_url),
     _Key("api_key_file", str, None, "file holding the client's API key (or set $PTTH_CLIENT_API_KEY)"),
@@ -243,6 +251,18 @@ class Forward:
     local_port: int
     server: str
     port: str
+
+
+@dataclass(frozen=True)
+class QuicClientConfig:
+    relay_host: str
+    relay_port: int
+    relay_fingerprint: str | None
+    ca_file: str | None
+    name: str
+    api_key: str
+    bind: str
+    forwards: tuple[Forward, ...]
 
 
 @dataclass(frozen=True)
@@ -528,15 +548,42 @@ def load_client_config(path: str | os.PathLike[str] | None, overrides: Mapping[s
     if "relay_url" not in raw:
         raise ConfigError(f"{where}: no relay URL: give --relay-url URL or relay_url in --config FILE")
     values = _apply(CLIENT_KEYS, raw, where)
-    forwards = tuple(_must(parse_forward(spec)) for spec in values["forward"])
+    return ClientConfig(values["relay_url"], read_client_key(values["api_key_file"], where), values["bind"],
+                        _forwards(values["forward"], where))
+
+
+def load_quic_client_config(path: str | None, overrides: Mapping[str, Any]) -> QuicClientConfig:
+    """ptth_quic_client's settings, as load_client_config: file, then flags, then the key."""
+    raw = read_toml(path) if path is not None else {}
+    raw.update({k: v for k, v in overrides.items() if v})
+    where = path if path is not None else "command line"
+    _check_known(QUIC_CLIENT_KEYS, raw, where)
+    for key, flag in (("relay", "--relay HOST:PORT"), ("name", "--name NAME")):
+        if key not in raw:
+            raise ConfigError(f"{where}: no {key}: give {flag} or {key} in --config FILE")
+    values = _apply(QUIC_CLIENT_KEYS, raw, where)
+    if values["relay_fingerprint"] is None and values["ca_file"] is None:
+        raise ConfigError(f"{where}: give relay_fingerprint (--relay-fingerprint, as ptth_quic_relay.py "
+                          "printed it) or ca_file (--ca-file), to know the relay is the right one")
+    host, port = _must(parse_address(values["relay"]))
+    fingerprint = values["relay_fingerprint"]
+    return QuicClientConfig(
+        relay_host=host, relay_port=port,
+        relay_fingerprint="".join(fingerprint.lower().removeprefix("sha256:").split(":")) if fingerprint else None,
+        ca_file=values["ca_file"], name=values["name"],
+        api_key=read_client_key(values["api_key_file"], where), bind=values["bind"],
+        forwards=_forwards(values["forward"], where))
+
+
+def _forwards(specs: list[str], where: str) -> tuple[Forward, ...]:
+    forwards = tuple(_must(parse_forward(spec)) for spec in specs)
     if not forwards:
         raise ConfigError(f"{where}: nothing to forward: give --forward LOCALPORT:SERVER:PORTNAME "
                           "(or forward = [...] in the config file)")
     ports = [f.local_port for f in forwards if f.local_port]
     if len(set(ports)) != len(ports):
-        raise ConfigError(f"{where}: a local port is forwarded twice in {values['forward']}")
-    return ClientConfig(values["relay_url"], read_client_key(values["api_key_file"], where), values["bind"],
-                        forwards)
+        raise ConfigError(f"{where}: a local port is forwarded twice in {specs}")
+    return forwards
 
 
 def read_client_key(key_file: str | None, where: str) -> str:

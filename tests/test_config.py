@@ -14,6 +14,7 @@ from ptth_lib.config import (
     API_KEY_ENV,
     CLIENT_ENTRY_KEYS,
     CLIENT_KEYS,
+    QUIC_CLIENT_KEYS,
     QUIC_SERVER_KEYS,
     RELAY_KEYS,
     SCRAPER_KEY_KEYS,
@@ -32,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 RELAY_EXAMPLE = REPO / "conf" / "relay.example.toml"
 SERVER_EXAMPLE = REPO / "conf" / "server.example.toml"
 CLIENT_EXAMPLE = REPO / "conf" / "client.example.toml"
+QUIC_CLIENT_EXAMPLE = REPO / "conf" / "quic_client.example.toml"
 
 STRONG_KEY = "a-strong-test-key-0123456789abcdef"
 CODE_A = tripcode.derive("key-for-server-a-0123456789")
@@ -101,8 +103,9 @@ def _shows_key(text: str, name: str) -> bool:
     (CLIENT_ENTRY_KEYS, RELAY_EXAMPLE),
     (CLIENT_KEYS, CLIENT_EXAMPLE),
     (QUIC_SERVER_KEYS, SERVER_EXAMPLE),
+    (QUIC_CLIENT_KEYS, QUIC_CLIENT_EXAMPLE),
 ], ids=["SERVER_KEYS", "RELAY_KEYS", "SERVER_ENTRY_KEYS", "SCRAPER_KEY_KEYS", "CLIENT_ENTRY_KEYS", "CLIENT_KEYS",
-        "QUIC_SERVER_KEYS"])
+        "QUIC_SERVER_KEYS", "QUIC_CLIENT_KEYS"])
 def test_example_shows_every_key(keys, example: Path) -> None:  # type: ignore[no-untyped-def]
     text = example.read_text()
     missing = [k.name for k in keys if not _shows_key(text, k.name)]
@@ -117,8 +120,9 @@ def test_example_shows_every_key(keys, example: Path) -> None:  # type: ignore[n
     (CLIENT_ENTRY_KEYS, RELAY_EXAMPLE),
     (CLIENT_KEYS, CLIENT_EXAMPLE),
     (QUIC_SERVER_KEYS, SERVER_EXAMPLE),
+    (QUIC_CLIENT_KEYS, QUIC_CLIENT_EXAMPLE),
 ], ids=["SERVER_KEYS", "RELAY_KEYS", "SERVER_ENTRY_KEYS", "SCRAPER_KEY_KEYS", "CLIENT_ENTRY_KEYS", "CLIENT_KEYS",
-        "QUIC_SERVER_KEYS"])
+        "QUIC_SERVER_KEYS", "QUIC_CLIENT_KEYS"])
 def test_example_comments_every_key(keys, example: Path) -> None:  # type: ignore[no-untyped-def]
     """Each key's first appearance is preceded by a comment line."""
     lines = example.read_text().splitlines()
@@ -133,7 +137,7 @@ def test_example_comments_every_key(keys, example: Path) -> None:  # type: ignor
 
 def test_every_key_has_a_doc() -> None:
     for key in (*SERVER_KEYS, *RELAY_KEYS, *SERVER_ENTRY_KEYS, *SCRAPER_KEY_KEYS, *CLIENT_KEYS, *CLIENT_ENTRY_KEYS,
-                *QUIC_SERVER_KEYS):
+                *QUIC_SERVER_KEYS, *QUIC_CLIENT_KEYS):
         assert key.doc and "\n" not in key.doc
 
 
@@ -440,7 +444,7 @@ def test_is_private(tmp_path: Path) -> None:
 def test_readme_documents_every_key() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for key in (*SERVER_KEYS, *RELAY_KEYS, *SERVER_ENTRY_KEYS, *SCRAPER_KEY_KEYS, *CLIENT_KEYS, *CLIENT_ENTRY_KEYS,
-                *QUIC_SERVER_KEYS):
+                *QUIC_SERVER_KEYS, *QUIC_CLIENT_KEYS):
         assert f"`{key.name}`" in readme or f"[[{key.name}]]" in readme or f"[{key.name}]" in readme, key.name
 
 

@@ -7,7 +7,9 @@ careful: in the tips. The relay must stay up and keep serving the proxies.
 
 from __future__ import annotations
 
+import socket
 import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +18,9 @@ import pytest
 
 from ptth_lib import quic_cert, quic_io, quic_tip
 from ptth_lib.quic_io import QuicPeer, StreamBroken
+from tests.conftest import Proc
 from tests.quic_cluster import QuicForwarding
-from tests.tcp_peers import EchoServer
+from tests.tcp_peers import EchoServer, recv_all
 
 # The relay waits 10 s for a hello (quic_relay.HELLO_WAIT_SECS); room for a busy machine.
 HELLO_DEADLINE_SECS = 25.0
@@ -130,10 +133,29 @@ def test_after_a_hello_a_bad_tip_resets_only_its_stream(fw: QuicForwarding) -> N
     relay_still_serves(fw)
 
 
+def test_client_settings_from_a_config_file(fw: QuicForwarding, tmp_path: Path) -> None:
+    """ptth_quic_client --config: every setting from the file, the key from the file it names."""
+    key_file = tmp_path / "client.key"
+    key_file.write_text(fw.client_key + "\n")
+    config = tmp_path / "ptth_quic_client.toml"
+    config.write_text(f'relay = "127.0.0.1:{fw.relay_port}"\nrelay_fingerprint = "{fw.fingerprint}"\n'
+                      f'name = "laptop"\napi_key_file = "{key_file}"\nbind = "127.0.0.1"\n'
+                      'forward = ["0:alpha:echo"]\n')
+    proc = Proc([sys.executable, "ptth_quic_client.py", "--config", str(config)], fw.tmp / "config-client.log")
+    try:
+        port = int(proc.wait_for_output(r"forwarding 127\.0\.0\.1:(\d+) to alpha:echo over QUIC").group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_SECS) as sock:
+            sock.sendall(b"from a config file")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b"from a config file"
+    finally:
+        proc.kill()
+
+
 def test_keys_never_reach_a_log(fw: QuicForwarding) -> None:
     """Runs last in this file: every key used above must be absent from every process's log."""
     relay_still_serves(fw)
-    logs = "\n".join(proc.output() for proc in fw.procs)
+    logs = "\n".join(proc.output() for proc in fw.procs) + (fw.tmp / "config-client.log").read_text()
     for key in (fw.server_key, fw.client_key, fw.other_client_key):
         assert key not in logs
     assert "connected" in logs  # the logs are there to search
