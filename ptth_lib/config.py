@@ -548,8 +548,9 @@ def load_client_config(path: str | os.PathLike[str] | None, overrides: Mapping[s
     if "relay_url" not in raw:
         raise ConfigError(f"{where}: no relay URL: give --relay-url URL or relay_url in --config FILE")
     values = _apply(CLIENT_KEYS, raw, where)
+    forwards = _forwards(values["forward"], where)  # before the key: a config mistake comes first
     return ClientConfig(values["relay_url"], read_client_key(values["api_key_file"], where), values["bind"],
-                        _forwards(values["forward"], where))
+                        forwards)
 
 
 def load_quic_client_config(path: str | None, overrides: Mapping[str, Any]) -> QuicClientConfig:
@@ -566,13 +567,13 @@ def load_quic_client_config(path: str | None, overrides: Mapping[str, Any]) -> Q
         raise ConfigError(f"{where}: give relay_fingerprint (--relay-fingerprint, as ptth_quic_relay.py "
                           "printed it) or ca_file (--ca-file), to know the relay is the right one")
     host, port = _must(parse_address(values["relay"]))
+    forwards = _forwards(values["forward"], where)
     fingerprint = values["relay_fingerprint"]
     return QuicClientConfig(
         relay_host=host, relay_port=port,
         relay_fingerprint="".join(fingerprint.lower().removeprefix("sha256:").split(":")) if fingerprint else None,
         ca_file=values["ca_file"], name=values["name"],
-        api_key=read_client_key(values["api_key_file"], where), bind=values["bind"],
-        forwards=_forwards(values["forward"], where))
+        api_key=read_client_key(values["api_key_file"], where), bind=values["bind"], forwards=forwards)
 
 
 def _forwards(specs: list[str], where: str) -> tuple[Forward, ...]:
