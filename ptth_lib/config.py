@@ -148,7 +148,7 @@ QUIC_SERVER_KEYS = (
     _Key("relay", str, _REQUIRED, "the QUIC relay's HOST:PORT (UDP), e.g. relay.example.com:30380",
          lambda v: None if parse_address(v) else "must be HOST:PORT, e.g. relay.example.com:30380"),
     _Key("relay_fingerprint", str, None, "SHA-256 of the relay's certificate, as ptth_quic_relay.py prints it",
-         lambda v: None if _is_fingerprint(v) else "must be 64 hex digits (colons allowed), as "
+         lambda v: None if normalize_fingerprint(v) else "must be 64 hex digits (colons allowed), as "
          "ptth_quic_relay.py prints it"),
     _Key("ca_file", str, None, "CA certificates (PEM) to check the relay's certificate with, instead of a "
          "fingerprint"),
@@ -360,16 +360,23 @@ def parse_server_config(raw: Mapping[str, Any], where: str) -> ServerConfig:
             raise ConfigError(f"{where}: [quic] needs relay_fingerprint (as ptth_quic_relay.py prints it) "
                               "or ca_file, to know the relay is the right one")
         host, port = _must(parse_address(q["relay"]))
-        fingerprint = "".join(q["relay_fingerprint"].lower().removeprefix("sha256:").split(":")) \
-            if q["relay_fingerprint"] else None
+        fingerprint = normalize_fingerprint(q["relay_fingerprint"]) if q["relay_fingerprint"] else None
         quic = QuicServerSettings(host, port, fingerprint, q["ca_file"])
     return ServerConfig(**values, forwarded_ports={name: _must(parse_address(a)) for name, a in ports.items()},
                         quic=quic)
 
 
-def _is_fingerprint(value: str) -> bool:
-    digits = value.lower().removeprefix("sha256:").replace(":", "")
-    return len(digits) == 64 and all(c in "0123456789abcdef" for c in digits)
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}\Z")
+_COLON_HEX_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){31}\Z")
+
+
+def normalize_fingerprint(text: str) -> str | None:
+    """A certificate fingerprint as a user may paste it (any case, colons, "sha256:"), as 64
+    lowercase hex digits; None if it is not one."""
+    value = text.strip().lower().removeprefix("sha256:")
+    if _COLON_HEX_RE.match(value):
+        value = value.replace(":", "")
+    return value if _HEX64_RE.match(value) else None
 
 
 def parse_address(value: str) -> tuple[str, int] | None:
@@ -571,7 +578,7 @@ def load_quic_client_config(path: str | None, overrides: Mapping[str, Any]) -> Q
     fingerprint = values["relay_fingerprint"]
     return QuicClientConfig(
         relay_host=host, relay_port=port,
-        relay_fingerprint="".join(fingerprint.lower().removeprefix("sha256:").split(":")) if fingerprint else None,
+        relay_fingerprint=normalize_fingerprint(fingerprint) if fingerprint else None,
         ca_file=values["ca_file"], name=values["name"],
         api_key=read_client_key(values["api_key_file"], where), bind=values["bind"], forwards=forwards)
 

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .config import is_private
+from .config import is_private, normalize_fingerprint
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,6 @@ CERT_VALID_DAYS = 3650
 CERT_BACKDATE_SECONDS = 3600
 
 _FINGERPRINT_HINT = "expected the SHA-256 fingerprint ptth_quic_relay.py printed (64 hex digits)"
-_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
-_COLON_HEX_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){31}$")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 
@@ -96,11 +94,8 @@ def fingerprint_of(cert_der: bytes) -> str:
 
 def parse_fingerprint(text: str) -> str:
     """Normalize a fingerprint as a user may paste it: any case, colons, "sha256:" prefix."""
-    value = text.strip().lower()
-    value = value.removeprefix("sha256:")
-    if _COLON_HEX_RE.match(value):
-        value = value.replace(":", "")
-    if not _HEX64_RE.match(value):
+    value = normalize_fingerprint(text)
+    if value is None:
         shown = repr(text) if len(text) <= 120 else repr(text[:117]) + "..."
         raise ConfigError(f"bad relay fingerprint {shown}: {_FINGERPRINT_HINT}")
     return value

@@ -12,6 +12,7 @@ fingerprints the proxies pinned stay valid. Every process logs to its own file
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -228,6 +229,10 @@ class QuicForwarding:
                 return recv_all(sock) == data
         except (ConnectionError, TimeoutError):
             return False
+        except OSError as e:  # reset so early that even shutdown() finds the socket gone
+            if e.errno == errno.ENOTCONN:
+                return False
+            raise
 
     def wait_works(self, name: str = "echo", deadline: float = RECOVER_SECS) -> float:
         """Poll until a new connection works; returns how long that took."""
