@@ -1,6 +1,13 @@
-"""The few exception types every part of PTTH shares."""
+"""The few exception types every part of PTTH shares, and how it treats network faults."""
 
 from __future__ import annotations
+
+import random
+
+# Reconnect delays: start small so a relay restart costs little, cap so that a
+# relay that is down for hours sees one attempt per half minute per peer.
+BACKOFF_START_SECS = 0.5
+BACKOFF_CAP_SECS = 30.0
 
 
 class PtthError(Exception):
@@ -29,3 +36,9 @@ def root_cause(e: BaseException) -> str:
     while (cause.__cause__ or cause.__context__) is not None:
         cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
     return (str(cause) or type(cause).__name__)[:200]
+
+
+def backoff_secs(failures: int) -> float:
+    """How long to wait after `failures` failed attempts in a row: doubling, capped, with jitter."""
+    delay: float = min(BACKOFF_CAP_SECS, BACKOFF_START_SECS * 2.0 ** min(failures, 16))
+    return delay * random.uniform(0.5, 1.0)

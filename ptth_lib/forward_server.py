@@ -13,7 +13,6 @@ gets a 502 with the reason.
 from __future__ import annotations
 
 import logging
-import random
 import socket
 import threading
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import requests
 
 from . import __version__
 from .config import ServerConfig
-from .errors import root_cause
+from .errors import backoff_secs, root_cause
 from .protocol import (
     API_KEY_HEADER,
     CLIENT_NAME_HEADER,
@@ -42,8 +41,6 @@ LOCAL_CONNECT_TIMEOUT_SECS = 5.0
 CONNECT_TIMEOUT_SECS = 10.0
 # A tcp_listen parks at the relay for its listen_timeout_secs (at most 300 s).
 LISTEN_READ_TIMEOUT_SECS = 330.0
-BACKOFF_START_SECS = 0.5
-BACKOFF_CAP_SECS = 30.0
 
 
 class PortForwardServer:
@@ -103,7 +100,7 @@ class PortForwardServer:
                 logger.debug("relay refused the tcp listen for port %s (see the listen loop)", port)
             elif status:
                 logger.warning("tcp listen for port %s: relay answered %d", port, status)
-            delay = min(BACKOFF_CAP_SECS, BACKOFF_START_SECS * 2**failures) * random.uniform(0.5, 1.0)
+            delay = backoff_secs(failures)
             failures = min(failures + 1, 16)
             self._stop.wait(delay)
 

@@ -22,7 +22,6 @@ are cut (reset) on every side. Everything runs in greenlets of one gevent hub.
 from __future__ import annotations
 
 import logging
-import random
 import socket
 import struct
 from collections.abc import Callable
@@ -33,7 +32,7 @@ import gevent.event
 import gevent.socket
 
 from . import quic_cert, quic_io, quic_tip
-from .errors import ProtocolError, PtthError
+from .errors import ProtocolError, PtthError, backoff_secs
 from .quic_io import QuicPeer, QuicStream, StreamBroken
 
 logger = logging.getLogger(__name__)
@@ -42,8 +41,6 @@ logger = logging.getLogger(__name__)
 TIP_WAIT_SECS = 10.0
 HANDSHAKE_SECS = 10.0
 LOCAL_CONNECT_TIMEOUT_SECS = 5.0
-BACKOFF_START_SECS = 0.5
-BACKOFF_CAP_SECS = 30.0
 
 
 class RefusedError(PtthError):
@@ -241,7 +238,7 @@ class _RelayLink:
                     logger.warning("%s: cannot connect to the QUIC relay at %s:%d: %s; retrying with backoff",
                                    self.what, self.target.host, self.target.port, e)
                     state = str(e)
-                delay = min(BACKOFF_CAP_SECS, BACKOFF_START_SECS * 2**failures) * random.uniform(0.5, 1.0)
+                delay = backoff_secs(failures)
                 failures = min(failures + 1, 16)
                 gevent.sleep(delay)
                 continue

@@ -17,7 +17,6 @@ listen loop (forward_server.py) and stops with it.
 from __future__ import annotations
 
 import logging
-import random
 import socket
 import threading
 import time
@@ -30,7 +29,7 @@ import urllib3
 
 from . import __version__, file_server, tripcode
 from .config import ServerConfig
-from .errors import ProtocolError, root_cause
+from .errors import ProtocolError, backoff_secs, root_cause
 from .forward_server import PortForwardServer
 from .protocol import (
     API_KEY_HEADER,
@@ -60,10 +59,6 @@ MAX_CONCURRENT_REQUESTS = 64
 # waiting a round trip for the re-poll.
 LISTENS_IN_FLIGHT = 2
 
-# Reconnect delays: start small so a relay restart costs little, cap so that a
-# relay that is down for hours sees one attempt per half minute per server.
-BACKOFF_START_SECS = 0.5
-BACKOFF_CAP_SECS = 30.0
 
 CONNECT_TIMEOUT_SECS = 10.0
 # A listen that fails after this long had been parked at the relay, so the
@@ -187,7 +182,7 @@ class ServerLoop:
             if not problem:
                 failures = 0
                 continue
-            delay = min(BACKOFF_CAP_SECS, BACKOFF_START_SECS * 2**failures) * random.uniform(0.5, 1.0)
+            delay = backoff_secs(failures)
             failures = min(failures + 1, 16)
             self._stop.wait(delay)
 

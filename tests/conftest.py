@@ -11,6 +11,7 @@ import base64
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,13 @@ STARTUP_DEADLINE_SECS = 20.0
 def tripcode_of(key: str) -> str:
     """Independent of ptth_lib on purpose: base64 of BLAKE3 of the UTF-8 key."""
     return base64.b64encode(blake3.blake3(key.encode()).digest()).decode()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (nothing else binds it in the next moment)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def new_key(name: str) -> str:

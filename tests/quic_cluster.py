@@ -267,8 +267,3 @@ class EchoServerAt(EchoServer):
         threading.Thread(target=self._accept_forever, daemon=True).start()
 
 
-def free_tcp_port() -> int:
-    """A loopback port nobody listens on (nothing else binds it in the next moment)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

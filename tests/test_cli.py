@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, Cluster, Proc, new_key, tripcode_of, wait_until
+from conftest import REPO, Cluster, Proc, free_port, new_key, tripcode_of, wait_until
 
 pytestmark = pytest.mark.process
 
@@ -82,11 +82,6 @@ def assert_one_line_error(result: Result, prog: str, code: int = 2, key: str | N
     return lines[0]
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on (nothing else binds it in the next moment)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

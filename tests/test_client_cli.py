@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Cluster, Proc, Relay, new_key, tripcode_of
+from conftest import REPO, Cluster, Proc, Relay, free_port, new_key, tripcode_of
 from tcp_peers import EchoServer
 
 from ptth_lib.config import parse_relay_config
@@ -100,11 +100,6 @@ def assert_one_line_error(result: Result, prog: str = CLIENT, code: int = 2, key
     return lines[0]
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on (nothing else binds it in the next moment)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_key(path: Path, key: str) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import Cluster, Proc, Relay, new_key, tripcode_of
+from tests.conftest import Cluster, Proc, Relay, free_port, new_key, tripcode_of
 from tests.tcp_peers import DigestServer, EchoServer, recv_all, recv_exactly
 
 # Long enough for a busy 2-core machine; a stalled byte would never arrive at all.
@@ -44,10 +44,6 @@ def client_config(name: str, key: str, allow: list[str]) -> str:
     return f'[[clients]]\nname = "{name}"\ntripcode = "{tripcode_of(key)}"\nallow = [{quoted}]\n'
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

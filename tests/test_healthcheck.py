@@ -5,7 +5,6 @@ stdin and only PATH and HOME, against the real relay and server.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import REPO, Cluster, new_key, tripcode_of, wait_until
+from conftest import REPO, Cluster, free_port, new_key, tripcode_of, wait_until
 
 pytestmark = pytest.mark.process
 
@@ -44,10 +43,6 @@ def make_root(tmp_path: Path) -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def server_entry(url: str, name: str) -> dict[str, Any]:

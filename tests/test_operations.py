@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, Cluster, Relay, Server, new_key, tripcode_of, wait_until
+from conftest import REPO, Cluster, Relay, Server, free_port, new_key, tripcode_of, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.process
@@ -128,11 +128,6 @@ def audit_events(path: Path) -> list[object]:
     return [e["event"] for e in audit_entries(path)]
 
 
-def free_port() -> int:
-    """A port nothing listens on (bound once by us, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_relay_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Proc, new_key
+from tests.conftest import Proc, free_port, new_key
 from tests.fault_peers import HoldingServer, Peer, RecordingServer, reset_close, wait_cut
 from tests.quic_cluster import (
     END_SERVER,
@@ -50,7 +50,6 @@ from tests.quic_cluster import (
     GreetingServer,
     QuicForwarding,
     count_matches,
-    free_tcp_port,
     wait_count,
     wait_exit,
 )
@@ -95,7 +94,7 @@ def new_bundle(tmp: Path, kind: str = END_SERVER, server: bool = True, client: b
     echo, digest, greet, secret, hold = (RecordingServer(), DigestServer(), GreetingServer(), RecordingServer(),
                                          HoldingServer())
     targets = {"echo": echo.port, "digest": digest.port, "greet": greet.port, "secret": secret.port,
-               "hold": hold.port, "dead": free_tcp_port()}
+               "hold": hold.port, "dead": free_port()}
     # laptop may reach "nosuch", which alpha does not forward, but not "secret", which it does.
     allow = ["alpha:echo", "alpha:digest", "alpha:greet", "alpha:hold", "alpha:dead", "alpha:nosuch"]
     forwards = ["echo", "digest", "greet", "secret", "hold", "dead", "nosuch"]
