@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import tripcode
+from . import tripcode, trust
 from .errors import ConfigError
 
 # Server names appear in URL paths unescaped, so keep them to URL-safe characters.
@@ -122,6 +122,22 @@ def _check_forward_specs(value: list[Any]) -> str | None:
     return None
 
 
+def _check_networks(value: list[Any]) -> str | None:
+    if not all(isinstance(v, str) for v in value):
+        return "must be a list of strings such as [\"127.0.0.1/32\", \"::1/128\"]"
+    try:
+        trust.parse_networks(value)
+    except ValueError as e:
+        return f"has {e}"
+    return None
+
+
+def _check_requests_per_address(value: int) -> str | None:
+    if 1 <= value <= 10_000:
+        return None
+    return "must be a whole number from 1 to 10000"
+
+
 def _check_key(value: str) -> str | None:
     if not tripcode.is_sendable(value):
         return "must be printable ASCII with no spaces (it travels in an HTTP header)"
@@ -180,7 +196,15 @@ RELAY_KEYS = (
     _Key("metrics", bool, True, "serve Prometheus metrics at /metrics"),
     _Key("audit_log", str, None, "file to append audit events to, as JSON lines (default: off)"),
     _Key("trust_x_forwarded_for", bool, False,
-         "take client addresses from X-Forwarded-For (only behind a proxy that sets it)"),
+         "older form of trusted_proxies = [\"127.0.0.1/32\", \"::1/128\"] (a proxy on this machine)"),
+    _Key("trusted_proxies", list, [], "addresses of proxies in front (nginx) whose X-Forwarded-For is "
+         "believed, e.g. [\"127.0.0.1/32\"]", _check_networks),
+    _Key("operator_addresses", list, ["127.0.0.1/32", "::1/128"], "client addresses served /metrics, "
+         "/frontend/audit_log and /frontend/unregistered_servers ([] for nobody)", _check_networks),
+    _Key("servers_alias", bool, True, "redirect the spec's older /servers/NAME/... URLs to "
+         "/frontend/servers/NAME/... (false: 404)"),
+    _Key("requests_per_address", int, 16, "requests one client address (an IPv6 /64) may have in flight "
+         "at one server; more wait their turn at the relay", _check_requests_per_address),
     _Key("clients", list, [], "[[clients]] tables for TCP port forwarding: name, tripcode, allow"),
     _Key("quic_bind", str, "0.0.0.0:30380", "UDP HOST:PORT for ptth_quic_relay.py (port 0: any free port)",
          lambda v: None if parse_address(v.removesuffix(":0") + ":1" if v.endswith(":0") else v)
@@ -211,6 +235,8 @@ SERVER_ENTRY_KEYS = (
     _Key("name", str, _REQUIRED, "the server's name", _check_name),
     _Key("tripcode", str, _REQUIRED, "the server's tripcode", _check_tripcode),
     _Key("display_name", str, None, "a friendlier name for the server list"),
+    _Key("trusted", bool, False, "its pages run on the relay's origin, unsandboxed (only for servers "
+         "you run yourself)"),
 )
 
 
@@ -278,6 +304,7 @@ class RegisteredServer:
     name: str
     tripcode: str
     display_name: str
+    trusted: bool = False  # its pages are not sandboxed (trust.SANDBOX_CSP)
 
 
 @dataclass(frozen=True)
@@ -297,7 +324,10 @@ class RelayConfig:
     scraper_keys: tuple[ScraperKey, ...] = ()
     metrics: bool = True
     audit_log: str | None = None
-    trust_x_forwarded_for: bool = False
+    trusted_proxies: tuple[trust.Network, ...] = ()
+    operator_addresses: tuple[trust.Network, ...] = trust.LOOPBACK
+    servers_alias: bool = True
+    requests_per_address: int = 16
     clients: Mapping[str, RegisteredClient] = field(default_factory=dict)
     tcp_idle_timeout_secs: float = 3600.0
     quic_bind: str = "0.0.0.0:30380"
@@ -421,7 +451,8 @@ def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
     for e in entries:
         if e["name"] in servers:
             raise ConfigError(f"{where}: server {e['name']!r} is listed twice")
-        servers[e["name"]] = RegisteredServer(e["name"], e["tripcode"], e["display_name"] or e["name"])
+        servers[e["name"]] = RegisteredServer(e["name"], e["tripcode"], e["display_name"] or e["name"],
+                                              e["trusted"])
     scraper_keys = []
     for i, entry in enumerate(values["scraper_keys"]):
         if not isinstance(entry, dict):
@@ -447,7 +478,11 @@ def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
         scraper_keys=tuple(scraper_keys),
         metrics=values["metrics"],
         audit_log=values["audit_log"],
-        trust_x_forwarded_for=values["trust_x_forwarded_for"],
+        trusted_proxies=trust.parse_networks(values["trusted_proxies"])
+        + (trust.LOOPBACK if values["trust_x_forwarded_for"] else ()),
+        operator_addresses=trust.parse_networks(values["operator_addresses"]),
+        servers_alias=values["servers_alias"],
+        requests_per_address=values["requests_per_address"],
         clients=clients,
         tcp_idle_timeout_secs=float(values["tcp_idle_timeout_secs"]),
         quic_bind=values["quic_bind"],

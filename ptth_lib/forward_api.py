@@ -74,7 +74,7 @@ def register(app: Flask, rv: Rendezvous, fw: PortForwarding, metrics: RelayMetri
 
     def server_is(name: str) -> None:
         try:
-            rv.authenticate(name, request.headers.get(API_KEY_HEADER))
+            rv.authenticate(name, request.headers.get(API_KEY_HEADER), client_address())
         except ForbiddenError as e:
             reject_backend_key(e, name[:64])
             raise

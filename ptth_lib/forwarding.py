@@ -79,6 +79,11 @@ MAX_CONNECTIONS_PER_CLIENT = 256
 MAX_CONNECTIONS_PER_SERVER = 1024
 MAX_OFFERS_PER_PORT = 64
 MAX_LISTENS_PER_PORT = 8
+# Port names one server may listen on at once. The relay cannot know a
+# server's [forwarded_ports]; this bounds what a server (or a stolen key) can
+# make it remember. Names with no listen, no offer and no recent listen are
+# forgotten by the sweep.
+MAX_PORTS_PER_SERVER = 256
 
 # How often the sweeper looks for idle and stuck connections.
 SWEEP_SECS = 1.0
@@ -312,6 +317,9 @@ class PortForwarding:
         if self._listens.get(key, 0) >= MAX_LISTENS_PER_PORT:
             raise TooManyListenersError(f"server {server!r} already has {MAX_LISTENS_PER_PORT} "
                                         f"listens parked on port {port!r}")
+        if key not in self._offers and sum(1 for s, _ in self._offers if s == server) >= MAX_PORTS_PER_SERVER:
+            raise TooManyListenersError(f"server {server!r} already listens on {MAX_PORTS_PER_SERVER} "
+                                        "port names")
         offers = self._offers.setdefault(key, gevent.queue.Queue(MAX_OFFERS_PER_PORT))
         self._listens[key] = self._listens.get(key, 0) + 1
         me = gevent.getcurrent()
@@ -332,6 +340,8 @@ class PortForwarding:
         finally:
             self._parked.discard(me)
             self._listens[key] -= 1
+            if not self._listens[key]:
+                del self._listens[key]
             self._last_listen[key] = time.monotonic()
 
     def find_for_server(self, conn_id: str, server_is: Callable[[str], None]) -> ForwardedConnection:
@@ -395,6 +405,7 @@ class PortForwarding:
             gevent.sleep(interval_secs)
             now = time.monotonic()
             idle_limit = self.config.tcp_idle_timeout_secs
+            self._forget_idle_ports(now)
             for conn in list(self.connections.values()):
                 if conn.accepted is None:
                     continue  # connect() times the offer out itself
@@ -422,6 +433,16 @@ class PortForwarding:
 
     def count_open(self) -> int:
         return sum(1 for c in self.connections.values() if c.accepted is not None)
+
+    def _forget_idle_ports(self, now: float) -> None:
+        """Drop the tables of port names with no listen, no offer and no listen for a while."""
+        for key, last in list(self._last_listen.items()):
+            offers = self._offers.get(key)
+            if key in self._listens or (offers is not None and not offers.empty()):
+                continue
+            if now - last >= PORT_GONE_AFTER_SECS:
+                del self._last_listen[key]
+                self._offers.pop(key, None)
 
     def _port_is_listened(self, server: str, port: str) -> bool:
         key = (server, port)

@@ -28,6 +28,21 @@ from .errors import ProtocolError
 # URL paths of the backend API; "7ZSFUKGV" is the spec's cookie for it.
 LISTEN_PATH = "/7ZSFUKGV/http_listen/{name}"
 RESPONSE_PATH = "/7ZSFUKGV/http_response/{id}"
+# A stopping server says so, and the relay counts it gone at once (PTTH's own).
+LEAVE_PATH = "/7ZSFUKGV/http_leave/{name}"
+
+# PTTH's own additions to a listen (PROTOCOL.md, "Acknowledged delivery"); a
+# spec 002 server sends none of them and is served exactly as before.
+# The server's listens carry `X-PTTH-Features: ack`; then each 200 answer
+# names its batch in X-PTTH-Batch, and the next listen acknowledges it.
+FEATURES_HEADER = "X-PTTH-Features"
+BATCH_HEADER = "X-PTTH-Batch"
+ACK_HEADER = "X-PTTH-Ack"
+FEATURE_ACK = "ack"
+# At most this many requests in the answer (the server's free capacity).
+MAX_REQUESTS_HEADER = "X-PTTH-Max-Requests"
+# Park at most this many seconds (0: answer at once, to check the connection).
+WAIT_HEADER = "X-PTTH-Wait-Secs"
 
 # TCP port forwarding (spec 003; forward_api.py). Servers use their own key:
 TCP_LISTEN_PATH = "/7ZSFUKGV/tcp_listen/{name}/{port}"
@@ -76,6 +91,8 @@ _TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9a-z-]+\Z")
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Request ids as the relay makes them; anything else could smuggle text into logs.
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+# A Content-Length a client can rely on: plain digits, no sign, no list (RFC 9110 8.6).
+_LENGTH_RE = re.compile(rb"^[0-9]{1,19}\Z")
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,18 @@ class ServerResponseHead:
 def is_hop_by_hop(name: str) -> bool:
     """Tell whether a header belongs to one connection and must not be forwarded."""
     return name.lower() in HOP_BY_HOP
+
+
+def parse_features(value: str | None) -> frozenset[str]:
+    """The tokens of an X-PTTH-Features header, lowercase; unknown ones are kept and ignored."""
+    if not value:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value[:256].split(",") if t.strip())
+
+
+def is_request_id(value: str) -> bool:
+    """Tell whether `value` has the shape of a relay-made id (request or batch)."""
+    return bool(_ID_RE.match(value))
 
 
 def clean_report(value: str | None) -> str | None:
@@ -178,7 +207,11 @@ def decode_response_head(value: str | None) -> ServerResponseHead:
     status = obj.get("status_code")
     if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
         raise ProtocolError("response head has no valid integer status_code")
-    return ServerResponseHead(status, _check_headers(obj.get("headers")))
+    headers = _check_headers(obj.get("headers"))
+    length = headers.get("content-length")
+    if length is not None and not _LENGTH_RE.match(length):
+        raise ProtocolError(f"content-length {length[:40]!r} is not a number")
+    return ServerResponseHead(status, headers)
 
 
 def _unpack(data: bytes, limit: int) -> Any:

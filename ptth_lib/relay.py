@@ -4,10 +4,16 @@ Routes, thin over `rendezvous.Rendezvous`:
 
 - backend API (servers): `GET /7ZSFUKGV/http_listen/<name>` (long-poll) and
   `POST /7ZSFUKGV/http_response/<id>` (response head in a header, body streamed);
-- frontend (clients): `/frontend/servers/<name>/<path>` (alias `/servers/...`)
-  relayed to the server as `/<path>`, plus the server list, the unregistered
-  servers page, the audit log page and `/frontend/relay_up_check`;
-- `/metrics` (metrics.py) and the scraper API (scraper_api.py).
+  and `POST /7ZSFUKGV/http_leave/<name>` (a server stopping);
+- frontend (clients): `/frontend/servers/<name>/<path>` relayed to the server
+  as `/<path>` (the spec's older `/servers/...` redirects there), the server
+  list and `/frontend/relay_up_check`;
+- operators' pages, served only to `operator_addresses`: `/metrics`
+  (metrics.py), `/frontend/audit_log`, `/frontend/unregistered_servers`;
+- the scraper API (scraper_api.py) and port forwarding (forward_api.py).
+
+What crosses the relay's edge, which server a path names and whose address
+a request comes from are decided in trust.py.
 
 The three paths every relayed request takes (listen, response POST, client
 request) are dispatched by `_HotPaths` before Flask; everything else is Flask.
@@ -27,11 +33,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import gevent
+import gevent.event
 import gevent.socket
-from flask import Flask, Response, jsonify, redirect, request
+from flask import Flask, Response, jsonify, request
 from werkzeug.wrappers import Request
 
-from . import __version__, forward_api, scraper_api, tripcode
+from . import __version__, forward_api, scraper_api, tripcode, trust
 from .audit import AuditLog
 from .body_reader import iter_body
 from .config import RelayConfig
@@ -40,24 +47,37 @@ from .errors import ProtocolError
 from .forwarding import PortForwarding
 from .metrics import RelayMetrics
 from .protocol import (
+    ACK_HEADER,
     API_KEY_HEADER,
+    BATCH_HEADER,
+    FEATURE_ACK,
+    FEATURES_HEADER,
+    MAX_REQUESTS_HEADER,
     RESPONSE_HEAD_HEADER,
     SERVER_HOST_HEADER,
     SERVER_VERSION_HEADER,
+    WAIT_HEADER,
     clean_report,
     collect_headers,
     decode_response_head,
     encode_requests,
     is_hop_by_hop,
+    is_request_id,
+    parse_features,
 )
 from .rendezvous import (
+    ACK_AFTER_CLOSE_SECS,
+    LEASE_SECS,
     BodyStream,
     ForbiddenError,
+    Lease,
+    ListenEnded,
     PendingRequest,
     Rendezvous,
     RendezvousError,
     format_rfc3339,
 )
+from .trust import BadPathError
 from .wsgi_socket import connection_socket, cut_connection, end_on_hangup
 
 logger = logging.getLogger(__name__)
@@ -69,10 +89,18 @@ RELAY_CHUNK_BYTES = 256 * 1024
 # How long after a listen's answer the relay watches its connection for a
 # cut (see _requeue_if_lost); ptth_server re-polls within milliseconds.
 LISTEN_LEASE_SECS = 10.0
-# When a listen's connection ends, requests still unanswered this long
-# afterwards are taken back. Clients that close after every listen answer in
-# milliseconds; a NAT box's next cut should not find them again.
+# For a server that does not acknowledge (spec 002): when a listen's connection
+# ends, requests still unanswered this long afterwards are taken back.
 LISTEN_CLOSE_GRACE_SECS = 0.3
+
+# A header dropped from a server's responses is logged once per server and
+# header in this long, not once per response.
+DROP_LOG_EVERY_SECS = 3600.0
+
+# URL prefixes that name a server: the frontend's, and the spec's older alias.
+FRONTEND_PREFIX = "/frontend/servers/"
+ALIAS_PREFIX = "/servers/"
+SCRAPER_PREFIX = "/scraper/v1/server/"
 
 # A refused POST body up to this size is read and dropped, so the connection
 # can be reused; past it, reading would cost more than a new connection.
@@ -88,6 +116,9 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
     the config file for changes (see config_watch.py).
     """
     app = Flask("ptth_relay")
+    # "//x" is not "/x": a proxy in front may match it differently, and werkzeug
+    # would answer it with a redirect built from the client's Host header.
+    app.url_map.merge_slashes = False
     rv = Rendezvous(config)
     fw = PortForwarding(config)
     rv.on_close = fw.close
@@ -111,8 +142,46 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
         app.extensions["ptth_config_watcher"] = watcher
         gevent.spawn(watcher.run)
 
+    untrusted_proxies_seen: set[str] = set()
+
     def client_address(req: Request) -> str:
-        return _client_address(req.environ, rv.config.trust_x_forwarded_for)
+        environ = req.environ
+        peer = str(environ.get("REMOTE_ADDR", "unknown"))
+        forwarded_for = environ.get("HTTP_X_FORWARDED_FOR")
+        if forwarded_for and peer not in untrusted_proxies_seen and len(untrusted_proxies_seen) < 64 \
+                and not trust.is_in(peer, rv.config.trusted_proxies):
+            untrusted_proxies_seen.add(peer)
+            logger.warning("requests from %s carry X-Forwarded-For, but %s is not in trusted_proxies: all "
+                           "its clients count as one address (add it to trusted_proxies if it is your proxy)",
+                           peer, peer)
+        return trust.client_address(peer, forwarded_for, rv.config.trusted_proxies)
+
+    def is_operator(req: Request) -> bool:
+        """Tell whether this request may see the operators' pages (metrics, audit log, ...)."""
+        environ = req.environ
+        peer = str(environ.get("REMOTE_ADDR", ""))
+        if not trust.is_in(peer, rv.config.trusted_proxies) and any(h in environ for h in trust.PROXY_HEADERS):
+            return False  # came through a proxy we do not trust to say from whom
+        return trust.is_in(client_address(req), rv.config.operator_addresses)
+
+    def operators_only() -> Response | None:
+        if is_operator(request):
+            return None
+        return _text(403, "this page is for the relay's operators: it is served only to the addresses "
+                          "in operator_addresses (relay config)")
+
+    dropped_logged: dict[tuple[str, str], float] = {}
+
+    def log_dropped(server: str, names: list[str]) -> None:
+        now = time.monotonic()
+        for name in names:
+            key = (server, name)
+            if now - dropped_logged.get(key, -DROP_LOG_EVERY_SECS) >= DROP_LOG_EVERY_SECS:
+                if len(dropped_logged) >= 10_000:
+                    dropped_logged.clear()
+                dropped_logged[key] = now
+                logger.warning("dropped header %r from server %s's responses: it would act on the "
+                               "relay's edge or origin (logged once an hour)", name, server)
 
     def reject_backend_key(req: Request, e: ForbiddenError, **where: str) -> None:
         """Count and audit a refused backend call; `where` names the server or request."""
@@ -121,12 +190,18 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
         audit.record("backend_key_rejected", **where, address=client_address(req), reason=str(e),
                      tripcode=tripcode.derive(key) if key else None)
 
-    def relay_measured(name: str, req: Request) -> Response:
+    def relay_measured(prefix: str, req: Request) -> Response:
         """Relay one client request, counting it in the metrics when its response ends."""
         started = time.monotonic()
         metrics.client_requests_in_flight.inc()
         try:
-            resp = _relay_client_request(rv, name, req)
+            target = trust.parse_server_path(_raw_target(req.environ), prefix)
+            if target.target is None:
+                raise BadPathError("no path after the server name")
+            share = trust.fairness_key(client_address(req))
+            resp = _relay_client_request(rv, target, share, req, log_dropped)
+        except BadPathError as e:
+            resp = _text(400, f"bad path: {e}")
         except RendezvousError as e:
             resp = _error_response(e)
 
@@ -144,6 +219,20 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
         return resp
 
     app.register_error_handler(RendezvousError, _error_response)
+
+    @app.after_request
+    def _page_headers(resp: Response) -> Response:
+        if isinstance(resp, _Relayed):
+            return resp
+        for name, value in trust.RELAY_PAGE_HEADERS:
+            resp.headers.setdefault(name, value)
+        location = resp.headers.get("Location")
+        parts = urlsplit(location or "")
+        if parts.scheme or parts.netloc:
+            # werkzeug's own redirects (a missing slash) are built from the
+            # client's Host header; a path keeps them on whatever host was asked.
+            resp.headers["Location"] = "/" + parts.path.lstrip("/") + (f"?{parts.query}" if parts.query else "")
+        return resp
 
     @app.get("/")
     def _index() -> Response:
@@ -173,20 +262,28 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
 
     @app.get("/frontend/unregistered_servers")
     def _unregistered() -> Response:
+        if refused := operators_only():
+            return refused
         rows = "".join(
             f"<tr><td>{html.escape(name)}</td><td><code>{html.escape(code)}</code></td>"
-            f"<td>{format_rfc3339(seen)}</td></tr>"
-            for name, (code, seen) in sorted(rv.unregistered.items())
+            f"<td>{html.escape(address)}</td><td>{format_rfc3339(seen)}</td></tr>"
+            for (name, code, address), seen in sorted(rv.unregistered.items(), key=lambda kv: -kv[1])
         )
         body = (
-            "<p>Servers that tried to connect but are not in the relay config. To let one in, "
-            "add a <code>[[servers]]</code> table with its name and tripcode.</p>"
-            f"<table><tr><th>Name</th><th>Tripcode</th><th>Last try</th></tr>{rows}</table>"
+            "<p>Names and tripcodes offered by servers the relay does not know, newest first. "
+            "<strong>An entry proves nothing</strong>: anyone who can reach the relay can offer any name "
+            "with any tripcode, and several may offer the same name. Register a server only with the "
+            "tripcode its operator gave you through a channel you trust (it prints it with "
+            "<code>ptth_server.py --print-tripcode</code>).</p>"
+            "<table><tr><th>Name</th><th>Tripcode offered</th><th>From</th><th>Last try (UTC)</th></tr>"
+            f"{rows}</table>"
         )
         return _page("Unregistered servers", body)
 
     @app.get("/frontend/audit_log")
     def _audit_log() -> Response:
+        if refused := operators_only():
+            return refused
         if not audit.enabled:
             return _text(404, "the audit log is off: set audit_log in the relay config")
         rows = "".join(
@@ -201,13 +298,21 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
     def _metrics() -> Response:
         if not rv.config.metrics:
             return _text(404, "metrics are off: set metrics = true in the relay config")
+        if refused := operators_only():
+            return refused
         body, content_type = metrics.render()
         return Response(body, content_type=content_type)
 
-    @app.route("/frontend/servers/<name>", methods=_ALL_METHODS, provide_automatic_options=False)
-    @app.route("/servers/<name>", methods=_ALL_METHODS, provide_automatic_options=False)
-    def _server_root_redirect(name: str) -> Any:
-        return redirect(f"{name}/", code=302)
+    @app.post("/7ZSFUKGV/http_leave/<name>")
+    def _leave(name: str) -> Response:
+        try:
+            server = rv.authenticate(name, request.headers.get(API_KEY_HEADER), client_address(request))
+        except ForbiddenError as e:
+            reject_backend_key(request, e, server=name[:64])
+            raise
+        rv.leave(server)
+        logger.info("server %s says it is leaving", name)
+        return _text(200, "goodbye")
 
     def scraper_auth(outcome: str, address: str, detail: str | None) -> None:
         if outcome == "rejected":
@@ -217,34 +322,45 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
             audit.record("scraper_key_used", key=detail, address=address, path=request.path[:200])
 
     scraper_api.register(app, lambda: rv.config, lambda: client_address(request), rv.describe_servers,
-                         lambda name: relay_measured(name, request), scraper_auth)
+                         lambda: relay_measured(SCRAPER_PREFIX, request), scraper_auth)
 
     forward_api.register(app, rv, fw, metrics, audit, lambda: client_address(request),
                          lambda e, name: reject_backend_key(request, e, server=name))
 
     def listen(name: str, req: Request) -> Response:
         try:
-            server = rv.authenticate(name, req.headers.get(API_KEY_HEADER))
+            server = rv.authenticate(name, req.headers.get(API_KEY_HEADER), client_address(req))
         except ForbiddenError as e:
             reject_backend_key(req, e, server=name[:64])
             raise
         server.version = clean_report(req.headers.get(SERVER_VERSION_HEADER)) or server.version
         server.host = clean_report(req.headers.get(SERVER_HOST_HEADER)) or server.host
+        acks = FEATURE_ACK in parse_features(req.headers.get(FEATURES_HEADER))
+        acked = req.headers.get(ACK_HEADER, "")
+        if acks and is_request_id(acked):
+            rv.ack(server, acked)  # before parking: a cut while parked must not lose it
+        wait = _number(req.headers.get(WAIT_HEADER), 0, 300)
+        timeout = rv.config.listen_timeout_secs if wait is None else min(rv.config.listen_timeout_secs, wait)
         sock = connection_socket(req.environ)
         watcher = gevent.spawn(end_on_hangup, sock, gevent.getcurrent()) if sock else None
         try:
-            batch = rv.listen(server, rv.config.listen_timeout_secs)
+            batch, lease = rv.listen(server, timeout, _number(req.headers.get(MAX_REQUESTS_HEADER), 0, 1024),
+                                     lease=acks)
         finally:
             if watcher is not None:
                 watcher.kill()
         if not batch:
             return Response(status=204)
         logger.debug("listen by %s takes %d requests", name, len(batch))
-        if sock is not None:
-            gevent.spawn(_requeue_if_lost, rv, sock, batch)
         body = encode_requests(p.request for p in batch)
         metrics.relayed_bytes.labels("to_server").inc(len(body))
-        return Response(body, 200, content_type="application/msgpack")
+        resp = Response(body, 200, content_type="application/msgpack")
+        if lease is not None:
+            resp.headers[BATCH_HEADER] = lease.id
+            gevent.spawn(_hold_lease, rv, sock, lease)
+        elif sock is not None:
+            gevent.spawn(_requeue_if_lost, rv, sock, batch)
+        return resp
 
     def respond(request_id: str, req: Request) -> Response:
         try:
@@ -256,7 +372,8 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
             return _refuse(e.status, str(e), req)
         return _relay_server_response(rv, p, req)
 
-    app.wsgi_app = _HotPaths(app.wsgi_app, listen, respond, relay_measured)  # type: ignore[method-assign]
+    app.wsgi_app = _HotPaths(app.wsgi_app, listen, respond, relay_measured,  # type: ignore[method-assign]
+                             lambda: rv.config)
     return app
 
 
@@ -269,34 +386,72 @@ class _HotPaths:
     other path (pages, scraper API, metrics) goes to Flask as usual.
     """
 
-    def __init__(self, flask_app: Any, listen: _Handler, respond: _Handler, relay: _Handler) -> None:
+    def __init__(self, flask_app: Any, listen: _Handler, respond: _Handler, relay: _Handler,
+                 config: Callable[[], RelayConfig]) -> None:
         self._flask_app = flask_app
-        self._routes = (
-            ("/7ZSFUKGV/http_listen/", ("GET", "HEAD"), listen, False),
-            ("/7ZSFUKGV/http_response/", ("POST",), respond, False),
-            ("/frontend/servers/", None, relay, True),
-            ("/servers/", None, relay, True),
+        self._config = config
+        self._backend = (
+            ("/7ZSFUKGV/http_listen/", ("GET", "HEAD"), listen),
+            ("/7ZSFUKGV/http_response/", ("POST",), respond),
         )
+        self._relay = relay
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         path: str = environ.get("PATH_INFO", "")
-        for prefix, methods, handler, has_rest in self._routes:
-            if not path.startswith(prefix):
-                continue
-            arg, slash, _ = path[len(prefix):].partition("/")
-            if not arg or bool(slash) != has_rest:
-                break  # "/frontend/servers/" itself, "/frontend/servers/x" (redirect), etc.: Flask's
-            if methods is not None and environ.get("REQUEST_METHOD") not in methods:
-                return _text(405, "method not allowed")(environ, start_response)
-            try:
-                response = handler(arg, Request(environ))
-            except RendezvousError as e:
-                response = _error_response(e)
-            return response(environ, start_response)
-        return self._flask_app(environ, start_response)
+        if path.startswith("//"):
+            # werkzeug would route "//x" as "/x"; a proxy in front may not.
+            response: Response | None = _text(400, "bad path: it starts with '//'")
+        elif path.startswith(FRONTEND_PREFIX) and len(path) > len(FRONTEND_PREFIX):
+            response = self._client(environ)
+        elif path.startswith(ALIAS_PREFIX):
+            response = self._alias(environ)
+        else:
+            response = None
+            for prefix, methods, handler in self._backend:
+                arg, slash, _ = path[len(prefix):].partition("/")
+                if not path.startswith(prefix) or not arg or slash:
+                    continue
+                if environ.get("REQUEST_METHOD") not in methods:
+                    response = _text(405, "method not allowed")
+                    break
+                try:
+                    response = handler(arg, Request(environ))
+                except RendezvousError as e:
+                    response = _error_response(e)
+                break
+        if response is None:
+            return self._flask_app(environ, start_response)
+        return response(environ, start_response)
+
+    def _client(self, environ: dict[str, Any]) -> Response:
+        """A request for a server: relayed, or ".../NAME" redirected to ".../NAME/"."""
+        raw = _raw_target(environ)
+        try:
+            target = trust.parse_server_path(raw, FRONTEND_PREFIX)
+        except BadPathError as e:
+            return _text(400, f"bad path: {e}")
+        if target.target is None:
+            return _redirect(raw.partition("?")[0].rsplit("/", 1)[-1] + "/", 302)
+        return self._relay(FRONTEND_PREFIX, Request(environ))
+
+    def _alias(self, environ: dict[str, Any]) -> Response:
+        """The spec's older /servers/NAME/...: one redirect to the one prefix operators protect."""
+        if not self._config().servers_alias:
+            return _text(404, "no such page: servers are at /frontend/servers/NAME/ "
+                              "(servers_alias is off in the relay config)")
+        raw = _raw_target(environ)
+        try:
+            trust.parse_server_path(raw, ALIAS_PREFIX)
+        except BadPathError as e:
+            return _text(400, f"bad path: {e}")
+        return _redirect("/frontend" + raw, 308)
 
 
 _Handler = Callable[[str, Request], Response]
+
+
+class _Relayed(Response):
+    """A response relayed from a server: its own security headers, not the relay pages'."""
 
 
 def _error_response(e: RendezvousError) -> Response:
@@ -313,36 +468,52 @@ def _audit_details(entry: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in entry.items() if k not in _AUDIT_COLUMNS and v is not None)
 
 
-def _client_address(environ: dict[str, Any], trust_x_forwarded_for: bool) -> str:
-    """The client's address; from X-Forwarded-For only if the config says a proxy sets it."""
-    if trust_x_forwarded_for:
-        forwarded: str = environ.get("HTTP_X_FORWARDED_FOR", "")
-        last_hop = forwarded.rsplit(",", 1)[-1].strip()
-        if last_hop:
-            return last_hop[:64]
-    return str(environ.get("REMOTE_ADDR", "unknown"))
+def _number(value: str | None, low: int, high: int) -> int | None:
+    """A whole number header from a server, clamped to [low, high]; None if absent or malformed."""
+    if not value or not value.isascii() or not value.isdigit() or len(value) > 9:
+        return None
+    return max(low, min(high, int(value)))
 
 
-def _relay_client_request(rv: Rendezvous, name: str, req: Request) -> Response:
+def _relay_client_request(rv: Rendezvous, target: trust.ServerPath, share: str, req: Request,
+                          log_dropped: Callable[[str, list[str]], None]) -> Response:
     """P2 to P6 for one client request: queue it, wait for the head, stream the body."""
     environ = req.environ
     if req.content_length or "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         return _text(501, "request bodies are not relayed through the tunnel")
-    uri = _relayed_uri(environ)
-    # X-ApiKey is ours (a scraper key, or a mistake): it must never reach a server.
-    forwarded = collect_headers((k, v) for k, v in req.headers.items() if k.lower() != "x-apikey")
-    p = rv.submit(name, req.method, uri, forwarded)
-    logger.debug("request %s: %s %s for %s", p.request.id, req.method, uri, name)
-    head = rv.wait_for_head(p)
-    headers = [(_display_case(k), v.decode("latin-1")) for k, v in head.headers.items() if not is_hop_by_hop(k)]
-    body: Any
-    if req.method == "HEAD" or head.status_code in (204, 304):
-        rv.skip_body(p)
-        body = []  # a list, not b"": werkzeug would reset Content-Length to 0
-    else:
-        body = BodyStream(rv, p, lambda reason: cut_connection(environ))
-    resp = Response(body, status=head.status_code, headers=headers)
-    if "content-type" not in head.headers:
+    name, uri = target.name, target.target
+    assert uri is not None  # the caller redirects ".../NAME" to ".../NAME/"
+    forwarded = collect_headers(trust.client_headers_for_server(req.headers.items()))
+    sock = connection_socket(environ) if rv.must_wait_turn(name, share) else None
+    # Waiting for a turn may be long: stop if the client hangs up meanwhile.
+    watcher = gevent.spawn(end_on_hangup, sock, gevent.getcurrent()) if sock is not None else None
+    try:
+        p = rv.submit(name, req.method, uri, forwarded, client=share)
+    except ListenEnded:
+        return _text(499, "the client hung up while waiting for its turn")
+    finally:
+        if watcher is not None:
+            watcher.kill()
+    try:
+        logger.debug("request %s: %s %s for %s", p.request.id, req.method, uri, name)
+        head = rv.wait_for_head(p)
+        passed, dropped = trust.server_headers_for_client(head.headers)
+        if dropped:
+            log_dropped(name, dropped)
+        headers = [(_display_case(k), v.decode("latin-1")) for k, v in passed.items() if not is_hop_by_hop(k)]
+        trusted = p.server.registered.trusted
+        headers.extend(trust.TRUSTED_RELAYED_HEADERS if trusted else trust.RELAYED_HEADERS)
+        body: Any
+        if req.method == "HEAD" or head.status_code in (204, 304):
+            rv.skip_body(p)
+            body = []  # a list, not b"": werkzeug would reset Content-Length to 0
+        else:
+            body = BodyStream(rv, p, lambda reason: cut_connection(environ))
+        resp = _Relayed(body, status=head.status_code, headers=headers)
+    except BaseException:
+        rv.forget(p)
+        raise
+    if "content-type" not in passed:
         del resp.headers["Content-Type"]
     return resp
 
@@ -353,8 +524,9 @@ def _relay_server_response(rv: Rendezvous, p: PendingRequest, req: Request) -> R
     try:
         head = decode_response_head(req.headers.get(RESPONSE_HEAD_HEADER))
     except ProtocolError as e:
-        logger.warning("bad response head for request %s: %s", p.request.id, e)
-        rv.fail(p, str(e))
+        logger.warning("bad response head for request %s from server %s: %s", p.request.id,
+                       p.server.registered.name, e)
+        rv.fail(p, f"server {p.server.registered.name!r} sent a bad response: {e}")
         return _refuse(400, f"bad response head: {e}", req)
     rv.start_response(p, head)
 
@@ -402,12 +574,8 @@ def _refuse(status: int, message: str, req: Request) -> Response:
     return resp
 
 
-def _relayed_uri(environ: dict[str, Any]) -> str:
-    """The request target as the client sent it, minus the `/frontend/servers/<name>` prefix.
-
-    Works on the raw target so that percent-escapes (`%3F`, `%23`, `%2F`)
-    reach the server unchanged.
-    """
+def _raw_target(environ: dict[str, Any]) -> str:
+    """The request target as the client sent it (percent-escapes intact), in origin form."""
     raw: str = environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""
     if not raw:
         raw = environ.get("PATH_INFO", "/")
@@ -415,44 +583,80 @@ def _relayed_uri(environ: dict[str, Any]) -> str:
             raw += "?" + environ["QUERY_STRING"]
     if not raw.startswith("/"):  # absolute-form target
         parts = urlsplit(raw)
-        raw = parts.path + ("?" + parts.query if parts.query else "")
-    path, sep, query = raw.partition("?")
-    # "/frontend/servers/NAME/rest", "/scraper/v1/server/NAME/rest" or "/servers/NAME/rest"
-    prefix = 4 if path.startswith("/scraper/") else 3 if path.startswith("/frontend/") else 2
-    segments = path.split("/", prefix + 1)
-    rest = segments[prefix + 1] if len(segments) > prefix + 1 else ""
-    return "/" + rest + sep + query
+        raw = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    return raw
+
+
+def _hold_lease(rv: Rendezvous, sock: socket.socket | None, lease: Lease) -> None:
+    """Wait for the server to acknowledge a batch; without it, the batch goes back to the queue.
+
+    The acknowledgement comes with the server's next listen, within
+    milliseconds and on whatever connection (a proxy in front may use a new
+    one for every request). If the listen's connection ends first, the answer
+    may not have arrived: then a shorter wait.
+    """
+    ended = gevent.event.Event()
+
+    def watch() -> None:
+        if sock is not None and _connection_ended(sock, LEASE_SECS):
+            ended.set()
+
+    watcher = gevent.spawn(watch)
+    try:
+        gevent.wait([lease.acked, ended], timeout=LEASE_SECS, count=1)
+        if not lease.acked.is_set() and ended.is_set():
+            lease.acked.wait(ACK_AFTER_CLOSE_SECS)
+    finally:
+        watcher.kill(block=False)
+    if not lease.acked.is_set():
+        returned = rv.expire_lease(lease)
+        if returned:
+            logger.info("listen of %s not acknowledged; %d requests back in the queue",
+                        lease.server.registered.name, returned)
+
+
+def _connection_ended(sock: socket.socket, within: float) -> bool:
+    """Tell whether a connection whose peer should send next ends (EOF, reset) within `within` s."""
+    raw = getattr(sock, "_sock", sock)  # gevent's socket would wait, beside the worker's own reader
+    try:
+        with gevent.Timeout(within):
+            gevent.socket.wait_read(sock.fileno())
+        return bool(raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"")
+    except gevent.Timeout:
+        return False  # quiet but open
+    except BlockingIOError:
+        return False  # already read by the worker: the next request came
+    except (OSError, ValueError):
+        return True  # reset, or the worker saw the end of file first and closed the socket
 
 
 def _requeue_if_lost(rv: Rendezvous, sock: socket.socket, batch: list[PendingRequest]) -> None:
-    """Take a listen's requests back if its connection dies before the server answers.
+    """For a server that does not acknowledge: take a listen's requests back if its connection dies.
 
     A connection cut by a NAT box or proxy just as the answer is written can
-    swallow it (the write succeeds, then the connection resets). ptth_server
-    re-polls on the same connection at once, so its next bytes there confirm
-    that the answer arrived; an end of file instead means it may not have, and
-    the requests go back to the queue for the next listen. A request answered
-    twice is harmless: the second answer gets 404.
+    swallow it (the write succeeds, then the connection resets). Such a
+    server re-polls on the same connection at once, so its next bytes there
+    confirm that the answer arrived; an end of file instead means it may not
+    have, and the requests go back to the queue for the next listen. This is
+    a guess (a proxy that closes after every answer makes it wrong, and a slow
+    answer is then handed out twice); servers that acknowledge get exactly
+    once instead (`_hold_lease`).
     """
-    raw = getattr(sock, "_sock", sock)  # gevent's socket would wait, beside the worker's own reader
-    try:
-        with gevent.Timeout(LISTEN_LEASE_SECS):
-            gevent.socket.wait_read(sock.fileno())
-        if raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b"":
-            return  # the server's next request: it has the answer
-    except gevent.Timeout:
-        return  # quiet but open: nothing says the answer was lost
-    except BlockingIOError:
-        return  # already read by the worker: the next request came
-    except (OSError, ValueError):
-        pass  # reset, or the worker saw the end of file first and closed the socket
-    # The connection ended. Some clients close after every listen, so give the
-    # server a moment to answer before taking back what is still unanswered.
+    if not _connection_ended(sock, LISTEN_LEASE_SECS):
+        return
+    # Some clients close after every listen: give the server a moment to answer.
     gevent.sleep(LISTEN_CLOSE_GRACE_SECS)
     returned = rv.requeue(batch)
     if returned:
         logger.info("listen connection lost after taking %d requests; %d back in the queue",
                     len(batch), returned)
+
+
+def _redirect(location: str, status: int) -> Response:
+    """A redirect to a path on this host (a relative or "/..." location, never "//host")."""
+    resp = _text(status, f"see {location}")
+    resp.headers["Location"] = location
+    return resp
 
 
 def _display_case(name: str) -> str:

@@ -6,6 +6,17 @@ at once; the server's POST delivers the response head, then its body flows
 through a small bounded queue to the client's response generator, so a slow
 reader slows the server instead of filling memory.
 
+Delivery to a server that acknowledges (ptth_server does; see PROTOCOL.md,
+"Acknowledged delivery") is exactly once whatever its connections do: the
+requests handed to a listen are held under a lease until the server's next
+listen acknowledges them or it answers them; a lease that runs out puts the
+unanswered requests back in the queue.
+
+Every table here has a bound or an expiry: queued requests per server,
+requests handed out but not answered per server, listens per server,
+requests in flight per client address and server, leases (seconds), the
+unregistered names shown to operators.
+
 Pure gevent, no Flask and no sockets: `relay.py` maps the errors raised here
 to HTTP answers (each error carries its status).
 """
@@ -37,9 +48,33 @@ from .protocol import (
 logger = logging.getLogger(__name__)
 
 # A server counts as online while it has a listen parked here or for this long
-# after its last one ended; our server re-polls at once, so a gap this long
-# means it is gone, and clients get a 502 at once instead of after a timeout.
-OFFLINE_AFTER_SECS = 5.0
+# after its last one ended; our server re-polls at once (a new connection
+# through a slow network takes a few round trips), so a gap this long means it
+# is gone: requests waiting for it then fail (502) instead of timing out.
+OFFLINE_AFTER_SECS = 2.5
+
+# After a server says it is leaving, how long its name stays online for
+# another process of the same name to listen again (they re-poll at once).
+LEAVE_GRACE_SECS = 1.0
+
+# Requests handed to a server's listens and not yet answered, per server name.
+# A server that takes requests and never answers is given no more past this;
+# the rest queue (and get 503 once the queue is full) until clients time out.
+MAX_UNANSWERED_PER_SERVER = 1024
+
+# How long a client's request may wait for its turn while its address has
+# `requests_per_address` requests in flight at the server (a client that hangs
+# up meanwhile stops waiting at once), and how many may wait so per address.
+TURN_WAIT_SECS = 300.0
+MAX_WAITING_PER_ADDRESS = 256
+
+# How long requests handed to an acknowledging server wait for its next
+# listen to acknowledge them before they go back to the queue. It re-polls at
+# once, so this only matters when the answer never reached it...
+LEASE_SECS = 5.0
+# ...and when the listen's connection ended, how long the acknowledgement may
+# take to arrive on a new one (ptth_server re-polls within milliseconds).
+ACK_AFTER_CLOSE_SECS = 1.0
 
 # Requests queued for one server before new ones get 503 (a server that stopped
 # taking requests must not make the relay grow without bound).
@@ -57,15 +92,21 @@ MAX_BATCH_BYTES = MAX_LISTEN_BODY_BYTES // 2
 # 256 KiB chunks this is 1 MiB per transfer: enough to keep both sockets busy.
 BODY_QUEUE_CHUNKS = 4
 
-# How long a body may make no progress (server sends nothing, or the client
-# reads nothing) before the transfer is cut. Long enough for a client reading
-# one chunk at 16 KiB/s, short enough to free a stuck transfer.
+# How long a body may make no progress (the server sends nothing, or the
+# client's last chunks are not taken) before the transfer is cut.
 BODY_STALL_SECS = 120.0
+
+# How long a client may read nothing while the server has more for it. Each
+# stalled download holds one of its server's threads (and a slot of the
+# client's share), so this is shorter: a client taking one 256 KiB chunk a
+# minute (4 KiB/s) still gets its file; one that stops reading is cut, and
+# the server's upload stops at once.
+CLIENT_STALL_SECS = 60.0
 
 # How often watch_presence looks for servers coming online or going offline.
 PRESENCE_CHECK_SECS = 1.0
 
-# Names and tripcodes offered by unknown servers, kept for the admin page.
+# Names and tripcodes offered by unknown servers, kept for the operators' page.
 MAX_UNREGISTERED_SHOWN = 50
 
 # 80 random bits, base32: unguessable, URL-safe, in the spec's style of id.
@@ -113,6 +154,10 @@ class RequestHeadTooLargeError(RendezvousError):
     status = 431
 
 
+class TooManyFromAddressError(RendezvousError):
+    status = 503
+
+
 class ListenEnded(Exception):
     """Thrown into a parked listen to end it at once with no requests.
 
@@ -139,6 +184,10 @@ class ServerState:
     host: str | None = None
     parked: set[gevent.Greenlet] = field(default_factory=set)  # greenlets of its parked listens
     reported_online: bool = False  # last state announced by watch_presence
+    # Requests handed to a listen and not yet answered, by id (MAX_UNANSWERED_PER_SERVER).
+    taken: dict[str, PendingRequest] = field(default_factory=dict)
+    room: gevent.event.Event = field(default_factory=gevent.event.Event)  # set when `taken` shrinks
+    left_at: float | None = None  # when a process of this name last said it was leaving
 
     def wake_listeners(self) -> None:
         """End this server's parked listens now (they answer 204)."""
@@ -183,6 +232,7 @@ class PendingRequest:
     request: RelayRequest
     server: ServerState
     head_size: int = 0  # protocol.head_size of the request, for batching listens
+    share: _Share | None = None  # its client's share of the server, released when forgotten
     picked_up: gevent.event.Event = field(default_factory=gevent.event.Event)
     head_ready: gevent.event.Event = field(default_factory=gevent.event.Event)
     delivered: gevent.event.Event = field(default_factory=gevent.event.Event)
@@ -195,6 +245,26 @@ class PendingRequest:
     body_wanted: bool = True
 
 
+@dataclass(eq=False)
+class Lease:
+    """Requests handed to an acknowledging server's listen, until it acknowledges them."""
+
+    id: str
+    server: ServerState
+    batch: list[PendingRequest]
+    acked: gevent.event.Event = field(default_factory=gevent.event.Event)
+
+
+@dataclass(eq=False)
+class _Share:
+    """What one client address has in flight at one server, and who waits for a turn."""
+
+    key: tuple[str, str]
+    held: int = 0
+    waiting: int = 0
+    freed: gevent.event.Event = field(default_factory=gevent.event.Event)
+
+
 class Rendezvous:
     """Registered servers, their queues and every request in flight."""
 
@@ -202,7 +272,10 @@ class Rendezvous:
         self.config = config
         self.servers = {name: ServerState(reg) for name, reg in config.servers.items()}
         self.pending: dict[str, PendingRequest] = {}
-        self.unregistered: dict[str, tuple[str, float]] = {}
+        self.leases: dict[str, Lease] = {}
+        # (name, tripcode, address) -> last time, oldest first; bounded by MAX_UNREGISTERED_SHOWN.
+        self.unregistered: dict[tuple[str, str, str], float] = {}
+        self._shares: dict[tuple[str, str], _Share] = {}
         self.closing = False
         # Called as on_event(event, **fields) for server_online and server_offline.
         self.on_event: Callable[..., None] = lambda event, **fields: None
@@ -211,41 +284,54 @@ class Rendezvous:
 
     # ---- backend side: servers -----------------------------------------
 
-    def authenticate(self, name: str, api_key: str | None) -> ServerState:
+    def authenticate(self, name: str, api_key: str | None, address: str = "unknown") -> ServerState:
         """Return the server named `name` if `api_key` is its key, else raise 403."""
         state = self.servers.get(name)
         if not api_key:
             raise ForbiddenError("missing X-ApiKey header")
         if state is None:
-            self._remember_unregistered(name, api_key)
+            self._remember_unregistered(name, api_key, address)
             raise ForbiddenError(f"server {name[:64]!r} is not registered at this relay")
         if not tripcode.matches(api_key, state.registered.tripcode):
             raise ForbiddenError(f"wrong API key for server {name!r}")
         return state
 
-    def listen(self, server: ServerState, timeout: float) -> list[PendingRequest]:
-        """Wait up to `timeout` for requests; return every one queued (maybe none)."""
+    def listen(self, server: ServerState, timeout: float, max_requests: int | None = None,
+               lease: bool = False) -> tuple[list[PendingRequest], Lease | None]:
+        """Wait up to `timeout` for requests; return those handed over (maybe none).
+
+        At most `max_requests` are handed over (all queued, within the batch
+        size, if None); 0 is a server at capacity saying it is still there,
+        answered at once. With `lease`, they are held under a lease until the
+        server acknowledges them (`ack`) or `expire_lease` takes them back.
+        """
         if self.closing:
-            return []
+            return [], None
+        if max_requests == 0:
+            server.touch()
+            return [], None
         if server.listeners >= MAX_LISTENERS_PER_SERVER:
             raise TooManyListenersError(f"server {server.registered.name!r} already has "
                                         f"{MAX_LISTENERS_PER_SERVER} listens parked")
+        started = time.monotonic()
         server.listeners += 1
         server.touch()
         me = gevent.getcurrent()
         server.parked.add(me)
         try:
             try:
-                first = self._take(server.queue, timeout)
+                room = self._wait_for_room(server, started + timeout)
+                first = self._take(server.queue, started + timeout) if room else None
             except ListenEnded:
-                return []
+                return [], None
             finally:
                 server.parked.discard(me)
             if first is None:
-                return []
+                return [], None
+            limit = min(room, max_requests or room)
             batch = [first]
             size = first.head_size
-            while not server.queue.empty():
+            while len(batch) < limit and not server.queue.empty():
                 p = server.queue.peek_nowait()
                 if not (p.cancelled or p.answered):
                     if size + p.head_size > MAX_BATCH_BYTES:
@@ -255,10 +341,40 @@ class Rendezvous:
                 server.queue.get_nowait()
             for p in batch:
                 p.picked_up.set()
-            return batch
+                server.taken[p.request.id] = p
+            held = None
+            if lease:
+                held = Lease(_new_id(), server, batch)
+                self.leases[held.id] = held
+            return batch, held
         finally:
             server.listeners -= 1
-            server.touch()
+            if server.left_at is None or started > server.left_at:
+                server.touch()  # a listen ended by its server leaving does not count as seen
+
+    def ack(self, server: ServerState, lease_id: str) -> None:
+        """The server's next listen acknowledges a batch: its requests are its own now."""
+        held = self.leases.get(lease_id)
+        if held is not None and held.server is server:
+            del self.leases[lease_id]
+            held.acked.set()
+
+    def expire_lease(self, held: Lease) -> int:
+        """No acknowledgement came: put the batch's unanswered requests back in the queue."""
+        if self.leases.pop(held.id, None) is None or held.acked.is_set():
+            return 0
+        return self.requeue(held.batch)
+
+    def leave(self, server: ServerState) -> None:
+        """A process of this server is stopping: end its parked listens, count it gone soon.
+
+        Other processes sharing the name see their listens end too; they
+        listen again at once and keep the name online.
+        """
+        now = time.monotonic()
+        server.left_at = now
+        server.last_seen_monotonic = now - OFFLINE_AFTER_SECS + LEAVE_GRACE_SECS
+        server.wake_listeners()
 
     def claim(self, request_id: str, api_key: str | None) -> PendingRequest:
         """Find the request a server answers; 404 if unknown or answered, 403 if not its own."""
@@ -270,6 +386,7 @@ class Rendezvous:
         if not tripcode.matches(api_key, p.server.registered.tripcode):
             raise ForbiddenError(f"request {request_id!r} belongs to another server")
         p.answered = True
+        self._untake(p)
         p.server.touch()
         return p
 
@@ -279,8 +396,9 @@ class Rendezvous:
         p.head_ready.set()
 
     def fail(self, p: PendingRequest, reason: str) -> None:
-        """The server's answer was unusable: the client gets a 502 with `reason`."""
+        """The server's answer was unusable, or will not come: the client gets a 502 with `reason`."""
         p.failure = reason
+        p.picked_up.set()
         p.head_ready.set()
 
     def put_chunk(self, p: PendingRequest, chunk: bytes) -> bool:
@@ -292,9 +410,10 @@ class Rendezvous:
         if p.client_gone or not p.body_wanted:
             return False
         try:
-            p.body.put(chunk, timeout=BODY_STALL_SECS)
+            p.body.put(chunk, timeout=CLIENT_STALL_SECS)
         except gevent.queue.Full:
-            logger.warning("client stalled for %.0f s, cutting request %s", BODY_STALL_SECS, p.request.id)
+            logger.warning("client read nothing for %.0f s, cutting request %s", CLIENT_STALL_SECS,
+                           p.request.id)
             p.client_gone = True
         return not p.client_gone
 
@@ -351,16 +470,46 @@ class Rendezvous:
             state.wake_listeners()
             if state.reported_online:  # watch_presence no longer sees it
                 self._announce(state, online=False)
+            self._fail_waiting(state, f"server {state.registered.name!r} did not pick up the request: it was "
+                                      "removed from the relay config")
         self.config = config
 
     def watch_presence(self, interval_secs: float = PRESENCE_CHECK_SECS) -> None:
-        """Forever: announce servers coming online and going offline via on_event."""
+        """Forever: announce servers coming online and going offline via on_event.
+
+        When a server goes offline, requests waiting for it fail at once (502)
+        rather than each waiting out its request timeout.
+        """
         while True:
             for state in list(self.servers.values()):
                 online = state.is_online()
                 if online != state.reported_online:
                     self._announce(state, online)
+                if not online and state.queue.qsize() and not self.closing:
+                    self._fail_waiting(state, f"server {state.registered.name!r} did not pick up the request: "
+                                              "it went offline")
             gevent.sleep(interval_secs)
+
+    def _fail_waiting(self, state: ServerState, reason: str) -> None:
+        """Fail every request queued for `state`, not yet picked up.
+
+        Requests it picked up are left to time out (504): it may still answer them.
+        """
+        failed = 0
+        kept = []
+        while not state.queue.empty():
+            p = state.queue.get_nowait()
+            if p.cancelled or p.answered:
+                continue
+            if p.picked_up.is_set():
+                kept.append(p)  # handed out once already (then put back): it may still be answered
+            else:
+                self.fail(p, reason)
+                failed += 1
+        for p in kept:
+            state.queue.put_nowait(p)
+        if failed:
+            logger.info("%s: %d waiting requests failed", reason, failed)
 
     def _announce(self, state: ServerState, online: bool) -> None:
         state.reported_online = online
@@ -370,8 +519,14 @@ class Rendezvous:
 
     # ---- frontend side: clients ----------------------------------------
 
-    def submit(self, name: str, method: str, uri: str, headers: dict[str, bytes]) -> PendingRequest:
-        """Queue a client request for server `name`."""
+    def submit(self, name: str, method: str, uri: str, headers: dict[str, bytes],
+               client: str = "") -> PendingRequest:
+        """Queue a client request for server `name`.
+
+        `client` names the client's share (trust.fairness_key of its address):
+        while it has `requests_per_address` requests in flight at this server,
+        this one waits its turn (up to TURN_WAIT_SECS, then 503).
+        """
         server = self.servers.get(name)
         if server is None:
             raise UnknownServerError(f"no server named {name!r} is registered at this relay")
@@ -381,27 +536,71 @@ class Rendezvous:
         if size > MAX_REQUEST_HEAD_BYTES:
             raise RequestHeadTooLargeError(f"request head of {size} bytes is over the relay's limit of "
                                            f"{MAX_REQUEST_HEAD_BYTES}")
-        request_id = base64.b32encode(secrets.token_bytes(_ID_BYTES)).decode("ascii")
-        p = PendingRequest(RelayRequest(request_id, method, uri, headers), server, head_size=size)
+        share = self._take_share((name, client)) if client else None
+        p = PendingRequest(RelayRequest(_new_id(), method, uri, headers), server, head_size=size, share=share)
         try:
             server.queue.put_nowait(p)
         except gevent.queue.Full:
+            self._release_share(p)
             raise QueueFullError(f"server {name!r} has too many requests waiting; try again later") from None
-        self.pending[request_id] = p
+        self.pending[p.request.id] = p
         return p
+
+    def must_wait_turn(self, name: str, client: str) -> bool:
+        """Tell whether a request from `client` to `name` would wait for its turn now."""
+        share = self._shares.get((name, client))
+        return share is not None and share.held >= self.config.requests_per_address
+
+    def _take_share(self, key: tuple[str, str]) -> _Share:
+        """Count one more request of this client at this server, waiting for a turn if it has its fill."""
+        share = self._shares.get(key)
+        if share is None:
+            share = self._shares[key] = _Share(key)
+        if share.held >= self.config.requests_per_address and share.waiting >= MAX_WAITING_PER_ADDRESS:
+            raise TooManyFromAddressError(f"your address already has {MAX_WAITING_PER_ADDRESS} requests waiting "
+                                          f"for server {key[0]!r}; try again later")
+        deadline = time.monotonic() + TURN_WAIT_SECS
+        while share.held >= self.config.requests_per_address:
+            left = deadline - time.monotonic()
+            share.waiting += 1
+            share.freed.clear()
+            try:
+                freed = left > 0 and share.freed.wait(left)
+            finally:
+                share.waiting -= 1
+            if not freed:
+                self._drop_share_if_idle(share)
+                raise TooManyFromAddressError(
+                    f"your address already has {self.config.requests_per_address} requests in flight at "
+                    f"server {key[0]!r}; try again when they finish")
+        share.held += 1
+        return share
+
+    def _release_share(self, p: PendingRequest) -> None:
+        share, p.share = p.share, None
+        if share is not None:
+            share.held -= 1
+            share.freed.set()
+            self._drop_share_if_idle(share)
+
+    def _drop_share_if_idle(self, share: _Share) -> None:
+        if share.held <= 0 and share.waiting == 0 and self._shares.get(share.key) is share:
+            del self._shares[share.key]
 
     def wait_for_head(self, p: PendingRequest) -> ServerResponseHead:
         """Wait for the server to pick up the request, then for its response head."""
         timeout = self.config.request_timeout_secs
-        if not p.picked_up.wait(timeout):
+        name = p.server.registered.name
+        try:
+            if not p.picked_up.wait(timeout):
+                raise BadGatewayError(f"server {name!r} did not pick up the request in {timeout:.0f} s")
+            if not p.head_ready.wait(timeout):
+                raise GatewayTimeoutError(f"server {name!r} did not answer in {timeout:.0f} s")
+            if p.failure is not None or p.head is None:
+                raise BadGatewayError(p.failure or f"server {name!r} sent no response")
+        except BaseException:
             self.forget(p)
-            raise BadGatewayError(f"server {p.server.registered.name!r} did not pick up the request in {timeout:.0f} s")
-        if not p.head_ready.wait(timeout):
-            self.forget(p)
-            raise GatewayTimeoutError(f"server {p.server.registered.name!r} did not answer in {timeout:.0f} s")
-        if p.failure is not None or p.head is None:
-            self.forget(p)
-            raise BadGatewayError(f"server {p.server.registered.name!r} sent a bad response: {p.failure}")
+            raise
         return p.head
 
     def skip_body(self, p: PendingRequest) -> None:
@@ -413,9 +612,11 @@ class Rendezvous:
         self.forget(p)
 
     def forget(self, p: PendingRequest) -> None:
-        """Drop a request from the table of requests in flight."""
+        """Drop a request from the table of requests in flight, and its client's share."""
         p.cancelled = True  # a listen that finds it in a queue (requeued, say) skips it
         self.pending.pop(p.request.id, None)
+        self._untake(p)
+        self._release_share(p)
 
     # ---- helpers -------------------------------------------------------
 
@@ -429,6 +630,7 @@ class Rendezvous:
         for p in batch:
             if p.answered or p.cancelled or p.request.id not in self.pending:
                 continue
+            self._untake(p)
             try:
                 p.server.queue.put_nowait(p)
                 returned += 1
@@ -436,8 +638,20 @@ class Rendezvous:
                 self.fail(p, "the server's queue was full when its listen was lost")
         return returned
 
-    def _take(self, queue: gevent.queue.Queue, timeout: float) -> PendingRequest | None:
-        deadline = time.monotonic() + timeout
+    def _untake(self, p: PendingRequest) -> None:
+        if p.server.taken.pop(p.request.id, None) is not None:
+            p.server.room.set()
+
+    def _wait_for_room(self, server: ServerState, deadline: float) -> int:
+        """How many more requests `server` may be handed; waits while it has its fill unanswered."""
+        while (room := MAX_UNANSWERED_PER_SERVER - len(server.taken)) <= 0:
+            server.room.clear()
+            left = deadline - time.monotonic()
+            if left <= 0 or not server.room.wait(left):
+                return 0
+        return room
+
+    def _take(self, queue: gevent.queue.Queue, deadline: float) -> PendingRequest | None:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -449,11 +663,17 @@ class Rendezvous:
             if not (p.cancelled or p.answered):
                 return p
 
-    def _remember_unregistered(self, name: str, api_key: str) -> None:
-        if len(self.unregistered) >= MAX_UNREGISTERED_SHOWN and name not in self.unregistered:
-            oldest = min(self.unregistered, key=lambda n: self.unregistered[n][1])
-            del self.unregistered[oldest]
-        self.unregistered[name[:64]] = (tripcode.derive(api_key), time.time())
+    def _remember_unregistered(self, name: str, api_key: str, address: str) -> None:
+        """Keep every name and tripcode offered, with where and when: anyone can offer any."""
+        entry = (name[:64], tripcode.derive(api_key), address[:64])
+        self.unregistered.pop(entry, None)  # re-insert: the dict stays oldest first
+        if len(self.unregistered) >= MAX_UNREGISTERED_SHOWN:
+            del self.unregistered[next(iter(self.unregistered))]
+        self.unregistered[entry] = time.time()
+
+
+def _new_id() -> str:
+    return base64.b32encode(secrets.token_bytes(_ID_BYTES)).decode("ascii")
 
 
 class BodyStream:

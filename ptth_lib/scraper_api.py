@@ -8,8 +8,12 @@ key's hash (its tripcode) with an optional validity window, never the key.
 - `GET /scraper/v1/server_list`: the servers as JSON.
 - `/scraper/v1/server/<name>/<path>`: relayed exactly like the frontend.
 
-Failed attempts are limited per client address, so keys cannot be guessed
-at speed; each refusal says which check failed, never echoing the key.
+Failed attempts are limited per client address (through trusted proxies,
+the client's own): past the limit, wrong keys get 429 instead of 403. A
+valid key always works, even from a limited address: keys are long random
+strings that no rate of guessing finds, and one attacker must not lock out
+everyone behind the same NAT. Each refusal
+says which check failed, never echoing the key.
 """
 
 from __future__ import annotations
@@ -101,12 +105,12 @@ def new_key_snippet(name: str, days: int = DEFAULT_KEY_DAYS) -> tuple[str, str]:
 
 
 def register(app: Flask, config: Callable[[], RelayConfig], client_address: Callable[[], str],
-             server_list: Callable[[], list[dict[str, object]]], relay: Callable[[str], Response],
+             server_list: Callable[[], list[dict[str, object]]], relay: Callable[[], Response],
              on_auth: Callable[[str, str, str | None], None]) -> None:
     """Add the /scraper/ routes to the relay app.
 
-    `config()` is the config in force (it may be reloaded); `relay(name)`
-    relays the current request to server `name` as the frontend does;
+    `config()` is the config in force (it may be reloaded); `relay()` relays
+    the current request to the server its path names, as the frontend does;
     `on_auth(outcome, address, key_name_or_reason)` hears of every key check.
     """
     limiter = FailureLimiter()
@@ -116,17 +120,20 @@ def register(app: Flask, config: Callable[[], RelayConfig], client_address: Call
         if not cfg.enable_scraper_api:
             return Response("the scraper API is not enabled at this relay\n", 404, mimetype="text/plain")
         address = client_address()
-        wait = limiter.retry_after(address, time.monotonic())
-        if wait > 0:
-            on_auth("rejected", address, "rate_limited")
-            resp = Response("too many failed scraper key attempts from your address; try again later\n",
-                            429, mimetype="text/plain")
-            resp.headers["Retry-After"] = str(int(wait) + 1)
-            return resp
+        now = time.monotonic()
         try:
             key = find_key(cfg.scraper_keys, request.headers.get("X-ApiKey"), datetime.now(UTC))
         except ScraperAuthError as e:
-            limiter.fail(address, time.monotonic())
+            # The key is checked first, so a valid key works even from an address
+            # being limited (behind NAT or a proxy, many people share one).
+            wait = limiter.retry_after(address, now)
+            if wait > 0:
+                on_auth("rejected", address, "rate_limited")
+                resp = Response("too many failed scraper key attempts from your address; try again later\n",
+                                429, mimetype="text/plain")
+                resp.headers["Retry-After"] = str(int(wait) + 1)
+                return resp
+            limiter.fail(address, now)
             on_auth("rejected", address, e.reason)
             return Response(f"{e}\n", e.status, mimetype="text/plain")
         on_auth("used", address, key.name)
@@ -145,7 +152,7 @@ def register(app: Flask, config: Callable[[], RelayConfig], client_address: Call
     @app.route("/scraper/v1/server/<name>/", methods=methods)
     @app.route("/scraper/v1/server/<name>/<path:_path>", methods=methods)
     def _scraper_relay(name: str, _path: str = "") -> Response:
-        return authorize() or relay(name)
+        return authorize() or relay()  # which server: from the raw path, as for the frontend
 
     @app.route("/scraper/", defaults={"_rest": ""})
     @app.route("/scraper/<path:_rest>")

@@ -1,14 +1,24 @@
 """The server side of the tunnel: long-poll the relay, answer with streamed POSTs.
 
-One thread runs the listen loop on its own `requests.Session`: it asks the
-relay for requests (P1), gets them packed in the answer (P3), and hands each to
-a thread pool. A pool thread runs the file server (P4) and POSTs the response
-back (P5) with the head in a header and the body as a chunked upload, which the
-relay answers once the client has the whole body (P7).
+Listen threads, each on its own `requests.Session`, ask the relay for
+requests (P1), get them packed in the answer (P3), and hand each to a thread
+pool. A pool thread runs the file server (P4) and POSTs the response back (P5)
+with the head in a header and the body as a chunked upload, which the relay
+answers once the client has the whole body (P7).
+
+PTTH's own additions to the listen (PROTOCOL.md): each listen acknowledges
+the batch the previous one brought (so the relay hands each request out
+exactly once, whatever the connections do), asks for no more requests than
+the pool has room for (so nothing queues here without bound), and the first
+listen after connecting asks for an answer at once (so "connected" is logged
+at once, not after a long-poll). A stopping server tells the relay it is
+leaving. An upload stops as soon as the relay answers it early (the client
+left), even through a proxy that keeps reading the rest.
 
 Faults are expected: connection errors back off exponentially with jitter and
-are logged once per change of state; a 403 from the relay stops the loop,
-because retrying with a key the relay refuses cannot succeed.
+are logged once per change of state; so do unexpected answers (a redirect is
+never followed: the key would go to wherever it points). A 403 from the relay
+stops the loop, because retrying with a key the relay refuses cannot succeed.
 
 When the config has `[forwarded_ports]`, TCP port forwarding runs beside the
 listen loop (forward_server.py) and stops with it.
@@ -17,34 +27,48 @@ listen loop (forward_server.py) and stops with it.
 from __future__ import annotations
 
 import logging
+import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any
 from urllib.parse import quote
 
 import requests
 import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import __version__, file_server, tripcode
 from .config import ServerConfig
 from .errors import ProtocolError, backoff_secs, root_cause
 from .forward_server import PortForwardServer
 from .protocol import (
+    ACK_HEADER,
     API_KEY_HEADER,
+    BATCH_HEADER,
+    FEATURE_ACK,
+    FEATURES_HEADER,
+    LEAVE_PATH,
     LISTEN_PATH,
     MAX_LISTEN_BODY_BYTES,
+    MAX_REQUESTS_HEADER,
     MAX_RESPONSE_HEAD_BYTES,
     RESPONSE_HEAD_HEADER,
     RESPONSE_PATH,
     SERVER_HOST_HEADER,
     SERVER_VERSION_HEADER,
+    WAIT_HEADER,
     RelayRequest,
     ServerResponseHead,
     collect_headers,
     decode_requests,
     encode_response_head,
+    is_request_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,6 +77,15 @@ logger = logging.getLogger(__name__)
 # and a connection to the relay until its client has the whole body (P7), so
 # this bounds both, and also how many clients are served in parallel.
 MAX_CONCURRENT_REQUESTS = 64
+# Requests taken from the relay and waiting for a pool thread, at most. Past
+# this the server stops asking for more, and they wait at the relay instead,
+# where the relay's queue bound (and its 503) applies.
+MAX_BACKLOG_REQUESTS = 64
+
+# A server with no room for more requests still tells the relay it is there
+# this often (a listen asking for none), or the relay would count it gone and
+# fail the requests queued for it.
+AT_CAPACITY_POLL_SECS = 1.0
 
 # Listens kept parked at the relay at once. With two, a request arriving while
 # one listen is on its way back still finds the other parked, instead of
@@ -62,7 +95,9 @@ LISTENS_IN_FLIGHT = 2
 
 CONNECT_TIMEOUT_SECS = 10.0
 # A listen that fails after this long had been parked at the relay, so the
-# relay was up: the connection was cut on the way (see _listen_forever).
+# relay was up: the connection was cut on the way (see _listen_forever). A
+# listen asked to park that is answered 204 sooner was not parked: something
+# answers at once (a stopping relay, a misbehaving proxy), so back off.
 PARKED_CUT_SECS = 1.0
 # A listen parks at the relay for its listen_timeout_secs (at most 300 s).
 LISTEN_READ_TIMEOUT_SECS = 330.0
@@ -73,14 +108,25 @@ RESPONSE_READ_TIMEOUT_SECS = 150.0
 # The relay answers a response POST with a line of text; more is not read.
 MAX_ANSWER_BYTES = 4096
 
-# On Ctrl+C / SIGTERM, responses in flight get this long to finish.
+# On Ctrl+C / SIGTERM, responses in flight get this long to finish...
 SHUTDOWN_GRACE_SECS = 10.0
+# ...after telling the relay we are leaving, which may take this long.
+LEAVE_TIMEOUT_SECS = 5.0
 # ...and the QUIC side this long to close its connection to the relay.
 QUIC_STOP_SECS = 2.0
 
 
 class _Aborted(Exception):
     """Raised inside a body generator to abandon an upload at shutdown."""
+
+
+class _AnsweredEarly(Exception):
+    """Raised inside a body generator: the relay answered before the body was done.
+
+    The relay only does that when the body is not wanted (the client left, or
+    stopped reading): sending the rest would only feed a proxy that reads and
+    discards it.
+    """
 
 
 class ServerLoop:
@@ -96,10 +142,14 @@ class ServerLoop:
         self._stop = threading.Event()
         self._abort = threading.Event()
         self._local = threading.local()
+        self._leave_url = base + LEAVE_PATH.format(name=quote(config.name, safe=""))
         self._pool = ThreadPoolExecutor(MAX_CONCURRENT_REQUESTS, thread_name_prefix="ptth-response")
         self._proxies = requests.utils.get_environ_proxies(base)
         self._in_flight: set[Future[None]] = set()
         self._lock = threading.Lock()
+        # Requests taken or being asked for (reserved by a listen), against the pool's room.
+        self._reserved = 0
+        self._room = threading.Condition(self._lock)
         self.exit_code = 0
         self._state = ""  # "connected" or the last problem, for _report
         self._forwarding = PortForwardServer(config, self._new_session, self._stop)
@@ -119,6 +169,9 @@ class ServerLoop:
                                            name="ptth-quic", daemon=True)
             quic_thread.start()
         self._stop.wait()
+        if self.exit_code == 0:
+            logger.info("stopping: telling the relay, then letting responses in flight finish")
+            self._leave()
         if quic_thread is not None and quic_stop:
             quic_stop[0]()  # close the QUIC connection: its streams and TCP connections are cut
             quic_thread.join(QUIC_STOP_SECS)
@@ -132,6 +185,7 @@ class ServerLoop:
                 logger.warning("stopping: abandoning %d unfinished responses", len(not_done))
                 self._abort.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        logger.info("stopped")
         return self.exit_code
 
     def stop(self) -> None:
@@ -147,25 +201,53 @@ class ServerLoop:
             "User-Agent": f"ptth_server/{__version__}",
             SERVER_VERSION_HEADER: f"ptth_server/{__version__} (Python)",
             SERVER_HOST_HEADER: socket.gethostname(),
+            FEATURES_HEADER: FEATURE_ACK,
         })
         failures = 0
+        ack = ""        # the batch the last answer brought, acknowledged by the next listen
+        at_once = True  # the first listen after (re)connecting is answered at once
         while not self._stop.is_set():
             problem = ""
+            room = self._reserve()
+            if self._stop.is_set():
+                self._unreserve(room)
+                return
+            headers = {MAX_REQUESTS_HEADER: str(room)}
+            if ack:
+                headers[ACK_HEADER] = ack
+            if at_once or room == 0:
+                # At capacity: still listen, taking nothing and answered at once, so
+                # the relay keeps counting this server online (and requests queued).
+                headers[WAIT_HEADER] = "0"
+            taken = 0
             started = time.monotonic()
             try:
-                with session.get(self._listen_url, stream=True,
+                with session.get(self._listen_url, stream=True, headers=headers,
                                  timeout=(CONNECT_TIMEOUT_SECS, LISTEN_READ_TIMEOUT_SECS)) as r:
                     # Read at most one byte past the limit: a hostile relay cannot make us read more.
                     data = r.raw.read(MAX_LISTEN_BODY_BYTES + 1, decode_content=True)
+                ack = ""  # the relay answered, so it has read our acknowledgement
                 if r.status_code == 200:
-                    self._dispatch(decode_requests(data))
+                    batch = decode_requests(data)  # a relay may ignore our limit: serve them all
+                    ack = r.headers.get(BATCH_HEADER, "") if is_request_id(r.headers.get(BATCH_HEADER, "")) else ""
+                    taken = self._dispatch(batch)
                 elif r.status_code == 403:
                     self._refused()
                     return
-                elif r.status_code != 204:
-                    problem = f"relay answered {r.status_code} {r.reason}"
+                elif r.status_code == 204:
+                    if not at_once and room and time.monotonic() - started < PARKED_CUT_SECS:
+                        problem = "quiet"  # answered at once when asked to wait: back off, say nothing
+                elif 300 <= r.status_code < 400:
+                    problem = (f"relay answered {r.status_code} {r.reason} to the listen, pointing to "
+                               f"{r.headers.get('Location', 'nowhere')!r}: not following it with the key; "
+                               "fix relay_url")
+                elif r.status_code == 404:
+                    problem = (f"relay answered 404 to the listen: is relay_url ({self.config.relay_url}) "
+                               "the PTTH relay's base URL?")
+                else:
+                    problem = f"relay answered {r.status_code} {r.reason} to the listen"
             except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
-                if time.monotonic() - started >= PARKED_CUT_SECS:
+                if not at_once and time.monotonic() - started >= PARKED_CUT_SECS:
                     # The listen was parked, then cut: a NAT box or proxy dropping an idle
                     # connection, not a relay that is down. Reconnect at once, no backoff.
                     logger.debug("listen cut after %.1f s: %s; listening again", time.monotonic() - started,
@@ -178,13 +260,51 @@ class ServerLoop:
             except Exception:  # a bug of ours: say so loudly, but keep the server up
                 logger.exception("bug in the listen loop")
                 problem = "internal error (see above)"
-            self._report(problem)
+            finally:
+                self._unreserve(room - taken)
+            if problem != "quiet":
+                self._report(problem)
             if not problem:
                 failures = 0
+                at_once = False
                 continue
+            at_once = problem != "quiet"  # after a real problem, check the connection at once again
             delay = backoff_secs(failures)
             failures = min(failures + 1, 16)
             self._stop.wait(delay)
+
+    def _reserve(self) -> int:
+        """Room in the pool for this listen's requests, reserved; 0 after AT_CAPACITY_POLL_SECS with none."""
+        limit = MAX_CONCURRENT_REQUESTS + MAX_BACKLOG_REQUESTS
+        deadline = time.monotonic() + AT_CAPACITY_POLL_SECS
+        with self._room:
+            while not self._stop.is_set():
+                # Leave room for the other listens, so that none waits on this one's share.
+                room = min(limit - self._reserved, limit // LISTENS_IN_FLIGHT)
+                if room > 0:
+                    self._reserved += room
+                    return room
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._room.wait(left)
+        return 0
+
+    def _unreserve(self, count: int) -> None:
+        with self._room:
+            self._reserved -= count
+            self._room.notify_all()
+
+    def _leave(self) -> None:
+        """Tell the relay this process is going, so it stops handing it requests at once."""
+        try:
+            with self._new_session() as session:
+                r = session.post(self._leave_url, headers={API_KEY_HEADER: self._api_key},
+                                 timeout=(CONNECT_TIMEOUT_SECS, LEAVE_TIMEOUT_SECS))
+            if r.status_code not in (200, 404):  # 404: a relay without PTTH's own additions
+                logger.info("the relay answered %d when told this server is leaving", r.status_code)
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+            logger.info("could not tell the relay this server is leaving: %s", root_cause(e))
 
     def _report(self, problem: str) -> None:
         """Log a change of the connection's state once, whichever listen thread sees it."""
@@ -216,18 +336,23 @@ class ServerLoop:
             self.config.relay_url, self.config.name, self.config.name, tripcode.derive(self._api_key),
         )
 
-    def _dispatch(self, batch: list[RelayRequest]) -> None:
+    def _dispatch(self, batch: list[RelayRequest]) -> int:
+        """Hand requests to the pool; return how many (each keeps its reservation until done)."""
+        taken = 0
         for req in batch:
             with self._lock:
                 if self._stop.is_set():
-                    return  # the relay answers these with 502/504 in time
+                    return taken  # the relay fails these when it counts us gone
                 future = self._pool.submit(self._respond, req)
                 self._in_flight.add(future)
+            taken += 1
             future.add_done_callback(self._done)
+        return taken
 
     def _done(self, future: Future[None]) -> None:
         with self._lock:
             self._in_flight.discard(future)
+        self._unreserve(1)
         if future.exception() is not None:
             logger.error("bug while answering a request", exc_info=future.exception())
 
@@ -264,6 +389,11 @@ class ServerLoop:
             except _Aborted:
                 logger.info("response %s abandoned at shutdown after %d bytes", request_id, body.sent)
                 return
+            except _AnsweredEarly:
+                logger.info("response %s cut off after %d bytes: the client left (the relay answered early)",
+                            request_id, body.sent)
+                self._local.session = None  # its connection carries an unread answer: not reusable
+                return
             except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
                 if body.started or attempt == 2:
                     logger.info("response %s cut off after %d bytes: %s", request_id, body.sent, root_cause(e))
@@ -291,11 +421,16 @@ class ServerLoop:
 
         requests would otherwise look up proxy variables and ~/.netrc on every
         request; the relay URL does not change, so neither does the answer.
+        It never follows redirects (every request carries the key), and its
+        uploads notice an early answer from the relay (`_WatchedAdapter`).
         """
-        session = requests.Session()
+        session = _NoRedirectSession()
         session.trust_env = False
         session.proxies.update(self._proxies)
         session.headers["User-Agent"] = f"ptth_server/{__version__}"
+        adapter = _WatchedAdapter(pool_maxsize=2)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
         return session
 
 
@@ -360,6 +495,8 @@ class _CountingBody:
         for chunk in self._chunks:
             if self._abort.is_set():
                 raise _Aborted("server is stopping")
+            if self.sent and _is_answered_early():
+                raise _AnsweredEarly()
             self.sent += len(chunk)
             yield chunk
 
@@ -381,3 +518,83 @@ class _SizedIterable:
 
     def __len__(self) -> int:
         return self._length
+
+
+class _NoRedirectSession(requests.Session):
+    """A Session that never follows a redirect: each request carries the key."""
+
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs["allow_redirects"] = False
+        return super().request(*args, **kwargs)
+
+
+# The connection a thread is sending a request body on, for _is_answered_early.
+_uploading = threading.local()
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    """urllib3's connection, telling its thread which socket a body is going out on."""
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _uploading.conn = self
+        try:
+            super().request(*args, **kwargs)
+        finally:
+            _uploading.conn = None
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _uploading.conn = self
+        try:
+            super().request(*args, **kwargs)
+        finally:
+            _uploading.conn = None
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _WatchedAdapter(HTTPAdapter):
+    """requests' adapter with connections that let an upload see an early answer."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+def _is_answered_early() -> bool:
+    """Tell whether the relay has answered (or closed) the connection this thread is uploading on.
+
+    The relay answers a response POST before its body ends only when the body
+    is not wanted; a proxy in front (nginx) passes that answer on at once but
+    keeps reading, and discarding, the rest of the upload. Between chunks,
+    one poll of the socket tells.
+    """
+    conn = getattr(_uploading, "conn", None)
+    sock = getattr(conn, "sock", None)
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        if isinstance(sock, ssl.SSLSocket):
+            # Bytes may be a TLS record with no data for us (a session ticket):
+            # only application data, or the end, counts.
+            timeout = sock.gettimeout()
+            sock.setblocking(False)
+            try:
+                sock.recv(1)
+            except ssl.SSLWantReadError:
+                return False
+            finally:
+                sock.settimeout(timeout)
+        return True
+    except (OSError, ValueError):
+        return True  # the connection is gone: the upload cannot go on anyway

@@ -91,13 +91,23 @@ def sha(data: bytes) -> str:
 def test_more_than_256_queued_requests_get_503_with_retry_after(cluster: Cluster) -> None:
     """A server online but not picking up: 256 requests wait, the rest get 503 at once."""
     key = new_key("busy")
-    relay = cluster.relay({"busy": key}, extra="listen_timeout_secs = 1\nrequest_timeout_secs = 10")
-    assert listen(relay, "busy", key).status_code == 204  # seen now: online for 5 s, not listening
+    # One client address sends them all: requests_per_address must not make them wait their turn.
+    relay = cluster.relay({"busy": key}, extra="listen_timeout_secs = 1\nrequest_timeout_secs = 10\n"
+                                              "requests_per_address = 10000")
+    assert listen(relay, "busy", key).status_code == 204
     total = MAX_QUEUED + 44
+    present = threading.Event()
+
+    def stay_present() -> None:
+        """A server at capacity: it listens asking for nothing, so the relay keeps it online."""
+        while not present.wait(0.5):
+            requests.get(relay.url + "/7ZSFUKGV/http_listen/busy", timeout=10,
+                         headers={"X-ApiKey": key, "X-PTTH-Max-Requests": "0"})
 
     def get(i: int) -> requests.Response:
         return requests.get(f"{relay.url}/frontend/servers/busy/q/{i}", timeout=30)
 
+    threading.Thread(target=stay_present, daemon=True).start()
     with ThreadPoolExecutor(total) as pool:
         futures = [pool.submit(get, i) for i in range(total)]
         wait_until(lambda: sum(f.done() for f in futures) >= total - MAX_QUEUED, "the overflow answered",
@@ -105,6 +115,7 @@ def test_more_than_256_queued_requests_get_503_with_retry_after(cluster: Cluster
         refused_secs = time.monotonic()
         assert metrics(relay)["ptth_requests_queued"] == MAX_QUEUED
         # Now the server picks everything up in one listen and answers.
+        present.set()
         r = listen(relay, "busy", key)
         assert r.status_code == 200
         assert len(r.content) <= MAX_LISTEN_ANSWER_BYTES

@@ -265,10 +265,12 @@ def test_scraper_rate_limits_failed_attempts(cluster: Cluster) -> None:
     r = requests.get(url, headers={"X-ApiKey": new_key("guess")}, timeout=5)
     assert r.status_code == 429
     assert 1 <= int(r.headers["Retry-After"]) <= 61
-    # The address is locked out for the rest of the window, right key or not.
-    r = requests.get(url, headers={"X-ApiKey": valid}, timeout=5)
+    # Wrong keys from the address get 429 for the rest of the window; the right key still works,
+    # or one attacker behind a NAT or proxy would lock out everyone there (RELIABILITY.md).
+    r = requests.get(url, headers={"X-ApiKey": new_key("guess-again")}, timeout=5)
     assert r.status_code == 429
     assert "Retry-After" in r.headers
+    assert requests.get(url, headers={"X-ApiKey": valid}, timeout=5).status_code == 200
 
 
 def test_new_scraper_key_cli_and_hot_reload(ops: Ops) -> None:
@@ -491,7 +493,7 @@ def test_audit_log_records_security_events_without_keys(cluster: Cluster) -> Non
     assert online["server"] == "alpha"
     [offline] = [e for e in entries if e["event"] == "server_offline"]
     assert offline["server"] == "alpha"
-    assert entries[-1]["event"] == "server_offline"
+    assert entries.index(offline) > entries.index(online)
 
     r = requests.get(relay.url + "/frontend/audit_log", timeout=5)
     assert r.status_code == 200

@@ -67,7 +67,12 @@ def test_requests_round_trip(batch: list[RelayRequest]) -> None:
     assert decode_requests(encode_requests(batch)) == batch
 
 
-@given(statuses, headers)
+# A response head's content-length must be a number (test_response_content_length_*).
+response_headers = st.dictionaries(header_names.filter(lambda n: n != "content-length"), header_values,
+                                   max_size=8)
+
+
+@given(statuses, response_headers)
 def test_response_head_round_trip(status: int, hdrs: dict[str, bytes]) -> None:
     head = ServerResponseHead(status, hdrs)
     encoded = encode_response_head(head)
@@ -75,6 +80,20 @@ def test_response_head_round_trip(status: int, hdrs: dict[str, bytes]) -> None:
     assert "\r" not in encoded and "\n" not in encoded
     encoded.encode("ascii")
     assert decode_response_head(encoded) == head
+
+
+@given(st.integers(min_value=0, max_value=10**19 - 1))
+def test_response_content_length_of_digits_passes(length: int) -> None:
+    head = ServerResponseHead(200, {"content-length": str(length).encode()})
+    assert decode_response_head(encode_response_head(head)) == head
+
+
+@pytest.mark.parametrize("value", [b"", b"abc", b"-1", b"+5", b" 5", b"5 ", b"1,1", b"0x10", b"1" * 20,
+                                   "\u0665".encode()])
+def test_response_content_length_that_is_not_a_number_is_refused(value: bytes) -> None:
+    """A client must be able to trust Content-Length: anything but plain digits is a bad head (502)."""
+    with pytest.raises(ProtocolError, match="content-length"):
+        decode_response_head(_head_value({"status_code": 200, "headers": {"content-length": value}}))
 
 
 def test_empty_listen_answer() -> None:
