@@ -207,7 +207,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=4000, help="relay port (default 4000)")
     port = parser.parse_args().port
     if not _is_port_free(port):
-        print(f"port {port} is in use: stop what uses it or pass --port N", file=sys.stderr)
+        # `make demo` is the documented way in, so the hint is in its terms (the make variable).
+        print(f"demo: port {port} is in use: stop what uses it, or use another port: make demo PORT=N",
+              file=sys.stderr)
         return 1
     try:
         DEMO_DIR.mkdir(exist_ok=True)

@@ -342,6 +342,19 @@ def test_bad_name_flag(tmp_path: Path, root: Path) -> None:
     assert "name" in line
 
 
+# ---- make demo ----------------------------------------------------------------
+
+
+def test_demo_on_a_busy_port_names_the_make_variable() -> None:
+    """`make demo PORT=4010` is the documented way to choose the port, so the hint says that."""
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        result = run([sys.executable, "-m", "ptth_lib.demo", "--port", str(port)])
+    line = assert_one_line_error(result, "demo", code=1)
+    assert f"port {port} is in use" in line
+    assert "make demo PORT=" in line and "--port" not in line
+
+
 # ---- ptth_server.py: running against a relay ---------------------------------
 
 
