@@ -1,4 +1,4 @@
-"""The install that README documents, from requirements.txt alone: it must be enough.
+"""The install that README documents: from requirements.txt alone, with a venv on each machine.
 
 `make test` runs everything from one venv built from requirements-dev.txt,
 whose test and lint tools bring packages of their own. A runtime dependency
@@ -19,6 +19,7 @@ is warm) and the test run's own pip, pointed at the new venv with
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -28,8 +29,6 @@ import pytest
 import requests
 from conftest import REPO, Proc, Relay, tripcode_of, wait_for_online, wait_until
 
-pytestmark = pytest.mark.process
-
 # What the programs from the new venv see of our environment: no PYTHONPATH, no venv of ours.
 CLEAN_ENV = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
 
@@ -37,6 +36,7 @@ CLEAN_ENV = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
 INSTALL_TIMEOUT_SECS = 500.0
 
 
+@pytest.mark.process
 @pytest.mark.timeout(INSTALL_TIMEOUT_SECS + 60)
 def test_requirements_txt_alone_runs_the_relay_and_the_server(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
@@ -98,3 +98,35 @@ def _is_up(url: str) -> bool:
     except requests.RequestException:
         return False
     return (r.status_code, r.text.strip()) == (200, "Relay is up")
+
+
+def _section(text: str, start: str, end: str) -> str:
+    return text[text.index(start):text.index(end, text.index(start))]
+
+
+# The programs a set-up command may start: anything of ours runs from the copy's venv.
+_FROM_THE_VENV = re.compile(r"^(\.venv|/opt/ptth/\.venv)/bin/(python|gunicorn|pip)\b")
+_OUTSIDE_THE_VENV = ("python3 -m venv .venv", "cp ", "mkdir ", "curl ", "sudo mkdir ", "sudo mv ",
+                     "sudo systemctl ")
+
+
+def test_readme_set_up_runs_from_a_venv_on_each_machine() -> None:
+    """README's set-up (steps 1-3 and the systemd units) as a first-time user follows it on fresh
+    machines: each machine makes its venv, and every program runs from it (a bare `gunicorn` or
+    `python` is whatever the machine has, if anything)."""
+    readme = (REPO / "README.md").read_text()
+    set_up = _section(readme, "## Setting up for real", "### Behind nginx")
+    systemd = _section(readme, "### systemd", "\n## ")
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", set_up + systemd, re.DOTALL):
+        for line in block.splitlines():
+            commands += [c.strip() for c in line.split("#")[0].split("&&") if c.strip()]
+    assert commands
+    for command in commands:
+        assert _FROM_THE_VENV.match(command) or command.startswith(_OUTSIDE_THE_VENV), command
+    for step in ("### 1. The server", "### 2. The relay"):
+        assert "python3 -m venv .venv" in _section(set_up, step, "\n### "), f"{step} makes no venv"
+    units = re.findall(r"```ini\n(.*?)```", systemd, re.DOTALL)[0]
+    for exec_start in re.findall(r"^ExecStart=(\S+)", units, re.MULTILINE):
+        assert exec_start.startswith("/opt/ptth/.venv/bin/"), exec_start
+    assert units.count("[Service]") == units.count("[Install]") == 3, "systemctl enable needs [Install]"
