@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from ptth_lib.quic_forward import QuicEndServer, RelayTarget
 
     try:
-        config, _ = load_server_config(args.config, {})
+        config, _ = load_server_config(args.config, {}, serves_files=False)  # no file_server_root
         if config.quic is None:
             raise ConfigError(f"{args.config}: no [quic] table: add relay and relay_fingerprint (or ca_file)")
         if not config.forwarded_ports:

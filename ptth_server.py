@@ -14,7 +14,7 @@ import sys
 
 from ptth_lib import tripcode
 from ptth_lib.cli import add_logging_flags, setup_logging
-from ptth_lib.config import check_root, is_private, load_server_config
+from ptth_lib.config import is_private, load_server_config
 from ptth_lib.errors import ConfigError
 
 DEFAULT_CONFIG = "./ptth_server.toml"
@@ -38,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"name": args.name, "relay_url": args.relay_url, "file_server_root": args.file_server_root}
     try:
         config, key_source = load_server_config(args.config, overrides)
-        check_root(config, args.config, key_in_file=key_source != "env")
     except ConfigError as e:
         print(f"ptth_server: {e}", file=sys.stderr)
         return 2

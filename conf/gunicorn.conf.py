@@ -37,11 +37,16 @@ keepalive = 5
 
 # The response head travels base64-encoded in the X-PTTH-2LJYXWC4 header, up
 # to 16 KiB (ptth_lib.protocol.MAX_RESPONSE_HEAD_BYTES), plus room for the
-# name. gunicorn's time to parse a header block grows with the square of its
-# size, and the one worker serves nobody else meanwhile, so fields x size is
-# kept to about 800 KiB (a few hundredths of a second).
+# name. The worst head these accept (50 fields of 16 KiB, 800 KiB) costs the
+# one worker 10 ms to parse with the C parser below; the README's nginx
+# bounds heads to 128 KiB before they get here (BENCHMARKS.md, request heads).
 limit_request_field_size = 16 * 1024 + 64
 limit_request_fields = 50
+
+# gunicorn_h1c, the C parser (requirements.txt): the Python one is quadratic
+# in the head's size (92 ms for the worst head above). "fast" fails at start
+# if it is missing, rather than running slow.
+http_parser = "fast"
 
 # Never preload: gevent must monkey-patch in the worker before the app loads.
 preload_app = False

@@ -21,7 +21,7 @@ import requests
 
 from . import __version__, tripcode
 from .config import ClientConfig, Forward
-from .errors import PtthError, root_cause
+from .errors import PtthError, describe_answer, root_cause
 from .protocol import (
     API_KEY_HEADER,
     CONNECTION_ID_HEADER,
@@ -34,8 +34,9 @@ from .tcp_splice import HTTP_ERRORS, Splice
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_SECS = 10.0
-# Longest error text from the relay worth showing in a log line.
-MAX_REASON_CHARS = 200
+# The relay's answers to the key check and its refusals are a short JSON object or one line of
+# text; more than this is not read.
+MAX_ANSWER_BYTES = 4096
 ACCEPT_BACKLOG = 128
 
 
@@ -58,21 +59,26 @@ class PortForwardClient:
     def check_relay(self) -> str:
         """Ask the relay who our key is; return the client name. ClientError if it cannot say."""
         try:
-            with requests.post(self._base + TCP_CHECK_PATH, headers=self._headers,
+            # Never follow a redirect: it would carry our key to wherever it points.
+            with requests.post(self._base + TCP_CHECK_PATH, headers=self._headers, stream=True,
+                               allow_redirects=False,
                                timeout=(CONNECT_TIMEOUT_SECS, CONNECT_TIMEOUT_SECS)) as r:
-                status, text = r.status_code, r.text[:MAX_REASON_CHARS]
+                status, headers = r.status_code, r.headers
+                body = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
         except HTTP_ERRORS as e:
             raise ClientError(f"cannot reach the relay at {self.config.relay_url}: {root_cause(e)}") from None
+        is_json = headers.get("Content-Type", "").partition(";")[0].strip() == "application/json"
         try:
-            answer = json.loads(text) if status == 200 else {}
+            answer = json.loads(body) if status == 200 and is_json else None
         except ValueError:
-            raise ClientError(f"{self.config.relay_url} does not look like a PTTH relay") from None
-        if status == 403:
+            answer = None
+        is_text = headers.get("Content-Type", "").startswith("text/plain")
+        if status == 403 and is_text:
             raise ClientError(f"the relay does not know this client's key: add a [[clients]] table with "
                               f"tripcode = \"{tripcode.derive(self.config.api_key)}\" to the relay config")
-        if status != 200 or not isinstance(answer, dict):
-            raise ClientError(f"the relay at {self.config.relay_url} answered {status} to the key check: "
-                              f"{text.strip() or 'no reason given'} (is it a PTTH relay with port forwarding?)")
+        if not isinstance(answer, dict):
+            raise ClientError(f"the relay at {self.config.relay_url} answered "
+                              f"{describe_answer(status, headers, body)} to the key check")
         allowed = set(answer.get("allow", []))
         for f in self.config.forwards:
             if f"{f.server}:{f.port}" not in allowed and f"{f.server}:*" not in allowed:
@@ -136,15 +142,17 @@ class PortForwardClient:
             try:
                 # No read timeout: the relay answers within 20 s (forwarding.OFFER_WAIT_SECS plus
                 # DECIDE_WAIT_SECS), and then the body may be quiet for hours (an idle SSH session).
-                r = connect_session.post(url, stream=True, timeout=(CONNECT_TIMEOUT_SECS, None))
+                r = connect_session.post(url, stream=True, allow_redirects=False,
+                                         timeout=(CONNECT_TIMEOUT_SECS, None))
             except HTTP_ERRORS as e:
                 logger.warning("connection %s failed: cannot reach the relay: %s", label, root_cause(e))
                 _reset(sock)
                 return
             with r:
                 if r.status_code != 200:
-                    reason = r.raw.read(MAX_REASON_CHARS, decode_content=True).decode("utf-8", "replace").strip()
-                    logger.warning("connection %s refused: %d %s", label, r.status_code, reason)
+                    body = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
+                    logger.warning("connection %s refused: %s", label,
+                                   describe_answer(r.status_code, r.headers, body))
                     _reset(sock)
                     return
                 conn_id = r.headers.get(CONNECTION_ID_HEADER, "")

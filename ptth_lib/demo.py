@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import toml
+import tomlkit
 
 from ptth_lib import tripcode
 
@@ -111,7 +111,7 @@ def _prepare_configs(port: int) -> None:
         "relay_url": f"http://127.0.0.1:{port}",
         "file_server_root": str(FILES_DIR),
     }
-    _write_private(SERVER_CONFIG, "# Written by ptth_lib.demo; keep secret.\n" + toml.dumps(server))
+    _write_private(SERVER_CONFIG, "# Written by ptth_lib.demo; keep secret.\n" + tomlkit.dumps(server))
     relay = {
         "listen_timeout_secs": LISTEN_TIMEOUT_SECS,
         "servers": [
@@ -122,7 +122,7 @@ def _prepare_configs(port: int) -> None:
             }
         ],
     }
-    RELAY_CONFIG.write_text("# Written by ptth_lib.demo.\n" + toml.dumps(relay), encoding="utf-8")
+    RELAY_CONFIG.write_text("# Written by ptth_lib.demo.\n" + tomlkit.dumps(relay), encoding="utf-8")
 
 
 def _is_port_free(port: int) -> bool:
@@ -207,7 +207,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=4000, help="relay port (default 4000)")
     port = parser.parse_args().port
     if not _is_port_free(port):
-        print(f"port {port} is in use: stop what uses it or pass --port N", file=sys.stderr)
+        # `make demo` is the documented way in, so the hint is in its terms (the make variable).
+        print(f"demo: port {port} is in use: stop what uses it, or use another port: make demo PORT=N",
+              file=sys.stderr)
         return 1
     try:
         DEMO_DIR.mkdir(exist_ok=True)

@@ -48,6 +48,15 @@ Body: TypeAlias = Generator[bytes, None, None]
 
 RangeResult: TypeAlias = tuple[int, int] | Literal["unsatisfiable"] | None
 
+# Types served as UTF-8 text: `; charset=utf-8` is added to these, to every text/* type and
+# to the structured +json and +xml types (RFC 6839). Without a charset browsers guess, mostly
+# windows-1252 for text/plain, and UTF-8 text shows as mojibake.
+_TEXT_TYPES = frozenset({
+    "application/json", "application/javascript", "application/x-javascript", "application/ecmascript",
+    "application/xml", "application/x-sh", "application/yaml", "application/x-yaml", "application/toml",
+})
+_TEXT_SUFFIXES = ("+json", "+xml")
+
 _ALLOWED_METHODS = "GET, HEAD"
 _FILES_PREFIX = "/files/"
 _PRINTABLE_ASCII = "".join(map(chr, range(0x21, 0x7F)))
@@ -138,7 +147,7 @@ def serve(
     if stat.S_ISDIR(st.st_mode):
         if url_path and not url_path.endswith("/"):
             return _redirect(_href(name) + "/", is_head)
-        return _serve_listing(target, url_path, is_head)
+        return _serve_listing(root, target, url_path, is_head)
     if url_path.endswith("/"):
         return _error(404, is_head)
     if not stat.S_ISREG(st.st_mode):
@@ -244,10 +253,7 @@ def _serve_file(path: Path, name: str, is_head: bool, headers: Mapping[str, str]
         if _is_not_modified(headers, etag, int(st.st_mtime)):
             file.close()
             return FileResponse(304, validators, _chunks(b""))
-        ctype, encoding = mimetypes.guess_type(name)
-        if ctype is None or encoding is not None:
-            ctype = "application/octet-stream"  # no Content-Encoding: a .gz is served as is
-        common = [("content-type", ctype), ("accept-ranges", "bytes"), *validators]
+        common = [("content-type", _content_type(name)), ("accept-ranges", "bytes"), *validators]
         # RFC 9110 section 14.2: range handling is defined for GET only.
         byte_range = (
             None if is_head else parse_range(_honored_range(headers, etag, last_modified), size)
@@ -271,6 +277,16 @@ def _serve_file(path: Path, name: str, is_head: bool, headers: Mapping[str, str]
     except BaseException:
         file.close()
         raise
+
+
+def _content_type(name: str) -> str:
+    """The Content-Type for a file called `name`: its guessed type, with a charset if it is text."""
+    ctype, encoding = mimetypes.guess_type(name)
+    if ctype is None or encoding is not None:
+        return "application/octet-stream"  # no Content-Encoding: a .gz is served as is
+    if ctype.startswith("text/") or ctype in _TEXT_TYPES or ctype.endswith(_TEXT_SUFFIXES):
+        return f"{ctype}; charset=utf-8"
+    return ctype
 
 
 def _read_file(file: IO[bytes], start: int, length: int) -> Body:
@@ -311,10 +327,11 @@ def _is_not_modified(headers: Mapping[str, str], etag: str, mtime_seconds: int) 
     return since is not None and mtime_seconds <= since.timestamp()
 
 
-def _serve_listing(directory: Path, url_path: str, is_head: bool) -> FileResponse:
+def _serve_listing(root: str | os.PathLike[str], directory: Path, url_path: str,
+                   is_head: bool) -> FileResponse:
     try:
         with os.scandir(directory) as entries:
-            dirs, files = _sorted_entries(entries)
+            dirs, files = _sorted_entries(root, url_path, entries)
     except PermissionError:
         return _error(403, is_head)
     except OSError:
@@ -330,18 +347,29 @@ def _serve_listing(directory: Path, url_path: str, is_head: bool) -> FileRespons
     return _html(_page(title, body), is_head)
 
 
-def _sorted_entries(entries: Iterable[os.DirEntry[str]]) -> tuple[list[str], list[tuple[str, int]]]:
-    """Split directory entries into sorted subdirectory names and (file name, size)."""
+def _sorted_entries(root: str | os.PathLike[str], url_path: str,
+                    entries: Iterable[os.DirEntry[str]]) -> tuple[list[str], list[tuple[str, int]]]:
+    """Split the entries of the folder at `url_path` into sorted subfolder names and (file name, size).
+
+    Only what `serve` would serve is listed: each entry goes through `_safe_path`
+    as its link would, so a symlink leading out of the root (whose target's size
+    would tell about a file we refuse to serve), a broken symlink and a name no
+    URL can reach are left out, and a symlink inside shows its target's size.
+    """
     dirs: list[str] = []
     files: list[tuple[str, int]] = []
     for entry in entries:
-        try:
-            if entry.is_dir():
-                dirs.append(entry.name)
-            elif entry.is_file():
-                files.append((entry.name, entry.stat().st_size))
-        except OSError:  # vanished or broken symlink: leave it out
+        real = _safe_path(root, url_path + _href(entry.name))
+        if real is None:
             continue
+        try:
+            st = os.stat(real)
+        except OSError:  # vanished, or a broken symlink
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            dirs.append(entry.name)
+        elif stat.S_ISREG(st.st_mode):
+            files.append((entry.name, st.st_size))
     return sorted(dirs), sorted(files)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from urllib.parse import quote
 
@@ -22,7 +23,7 @@ import requests
 
 from . import __version__
 from .config import ServerConfig
-from .errors import backoff_secs, root_cause
+from .errors import backoff_secs, describe_answer, root_cause
 from .protocol import (
     API_KEY_HEADER,
     CLIENT_NAME_HEADER,
@@ -41,6 +42,11 @@ LOCAL_CONNECT_TIMEOUT_SECS = 5.0
 CONNECT_TIMEOUT_SECS = 10.0
 # A tcp_listen parks at the relay for its listen_timeout_secs (at most 300 s).
 LISTEN_READ_TIMEOUT_SECS = 330.0
+# ...and at least 1 s (config._check_listen_timeout): a 204 sooner than that is the relay
+# stopping, or not the relay at all; either way, trying again at once would spin.
+MIN_PARKED_SECS = 1.0
+# The relay's answers other than the listen's are a line of text; more is not read.
+MAX_ANSWER_BYTES = 4096
 
 
 class PortForwardServer:
@@ -77,32 +83,57 @@ class PortForwardServer:
         url = self._base + TCP_LISTEN_PATH.format(name=quote(self.config.name, safe=""), port=port)
         session = self._new_session()
         failures = 0
+        state = ("", False)  # the last problem and whether it was quiet: each is logged once, not per retry
         while not self._stop.is_set():
+            started = time.monotonic()
+            problem, quiet = "", False
             try:
-                with session.post(url, headers=self._headers,
+                # Never follow a redirect: it would carry our key to wherever it points.
+                with session.post(url, headers=self._headers, allow_redirects=False, stream=True,
                                   timeout=(CONNECT_TIMEOUT_SECS, LISTEN_READ_TIMEOUT_SECS)) as r:
                     status = r.status_code
                     conn_id = r.headers.get(CONNECTION_ID_HEADER, "")
                     client = r.headers.get(CLIENT_NAME_HEADER, "?")[:64]
+                    body = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)  # all of it: keep-alive
+                    if status not in (200, 204):
+                        problem = f"relay answered {describe_answer(status, r.headers, body)}"
             except HTTP_ERRORS as e:
                 # The HTTP listen loop reports an unreachable relay; this one only retries.
-                logger.debug("tcp listen for port %s failed: %s", port, root_cause(e))
-                status, conn_id, client = 0, "", ""
+                status, problem, quiet = 0, f"cannot reach the relay: {root_cause(e)}", True
             if status == 200 and conn_id:
-                failures = 0
                 threading.Thread(target=self._serve, args=(port, conn_id, client), daemon=True,
                                  name=f"ptth-tcp-{port}-{conn_id[:8]}").start()
-                continue
-            if status == 204:
+            elif status == 200:
+                problem = "relay answered 200 without a connection id"
+            elif status == 403:
+                quiet = True  # the HTTP listen loop says it, and stops the server
+            state = self._report(port, (problem, quiet), state)
+            if (status == 200 and conn_id) or (status == 204 and time.monotonic() - started >= MIN_PARKED_SECS):
                 failures = 0
                 continue
-            if status == 403:
-                logger.debug("relay refused the tcp listen for port %s (see the listen loop)", port)
-            elif status:
-                logger.warning("tcp listen for port %s: relay answered %d", port, status)
+            # Anything else, and a 204 that came at once (the relay parks a listen for at least
+            # MIN_PARKED_SECS, unless it is stopping), waits before the next try.
             delay = backoff_secs(failures)
             failures = min(failures + 1, 16)
             self._stop.wait(delay)
+
+    @staticmethod
+    def _report(port: str, new: tuple[str, bool], old: tuple[str, bool]) -> tuple[str, bool]:
+        """Log a change of one listen's state (problem, quiet) once, not once per retry; return it.
+
+        A quiet problem (the relay unreachable, or refusing our key) is the HTTP
+        listen loop's to report; this one logs it, and the recovery, at DEBUG only.
+        """
+        (problem, quiet), (was, was_quiet) = new, old
+        if problem == was:
+            return old
+        if problem:
+            logger.log(logging.DEBUG if quiet else logging.WARNING,
+                       "tcp listen for port %s: %s; retrying with backoff", port, problem)
+        else:
+            logger.log(logging.DEBUG if was_quiet else logging.INFO, "tcp listen for port %s: listening again",
+                       port)
+        return new
 
     def _serve(self, port: str, conn_id: str, client: str) -> None:
         """One connection: connect locally, accept (or refuse), then splice until it ends."""
@@ -121,14 +152,16 @@ class PortForwardServer:
         accept_session.proxies.clear()  # straight to the relay, as the downstream POST goes (tcp_splice)
         try:
             r = accept_session.post(self._url(TCP_ACCEPT_PATH, conn_id), headers=self._headers, stream=True,
-                                    timeout=(CONNECT_TIMEOUT_SECS, None))
+                                    allow_redirects=False, timeout=(CONNECT_TIMEOUT_SECS, None))
         except HTTP_ERRORS as e:
             logger.warning("connection %s: accept failed: %s", label, root_cause(e))
             sock.close()
             return
         with r:
             if r.status_code != 200:
-                logger.warning("connection %s: relay answered %d to accept", label, r.status_code)
+                body = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
+                logger.warning("connection %s: relay answered %s to accept", label,
+                               describe_answer(r.status_code, r.headers, body))
                 sock.close()
                 return
             logger.info("connection %s open", label)
@@ -148,9 +181,13 @@ class PortForwardServer:
 
     def _post_refusal(self, conn_id: str, reason: str) -> None:
         try:
-            with self._new_session() as session:
-                session.post(self._url(TCP_REFUSE_PATH, conn_id), data=reason.encode("utf-8"),
-                             headers=self._headers, timeout=CONNECT_TIMEOUT_SECS).close()
+            with self._new_session() as session, session.post(
+                    self._url(TCP_REFUSE_PATH, conn_id), data=reason.encode("utf-8"), headers=self._headers,
+                    allow_redirects=False, stream=True, timeout=CONNECT_TIMEOUT_SECS) as r:
+                if r.status_code != 200:
+                    body = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
+                    logger.info("the relay answered %s to the refusal",
+                                describe_answer(r.status_code, r.headers, body))
         except HTTP_ERRORS as e:
             logger.info("could not tell the relay about the refusal: %s", root_cause(e))
 

@@ -27,7 +27,7 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from urllib.parse import urlsplit
 
 import certifi
@@ -35,7 +35,7 @@ import requests
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
-from .errors import PtthError, root_cause
+from .errors import PtthError, describe_answer, root_cause
 
 logger = logging.getLogger(__name__)
 
@@ -144,21 +144,22 @@ class Splice:
 
     def _outgoing(self, url: str, headers: dict[str, str]) -> None:
         try:
-            status = self._post(url, headers)
+            status, answer_headers, body = self._post(url, headers)
         except SpliceAborted:
             return
         except HTTP_ERRORS as e:
             self.abort(f"relay stream: {root_cause(e)}")
             return
         if status != 200:
-            self.abort(f"relay answered {status}")
+            self.abort(f"relay answered {describe_answer(status, answer_headers, body)}")
 
-    def _post(self, url: str, headers: dict[str, str]) -> int:
-        """POST the TCP peer's bytes as a chunked body; return the relay's status.
+    def _post(self, url: str, headers: dict[str, str]) -> tuple[int, Mapping[str, str], bytes]:
+        """POST the TCP peer's bytes as a chunked body; return the relay's status, headers and answer.
 
         urllib3's connection directly rather than requests: the socket must be
         at hand to watch, and the upload must have no timeout (a quiet peer
-        is not a stalled one).
+        is not a stalled one). A connection never follows a redirect, so the
+        key goes nowhere but to `url`.
         """
         parts = urlsplit(url)
         conn: HTTPConnection
@@ -175,8 +176,7 @@ class Splice:
             conn.request("POST", path, body=self._read_peer(), headers=headers, chunked=True)
             self._watched.pop("outgoing", None)  # the body is done: the relay may close now
             answer = conn.getresponse()
-            answer.read(MAX_ANSWER_BYTES)
-            return answer.status
+            return answer.status, answer.headers, answer.read(MAX_ANSWER_BYTES)
         finally:
             self._watched.pop("outgoing", None)
             conn.close()

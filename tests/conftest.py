@@ -47,10 +47,12 @@ class Proc:
     """A child process in its own group, output to a log file."""
 
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None,
-                 cwd: Path = REPO) -> None:
+                 cwd: Path = REPO, inherit_env: bool = True) -> None:
+        """`env` is added to ours, or (inherit_env=False) to PATH and HOME alone."""
         self.args = args
         self.log = log
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        base = os.environ if inherit_env else {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
+        full_env = {**base, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(log, "ab") as out:
             self.popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=full_env,
                                           cwd=cwd, start_new_session=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, Cluster, Proc, Relay, free_port, new_key, tripcode_of
+from redirect_peers import HostileRelay, Reply, Seen, Trap, redirect
 from tcp_peers import EchoServer
 
 from ptth_lib.config import parse_relay_config
@@ -453,7 +454,64 @@ def test_not_a_relay(key_file: Path, key: str) -> None:
         web.shutdown()
         web.server_close()
     line = assert_one_line_error(result, code=1, key=key)
-    assert "404" in line and "not here" in line
+    assert "answered 404 Not Found (an answer without a Content-Type: is relay_url the PTTH relay's " \
+           "base URL?) to the key check" in line
+    assert "not here" not in line, "an answer that is not PTTH's is named, not pasted"
+
+
+def test_wrong_relay_path_is_named_not_pasted(key_file: Path, key: str, cluster: Cluster) -> None:
+    """relay_url with a path the relay does not have: its HTML 404 page stays out of the line."""
+    relay = cluster.relay({})
+    result = client("--relay-url", f"{relay.url}/wrong/", "--api-key-file", str(key_file),
+                    "--forward", "0:alpha:echo")
+    line = assert_one_line_error(result, code=1, key=key)
+    assert line == (f"ptth_client: the relay at {relay.url}/wrong/ answered 404 Not Found (an HTML page: "
+                    "is relay_url the PTTH relay's base URL?) to the key check")
+
+
+@pytest.mark.parametrize("status", [302, 307])
+def test_key_check_never_follows_a_redirect(key_file: Path, key: str, status: int) -> None:
+    trap = Trap()
+    relay = HostileRelay(lambda seen: redirect(status, f"{trap.url}/stolen"))
+    try:
+        result = client("--relay-url", relay.url, "--api-key-file", str(key_file), "--forward", "0:alpha:echo")
+    finally:
+        relay.close()
+        trap.close()
+    assert trap.seen == [], "a redirect was followed"
+    line = assert_one_line_error(result, code=1, key=key)
+    assert f"answered {status} " in line and f"a redirect to {trap.url}/stolen (not followed" in line
+
+
+@pytest.mark.parametrize("status", [302, 307])
+def test_connect_never_follows_a_redirect(tmp_path: Path, key_file: Path, key: str, status: int) -> None:
+    """The key check passes; the connect is redirected: the TCP client is reset, the key stays."""
+    trap = Trap()
+
+    def answer(seen: Seen) -> Reply:
+        if seen.path == "/frontend/tcp/check":
+            return Reply(200, {"Content-Type": "application/json"}, b'{"client": "laptop", "allow": ["alpha:echo"]}')
+        return redirect(status, f"{trap.url}{seen.path}")
+
+    relay = HostileRelay(answer)
+    proc = Proc([sys.executable, "ptth_client.py", "--relay-url", relay.url, "--api-key-file", str(key_file),
+                 "--forward", "0:alpha:echo"], tmp_path / "client.log")
+    try:
+        port = forwarded_port(proc)
+        with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_SECS) as sock:
+            try:
+                assert sock.recv(100) == b"", "nothing comes through"
+            except ConnectionResetError:
+                pass  # the reset ptth_client gives a refused connection
+        refused = proc.wait_for_output(r"-> alpha:echo refused: (.*)")
+    finally:
+        proc.kill()
+        relay.close()
+        trap.close()
+    assert trap.seen == [], "a redirect was followed"
+    assert refused.group(1).startswith(f"{status} ")
+    assert f"a redirect to {trap.url}/frontend/tcp/connect/alpha/echo (not followed" in refused.group(1)
+    assert key not in proc.output()
 
 
 def test_relay_does_not_know_the_key(live: Live, tmp_path: Path) -> None:

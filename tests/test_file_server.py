@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
 import re
@@ -20,6 +21,7 @@ from urllib.parse import urljoin, urlsplit
 
 import pytest
 import requests
+from conftest import Cluster, new_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -232,7 +234,7 @@ def test_file_headers(root: Path) -> None:
     (root / "page.html").write_bytes(b"<p>hi</p>")
     (root / "blob.unknownext").write_bytes(b"??")
     response, _ = fetch(root, "/files/page.html")
-    assert header(response, "content-type") == "text/html"
+    assert header(response, "content-type") == "text/html; charset=utf-8"
     assert header(response, "content-length") == "9"
     assert header(response, "accept-ranges") == "bytes"
     assert re.fullmatch(r'(W/)?"[^"]+"', header(response, "etag") or "")
@@ -493,6 +495,37 @@ def test_symlinks_inside_the_root_are_served(root: Path) -> None:
     assert response.status == 200 and "inner.txt" in hrefs(body)
 
 
+def _make_links(folder: Path) -> None:
+    """Links of every kind in `folder` (inside a served root whose parent holds secret.txt)."""
+    (folder / "sub").mkdir()
+    (folder / "inside.txt").write_bytes(b"inside\n")
+    (folder / "link-in.txt").symlink_to("inside.txt")
+    (folder / "link-in-dir").symlink_to("sub")
+    (folder / "link-out.txt").symlink_to(folder.parent.parent / "secret.txt")  # outside the root
+    (folder / "link-out-dir").symlink_to(folder.parent.parent)
+    (folder / "broken").symlink_to("nowhere")
+    (folder / "loop").symlink_to("loop")
+    (folder / "sub" / "up").symlink_to("../../..")  # out of the root, through a subfolder
+    (folder / "back\\slash.txt").write_bytes(b"no URL reaches this name\n")
+
+
+LISTED_LINKS = ["link-in-dir/", "sub/", "inside.txt", "link-in.txt"]
+
+
+def test_listing_shows_only_what_can_be_served(root: Path) -> None:
+    """A symlink leading out of the root is served as 404, so it is not listed either (nor its
+    target's size); nor is a broken symlink, a loop, or a name no URL can reach."""
+    (root / "links").mkdir()
+    _make_links(root / "links")
+    response, body = fetch(root, "/files/links/")
+    assert response.status == 200
+    assert hrefs(body) == ["../", *LISTED_LINKS]
+    assert f"{len(SECRET)} bytes" not in body.decode()
+    for href in LISTED_LINKS:
+        assert fetch(root, "/files/links/" + href)[0].status == 200, href
+    assert hrefs(fetch(root, "/files/links/sub/")[1]) == ["../"]
+
+
 def test_symlinked_root_works(tmp_path: Path, root: Path) -> None:
     (tmp_path / "alias").symlink_to(root)
     response, body = fetch(tmp_path / "alias", "/files/a.txt")
@@ -751,6 +784,77 @@ def test_process_serves_files_to_requests_and_curl(
 
     proc.terminate()
     assert proc.wait(timeout=10) == 0
+
+
+@pytest.fixture(scope="module")
+def both_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
+    """One root served by ptth_file_server and by ptth_server through a relay: the root and the
+    `/files/` URL of each. A secret file lies beside the root."""
+    tmp = tmp_path_factory.mktemp("both")
+    (tmp / "secret.txt").write_bytes(SECRET)
+    served = tmp / "root"
+    served.mkdir()
+    cluster = Cluster(tmp)
+    try:
+        key = new_key("files")
+        relay = cluster.relay({"files": key})
+        cluster.server(relay, "files", key, served)
+        _, direct = cluster.file_server(served)
+        yield served, {"ptth_file_server": direct + "/files/",
+                       "ptth_server": f"{relay.url}/frontend/servers/files/files/"}
+    finally:
+        cluster.close()
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("program", ["ptth_file_server", "ptth_server"])
+def test_process_lists_only_what_it_serves(both_servers: tuple[Path, dict[str, str]], program: str) -> None:
+    served, urls = both_servers
+    folder = served / f"links-{program}"
+    folder.mkdir()
+    _make_links(folder)
+    base = f"{urls[program]}links-{program}/"
+    listing = requests.get(base, timeout=10)
+    assert listing.status_code == 200
+    assert hrefs(listing.content) == ["../", *LISTED_LINKS]
+    assert f"{len(SECRET)} bytes" not in listing.text
+    for href in LISTED_LINKS:
+        assert requests.get(base + href, timeout=10).status_code == 200, href
+    for name in ("link-out.txt", "link-out-dir/", "broken", "loop"):
+        assert requests.get(base + name, timeout=10).status_code == 404, name
+
+
+UTF8_TEXT = "Grüße, ça va? 日本語 ✓ — naïve café\n"
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("program", ["ptth_file_server", "ptth_server"])
+@pytest.mark.parametrize(("name", "content_type"), [
+    ("utf8.txt", "text/plain; charset=utf-8"),
+    ("utf8.json", "application/json; charset=utf-8"),
+])
+def test_process_serves_text_as_utf8(both_servers: tuple[Path, dict[str, str]], program: str, name: str,
+                                     content_type: str) -> None:
+    """Without a charset a browser (and requests) reads text/plain as Latin-1: mojibake."""
+    served, urls = both_servers
+    data = UTF8_TEXT if name.endswith(".txt") else json.dumps({"greeting": UTF8_TEXT}, ensure_ascii=False)
+    (served / name).write_text(data, encoding="utf-8")
+    r = requests.get(urls[program] + name, timeout=10)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"] == content_type
+    assert r.encoding == "utf-8" and r.text == data
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("a.txt", True), ("a.json", True), ("a.js", True), ("a.css", True), ("a.html", True), ("a.csv", True),
+    ("a.xml", True), ("a.svg", True), ("a.webmanifest", True), ("a.geojson", True),
+    ("a.png", False), ("a.bin", False), ("a.txt.gz", False), ("a.pdf", False), ("noext", False),
+])
+def test_text_types_get_a_charset(root: Path, name: str, text: bool) -> None:
+    (root / name).write_bytes(b"x")
+    ctype = header(fetch(root, "/files/" + name)[0], "content-type") or ""
+    assert ctype.endswith("; charset=utf-8") == text, ctype
+    assert ctype.count("charset") == (1 if text else 0), ctype
 
 
 @pytest.mark.process
