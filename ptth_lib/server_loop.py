@@ -45,7 +45,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import __version__, file_server, tripcode
 from .config import ServerConfig
-from .errors import ProtocolError, backoff_secs, root_cause
+from .errors import ProtocolError, backoff_secs, describe_answer, root_cause
 from .forward_server import PortForwardServer
 from .protocol import (
     ACK_HEADER,
@@ -237,15 +237,8 @@ class ServerLoop:
                 elif r.status_code == 204:
                     if not at_once and room and time.monotonic() - started < PARKED_CUT_SECS:
                         problem = "quiet"  # answered at once when asked to wait: back off, say nothing
-                elif 300 <= r.status_code < 400:
-                    problem = (f"relay answered {r.status_code} {r.reason} to the listen, pointing to "
-                               f"{r.headers.get('Location', 'nowhere')!r}: not following it with the key; "
-                               "fix relay_url")
-                elif r.status_code == 404:
-                    problem = (f"relay answered 404 to the listen: is relay_url ({self.config.relay_url}) "
-                               "the PTTH relay's base URL?")
                 else:
-                    problem = f"relay answered {r.status_code} {r.reason} to the listen"
+                    problem = f"relay answered {describe_answer(r.status_code, r.headers, data)} to the listen"
             except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
                 if not at_once and time.monotonic() - started >= PARKED_CUT_SECS:
                     # The listen was parked, then cut: a NAT box or proxy dropping an idle
@@ -385,7 +378,7 @@ class ServerLoop:
             try:
                 with session.post(url, data=body.upload(), headers=headers, stream=True,
                                   timeout=(CONNECT_TIMEOUT_SECS, RESPONSE_READ_TIMEOUT_SECS)) as r:
-                    answer = r.raw.read(MAX_ANSWER_BYTES, decode_content=True).decode("utf-8", "replace")
+                    answer = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
             except _Aborted:
                 logger.info("response %s abandoned at shutdown after %d bytes", request_id, body.sent)
                 return
@@ -406,7 +399,8 @@ class ServerLoop:
             elif r.status_code == 410:
                 logger.info("response %s: the client left after %d bytes", request_id, body.sent)
             else:
-                logger.warning("response %s: relay answered %d: %r", request_id, r.status_code, answer.strip()[:200])
+                logger.warning("response %s: relay answered %s", request_id,
+                               describe_answer(r.status_code, r.headers, answer))
             return
 
     def _session(self) -> requests.Session:

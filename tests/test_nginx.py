@@ -213,3 +213,30 @@ def test_scraper_limit_counts_the_real_client_and_a_valid_key_still_works(cluste
     assert call("127.0.0.2", key) == 200, "a valid key must work even from a limited address"
     assert call("127.0.0.3", "wrong-key-x") == 403, "another client is not limited by the attacker"
     assert call("127.0.0.3", key) == 200
+
+
+def test_head_limits_of_the_readme_block(cluster: Cluster) -> None:
+    """nginx bounds request heads where parsing is cheap, yet passes the largest response head.
+
+    A server's response head travels in one header of up to 16 KiB; nginx's
+    default (lines of 8 KiB) refused those, so large heads never got through.
+    """
+    from ptth_lib.protocol import MAX_RESPONSE_HEAD_BYTES
+    from tests.scripted_server import ScriptedServer
+
+    key = new_key("heads")
+    relay = cluster.relay({"heads": key}, extra=TRUSTED_PROXIES)
+    nginx = start_nginx(cluster, relay)
+    pad = b"a" * (MAX_RESPONSE_HEAD_BYTES * 3 // 4 - 200)  # base64 makes it about 16 KiB
+    server = ScriptedServer(nginx.url, "heads", key,
+                            lambda uri, h: (200, {"x-filler": pad, "content-length": b"2"}, b"ok")).start()
+    try:
+        wait_for_online(relay, "heads")
+        r = requests.get(f"{nginx.url}/frontend/servers/heads/x", auth=nginx.auth, timeout=30)
+        assert (r.status_code, r.content, len(r.headers["X-Filler"])) == (200, b"ok", len(pad))
+        assert server.posts == [200]
+    finally:
+        server.stop()
+    big = {f"X-Big-{i}": "b" * (30 * 1024) for i in range(5)}  # 150 KiB: over the block's 4 x 32 KiB
+    r = requests.get(f"{nginx.url}/frontend/servers/heads/x", auth=nginx.auth, headers=big, timeout=30)
+    assert r.status_code in (400, 431) and "nginx" in r.text

@@ -1,0 +1,97 @@
+"""What a large request head costs the relay's one worker, side by side.
+
+    .venv/bin/python bench/heads.py [--rounds N]
+
+Starts the relay as deployed (gunicorn, gevent worker, conf/gunicorn.conf.py)
+twice on 127.0.0.1: once with gunicorn's C parser (gunicorn_h1c, as
+configured) and once with its pure Python one (`--http-parser python`). Then
+sends heads of growing size to /frontend/relay_up_check on a fresh
+connection each, alternating between the two relays, and reports the median
+time from the head's first byte to the answer's first byte, for each parser
+and as a ratio. The largest head is the worst the relay's limits accept
+(limit_request_fields x limit_request_field_size); the README's nginx stops
+anything over 128 KiB before it reaches the relay.
+
+While one worker parses a head it serves nobody else, so 1 / time is how
+many such heads a second one client needs to keep the relay busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import runpy
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start_relay(parser: str, config: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    args = [sys.executable, "-m", "gunicorn", "-c", "conf/gunicorn.conf.py", "--bind", "127.0.0.1:0",
+            "--http-parser", parser, "ptth_relay:app"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            env={**os.environ, "PTTH_RELAY_CONFIG": str(config)}, start_new_session=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", log.read_text(errors="replace"))
+        if m:
+            port = int(m.group(1))
+            time.sleep(1.0)  # the worker boots after the master listens
+            return proc, port
+        time.sleep(0.05)
+    raise SystemExit(f"relay with the {parser} parser did not start:\n{log.read_text()[-2000:]}")
+
+
+def head(fields: int, size: int) -> bytes:
+    lines = "".join(f"X-Pad-{i}: {'a' * size}\r\n" for i in range(fields))
+    return f"GET /frontend/relay_up_check HTTP/1.1\r\nHost: relay\r\n{lines}\r\n".encode()
+
+
+def one(port: int, data: bytes) -> float:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started = time.perf_counter()
+        sock.sendall(data)
+        first = sock.recv(64)
+        elapsed = time.perf_counter() - started
+    assert first.startswith(b"HTTP/1.1 200"), first
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    settings = runpy.run_path(str(REPO / "conf" / "gunicorn.conf.py"))
+    fields, size = settings["limit_request_fields"], settings["limit_request_field_size"]
+    shapes = [(1, 100), (10, 1024), (4, 32 * 1024 - 64), (fields, size // 2), (fields, size - 64)]
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "relay.toml"
+        config.write_text("")
+        relays = {name: start_relay(name, config, Path(tmp) / f"{name}.log") for name in ("fast", "python")}
+        try:
+            print("| head | bytes | C parser (ms) | Python parser (ms) | ratio |\n| --- | --- | --- | --- | --- |")
+            for n, s in shapes:
+                data = head(n, s)
+                times: dict[str, list[float]] = {"fast": [], "python": []}
+                for _ in range(args.rounds):
+                    for name, (_, port) in relays.items():
+                        times[name].append(one(port, data))
+                fast, slow = statistics.median(times["fast"]), statistics.median(times["python"])
+                print(f"| {n} x {s} B | {len(data):,} | {fast * 1000:.1f} | {slow * 1000:.1f} | "
+                      f"{slow / fast:.1f}x |")
+        finally:
+            for proc, _ in relays.values():
+                os.killpg(proc.pid, 15)
+                proc.wait(10)
+
+
+if __name__ == "__main__":
+    main()
