@@ -35,6 +35,13 @@ def stalled_download(port: int, path: str, source: str) -> socket.socket:
     return sock
 
 
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def honest_latencies(port: int, path: str, source: str, count: int) -> list[float]:
     out = []
     for _ in range(count):
@@ -58,20 +65,24 @@ def test_stalled_downloads_from_one_address_leave_honest_clients_their_latency(c
     (root / "hello.txt").write_bytes(b"hello\n")
     with open(root / "big.bin", "wb") as f:
         f.truncate(1024 * 1024 * 1024)
-    cluster.server(relay, "alpha", key, root)
+    server = cluster.server(relay, "alpha", key, root)
     base = "/frontend/servers/alpha/files/"
     before = honest_latencies(relay.port, base + "hello.txt", "127.0.0.3", HONEST_REQUESTS)
+    rss_before = rss_mib(relay.worker_pid())
 
     attackers = [stalled_download(relay.port, base + "big.bin", "127.0.0.2") for _ in range(STALLED)]
     try:
         time.sleep(3)  # every buffer on the way fills; the server's threads block on what they can send
         during = honest_latencies(relay.port, base + "hello.txt", "127.0.0.3", HONEST_REQUESTS)
+        rss_during = rss_mib(relay.worker_pid())
+        threads = len(list(Path(f"/proc/{server.proc.pid}/task").iterdir()))
     finally:
         for sock in attackers:
             sock.close()
     print(f"honest latency before the attack: median {statistics.median(before) * 1000:.1f} ms, "
           f"max {max(before) * 1000:.1f} ms; with {STALLED} stalled downloads from another address: "
-          f"median {statistics.median(during) * 1000:.1f} ms, max {max(during) * 1000:.1f} ms")
+          f"median {statistics.median(during) * 1000:.1f} ms, max {max(during) * 1000:.1f} ms; "
+          f"relay RSS {rss_before:.0f} -> {rss_during:.0f} MiB; server threads {threads}")
     # Without a fair share every server thread is taken: honest requests wait for a
     # request_timeout_secs (10 s) and get 504. With one, they do not wait at all.
     assert max(during) < 2.0, during
