@@ -14,6 +14,10 @@ relay's; nothing else is accepted from a connection before that. Then:
    a reset on either side resets the other.
 
 Refusals go back as an `Answer` with the reason, and the stream is closed.
+
+Before its hello a connection gets one stream, a hello's worth of credit
+(quic_endpoint.py) and HELLO_WAIT_SECS from its first packet; every greenlet
+that serves it ends with it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import logging
 import secrets
 
 import gevent
-import gevent.queue
+import gevent.event
 
 from . import quic_tip, tripcode
 from .config import RelayConfig
@@ -32,7 +36,9 @@ from .quic_io import QuicPeer, QuicStream, StreamBroken
 
 logger = logging.getLogger(__name__)
 
-# A new connection must say hello within this long, or it is closed.
+# A new connection must have its hello accepted within this long of its first
+# packet (handshake, first stream, the whole tip), or it is closed: a proxy
+# does all that in a few round trips.
 HELLO_WAIT_SECS = 10.0
 
 
@@ -44,14 +50,28 @@ class QuicRelay:
         self.servers: dict[str, QuicPeer] = {}  # name -> the server proxy's connection (newest wins)
 
     def on_peer(self, peer: QuicPeer) -> None:
-        """A new QUIC connection: wait for its hello, then serve its streams."""
-        first: gevent.queue.Queue = gevent.queue.Queue(1)
-        peer.on_stream = first.put
+        """A new QUIC connection: wait for its hello, then serve its streams until it closes."""
+        first: gevent.event.AsyncResult = gevent.event.AsyncResult()
+
+        def before_hello(stream: QuicStream) -> None:
+            # The transport parameters allow one stream; this catches any other, and
+            # nothing waits on it.
+            if first.ready():
+                stream.abort("one stream before the hello")
+            else:
+                first.set(stream)
+
+        peer.on_stream = before_hello
         try:
-            stream = first.get(timeout=HELLO_WAIT_SECS)
-            hello, _ = read_tip(stream, HELLO_WAIT_SECS)
-        except (gevent.queue.Empty, gevent.Timeout, ProtocolError, StreamBroken) as e:
-            logger.info("quic peer closed before a valid hello: %s", e or "no stream")
+            with gevent.Timeout(HELLO_WAIT_SECS):
+                gevent.wait([first, peer.closed], count=1)
+                if peer.closed.is_set():
+                    raise StreamBroken(peer.close_reason)
+                stream = first.get()
+                hello, _ = read_tip(stream, HELLO_WAIT_SECS)
+        except (gevent.Timeout, ProtocolError, StreamBroken) as e:
+            reason = f"no hello within {HELLO_WAIT_SECS:.0f} s" if isinstance(e, gevent.Timeout) else str(e)
+            logger.info("quic peer closed before a valid hello: %s", reason)
             peer.close("no valid hello")
             return
         if not isinstance(hello, quic_tip.PeerHello):
@@ -60,8 +80,12 @@ class QuicRelay:
         if problem:
             logger.warning("quic %s %r refused: %s", hello.role, hello.name, problem)
             return self._refuse_hello(peer, stream, problem)
-        stream.write(quic_tip.encode(quic_tip.HelloAnswer(True, "")))
-        stream.end()
+        peer.trust()  # first, so the raised limits go out with the answer
+        try:
+            stream.write(quic_tip.encode(quic_tip.HelloAnswer(True, "")))
+            stream.end()
+        except StreamBroken:
+            pass  # the connection is closing: peer.closed says so below
         logger.info("quic %s %r connected", hello.role, hello.name)
         if hello.role == "server":
             old = self.servers.get(hello.name)

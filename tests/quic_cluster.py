@@ -24,6 +24,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aioquic.quic.configuration import QuicConfiguration
+
+from ptth_lib import quic_cert, quic_io, quic_tip
+from ptth_lib.quic_forward import read_tip
+from ptth_lib.quic_io import QuicPeer
 from tests.conftest import Proc, new_key, tripcode_of
 from tests.tcp_peers import EchoServer, TcpServer, recv_all
 
@@ -60,10 +65,6 @@ def wait_exit(proc: Proc, timeout: float = STARTUP_SECS) -> int:
     except subprocess.TimeoutExpired:
         raise AssertionError(f"{proc.args} is still running after {timeout:.0f} s:\n"
                              f"{proc.output()[-3000:]}") from None
-
-
-
-
 
 
 @dataclass
@@ -266,4 +267,46 @@ class EchoServerAt(EchoServer):
         self._closed = False
         threading.Thread(target=self._accept_forever, daemon=True).start()
 
+
+
+
+# ---- hostile QUIC peers ------------------------------------------------------------------
+# The test process plays them with ptth_lib's own QUIC driver (valid QUIC and TLS, the
+# relay's certificate pinned).
+
+def pinned_configuration(fingerprint: str) -> QuicConfiguration:
+    return quic_io.configure(quic_cert.client_configuration(quic_io.ALPN, fingerprint, None))
+
+
+def open_quic(port: int, fingerprint: str, timeout: float = SOCKET_TIMEOUT_SECS) -> QuicPeer:
+    """A QUIC connection to the relay on 127.0.0.1 (handshake done), nothing sent on it yet."""
+    return quic_io.connect("127.0.0.1", port, pinned_configuration(fingerprint), timeout)
+
+
+def say_hello(peer: QuicPeer, hello: quic_tip.PeerHello, timeout: float = SOCKET_TIMEOUT_SECS) -> quic_tip.TipMessage:
+    """Send a hello on a new stream; the relay's answer."""
+    stream = peer.open_stream()
+    stream.write(quic_tip.encode(hello))
+    answer, _ = read_tip(stream, timeout)
+    return answer
+
+
+def honest_hello_secs(port: int, fingerprint: str, hello: quic_tip.PeerHello,
+                      timeout: float = SOCKET_TIMEOUT_SECS) -> float:
+    """Seconds from the first packet to an accepted hello, as a proxy connects; the connection is closed."""
+    start = time.monotonic()
+    peer = open_quic(port, fingerprint, timeout)
+    try:
+        answer = say_hello(peer, hello, timeout)
+        assert isinstance(answer, quic_tip.HelloAnswer) and answer.ok, answer
+        return time.monotonic() - start
+    finally:
+        peer.close()
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
 
