@@ -299,6 +299,7 @@ class QuicPeer:
         self.handshake_done = gevent.event.Event()
         self.trusted = gevent.event.Event()  # set by trust(): the peer proved who it is
         self.closed = gevent.event.Event()
+        self.last_answer = time.monotonic()  # when the peer last acknowledged a PING of ours
         self.close_reason = ""
         self.on_cid: Callable[[bytes, bool], None] = lambda cid, issued: None
         self._highest_peer_stream = -1
@@ -330,6 +331,11 @@ class QuicPeer:
         """The peer proved who it is: lift the restriction on its streams and credit."""
         self.quic.lift_restriction()
         self.trusted.set()
+        self.transmit()
+
+    def ping(self) -> None:
+        """A PING now: last_answer moves when the peer acknowledges it, if it is still there."""
+        self.quic.send_ping(0)
         self.transmit()
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
@@ -392,6 +398,8 @@ class QuicPeer:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream._break("the peer stopped reading")
+            elif isinstance(event, events.PingAcknowledged):
+                self.last_answer = time.monotonic()
             elif isinstance(event, events.HandshakeCompleted):
                 self.handshake_done.set()
             elif isinstance(event, events.ConnectionIdIssued):
@@ -415,8 +423,7 @@ class QuicPeer:
     def _run_keepalive(self) -> None:
         """A PING now and then, so NAT boxes keep the mapping and a dead peer is noticed."""
         while not self.closed.wait(KEEPALIVE_SECS):
-            self.quic.send_ping(0)
-            self.transmit()
+            self.ping()
 
     def _run_timer(self) -> None:
         while not self.closed.is_set():

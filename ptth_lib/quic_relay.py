@@ -17,13 +17,16 @@ Refusals go back as an `Answer` with the reason, and the stream is closed.
 
 Before its hello a connection gets one stream, a hello's worth of credit
 (quic_endpoint.py) and HELLO_WAIT_SECS from its first packet; every greenlet
-that serves it ends with it.
+that serves it ends with it. Several server proxies may share a name (as on
+the HTTP side): the relay keeps each connection and gives connects to them in
+turn.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import time
 
 import gevent
 import gevent.event
@@ -41,13 +44,25 @@ logger = logging.getLogger(__name__)
 # does all that in a few round trips.
 HELLO_WAIT_SECS = 10.0
 
+# Server proxies connected under one name at once; another hello is refused.
+# As many as the HTTP relay parks listens for one name.
+MAX_SERVER_CONNECTIONS = 32
+
+# When a server proxy connects, the older connections under its name must
+# answer a PING within this long (a few slow round trips) or are closed: a
+# proxy killed without a word and restarted at once must not keep getting
+# connects until the QUIC idle timeout (10 s) notices it is gone.
+PROBE_SECS = 3.0
+
 
 class QuicRelay:
     """Connected proxies, and the streams between them."""
 
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
-        self.servers: dict[str, QuicPeer] = {}  # name -> the server proxy's connection (newest wins)
+        self.servers: dict[str, list[QuicPeer]] = {}  # name -> its server proxies' connections, oldest first
+        self._turn: dict[str, int] = {}  # name -> where the next connect starts looking in servers[name]
+        self._probed: dict[QuicPeer, float] = {}  # connection -> when it was asked for a PING answer
 
     def on_peer(self, peer: QuicPeer) -> None:
         """A new QUIC connection: wait for its hello, then serve its streams until it closes."""
@@ -77,6 +92,9 @@ class QuicRelay:
         if not isinstance(hello, quic_tip.PeerHello):
             return self._refuse_hello(peer, stream, "the first stream must carry a hello")
         problem = self._check(hello)
+        if not problem and hello.role == "server" \
+                and len(self.servers.get(hello.name, ())) >= MAX_SERVER_CONNECTIONS:
+            problem = f"server {hello.name!r} already has {MAX_SERVER_CONNECTIONS} connections"
         if problem:
             logger.warning("quic %s %r refused: %s", hello.role, hello.name, problem)
             return self._refuse_hello(peer, stream, problem)
@@ -86,19 +104,57 @@ class QuicRelay:
             stream.end()
         except StreamBroken:
             pass  # the connection is closing: peer.closed says so below
-        logger.info("quic %s %r connected", hello.role, hello.name)
         if hello.role == "server":
-            old = self.servers.get(hello.name)
-            self.servers[hello.name] = peer
-            if old is not None and old is not peer:
-                old.close("replaced by a new connection of the same server")
-            peer.on_stream = lambda s: s.abort("servers do not open streams")
+            self._serve_server(hello.name, peer)
         else:
+            logger.info("quic client %r connected", hello.name)
             peer.on_stream = lambda s: self._connect(hello.name, s)
-        peer.closed.wait()
-        if self.servers.get(hello.name) is peer:
-            del self.servers[hello.name]
+            peer.closed.wait()
         logger.info("quic %s %r disconnected: %s", hello.role, hello.name, peer.close_reason)
+
+    def _serve_server(self, name: str, peer: QuicPeer) -> None:
+        """Keep a server proxy's connection among its name's until it closes."""
+        peers = self.servers.setdefault(name, [])
+        older = list(peers)
+        peers.append(peer)
+        logger.info("quic server %r connected%s", name, f" ({len(peers)} connections)" if older else "")
+        peer.on_stream = lambda s: s.abort("servers do not open streams")
+        if older:
+            gevent.spawn(self._probe, name, older)
+        try:
+            peer.closed.wait()
+        finally:
+            peers.remove(peer)
+            if not peers and self.servers.get(name) is peers:
+                del self.servers[name]
+                self._turn.pop(name, None)
+
+    def _probe(self, name: str, peers: list[QuicPeer]) -> None:
+        """Close those of `peers` that do not answer a PING within PROBE_SECS."""
+        asked = time.monotonic()
+        for peer in peers:
+            self._probed[peer] = asked
+            peer.ping()
+        gevent.sleep(PROBE_SECS)
+        for peer in peers:
+            if self._probed.get(peer) == asked:
+                del self._probed[peer]
+            if not peer.closed.is_set() and peer.last_answer < asked:
+                logger.warning("quic server %r: an older connection did not answer a PING within %.0f s; "
+                               "closing it", name, PROBE_SECS)
+                peer.close("gone: no answer to a PING")
+
+    def _pick_server(self, name: str) -> QuicPeer | None:
+        """The next of `name`'s connections in turn, skipping closed ones and those not answering a PING."""
+        peers = self.servers.get(name, [])
+        for _ in range(len(peers)):
+            turn = self._turn.get(name, 0) % len(peers)
+            self._turn[name] = turn + 1
+            peer = peers[turn]
+            asked = self._probed.get(peer)
+            if not peer.closed.is_set() and (asked is None or peer.last_answer >= asked):
+                return peer
+        return None
 
     def _check(self, hello: quic_tip.PeerHello) -> str:
         if hello.role == "server":
@@ -133,10 +189,10 @@ class QuicRelay:
             return
         label = f"{client_name} -> {tip.server}:{tip.port}"
         client = self.config.clients.get(client_name)
-        server_peer = self.servers.get(tip.server)
         if client is None or not client.may_reach(tip.server, tip.port):
             return self._answer_refusal(stream, label, f"client {client_name!r} may not reach "
                                         f"{tip.server}:{tip.port}")
+        server_peer = self._pick_server(tip.server)
         if server_peer is None:
             return self._answer_refusal(stream, label, f"server {tip.server!r} is not connected")
         try:
