@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     import gevent
     import gevent.socket
 
-    from ptth_lib import quic_cert, quic_io
+    from ptth_lib import quic_cert, quic_endpoint, quic_io
     from ptth_lib.cli import parse_bind
     from ptth_lib.config import load_relay_config
     from ptth_lib.errors import ConfigError
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if identity.created:
         logger.info("made a new self-signed certificate %s (key %s)", identity.cert_path, identity.key_path)
     relay = QuicRelay(config)
-    endpoint = quic_io.QuicServerEndpoint(sock, quic_io.configure(
+    endpoint = quic_endpoint.QuicServerEndpoint(sock, quic_io.configure(
         quic_cert.server_configuration(quic_io.ALPN, identity)), relay.on_peer)
     logger.info("listening on udp://%s:%d, certificate fingerprint %s", host, sock.getsockname()[1],
                 identity.fingerprint)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +42,11 @@ logger = logging.getLogger(__name__)
 TIP_WAIT_SECS = 10.0
 HANDSHAKE_SECS = 10.0
 LOCAL_CONNECT_TIMEOUT_SECS = 5.0
+
+# A connection to the relay that ends sooner than this counts as a failure, so
+# a proxy the relay keeps dropping backs off as if it could not connect
+# (errors.backoff_secs) instead of reconnecting several times a second.
+STABLE_CONNECTION_SECS = 30.0
 
 
 class RefusedError(PtthError):
@@ -218,7 +224,7 @@ class _RelayLink:
             gevent.sleep(0.3)
 
     def run_forever(self) -> None:
-        failures = 0
+        failures = 0  # attempts in a row that failed, or whose connection did not last
         state = ""
         while True:
             try:
@@ -238,22 +244,28 @@ class _RelayLink:
                     logger.warning("%s: cannot connect to the QUIC relay at %s:%d: %s; retrying with backoff",
                                    self.what, self.target.host, self.target.port, e)
                     state = str(e)
-                delay = backoff_secs(failures)
+                gevent.sleep(backoff_secs(failures))
                 failures = min(failures + 1, 16)
-                gevent.sleep(delay)
                 continue
-            failures, state = 0, ""
+            state = ""
             logger.info("%s: connected to the QUIC relay at %s:%d as %r", self.what, self.target.host,
                         self.target.port, self.hello.name)
             self.peer = peer
             self.started = True
             self.connected.set()
+            connected_at = time.monotonic()
             peer.closed.wait()
             self.connected.clear()
             self.peer = None
             if self.stopping:
                 return
-            logger.warning("%s: lost the QUIC relay (%s); reconnecting", self.what, peer.close_reason)
+            if time.monotonic() - connected_at >= STABLE_CONNECTION_SECS:
+                failures = 0
+            delay = backoff_secs(failures)
+            failures = min(failures + 1, 16)
+            logger.warning("%s: lost the QUIC relay (%s); reconnecting in %.1f s", self.what, peer.close_reason,
+                           delay)
+            gevent.sleep(delay)
 
 
 class QuicEndServer:

@@ -18,9 +18,18 @@ Flow control is ours, both ways, because aioquic bounds neither:
   the other, through the relay, and no process buffers more than
   STREAM_WINDOW_BYTES per stream.
 
-Both rely on aioquic internals (the stream sender's buffer offsets and
-`_write_stream_limits`), so aioquic is pinned; the backpressure test in
-`tests/test_quic_forwarding.py` checks that the bounds hold.
+A connection the relay accepts starts *restricted* (`restrict`): one stream,
+a few KiB of credit for it and for the whole connection, no MAX_DATA growth,
+so a peer that has not proved who it is cannot make the relay hold more than
+a hello's worth of its bytes. `QuicPeer.trust` lifts that once the hello is
+accepted. A peer never gets unidirectional streams (PTTH uses none).
+
+Both rely on aioquic internals (the stream sender's buffer offsets,
+`_write_stream_limits`, `_write_connection_limits`, the local `Limit`s), so
+aioquic is pinned; the backpressure test in `tests/test_quic_forwarding.py`
+and the credit test in `tests/test_quic_exhaustion.py` check that the bounds
+hold. The relay's UDP socket, which decides what connections to accept, is
+in quic_endpoint.py.
 """
 
 from __future__ import annotations
@@ -42,9 +51,11 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import (
     MAX_STREAM_DATA_FRAME_CAPACITY,
     QuicConnection,
+    QuicConnectionError,
     QuicConnectionState,
+    QuicReceiveContext,
 )
-from aioquic.quic.packet import QuicFrameType, QuicPacketType, pull_quic_header
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream as _AioStream
@@ -80,6 +91,14 @@ SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 # room for tunnels (aioquic's default, 1,200, is the protocol's minimum).
 MAX_DATAGRAM_PAYLOAD_BYTES = 1350
 
+# Streams a trusted peer may have open at once (aioquic's default, kept as it was).
+MAX_STREAMS = 128
+
+# TLS handshake bytes a client may send the relay in one encryption level. Its
+# ClientHello is well under 2 KiB; aioquic alone lets a peer announce a 16 MiB
+# handshake message and buffers (and copies, again and again) what arrives of it.
+MAX_PEER_CRYPTO_BYTES = 16 * 1024
+
 # Application error codes in RESET_STREAM / STOP_SENDING / CONNECTION_CLOSE.
 ERROR_ABORTED = 1
 
@@ -94,6 +113,60 @@ class PacedQuicConnection(QuicConnection):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.consumed: dict[int, int] = {}
+        self.restricted = False
+        self._window_bytes = STREAM_WINDOW_BYTES  # each stream's unread bytes, at most
+        self._restricted_window_bytes = STREAM_WINDOW_BYTES
+        self._small_window_streams: set[int] = set()  # the peer's streams opened while restricted
+        uni = self._local_max_streams_uni  # no unidirectional streams, ever: PTTH uses none
+        uni.value = uni.sent = 0
+
+    def restrict(self, window_bytes: int, max_streams: int) -> None:
+        """Before the first datagram: the peer gets max_streams and window_bytes of credit in all.
+
+        The transport parameters say so, and nothing is raised until `lift_restriction`.
+        """
+        self.restricted = True
+        self._window_bytes = self._restricted_window_bytes = window_bytes
+        self._local_max_data.value = self._local_max_data.sent = window_bytes
+        self._local_max_stream_data_bidi_remote = window_bytes
+        self._local_max_streams_bidi.value = self._local_max_streams_bidi.sent = max_streams
+
+    def lift_restriction(self) -> None:
+        """The peer is trusted: full windows and MAX_STREAMS for the streams it opens from now on."""
+        if not self.restricted:
+            return
+        self.restricted = False
+        # Its streams so far (the hello's) keep their small window: nobody reads them any more.
+        self._small_window_streams = {i for i in self._streams if self._is_peer_stream(i)}
+        self._window_bytes = STREAM_WINDOW_BYTES
+        # A new stream still starts with the small window of the transport parameters;
+        # _write_stream_limits raises it in the first packet after the stream's first bytes.
+        streams = self._local_max_streams_bidi
+        streams.value = streams.used + MAX_STREAMS - self._open_peer_streams()
+        self._local_max_data.value = self._local_max_data.used + self._configuration.max_data
+
+    def _open_peer_streams(self) -> int:
+        return sum(1 for stream_id in self._streams if self._is_peer_stream(stream_id))
+
+    def _is_peer_stream(self, stream_id: int) -> bool:
+        """A bidirectional stream the peer opened (RFC 9000 2.1: bit 0 is the opener, bit 1 uni)."""
+        return stream_id % 4 == (1 if self._is_client else 0)
+
+    def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
+        # aioquic doubles MAX_DATA whenever half of it has arrived; a restricted
+        # connection keeps what its transport parameters gave.
+        if not self.restricted:
+            super()._write_connection_limits(builder, space)
+
+    def _handle_crypto_frame(self, context: QuicReceiveContext, frame_type: int, buf: Buffer) -> None:
+        if not self._is_client:
+            start = buf.tell()
+            end = buf.pull_uint_var() + buf.pull_uint_var()  # offset + length
+            buf.seek(start)
+            if end > MAX_PEER_CRYPTO_BYTES:
+                raise QuicConnectionError(error_code=QuicErrorCode.CRYPTO_BUFFER_EXCEEDED,
+                                          frame_type=frame_type, reason_phrase="handshake too long")
+        super()._handle_crypto_frame(context, frame_type, buf)
 
     def _write_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace,
                              stream: _AioStream) -> None:
@@ -102,8 +175,11 @@ class PacedQuicConnection(QuicConnection):
         # read, in steps of half a window. Adapted from aioquic 1.7.2.
         assert stream.stream_id is not None
         if stream.max_stream_data_local:
-            target = self.consumed.get(stream.stream_id, 0) + STREAM_WINDOW_BYTES
-            if target - stream.max_stream_data_local >= STREAM_WINDOW_BYTES // 2:
+            window = self._window_bytes
+            if stream.stream_id in self._small_window_streams:
+                window = self._restricted_window_bytes
+            target = self.consumed.get(stream.stream_id, 0) + window
+            if target - stream.max_stream_data_local >= window // 2:
                 stream.max_stream_data_local = target
         if stream.max_stream_data_local_sent != stream.max_stream_data_local:
             buf = builder.start_frame(
@@ -221,7 +297,9 @@ class QuicPeer:
         self.on_stream = on_stream  # called in a new greenlet for each stream the peer opens
         self.streams: dict[int, QuicStream] = {}
         self.handshake_done = gevent.event.Event()
+        self.trusted = gevent.event.Event()  # set by trust(): the peer proved who it is
         self.closed = gevent.event.Event()
+        self.last_answer = time.monotonic()  # when the peer last acknowledged a PING of ours
         self.close_reason = ""
         self.on_cid: Callable[[bytes, bool], None] = lambda cid, issued: None
         self._highest_peer_stream = -1
@@ -229,15 +307,36 @@ class QuicPeer:
         self._timer_changed = gevent.event.Event()
         self._timer = gevent.spawn(self._run_timer)
         self._keepalive = gevent.spawn(self._run_keepalive)
+        self._greenlets = [self._timer, self._keepalive]  # killed when the connection ends
 
     def open_stream(self) -> QuicStream:
         """A new bidirectional stream of ours."""
         if self.closed.is_set():
             raise StreamBroken(self.close_reason or "connection closed")
         stream_id = self.quic.get_next_available_stream_id()
+        # Sending nothing creates the stream in aioquic, which takes the id: two
+        # open_stream() calls before any write must not get the same one.
+        self.quic.send_stream_data(stream_id, b"")
         stream = QuicStream(self, stream_id)
         self.streams[stream_id] = stream
         return stream
+
+    def own(self, greenlet: gevent.Greenlet) -> None:
+        """Kill `greenlet` when the connection ends (at once if it has)."""
+        self._greenlets.append(greenlet)
+        if self.closed.is_set():
+            greenlet.kill(block=False)
+
+    def trust(self) -> None:
+        """The peer proved who it is: lift the restriction on its streams and credit."""
+        self.quic.lift_restriction()
+        self.trusted.set()
+        self.transmit()
+
+    def ping(self) -> None:
+        """A PING now: last_answer moves when the peer acknowledges it, if it is still there."""
+        self.quic.send_ping(0)
+        self.transmit()
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.quic.receive_datagram(data, addr, now=time.monotonic())
@@ -299,6 +398,8 @@ class QuicPeer:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream._break("the peer stopped reading")
+            elif isinstance(event, events.PingAcknowledged):
+                self.last_answer = time.monotonic()
             elif isinstance(event, events.HandshakeCompleted):
                 self.handshake_done.set()
             elif isinstance(event, events.ConnectionIdIssued):
@@ -322,8 +423,7 @@ class QuicPeer:
     def _run_keepalive(self) -> None:
         """A PING now and then, so NAT boxes keep the mapping and a dead peer is noticed."""
         while not self.closed.wait(KEEPALIVE_SECS):
-            self.quic.send_ping(0)
-            self.transmit()
+            self.ping()
 
     def _run_timer(self) -> None:
         while not self.closed.is_set():
@@ -343,67 +443,11 @@ class QuicPeer:
         for stream in list(self.streams.values()):
             stream._break(f"connection closed: {reason}")
         self.handshake_done.set()  # wake waiters; they check closed
-        for greenlet in (self._timer, self._keepalive):
+        # block=False: the kills run after the flush already scheduled, which
+        # sends our CONNECTION_CLOSE.
+        for greenlet in self._greenlets:
             if greenlet is not gevent.getcurrent():
                 greenlet.kill(block=False)
-
-
-class QuicServerEndpoint:
-    """The relay's UDP socket: every proxy's QUIC connection to it."""
-
-    def __init__(self, sock: socket.socket, configuration: QuicConfiguration,
-                 on_peer: Callable[[QuicPeer], None]) -> None:
-        self.sock = sock
-        self.configuration = configuration
-        self.on_peer = on_peer  # called in a new greenlet for each new connection
-        self.peers: dict[bytes, QuicPeer] = {}
-
-    def serve_forever(self) -> None:
-        while True:
-            data, addr = self.sock.recvfrom(MAX_DATAGRAM_BYTES)
-            try:
-                header = pull_quic_header(Buffer(data=data),
-                                          host_cid_length=self.configuration.connection_id_length)
-            except ValueError:
-                continue
-            peer = self.peers.get(header.destination_cid)
-            if peer is None:
-                if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200 \
-                        or header.version not in self.configuration.supported_versions:
-                    continue
-                peer = self._new_peer(header.destination_cid)
-            peer.datagram_received(data, addr)
-
-    def _new_peer(self, original_cid: bytes) -> QuicPeer:
-        quic = PacedQuicConnection(configuration=self.configuration,
-                                   original_destination_connection_id=original_cid)
-        peer = QuicPeer(quic, self._sendto)
-        cids = {original_cid, quic.host_cid}
-
-        def on_cid(cid: bytes, issued: bool) -> None:
-            if issued:
-                cids.add(cid)
-                self.peers[cid] = peer
-            else:
-                cids.discard(cid)
-                self.peers.pop(cid, None)
-
-        peer.on_cid = on_cid
-        for cid in cids:
-            self.peers[cid] = peer
-
-        def forget() -> None:
-            peer.closed.wait()
-            for cid in cids:
-                if self.peers.get(cid) is peer:
-                    del self.peers[cid]
-
-        gevent.spawn(forget)
-        gevent.spawn(self.on_peer, peer)
-        return peer
-
-    def _sendto(self, data: bytes, addr: Any) -> None:
-        self.sock.sendto(data, addr)
 
 
 def size_buffers(sock: socket.socket) -> None:
@@ -427,23 +471,25 @@ def connect(host: str, port: int, configuration: QuicConfiguration, timeout: flo
     peer = QuicPeer(quic, lambda data, _addr: sock.send(data), on_stream)
 
     def receive() -> None:
-        while not peer.closed.is_set():
-            try:
-                data = sock.recv(MAX_DATAGRAM_BYTES)
-            except ConnectionRefusedError:  # ICMP port unreachable: nothing listens there now
-                if peer.handshake_done.is_set():
-                    peer.close("the relay is gone (port unreachable)")
-                    break
-                gevent.sleep(0.2)  # still connecting: it may be starting
-                continue
-            except OSError as e:
-                logger.debug("recv: %s", e)
-                gevent.sleep(0.2)
-                continue
-            peer.datagram_received(data, addr)
-        sock.close()
+        try:
+            while not peer.closed.is_set():
+                try:
+                    data = sock.recv(MAX_DATAGRAM_BYTES)
+                except ConnectionRefusedError:  # ICMP port unreachable: nothing listens there now
+                    if peer.handshake_done.is_set():
+                        peer.close("the relay is gone (port unreachable)")
+                        break
+                    gevent.sleep(0.2)  # still connecting: it may be starting
+                    continue
+                except OSError as e:
+                    logger.debug("recv: %s", e)
+                    gevent.sleep(0.2)
+                    continue
+                peer.datagram_received(data, addr)
+        finally:
+            sock.close()
 
-    gevent.spawn(receive)
+    peer.own(gevent.spawn(receive))  # a closed connection must not leave it waiting in recv()
     quic.connect(addr, now=time.monotonic())
     peer.transmit()
     if not peer.handshake_done.wait(timeout) or peer.closed.is_set():

@@ -14,15 +14,22 @@ relay's; nothing else is accepted from a connection before that. Then:
    a reset on either side resets the other.
 
 Refusals go back as an `Answer` with the reason, and the stream is closed.
+
+Before its hello a connection gets one stream, a hello's worth of credit
+(quic_endpoint.py) and HELLO_WAIT_SECS from its first packet; every greenlet
+that serves it ends with it. Several server proxies may share a name (as on
+the HTTP side): the relay keeps each connection and gives connects to them in
+turn.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import time
 
 import gevent
-import gevent.queue
+import gevent.event
 
 from . import quic_tip, tripcode
 from .config import RelayConfig
@@ -32,8 +39,20 @@ from .quic_io import QuicPeer, QuicStream, StreamBroken
 
 logger = logging.getLogger(__name__)
 
-# A new connection must say hello within this long, or it is closed.
+# A new connection must have its hello accepted within this long of its first
+# packet (handshake, first stream, the whole tip), or it is closed: a proxy
+# does all that in a few round trips.
 HELLO_WAIT_SECS = 10.0
+
+# Server proxies connected under one name at once; another hello is refused.
+# As many as the HTTP relay parks listens for one name.
+MAX_SERVER_CONNECTIONS = 32
+
+# When a server proxy connects, the older connections under its name must
+# answer a PING within this long (a few slow round trips) or are closed: a
+# proxy killed without a word and restarted at once must not keep getting
+# connects until the QUIC idle timeout (10 s) notices it is gone.
+PROBE_SECS = 3.0
 
 
 class QuicRelay:
@@ -41,40 +60,101 @@ class QuicRelay:
 
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
-        self.servers: dict[str, QuicPeer] = {}  # name -> the server proxy's connection (newest wins)
+        self.servers: dict[str, list[QuicPeer]] = {}  # name -> its server proxies' connections, oldest first
+        self._turn: dict[str, int] = {}  # name -> where the next connect starts looking in servers[name]
+        self._probed: dict[QuicPeer, float] = {}  # connection -> when it was asked for a PING answer
 
     def on_peer(self, peer: QuicPeer) -> None:
-        """A new QUIC connection: wait for its hello, then serve its streams."""
-        first: gevent.queue.Queue = gevent.queue.Queue(1)
-        peer.on_stream = first.put
+        """A new QUIC connection: wait for its hello, then serve its streams until it closes."""
+        first: gevent.event.AsyncResult = gevent.event.AsyncResult()
+
+        def before_hello(stream: QuicStream) -> None:
+            # The transport parameters allow one stream; this catches any other, and
+            # nothing waits on it.
+            if first.ready():
+                stream.abort("one stream before the hello")
+            else:
+                first.set(stream)
+
+        peer.on_stream = before_hello
         try:
-            stream = first.get(timeout=HELLO_WAIT_SECS)
-            hello, _ = read_tip(stream, HELLO_WAIT_SECS)
-        except (gevent.queue.Empty, gevent.Timeout, ProtocolError, StreamBroken) as e:
-            logger.info("quic peer closed before a valid hello: %s", e or "no stream")
+            with gevent.Timeout(HELLO_WAIT_SECS):
+                gevent.wait([first, peer.closed], count=1)
+                if peer.closed.is_set():
+                    raise StreamBroken(peer.close_reason)
+                stream = first.get()
+                hello, _ = read_tip(stream, HELLO_WAIT_SECS)
+        except (gevent.Timeout, ProtocolError, StreamBroken) as e:
+            reason = f"no hello within {HELLO_WAIT_SECS:.0f} s" if isinstance(e, gevent.Timeout) else str(e)
+            logger.info("quic peer closed before a valid hello: %s", reason)
             peer.close("no valid hello")
             return
         if not isinstance(hello, quic_tip.PeerHello):
             return self._refuse_hello(peer, stream, "the first stream must carry a hello")
         problem = self._check(hello)
+        if not problem and hello.role == "server" \
+                and len(self.servers.get(hello.name, ())) >= MAX_SERVER_CONNECTIONS:
+            problem = f"server {hello.name!r} already has {MAX_SERVER_CONNECTIONS} connections"
         if problem:
             logger.warning("quic %s %r refused: %s", hello.role, hello.name, problem)
             return self._refuse_hello(peer, stream, problem)
-        stream.write(quic_tip.encode(quic_tip.HelloAnswer(True, "")))
-        stream.end()
-        logger.info("quic %s %r connected", hello.role, hello.name)
+        peer.trust()  # first, so the raised limits go out with the answer
+        try:
+            stream.write(quic_tip.encode(quic_tip.HelloAnswer(True, "")))
+            stream.end()
+        except StreamBroken:
+            pass  # the connection is closing: peer.closed says so below
         if hello.role == "server":
-            old = self.servers.get(hello.name)
-            self.servers[hello.name] = peer
-            if old is not None and old is not peer:
-                old.close("replaced by a new connection of the same server")
-            peer.on_stream = lambda s: s.abort("servers do not open streams")
+            self._serve_server(hello.name, peer)
         else:
+            logger.info("quic client %r connected", hello.name)
             peer.on_stream = lambda s: self._connect(hello.name, s)
-        peer.closed.wait()
-        if self.servers.get(hello.name) is peer:
-            del self.servers[hello.name]
+            peer.closed.wait()
         logger.info("quic %s %r disconnected: %s", hello.role, hello.name, peer.close_reason)
+
+    def _serve_server(self, name: str, peer: QuicPeer) -> None:
+        """Keep a server proxy's connection among its name's until it closes."""
+        peers = self.servers.setdefault(name, [])
+        older = list(peers)
+        peers.append(peer)
+        logger.info("quic server %r connected%s", name, f" ({len(peers)} connections)" if older else "")
+        peer.on_stream = lambda s: s.abort("servers do not open streams")
+        if older:
+            gevent.spawn(self._probe, name, older)
+        try:
+            peer.closed.wait()
+        finally:
+            peers.remove(peer)
+            if not peers and self.servers.get(name) is peers:
+                del self.servers[name]
+                self._turn.pop(name, None)
+
+    def _probe(self, name: str, peers: list[QuicPeer]) -> None:
+        """Close those of `peers` that do not answer a PING within PROBE_SECS."""
+        asked = time.monotonic()
+        for peer in peers:
+            self._probed[peer] = asked
+            peer.ping()
+        gevent.sleep(PROBE_SECS)
+        for peer in peers:
+            if self._probed.get(peer) == asked:
+                del self._probed[peer]
+            if not peer.closed.is_set() and peer.last_answer < asked:
+                logger.warning("quic server %r: an older connection did not answer a PING within %.0f s; "
+                               "closing it", name, PROBE_SECS)
+                peer.close("gone: no answer to a PING")
+
+    def _pick_server(self, name: str) -> QuicPeer | None:
+        """The next of `name`'s connections in turn, skipping closed ones and those not answering a PING."""
+        peers = self.servers.get(name, [])
+        for _ in range(len(peers)):
+            turn = self._turn.get(name, 0) % len(peers)
+            self._turn[name] = turn + 1
+            peer = peers[turn]
+            asked = self._probed.get(peer)
+            if not peer.closed.is_set() and (asked is None or peer.last_answer >= asked):
+                return peer
+        return None
 
     def _check(self, hello: quic_tip.PeerHello) -> str:
         if hello.role == "server":
@@ -109,10 +189,10 @@ class QuicRelay:
             return
         label = f"{client_name} -> {tip.server}:{tip.port}"
         client = self.config.clients.get(client_name)
-        server_peer = self.servers.get(tip.server)
         if client is None or not client.may_reach(tip.server, tip.port):
             return self._answer_refusal(stream, label, f"client {client_name!r} may not reach "
                                         f"{tip.server}:{tip.port}")
+        server_peer = self._pick_server(tip.server)
         if server_peer is None:
             return self._answer_refusal(stream, label, f"server {tip.server!r} is not connected")
         try:

@@ -21,9 +21,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from ptth_lib import quic_cert, quic_io, quic_tip
+from ptth_lib.quic_forward import read_tip
+from ptth_lib.quic_io import QuicPeer
 from tests.conftest import Proc, new_key, tripcode_of
 from tests.tcp_peers import EchoServer, TcpServer, recv_all
 
@@ -60,10 +67,6 @@ def wait_exit(proc: Proc, timeout: float = STARTUP_SECS) -> int:
     except subprocess.TimeoutExpired:
         raise AssertionError(f"{proc.args} is still running after {timeout:.0f} s:\n"
                              f"{proc.output()[-3000:]}") from None
-
-
-
-
 
 
 @dataclass
@@ -267,3 +270,98 @@ class EchoServerAt(EchoServer):
         threading.Thread(target=self._accept_forever, daemon=True).start()
 
 
+
+
+# ---- hostile QUIC peers ------------------------------------------------------------------
+# The test process plays them with ptth_lib's own QUIC driver (valid QUIC and TLS, the
+# relay's certificate pinned), except the Initial flood, which runs in a process of its own
+# (`python -m tests.quic_cluster flood ...`) so that it does not slow the test's own peers.
+
+def pinned_configuration(fingerprint: str) -> QuicConfiguration:
+    return quic_io.configure(quic_cert.client_configuration(quic_io.ALPN, fingerprint, None))
+
+
+def open_quic(port: int, fingerprint: str, timeout: float = SOCKET_TIMEOUT_SECS) -> QuicPeer:
+    """A QUIC connection to the relay on 127.0.0.1 (handshake done), nothing sent on it yet."""
+    return quic_io.connect("127.0.0.1", port, pinned_configuration(fingerprint), timeout)
+
+
+def say_hello(peer: QuicPeer, hello: quic_tip.PeerHello, timeout: float = SOCKET_TIMEOUT_SECS) -> quic_tip.TipMessage:
+    """Send a hello on a new stream; the relay's answer."""
+    stream = peer.open_stream()
+    stream.write(quic_tip.encode(hello))
+    answer, _ = read_tip(stream, timeout)
+    return answer
+
+
+def honest_hello_secs(port: int, fingerprint: str, hello: quic_tip.PeerHello,
+                      timeout: float = SOCKET_TIMEOUT_SECS) -> float:
+    """Seconds from the first packet to an accepted hello, as a proxy connects; the connection is closed."""
+    start = time.monotonic()
+    peer = open_quic(port, fingerprint, timeout)
+    try:
+        answer = say_hello(peer, hello, timeout)
+        assert isinstance(answer, quic_tip.HelloAnswer) and answer.ok, answer
+        return time.monotonic() - start
+    finally:
+        peer.close()
+
+
+def first_initials(port: int) -> Iterator[bytes]:
+    """Endless first datagrams of new connections: real Initials, each a new ClientHello."""
+    config = pinned_configuration(WRONG_FINGERPRINT)
+    while True:
+        quic = QuicConnection(configuration=config)
+        quic.connect(("127.0.0.1", port), now=time.monotonic())
+        yield quic.datagrams_to_send(now=time.monotonic())[0][0]
+
+
+def flood(port: int, rate: float, seconds: float) -> int:
+    """Send `rate` new-connection Initials a second to 127.0.0.1:port for `seconds`; how many were sent.
+
+    Like a flood from a spoofed address, it never reads an answer.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    start = time.monotonic()
+    sent = 0
+    for datagram in first_initials(port):
+        now = time.monotonic()
+        if now - start >= seconds:
+            break
+        ahead = start + sent / rate - now
+        if ahead > 0:
+            time.sleep(ahead)
+        try:
+            sock.sendto(datagram, ("127.0.0.1", port))
+        except OSError:  # e.g. ICMP "unreachable" from an earlier datagram
+            pass
+        sent += 1
+    sock.close()
+    return sent
+
+
+class InitialFlood:
+    """`flood` in a process of its own; `sent()` waits for it to end."""
+
+    def __init__(self, tmp: Path, port: int, rate: float, seconds: float) -> None:
+        self.proc = Proc([sys.executable, "-m", "tests.quic_cluster", "flood", str(port), str(rate),
+                          str(seconds)], tmp / f"flood-{port}-{time.monotonic_ns()}.log")
+
+    def sent(self, timeout: float = 60.0) -> int:
+        wait_exit(self.proc, timeout)
+        return int(self.proc.wait_for_output(r"sent (\d+) Initials").group(1))
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["flood"]:
+        print(f"sent {flood(int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]))} Initials", flush=True)

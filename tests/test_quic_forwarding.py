@@ -16,6 +16,8 @@ server (tcp_peers.py, fault_peers.py, quic_cluster.py).
    forward, a relay whose certificate is not the pinned one.
 4. Backpressure: a reader that stops stops the sender, and nobody buffers it all.
 5. Keepalive (slow): a connection idle for longer than the QUIC idle timeout.
+6. Several server proxies under one name: both serve, in turn; a relay that
+   keeps dropping a proxy sees it back off.
 
 Module-scoped clusters serve the tests that only cut TCP connections; a test
 that stops a process gets a cluster of its own.
@@ -390,13 +392,18 @@ def test_server_proxy_restarted_with_a_connection_open(make: Callable[..., Bundl
     with c.sock:
         fw.stop(fw.server_proc, sig)
         start = time.monotonic()
-        fw.start_server()  # the relay replaces alpha's old connection with the new one
+        # After SIGKILL the relay learns that alpha's old connection is gone when it does not
+        # answer the PING the relay sends all of alpha's connections once the new one is in.
+        fw.start_server()
         assert wait_cut(c.sock, CUT_SECS) == ("reset", b"")
         c.peer.wait_ended(CUT_SECS)  # the kernel closed it at exit, with an end or a reset
         cut_after = time.monotonic() - start
     assert c.closed_reason(fw.client_proc, CLIENT_CLOSED).startswith("QUIC stream")
     fw.assert_up(fw.relay_proc, fw.client_proc)
     fw.wait_works()
+    # No connect goes to the old connection any more (it was not answering even before it was closed).
+    for _ in range(4):
+        assert fw.works()
     fw.assert_up(fw.relay_proc, fw.client_proc)
     print(f"the end client was cut {cut_after:.1f} s after the server proxy restarted")
 
@@ -688,3 +695,98 @@ def test_an_idle_connection_outlives_the_quic_idle_timeout(shared: Bundle) -> No
     assert count_matches(fw.client_proc, r"lost the QUIC relay") == 0
     assert count_matches(fw.server_proc, r"lost the QUIC relay") == 0
     wait_count(fw.client_proc, CLIENT_CLOSED.format(port=c.port, name="echo"), 1)
+
+
+# ---- 6. several server proxies under one name ---------------------------------------------------------
+
+CONNECTED = r"quic end server: connected to the QUIC relay"
+# A server proxy's line for a connection it opened to its end server.
+SERVED = r"quic connection from client laptop \(port \d+\) to echo \(127\.0\.0\.1:\d+\) open"
+# How long two server proxies under one name must get along: before, they knocked each
+# other off four times a second.
+TOGETHER_SECS = 3.0
+
+
+def test_two_ptth_servers_with_one_name_both_serve(make: Callable[..., Bundle]) -> None:
+    """Both stay connected, connects go to each in turn, and when one stops the other takes them all."""
+    b = make(kind=PTTH_SERVER)
+    fw = b.fw
+    first = fw.server_proc
+    second = fw.start_server(wait=False)
+    wait_count(second, CONNECTED, 1)
+    time.sleep(TOGETHER_SECS)
+    for proc in (first, second):
+        assert count_matches(proc, CONNECTED) == 1, proc.output()
+        assert count_matches(proc, r"lost the QUIC relay") == 0, proc.output()
+    assert count_matches(fw.relay_proc, r"quic server 'alpha' connected \(2 connections\)") == 1
+    for _ in range(8):
+        assert fw.works()
+    served = [count_matches(proc, SERVED) for proc in (first, second)]
+    assert served == [4, 4], served  # in turn
+    fw.stop(first)
+    fw.relay_proc.wait_for_output(r"quic server 'alpha' disconnected")
+    for _ in range(4):
+        assert fw.works()
+    assert count_matches(second, SERVED) == 8, second.output()
+    assert count_matches(second, r"lost the QUIC relay") == 0
+    fw.assert_up(fw.relay_proc, second, fw.client_proc)
+
+
+# How long the server proxy's reconnections are counted, against a relay that drops it each time.
+DROPPED_SECS = 6.0
+
+
+def test_a_relay_that_keeps_dropping_the_server_proxy_sees_it_back_off(tmp_path: Path) -> None:
+    """A QUIC relay in the test process accepts every hello and closes the connection 0.1 s later.
+
+    ptth_server must back off as when it cannot connect (0.25-0.5 s, then doubling), not
+    reconnect at once.
+    """
+    import gevent
+    import gevent.event
+    import gevent.socket
+
+    from ptth_lib import quic_cert, quic_io, quic_tip
+    from ptth_lib.quic_endpoint import QuicServerEndpoint
+    from ptth_lib.quic_forward import read_tip
+
+    hellos: list[float] = []
+
+    def on_peer(peer: quic_io.QuicPeer) -> None:
+        first = gevent.event.AsyncResult()
+        peer.on_stream = first.set
+        try:
+            stream = first.get(timeout=10)
+            hello, _ = read_tip(stream)
+            assert isinstance(hello, quic_tip.PeerHello) and hello.name == "alpha", hello
+            hellos.append(time.monotonic())
+            stream.write(quic_tip.encode(quic_tip.HelloAnswer(True, "")))
+            stream.end()
+            gevent.sleep(0.1)
+        finally:
+            peer.close("dropped by a relay that drops everyone")
+
+    identity = quic_cert.load_or_create(str(tmp_path / "relay.crt"), str(tmp_path / "relay.key"))
+    sock = gevent.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    endpoint = QuicServerEndpoint(sock, quic_io.configure(quic_cert.server_configuration(quic_io.ALPN, identity)),
+                                  on_peer)
+    serving = gevent.spawn(endpoint.serve_forever)
+    fw = QuicForwarding(tmp_path, targets={"echo": free_port()}, allow=[], forwards=[])
+    fw.relay_port, fw.fingerprint = sock.getsockname()[1], identity.fingerprint
+    try:
+        proc = fw.start_server(kind=PTTH_SERVER, wait=False)
+        deadline = time.monotonic() + 20
+        while not hellos and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        assert hellos, proc.output()
+        gevent.sleep(DROPPED_SECS)
+        fw.assert_up(proc)
+        times = [t - hellos[0] for t in hellos if t - hellos[0] <= DROPPED_SECS]
+    finally:
+        fw.close()
+        serving.kill()
+        sock.close()
+    print(f"\nhellos in the {DROPPED_SECS:.0f} s after the first, at: {[round(t, 2) for t in times]}")
+    # Backing off: at most 0.1 + 0.5 + 1 + 2 + 4 s of waits fit, so 5 hellos; at once: dozens.
+    assert 2 <= len(times) <= 6, times

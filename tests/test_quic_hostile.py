@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,10 @@ from tests.tcp_peers import EchoServer, recv_all
 # The relay waits 10 s for a hello (quic_relay.HELLO_WAIT_SECS); room for a busy machine.
 HELLO_DEADLINE_SECS = 25.0
 ANSWER_SECS = 15.0
+# The hello deadline counts from the connection's first packet, not from its first stream:
+# a peer that opens its stream late and trickles its tip is closed as early as a silent one.
+LATE_STREAM_SECS = 8.0
+WHOLE_CONNECTION_DEADLINE_SECS = 15.0
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +70,29 @@ def relay_still_serves(fw: QuicForwarding) -> None:
 
 
 def test_a_connection_that_never_says_hello_is_closed(fw: QuicForwarding) -> None:
-    peer = open_peer(fw)
+    """One peer stays silent; another opens its stream late and sends its tip a byte at a time."""
+    start = time.monotonic()
+    silent, trickler = open_peer(fw), open_peer(fw)
+
+    def trickle() -> None:
+        gevent.sleep(LATE_STREAM_SECS)
+        stream = trickler.open_stream()
+        try:
+            for byte in quic_tip.encode(quic_tip.PeerHello("client", "laptop", fw.client_key)):
+                stream.write(bytes([byte]))
+                gevent.sleep(0.5)
+        except StreamBroken:
+            pass
+
+    sender = gevent.spawn(trickle)
     try:
-        assert peer.closed.wait(HELLO_DEADLINE_SECS), "the relay kept a connection that never said hello"
+        assert silent.closed.wait(HELLO_DEADLINE_SECS), "the relay kept a connection that never said hello"
+        assert trickler.closed.wait(max(0.0, start + WHOLE_CONNECTION_DEADLINE_SECS - time.monotonic())), \
+            "the relay gave a late first stream a deadline of its own"
     finally:
-        peer.close()
+        sender.kill()
+        silent.close()
+        trickler.close()
     relay_still_serves(fw)
 
 
