@@ -33,7 +33,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import gevent
-import gevent.event
 import gevent.socket
 from flask import Flask, Response, jsonify, request
 from werkzeug.wrappers import Request
@@ -357,7 +356,7 @@ def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
         resp = Response(body, 200, content_type="application/msgpack")
         if lease is not None:
             resp.headers[BATCH_HEADER] = lease.id
-            gevent.spawn(_hold_lease, rv, sock, lease)
+            lease.holder = gevent.spawn(_hold_lease, rv, sock, lease)
         elif sock is not None:
             gevent.spawn(_requeue_if_lost, rv, sock, batch)
         return resp
@@ -592,22 +591,17 @@ def _hold_lease(rv: Rendezvous, sock: socket.socket | None, lease: Lease) -> Non
 
     The acknowledgement comes with the server's next listen, within
     milliseconds and on whatever connection (a proxy in front may use a new
-    one for every request). If the listen's connection ends first, the answer
-    may not have arrived: then a shorter wait.
+    one for every request); `Rendezvous.ack` then ends this greenlet. If the
+    listen's connection ends first, the answer may not have arrived: then a
+    shorter wait.
     """
-    ended = gevent.event.Event()
-
-    def watch() -> None:
-        if sock is not None and _connection_ended(sock, LEASE_SECS):
-            ended.set()
-
-    watcher = gevent.spawn(watch)
     try:
-        gevent.wait([lease.acked, ended], timeout=LEASE_SECS, count=1)
-        if not lease.acked.is_set() and ended.is_set():
-            lease.acked.wait(ACK_AFTER_CLOSE_SECS)
-    finally:
-        watcher.kill(block=False)
+        deadline = time.monotonic() + LEASE_SECS
+        ended = sock is not None and _connection_ended(sock, LEASE_SECS)
+        if not lease.acked.is_set():
+            lease.acked.wait(ACK_AFTER_CLOSE_SECS if ended else max(0.0, deadline - time.monotonic()))
+    except gevent.GreenletExit:
+        return  # acknowledged
     if not lease.acked.is_set():
         returned = rv.expire_lease(lease)
         if returned:

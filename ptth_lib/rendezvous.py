@@ -253,6 +253,7 @@ class Lease:
     server: ServerState
     batch: list[PendingRequest]
     acked: gevent.event.Event = field(default_factory=gevent.event.Event)
+    holder: gevent.Greenlet | None = None  # waits for the acknowledgement; ended by it
 
 
 @dataclass(eq=False)
@@ -262,7 +263,7 @@ class _Share:
     key: tuple[str, str]
     held: int = 0
     waiting: int = 0
-    freed: gevent.event.Event = field(default_factory=gevent.event.Event)
+    freed: gevent.event.Event | None = None  # made when someone first waits: most never do
 
 
 class Rendezvous:
@@ -358,6 +359,8 @@ class Rendezvous:
         if held is not None and held.server is server:
             del self.leases[lease_id]
             held.acked.set()
+            if held.holder is not None:
+                held.holder.kill(block=False)  # its wait is over
 
     def expire_lease(self, held: Lease) -> int:
         """No acknowledgement came: put the batch's unanswered requests back in the queue."""
@@ -563,6 +566,8 @@ class Rendezvous:
         while share.held >= self.config.requests_per_address:
             left = deadline - time.monotonic()
             share.waiting += 1
+            if share.freed is None:
+                share.freed = gevent.event.Event()
             share.freed.clear()
             try:
                 freed = left > 0 and share.freed.wait(left)
@@ -580,7 +585,8 @@ class Rendezvous:
         share, p.share = p.share, None
         if share is not None:
             share.held -= 1
-            share.freed.set()
+            if share.freed is not None:
+                share.freed.set()
             self._drop_share_if_idle(share)
 
     def _drop_share_if_idle(self, share: _Share) -> None:

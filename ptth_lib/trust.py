@@ -20,6 +20,7 @@ The relay trusts no client and no server (README, "Security"):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -212,6 +213,7 @@ def client_address(peer: str, forwarded_for: str | None, trusted_proxies: tuple[
     return address[:_MAX_ADDRESS_CHARS]
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every request; clients come back
 def fairness_key(address: str) -> str:
     """The unit one client's share is counted by: its IPv4 address, or its IPv6 /64.
 
