@@ -17,7 +17,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 # Relay and server on 127.0.0.1:$(PORT) until Ctrl+C; state in demo/.
 demo: $(STAMP)
-	$(VENV)/bin/python -m ptth_lib.demo --port $(PORT)
+	$(VENV)/bin/python -m ptth_lib.tools.demo --port $(PORT)
 
 # Debian programs the tests call, as command:package (sshd by its path: /usr/sbin is not
 # always on PATH). Installed only when missing, and only as root (CI is root).

@@ -15,10 +15,10 @@ import logging
 import signal
 import sys
 
-from ptth_lib import tripcode
 from ptth_lib.cli import add_logging_flags, setup_logging
 from ptth_lib.config import load_client_config, read_client_key, read_toml, write_new_key_file
 from ptth_lib.errors import ConfigError
+from ptth_lib.wire import tripcode
 
 logger = logging.getLogger("ptth_client")
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ptth_client: {e}", file=sys.stderr)
         return 2
-    from ptth_lib.client import ClientError, PortForwardClient
+    from ptth_lib.forward.http_client import ClientError, PortForwardClient
 
     client = PortForwardClient(config)
     try:

@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ptth_lib.cli import parse_bind
     from ptth_lib.errors import ConfigError
-    from ptth_lib.file_server import make_wsgi_app
-    from ptth_lib.wsgi_server import ListenError, run
+    from ptth_lib.server.file_server import make_wsgi_app
+    from ptth_lib.wsgi import ListenError, run
 
     if not os.path.isdir(args.root):
         print(f"ptth_file_server: root {args.root!r} is not a folder; pass --root with an existing folder",

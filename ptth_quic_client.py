@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ptth_lib.config import load_quic_client_config
     from ptth_lib.errors import ConfigError
-    from ptth_lib.quic_forward import QuicForwardClient, RelayTarget
+    from ptth_lib.forward.quic.proxies import QuicForwardClient, RelayTarget
 
     overrides = {"relay": args.relay, "relay_fingerprint": args.relay_fingerprint, "ca_file": args.ca_file,
                  "name": args.name, "api_key_file": args.api_key_file, "bind": args.bind, "forward": args.forward}

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ptth_lib.config import load_server_config
     from ptth_lib.errors import ConfigError
-    from ptth_lib.quic_forward import QuicEndServer, RelayTarget
+    from ptth_lib.forward.quic.proxies import QuicEndServer, RelayTarget
 
     try:
         config, _ = load_server_config(args.config, {}, serves_files=False)  # no file_server_root

@@ -39,11 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     import gevent
     import gevent.socket
 
-    from ptth_lib import quic_cert, quic_endpoint, quic_io
     from ptth_lib.cli import parse_bind
     from ptth_lib.config import load_relay_config
     from ptth_lib.errors import ConfigError
-    from ptth_lib.quic_relay import QuicRelay
+    from ptth_lib.forward.quic import cert as quic_cert
+    from ptth_lib.forward.quic import driver as quic_io
+    from ptth_lib.forward.quic import endpoint as quic_endpoint
+    from ptth_lib.forward.quic.relay import QuicRelay
 
     try:
         config = load_relay_config(args.config)

@@ -36,7 +36,7 @@ def _load_app_for_gunicorn() -> Any:
     from ptth_lib.cli import LOG_FORMAT_ENV, make_handler
     from ptth_lib.config import load_relay_config
     from ptth_lib.errors import ConfigError
-    from ptth_lib.relay import create_app
+    from ptth_lib.relay.app import create_app
 
     path = os.environ.get(CONFIG_ENV, DEFAULT_CONFIG)
     try:
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     from ptth_lib.cli import parse_bind, setup_logging
     from ptth_lib.config import load_relay_config
     from ptth_lib.errors import ConfigError
-    from ptth_lib.relay import create_app
-    from ptth_lib.wsgi_server import ListenError, run
+    from ptth_lib.relay.app import create_app
+    from ptth_lib.wsgi import ListenError, run
 
     setup_logging(args.log_level, args.log_format)
     try:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_new_scraper_key(name: str, days: int) -> int:
-    from ptth_lib.scraper_api import new_key_snippet
+    from ptth_lib.relay.scraper_api import new_key_snippet
 
     if not 0 < len(name) <= 64 or not name.isprintable() or '"' in name or "\\" in name:
         print("ptth_relay: --new-scraper-key NAME: use 1-64 printable characters, no quotes", file=sys.stderr)

@@ -12,10 +12,10 @@ import logging
 import signal
 import sys
 
-from ptth_lib import tripcode
 from ptth_lib.cli import add_logging_flags, setup_logging
 from ptth_lib.config import is_private, load_server_config
 from ptth_lib.errors import ConfigError
+from ptth_lib.wire import tripcode
 
 DEFAULT_CONFIG = "./ptth_server.toml"
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(code)
         return 0
 
-    from ptth_lib.server_loop import ServerLoop
+    from ptth_lib.server.loop import ServerLoop
 
     loop = ServerLoop(config)
     for sig in (signal.SIGINT, signal.SIGTERM):

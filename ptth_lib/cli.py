@@ -8,7 +8,7 @@ import logging
 import os
 import time
 
-from .errors import ConfigError
+from ptth_lib.errors import ConfigError
 
 # Defaults for --log-level and --log-format, e.g. for the relay under gunicorn.
 LOG_LEVEL_ENV = "PTTH_LOG_LEVEL"

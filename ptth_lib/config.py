@@ -23,8 +23,9 @@ import tomlkit
 from tomlkit.exceptions import TOMLKitError
 from tomlkit.items import AoT, Comment, Table
 
-from . import tripcode, trust
-from .errors import ConfigError
+from ptth_lib.errors import ConfigError
+from ptth_lib.relay import trust
+from ptth_lib.wire import tripcode
 
 # Server names appear in URL paths unescaped, so keep them to URL-safe characters.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,63}\Z")

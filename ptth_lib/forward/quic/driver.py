@@ -1,0 +1,500 @@
+"""QUIC for PTTH's blocking style: aioquic's sans-I/O connection driven by gevent.
+
+aioquic's `QuicConnection` does no I/O: it is fed datagrams and the time, and
+says what to send and when to wake it. Here one greenlet per UDP socket
+reads datagrams and feeds them to their connection, a greenlet per
+connection runs its timer, and every stream is a `QuicStream` with blocking
+`read()` and `write()` for the greenlets that copy bytes, as sockets have. No
+asyncio event loop anywhere.
+
+Flow control is ours, both ways, because aioquic bounds neither:
+
+- Sending: aioquic buffers whatever it is given until the peer acknowledges
+  it. `QuicStream.write` waits while SEND_BUFFER_BYTES are unacknowledged, so
+  a proxy never reads more from its TCP socket than the stream has room for.
+- Receiving: aioquic doubles a stream's window as bytes *arrive*, whether or
+  not anyone reads them. `PacedQuicConnection` grants credit only for bytes
+  the application has read, so a slow reader at one end slows the writer at
+  the other, through the relay, and no process buffers more than
+  STREAM_WINDOW_BYTES per stream.
+
+A connection the relay accepts starts *restricted* (`restrict`): one stream,
+a few KiB of credit for it and for the whole connection, no MAX_DATA growth,
+so a peer that has not proved who it is cannot make the relay hold more than
+a hello's worth of its bytes. `QuicPeer.trust` lifts that once the hello is
+accepted. A peer never gets unidirectional streams (PTTH uses none).
+
+Both rely on aioquic internals (the stream sender's buffer offsets,
+`_write_stream_limits`, `_write_connection_limits`, the local `Limit`s), so
+aioquic is pinned; the backpressure test in `tests/test_quic_forwarding.py`
+and the credit test in `tests/test_quic_exhaustion.py` check that the bounds
+hold. The relay's UDP socket, which decides what connections to accept, is
+in quic_endpoint.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.socket
+from aioquic._buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import (
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    QuicConnection,
+    QuicConnectionError,
+    QuicConnectionState,
+    QuicReceiveContext,
+)
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream as _AioStream
+
+from ptth_lib.errors import PtthError
+
+logger = logging.getLogger(__name__)
+
+ALPN = "ptth-quic-1"
+
+# Bytes a stream may hold unread at the receiver, and unacknowledged at the
+# sender: enough for a 100 MiB/s stream over a 10 ms round trip.
+STREAM_WINDOW_BYTES = 1024 * 1024
+SEND_BUFFER_BYTES = 1024 * 1024
+
+# Largest piece one read() returns; also the size of proxies' TCP reads.
+READ_BYTES = 64 * 1024
+
+# A PING every few seconds: far below common NAT timeouts for UDP (30 s and
+# up), and it lets a peer that went silent count as gone after
+# IDLE_TIMEOUT_SECS, so the connections through it close within seconds (a
+# restarted relay cannot tell the proxies that their old connection is gone).
+KEEPALIVE_SECS = 3.0
+IDLE_TIMEOUT_SECS = 10.0
+
+MAX_DATAGRAM_BYTES = 65536
+
+# UDP socket buffers: the kernel's defaults (about 200 KiB) dropped hundreds of
+# datagrams per MiB at the relay when both directions were busy (bench/forward.py).
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+# QUIC packets we send: 1,350 bytes fit the common 1,500-byte path MTU with
+# room for tunnels (aioquic's default, 1,200, is the protocol's minimum).
+MAX_DATAGRAM_PAYLOAD_BYTES = 1350
+
+# Streams a trusted peer may have open at once (aioquic's default, kept as it was).
+MAX_STREAMS = 128
+
+# TLS handshake bytes a client may send the relay in one encryption level. Its
+# ClientHello is well under 2 KiB; aioquic alone lets a peer announce a 16 MiB
+# handshake message and buffers (and copies, again and again) what arrives of it.
+MAX_PEER_CRYPTO_BYTES = 16 * 1024
+
+# Application error codes in RESET_STREAM / STOP_SENDING / CONNECTION_CLOSE.
+ERROR_ABORTED = 1
+
+
+class StreamBroken(PtthError, OSError):
+    """The stream was reset by the peer or by us, or its connection closed."""
+
+
+class PacedQuicConnection(QuicConnection):
+    """A QuicConnection whose stream windows follow what the application has read."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.consumed: dict[int, int] = {}
+        self.restricted = False
+        self._window_bytes = STREAM_WINDOW_BYTES  # each stream's unread bytes, at most
+        self._restricted_window_bytes = STREAM_WINDOW_BYTES
+        self._small_window_streams: set[int] = set()  # the peer's streams opened while restricted
+        uni = self._local_max_streams_uni  # no unidirectional streams, ever: PTTH uses none
+        uni.value = uni.sent = 0
+
+    def restrict(self, window_bytes: int, max_streams: int) -> None:
+        """Before the first datagram: the peer gets max_streams and window_bytes of credit in all.
+
+        The transport parameters say so, and nothing is raised until `lift_restriction`.
+        """
+        self.restricted = True
+        self._window_bytes = self._restricted_window_bytes = window_bytes
+        self._local_max_data.value = self._local_max_data.sent = window_bytes
+        self._local_max_stream_data_bidi_remote = window_bytes
+        self._local_max_streams_bidi.value = self._local_max_streams_bidi.sent = max_streams
+
+    def lift_restriction(self) -> None:
+        """The peer is trusted: full windows and MAX_STREAMS for the streams it opens from now on."""
+        if not self.restricted:
+            return
+        self.restricted = False
+        # Its streams so far (the hello's) keep their small window: nobody reads them any more.
+        self._small_window_streams = {i for i in self._streams if self._is_peer_stream(i)}
+        self._window_bytes = STREAM_WINDOW_BYTES
+        # A new stream still starts with the small window of the transport parameters;
+        # _write_stream_limits raises it in the first packet after the stream's first bytes.
+        streams = self._local_max_streams_bidi
+        streams.value = streams.used + MAX_STREAMS - self._open_peer_streams()
+        self._local_max_data.value = self._local_max_data.used + self._configuration.max_data
+
+    def _open_peer_streams(self) -> int:
+        return sum(1 for stream_id in self._streams if self._is_peer_stream(stream_id))
+
+    def _is_peer_stream(self, stream_id: int) -> bool:
+        """A bidirectional stream the peer opened (RFC 9000 2.1: bit 0 is the opener, bit 1 uni)."""
+        return stream_id % 4 == (1 if self._is_client else 0)
+
+    def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
+        # aioquic doubles MAX_DATA whenever half of it has arrived; a restricted
+        # connection keeps what its transport parameters gave.
+        if not self.restricted:
+            super()._write_connection_limits(builder, space)
+
+    def _handle_crypto_frame(self, context: QuicReceiveContext, frame_type: int, buf: Buffer) -> None:
+        if not self._is_client:
+            start = buf.tell()
+            end = buf.pull_uint_var() + buf.pull_uint_var()  # offset + length
+            buf.seek(start)
+            if end > MAX_PEER_CRYPTO_BYTES:
+                raise QuicConnectionError(error_code=QuicErrorCode.CRYPTO_BUFFER_EXCEEDED,
+                                          frame_type=frame_type, reason_phrase="handshake too long")
+        super()._handle_crypto_frame(context, frame_type, buf)
+
+    def _write_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace,
+                             stream: _AioStream) -> None:
+        # aioquic's own version doubles the window as bytes arrive (unbounded
+        # buffering for a slow reader); this one grants credit as bytes are
+        # read, in steps of half a window. Adapted from aioquic 1.7.2.
+        assert stream.stream_id is not None
+        if stream.max_stream_data_local:
+            window = self._window_bytes
+            if stream.stream_id in self._small_window_streams:
+                window = self._restricted_window_bytes
+            target = self.consumed.get(stream.stream_id, 0) + window
+            if target - stream.max_stream_data_local >= window // 2:
+                stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+    def unacked_bytes(self, stream_id: int) -> int:
+        """Bytes given to the stream that the peer has not acknowledged yet."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        return int(stream.sender._buffer_stop - stream.sender._buffer_start)
+
+
+def configure(config: QuicConfiguration) -> QuicConfiguration:
+    """Our settings on a configuration from quic_cert: ALPN, windows, idle timeout."""
+    config.alpn_protocols = [ALPN]
+    config.max_stream_data = STREAM_WINDOW_BYTES
+    config.max_data = 64 * STREAM_WINDOW_BYTES
+    config.idle_timeout = IDLE_TIMEOUT_SECS
+    config.max_datagram_size = MAX_DATAGRAM_PAYLOAD_BYTES
+    return config
+
+
+class QuicStream:
+    """One bidirectional QUIC stream, read and written like a blocking socket."""
+
+    def __init__(self, peer: QuicPeer, stream_id: int) -> None:
+        self.peer = peer
+        self.stream_id = stream_id
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self.broken = ""
+        self._readable = gevent.event.Event()
+        self._writable = gevent.event.Event()
+        self._writable.set()
+        self._ended = False
+
+    def read(self, max_bytes: int = READ_BYTES) -> bytes:
+        """Up to max_bytes, waiting for at least one; b"" at the peer's end of stream."""
+        while not self._chunks and not self._eof and not self.broken:
+            self._readable.clear()
+            self._readable.wait()
+        if self._chunks:
+            data = self._chunks.popleft()
+            if len(data) > max_bytes:
+                self._chunks.appendleft(data[max_bytes:])
+                data = data[:max_bytes]
+            self.peer.read_done(self.stream_id, len(data))
+            return data
+        if self.broken:
+            raise StreamBroken(self.broken)
+        return b""
+
+    def write(self, data: bytes) -> None:
+        """Queue data, waiting while the peer has not acknowledged SEND_BUFFER_BYTES."""
+        while True:
+            if self.broken:
+                raise StreamBroken(self.broken)
+            if self.peer.quic.unacked_bytes(self.stream_id) < SEND_BUFFER_BYTES:
+                break
+            self._writable.clear()
+            self._writable.wait()
+        self.peer.quic.send_stream_data(self.stream_id, data)
+        self.peer.transmit()
+
+    def end(self) -> None:
+        """Our end of stream: the peer reads b"" after the last byte (a half-close)."""
+        if not self._ended and not self.broken:
+            self._ended = True
+            self.peer.quic.send_stream_data(self.stream_id, b"", end_stream=True)
+            self.peer.transmit()
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Reset both directions; the peer's read() and write() raise StreamBroken."""
+        if self.broken:
+            return
+        self._break(reason)
+        # Either may find the stream already finished or reset on aioquic's side.
+        with contextlib.suppress(Exception):
+            self.peer.quic.reset_stream(self.stream_id, ERROR_ABORTED)
+        with contextlib.suppress(Exception):
+            self.peer.quic.stop_stream(self.stream_id, ERROR_ABORTED)
+        self.peer.transmit()
+
+    # called by QuicPeer
+
+    def _received(self, data: bytes, end: bool) -> None:
+        if data:
+            self._chunks.append(data)
+        if end:
+            self._eof = True
+        self._readable.set()
+
+    def _break(self, reason: str) -> None:
+        if not self.broken:
+            self.broken = reason
+        self._readable.set()
+        self._writable.set()
+
+
+class QuicPeer:
+    """One QUIC connection and its streams, driven by gevent."""
+
+    def __init__(self, quic: PacedQuicConnection, send: Callable[[bytes, Any], None],
+                 on_stream: Callable[[QuicStream], None] | None = None) -> None:
+        self.quic = quic
+        self._send = send
+        self.on_stream = on_stream  # called in a new greenlet for each stream the peer opens
+        self.streams: dict[int, QuicStream] = {}
+        self.handshake_done = gevent.event.Event()
+        self.trusted = gevent.event.Event()  # set by trust(): the peer proved who it is
+        self.closed = gevent.event.Event()
+        self.last_answer = time.monotonic()  # when the peer last acknowledged a PING of ours
+        self.close_reason = ""
+        self.on_cid: Callable[[bytes, bool], None] = lambda cid, issued: None
+        self._highest_peer_stream = -1
+        self._flush_scheduled = False
+        self._timer_changed = gevent.event.Event()
+        self._timer = gevent.spawn(self._run_timer)
+        self._keepalive = gevent.spawn(self._run_keepalive)
+        self._greenlets = [self._timer, self._keepalive]  # killed when the connection ends
+
+    def open_stream(self) -> QuicStream:
+        """A new bidirectional stream of ours."""
+        if self.closed.is_set():
+            raise StreamBroken(self.close_reason or "connection closed")
+        stream_id = self.quic.get_next_available_stream_id()
+        # Sending nothing creates the stream in aioquic, which takes the id: two
+        # open_stream() calls before any write must not get the same one.
+        self.quic.send_stream_data(stream_id, b"")
+        stream = QuicStream(self, stream_id)
+        self.streams[stream_id] = stream
+        return stream
+
+    def own(self, greenlet: gevent.Greenlet) -> None:
+        """Kill `greenlet` when the connection ends (at once if it has)."""
+        self._greenlets.append(greenlet)
+        if self.closed.is_set():
+            greenlet.kill(block=False)
+
+    def trust(self) -> None:
+        """The peer proved who it is: lift the restriction on its streams and credit."""
+        self.quic.lift_restriction()
+        self.trusted.set()
+        self.transmit()
+
+    def ping(self) -> None:
+        """A PING now: last_answer moves when the peer acknowledges it, if it is still there."""
+        self.quic.send_ping(0)
+        self.transmit()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.quic.receive_datagram(data, addr, now=time.monotonic())
+        self._process()
+
+    def read_done(self, stream_id: int, n: int) -> None:
+        """The application read n bytes: credit may now be granted back."""
+        consumed = self.quic.consumed
+        consumed[stream_id] = consumed.get(stream_id, 0) + n
+        self.transmit()
+
+    def transmit(self) -> None:
+        """Send what aioquic has ready, soon: once per turn of the event loop.
+
+        Every write, read and datagram may give aioquic something to send,
+        and asking it costs as much as a small packet; so callers only mark
+        the connection, and one flush per loop turn sends for all of them.
+        """
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            gevent.get_hub().loop.run_callback(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        for data, addr in self.quic.datagrams_to_send(now=time.monotonic()):
+            try:
+                self._send(data, addr)
+            except OSError as e:  # e.g. the network is down: QUIC retransmits later
+                logger.debug("sendto failed: %s", e)
+        self._timer_changed.set()
+        self._wake_writers()
+
+    def close(self, reason: str = "closing") -> None:
+        """Close the connection (the peer sees CONNECTION_CLOSE)."""
+        if self.quic._state not in (QuicConnectionState.CLOSING, QuicConnectionState.DRAINING,
+                                    QuicConnectionState.TERMINATED):
+            self.quic.close(error_code=0, reason_phrase=reason[:100])
+            self.transmit()
+        self._terminated(reason)
+
+    def _process(self) -> None:
+        while (event := self.quic.next_event()) is not None:
+            if isinstance(event, events.StreamDataReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is None:
+                    if event.stream_id <= self._highest_peer_stream:
+                        continue  # late bytes of a stream we have finished with
+                    self._highest_peer_stream = event.stream_id
+                    stream = QuicStream(self, event.stream_id)
+                    self.streams[event.stream_id] = stream
+                    if self.on_stream is not None:
+                        gevent.spawn(self.on_stream, stream)
+                stream._received(event.data, event.end_stream)
+            elif isinstance(event, events.StreamReset):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream._break("reset by the peer")
+            elif isinstance(event, events.StopSendingReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream._break("the peer stopped reading")
+            elif isinstance(event, events.PingAcknowledged):
+                self.last_answer = time.monotonic()
+            elif isinstance(event, events.HandshakeCompleted):
+                self.handshake_done.set()
+            elif isinstance(event, events.ConnectionIdIssued):
+                self.on_cid(event.connection_id, True)
+            elif isinstance(event, events.ConnectionIdRetired):
+                self.on_cid(event.connection_id, False)
+            elif isinstance(event, events.ConnectionTerminated):
+                self._terminated(event.reason_phrase or f"closed (error {event.error_code})")
+        self.transmit()
+
+    def _wake_writers(self) -> None:
+        done = []
+        for stream_id, stream in self.streams.items():
+            if not stream._writable.is_set() and self.quic.unacked_bytes(stream_id) < SEND_BUFFER_BYTES:
+                stream._writable.set()
+            if stream_id not in self.quic._streams and (stream.broken or (stream._eof and not stream._chunks)):
+                done.append(stream_id)  # over on both sides, and aioquic has let go of it
+        for stream_id in done:
+            del self.streams[stream_id]
+
+    def _run_keepalive(self) -> None:
+        """A PING now and then, so NAT boxes keep the mapping and a dead peer is noticed."""
+        while not self.closed.wait(KEEPALIVE_SECS):
+            self.ping()
+
+    def _run_timer(self) -> None:
+        while not self.closed.is_set():
+            deadline = self.quic.get_timer()
+            self._timer_changed.clear()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._timer_changed.wait(timeout):
+                continue  # re-armed: look at the new deadline
+            self.quic.handle_timer(now=time.monotonic())
+            self._process()
+
+    def _terminated(self, reason: str) -> None:
+        if self.closed.is_set():
+            return
+        self.close_reason = reason
+        self.closed.set()
+        for stream in list(self.streams.values()):
+            stream._break(f"connection closed: {reason}")
+        self.handshake_done.set()  # wake waiters; they check closed
+        # block=False: the kills run after the flush already scheduled, which
+        # sends our CONNECTION_CLOSE.
+        for greenlet in self._greenlets:
+            if greenlet is not gevent.getcurrent():
+                greenlet.kill(block=False)
+
+
+def size_buffers(sock: socket.socket) -> None:
+    """Ask for larger UDP buffers (the kernel may cap them at net.core.rmem_max)."""
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+        except OSError:
+            pass
+
+
+def connect(host: str, port: int, configuration: QuicConfiguration, timeout: float,
+            on_stream: Callable[[QuicStream], None] | None = None) -> QuicPeer:
+    """Open a QUIC connection to (host, port); raise OSError if no handshake within timeout."""
+    infos = gevent.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, _, _, _, addr = infos[0]
+    sock = gevent.socket.socket(family, socket.SOCK_DGRAM)
+    size_buffers(sock)
+    sock.connect(addr)
+    quic = PacedQuicConnection(configuration=configuration)
+    peer = QuicPeer(quic, lambda data, _addr: sock.send(data), on_stream)
+
+    def receive() -> None:
+        try:
+            while not peer.closed.is_set():
+                try:
+                    data = sock.recv(MAX_DATAGRAM_BYTES)
+                except ConnectionRefusedError:  # ICMP port unreachable: nothing listens there now
+                    if peer.handshake_done.is_set():
+                        peer.close("the relay is gone (port unreachable)")
+                        break
+                    gevent.sleep(0.2)  # still connecting: it may be starting
+                    continue
+                except OSError as e:
+                    logger.debug("recv: %s", e)
+                    gevent.sleep(0.2)
+                    continue
+                peer.datagram_received(data, addr)
+        finally:
+            sock.close()
+
+    peer.own(gevent.spawn(receive))  # a closed connection must not leave it waiting in recv()
+    quic.connect(addr, now=time.monotonic())
+    peer.transmit()
+    if not peer.handshake_done.wait(timeout) or peer.closed.is_set():
+        reason = peer.close_reason or f"no answer within {timeout:.0f} s"
+        peer.close("handshake failed")
+        raise OSError(f"QUIC handshake with {host}:{port} failed: {reason}")
+    return peer
+

@@ -1,0 +1,237 @@
+"""The relay's routes for TCP port forwarding (spec 003), thin over forwarding.py.
+
+All POSTs (PROTOCOL.md has the details):
+
+- servers, with their own key as for http_listen:
+  `/7ZSFUKGV/tcp_listen/<server>/<port>` (long-poll: 200 with the connection
+  id in a header, or 204), `/7ZSFUKGV/tcp_accept/<id>` (response body: the
+  client's bytes), `/7ZSFUKGV/tcp_refuse/<id>` (request body: the reason),
+  `/7ZSFUKGV/tcp_downstream/<id>` (request body: bytes for the client);
+- clients, with a key from a `[[clients]]` table:
+  `/frontend/tcp/connect/<server>/<port>` (200 once the server accepts, with
+  the id in a header; response body: the server's bytes) and
+  `/frontend/tcp/upstream/<id>` (request body: bytes for the server), and
+  `/frontend/tcp/check` (which client a key is, and what it may reach).
+
+Bytes move as HTTP/1.1 chunks and each hop passes a chunk on as soon as it
+has it: the relay reads request bodies with `body_reader` (never `read(n)`,
+which waits for n bytes), and writes each piece as a chunk of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gevent
+from flask import Flask, Response, jsonify, request
+
+from ptth_lib.config import PORT_NAME_RE, RegisteredClient
+from ptth_lib.relay.audit import AuditLog
+from ptth_lib.relay.forwarding import (
+    PIECE_BYTES,
+    ForwardedConnection,
+    Pipe,
+    PipeAborted,
+    PortForwarding,
+    RefusedError,
+)
+from ptth_lib.relay.metrics import RelayMetrics
+from ptth_lib.relay.rendezvous import ForbiddenError, ListenEnded, Rendezvous, RendezvousError
+from ptth_lib.wire.envelope import API_KEY_HEADER, CLIENT_NAME_HEADER, CONNECTION_ID_HEADER
+from ptth_lib.wsgi import (
+    connection_socket,
+    cut_connection,
+    end_on_hangup,
+    iter_body,
+    reads_promptly,
+    wait_for_hangup,
+)
+
+logger = logging.getLogger(__name__)
+
+# Pieces already queued are joined into one write up to this size: fewer,
+# larger writes when the sender is ahead, and no waiting when it is not.
+MAX_WRITE_BYTES = 2 * PIECE_BYTES
+
+# A server's refusal reason; anything longer is not read.
+MAX_REFUSAL_BYTES = 1024
+
+_STREAM_HEADERS = {
+    "Content-Type": "application/octet-stream",
+    "Cache-Control": "no-store",
+    "X-Accel-Buffering": "no",  # nginx: pass each chunk on at once
+}
+
+
+# ptth_tcp_connections{outcome} for a connect that got no connection.
+_OUTCOMES = {502: "failed", 504: "timed_out"}
+
+
+class BadNameError(RendezvousError):
+    status = 400
+
+
+def register(app: Flask, rv: Rendezvous, fw: PortForwarding, metrics: RelayMetrics, audit: AuditLog,
+             client_address: Callable[[], str],
+             reject_backend_key: Callable[[ForbiddenError, str], None]) -> None:
+    """Add the port forwarding routes to the relay's app."""
+
+    def server_is(name: str) -> None:
+        try:
+            rv.authenticate(name, request.headers.get(API_KEY_HEADER), client_address())
+        except ForbiddenError as e:
+            reject_backend_key(e, name[:64])
+            raise
+
+    def client() -> RegisteredClient:
+        try:
+            return fw.authenticate_client(request.headers.get(API_KEY_HEADER))
+        except ForbiddenError as e:
+            metrics.tcp_auth_rejected.inc()
+            audit.record("client_key_rejected", address=client_address(), reason=str(e))
+            raise
+
+    @app.post("/7ZSFUKGV/tcp_listen/<server>/<port>")
+    def _listen(server: str, port: str) -> Response:
+        _check_port_name(port)
+        server_is(server)
+        sock = connection_socket(request.environ)
+        watcher = gevent.spawn(end_on_hangup, sock, gevent.getcurrent(), ListenEnded) if sock else None
+        try:
+            conn = fw.listen(server, port, rv.config.listen_timeout_secs)
+        finally:
+            if watcher is not None:
+                watcher.kill()
+        if conn is None:
+            return Response(status=204)
+        logger.debug("tcp listen of %s:%s takes connection %s", server, port, conn.id[:8])
+        return Response(status=200, headers={CONNECTION_ID_HEADER: conn.id, CLIENT_NAME_HEADER: conn.client})
+
+    @app.post("/7ZSFUKGV/tcp_accept/<conn_id>")
+    def _accept(conn_id: str) -> Response:
+        conn = fw.find_for_server(conn_id, server_is)
+        _need_prompt_reads()
+        fw.accept(conn)
+        metrics.tcp_connections.labels("accepted").inc()
+        logger.info("connection %s open", conn.describe())
+        return _stream_out(fw, conn, conn.up, "accept")
+
+    @app.post("/7ZSFUKGV/tcp_refuse/<conn_id>")
+    def _refuse(conn_id: str) -> Response:
+        conn = fw.find_for_server(conn_id, server_is)
+        reason = b""
+        environ = request.environ
+        for piece in iter_body(environ, MAX_REFUSAL_BYTES + 1):
+            reason += piece
+            if len(reason) > MAX_REFUSAL_BYTES:  # never read the rest, chunked or not
+                resp = _text(413, f"a refusal reason is at most {MAX_REFUSAL_BYTES} bytes")
+                resp.call_on_close(lambda: cut_connection(environ))
+                return resp
+        fw.refuse(conn, reason.decode("utf-8", "replace"))
+        return _text(200, "refused")
+
+    @app.post("/7ZSFUKGV/tcp_downstream/<conn_id>")
+    def _downstream(conn_id: str) -> Response:
+        conn = fw.attach_downstream(fw.find_for_server(conn_id, server_is))
+        return _stream_in(fw, conn, conn.down, "downstream")
+
+    @app.post("/frontend/tcp/check")
+    def _check() -> Response:
+        who = client()
+        return jsonify({"client": who.name, "allow": sorted(who.allow)})
+
+    @app.post("/frontend/tcp/connect/<server>/<port>")
+    def _connect(server: str, port: str) -> Response:
+        _check_port_name(port)
+        who = client()
+        _need_prompt_reads()
+        try:
+            conn = fw.connect(who, server, port)
+        except ForbiddenError as e:
+            audit.record("tcp_connect_forbidden", client=who.name, server=server[:64], port=port,
+                         address=client_address(), reason=str(e))
+            metrics.tcp_connections.labels("forbidden").inc()
+            raise
+        except RendezvousError as e:
+            outcome = "refused" if isinstance(e, RefusedError) else _OUTCOMES.get(e.status, "rejected")
+            metrics.tcp_connections.labels(outcome).inc()
+            raise
+        resp = _stream_out(fw, conn, conn.down, "connect")
+        resp.headers[CONNECTION_ID_HEADER] = conn.id
+        return resp
+
+    @app.post("/frontend/tcp/upstream/<conn_id>")
+    def _upstream(conn_id: str) -> Response:
+        conn = fw.attach_upstream(conn_id, client())
+        return _stream_in(fw, conn, conn.up, "upstream")
+
+
+def _check_port_name(port: str) -> None:
+    if not PORT_NAME_RE.match(port):
+        raise BadNameError("a port name is 1-64 characters of A-Z a-z 0-9 _ -")
+
+
+def _need_prompt_reads() -> None:
+    if not reads_promptly(request.environ):
+        raise _NotPromptError("TCP port forwarding needs the relay under gunicorn (conf/gunicorn.conf.py)")
+
+
+class _NotPromptError(RendezvousError):
+    status = 501
+
+
+def _stream_out(fw: PortForwarding, conn: ForwardedConnection, pipe: Pipe, stream: str) -> Response:
+    """A response whose body is what `pipe` carries, chunk by chunk, as it arrives."""
+    environ = request.environ
+    sock = connection_socket(environ)
+    fw.add_socket(conn, stream, sock)
+
+    def watch() -> None:
+        if sock is not None and wait_for_hangup(sock):
+            fw.abort(conn, f"{stream} stream: the peer hung up")
+
+    def body() -> Iterator[bytes]:
+        ended = False
+        # Nothing else notices a proxy that is gone while no bytes flow this way.
+        watcher = gevent.spawn(watch)
+        try:
+            yield b""  # an empty first piece: the status and headers go out now
+            while (piece := pipe.get()) is not None:
+                yield piece + pipe.get_ready(MAX_WRITE_BYTES - len(piece))
+            ended = True
+        except PipeAborted:
+            cut_connection(environ)  # a cut, not the last chunk: the proxy must not see a clean end
+            return
+        finally:
+            watcher.kill(block=False)
+            if ended:
+                fw.finish(conn, stream)
+            else:  # the WSGI server closed us early: its peer is gone
+                fw.abort(conn, f"{stream} stream closed")
+
+    return Response(body(), 200, headers=_STREAM_HEADERS)
+
+
+def _stream_in(fw: PortForwarding, conn: ForwardedConnection, pipe: Pipe, stream: str) -> Response:
+    """Copy this request's body into `pipe`; its clean end ends the pipe (a half-close)."""
+    environ: dict[str, Any] = request.environ
+    fw.add_socket(conn, stream, connection_socket(environ))
+    try:
+        for piece in iter_body(environ, PIECE_BYTES):
+            pipe.put(piece)
+        pipe.end()
+    except PipeAborted:
+        cut_connection(environ)
+        return _text(410, "the connection was closed")
+    except Exception as e:  # noqa: BLE001 - the WSGI server's body reader: OSError or its parse errors
+        fw.abort(conn, f"{stream} broke off ({type(e).__name__})")
+        cut_connection(environ)
+        return _text(400, f"{stream} broke off")
+    fw.finish(conn, stream)
+    return _text(200, f"{stream} ended")
+
+
+def _text(status: int, message: str) -> Response:
+    return Response(message + "\n", status=status, content_type="text/plain; charset=utf-8")

@@ -1,0 +1,757 @@
+"""The relay's state: where a client's request meets a server's long-poll.
+
+Each registered server has a bounded queue of requests waiting for a listen.
+A client request becomes a `PendingRequest`; a listen takes every queued one
+at once; the server's POST delivers the response head, then its body flows
+through a small bounded queue to the client's response generator, so a slow
+reader slows the server instead of filling memory.
+
+Delivery to a server that acknowledges (ptth_server does; see PROTOCOL.md,
+"Acknowledged delivery") is exactly once whatever its connections do: the
+requests handed to a listen are held under a lease until the server's next
+listen acknowledges them or it answers them; a lease that runs out puts the
+unanswered requests back in the queue.
+
+Every table here has a bound or an expiry: queued requests per server,
+requests handed out but not answered per server, listens per server,
+requests in flight per client address and server, leases (seconds), the
+unregistered names shown to operators.
+
+Pure gevent, no Flask and no sockets: `relay.py` maps the errors raised here
+to HTTP answers (each error carries its status).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import gevent
+import gevent.event
+import gevent.queue
+
+from ptth_lib.config import RegisteredServer, RelayConfig
+from ptth_lib.errors import PtthError
+from ptth_lib.wire import tripcode
+from ptth_lib.wire.envelope import (
+    MAX_LISTEN_BODY_BYTES,
+    MAX_REQUEST_HEAD_BYTES,
+    RelayRequest,
+    ServerResponseHead,
+    head_size,
+)
+
+logger = logging.getLogger(__name__)
+
+# A server counts as online while it has a listen parked here or for this long
+# after its last one ended; our server re-polls at once (a new connection
+# through a slow network takes a few round trips), so a gap this long means it
+# is gone: requests waiting for it then fail (502) instead of timing out.
+OFFLINE_AFTER_SECS = 2.5
+
+# After a server says it is leaving, how long its name stays online for
+# another process of the same name to listen again (they re-poll at once).
+LEAVE_GRACE_SECS = 1.0
+
+# Requests handed to a server's listens and not yet answered, per server name.
+# A server that takes requests and never answers is given no more past this;
+# the rest queue (and get 503 once the queue is full) until clients time out.
+MAX_UNANSWERED_PER_SERVER = 1024
+
+# How long a client's request may wait for its turn while its address has
+# `requests_per_address` requests in flight at the server (a client that hangs
+# up meanwhile stops waiting at once), and how many may wait so per address.
+TURN_WAIT_SECS = 300.0
+MAX_WAITING_PER_ADDRESS = 256
+
+# How long requests handed to an acknowledging server wait for its next
+# listen to acknowledge them before they go back to the queue. It re-polls at
+# once, so this only matters when the answer never reached it...
+LEASE_SECS = 5.0
+# ...and when the listen's connection ended, how long the acknowledgement may
+# take to arrive on a new one (ptth_server re-polls within milliseconds).
+ACK_AFTER_CLOSE_SECS = 1.0
+
+# Requests queued for one server before new ones get 503 (a server that stopped
+# taking requests must not make the relay grow without bound).
+MAX_QUEUED_PER_SERVER = 256
+
+# Listens parked at once for one server name: enough for several processes
+# sharing a name, each with a few listens in flight; more is a misbehaving peer.
+MAX_LISTENERS_PER_SERVER = 32
+
+# Request heads handed to one listen, in bytes: half what a server accepts,
+# so that MsgPack's own overhead never pushes an answer over the limit.
+MAX_BATCH_BYTES = MAX_LISTEN_BODY_BYTES // 2
+
+# Body chunks held between a server's POST and its client. With the server's
+# 256 KiB chunks this is 1 MiB per transfer: enough to keep both sockets busy.
+BODY_QUEUE_CHUNKS = 4
+
+# How long a body may make no progress (the server sends nothing, or the
+# client's last chunks are not taken) before the transfer is cut.
+BODY_STALL_SECS = 120.0
+
+# How long a client may read nothing while the server has more for it. Each
+# stalled download holds one of its server's threads (and a slot of the
+# client's share), so this is shorter: a client taking one 256 KiB chunk a
+# minute (4 KiB/s) still gets its file; one that stops reading is cut, and
+# the server's upload stops at once.
+CLIENT_STALL_SECS = 60.0
+
+# How often watch_presence looks for servers coming online or going offline.
+PRESENCE_CHECK_SECS = 1.0
+
+# Names and tripcodes offered by unknown servers, kept for the operators' page.
+MAX_UNREGISTERED_SHOWN = 50
+
+# 80 random bits, base32: unguessable, URL-safe, in the spec's style of id.
+_ID_BYTES = 10
+
+_END = object()   # body sentinel: the server's body ended normally
+_CUT = object()   # body sentinel: the server's body broke off
+
+
+class RendezvousError(PtthError):
+    """An outcome that becomes an HTTP error answer with `status`."""
+
+    status = 500
+
+
+class UnknownServerError(RendezvousError):
+    status = 404
+
+
+class ForbiddenError(RendezvousError):
+    status = 403
+
+
+class UnknownRequestError(RendezvousError):
+    status = 404
+
+
+class BadGatewayError(RendezvousError):
+    status = 502
+
+
+class GatewayTimeoutError(RendezvousError):
+    status = 504
+
+
+class QueueFullError(RendezvousError):
+    status = 503
+
+
+class TooManyListenersError(RendezvousError):
+    status = 429
+
+
+class RequestHeadTooLargeError(RendezvousError):
+    status = 431
+
+
+class TooManyFromAddressError(RendezvousError):
+    status = 503
+
+
+class ListenEnded(Exception):
+    """Thrown into a parked listen to end it at once with no requests.
+
+    Used when the relay stops, when the server's registration changes, and
+    when the listen's connection is found closed. A request still in the queue
+    stays there: gevent leaves an item in the queue until the getter runs.
+    """
+
+
+class BodyCutError(PtthError):
+    """The response body could not be delivered whole; the client must see a cut."""
+
+
+@dataclass
+class ServerState:
+    """What the relay knows of one registered server."""
+
+    registered: RegisteredServer
+    queue: gevent.queue.Queue = field(default_factory=lambda: gevent.queue.Queue(MAX_QUEUED_PER_SERVER))
+    listeners: int = 0
+    last_seen_monotonic: float | None = None
+    last_seen_wall: float | None = None
+    version: str | None = None  # as the server reports itself when it listens
+    host: str | None = None
+    parked: set[gevent.Greenlet] = field(default_factory=set)  # greenlets of its parked listens
+    reported_online: bool = False  # last state announced by watch_presence
+    # Requests handed to a listen and not yet answered, by id (MAX_UNANSWERED_PER_SERVER).
+    taken: dict[str, PendingRequest] = field(default_factory=dict)
+    room: gevent.event.Event = field(default_factory=gevent.event.Event)  # set when `taken` shrinks
+    left_at: float | None = None  # when a process of this name last said it was leaving
+
+    def wake_listeners(self) -> None:
+        """End this server's parked listens now (they answer 204)."""
+        for greenlet in list(self.parked):
+            gevent.kill(greenlet, ListenEnded)
+
+    def touch(self) -> None:
+        self.last_seen_monotonic = time.monotonic()
+        self.last_seen_wall = time.time()
+
+    def is_online(self) -> bool:
+        if self.listeners > 0:
+            return True
+        seen = self.last_seen_monotonic
+        return seen is not None and time.monotonic() - seen <= OFFLINE_AFTER_SECS
+
+    def describe(self) -> dict[str, object]:
+        """The server's entry in the JSON server lists (frontend and scraper API).
+
+        A server with a listen parked is being seen right now, so last_seen is now.
+        """
+        seen = time.time() if self.listeners > 0 else self.last_seen_wall
+        return {
+            "name": self.registered.name,
+            "display_name": self.registered.display_name,
+            "online": self.is_online(),
+            "last_seen": format_rfc3339(seen) if seen is not None else None,
+            "version": self.version,
+            "host": self.host,
+        }
+
+
+def format_rfc3339(wall: float) -> str:
+    """Seconds since the epoch as RFC 3339 UTC, e.g. 2026-11-22T00:57:35Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
+
+
+@dataclass
+class PendingRequest:
+    """One client request from submission until its response is delivered."""
+
+    request: RelayRequest
+    server: ServerState
+    head_size: int = 0  # protocol.head_size of the request, for batching listens
+    share: _Share | None = None  # its client's share of the server, released when forgotten
+    picked_up: gevent.event.Event = field(default_factory=gevent.event.Event)
+    head_ready: gevent.event.Event = field(default_factory=gevent.event.Event)
+    delivered: gevent.event.Event = field(default_factory=gevent.event.Event)
+    body: gevent.queue.Queue = field(default_factory=lambda: gevent.queue.Queue(BODY_QUEUE_CHUNKS))
+    head: ServerResponseHead | None = None
+    failure: str | None = None
+    cancelled: bool = False
+    answered: bool = False
+    client_gone: bool = False
+    body_wanted: bool = True
+
+
+@dataclass(eq=False)
+class Lease:
+    """Requests handed to an acknowledging server's listen, until it acknowledges them."""
+
+    id: str
+    server: ServerState
+    batch: list[PendingRequest]
+    acked: gevent.event.Event = field(default_factory=gevent.event.Event)
+    holder: gevent.Greenlet | None = None  # waits for the acknowledgement; ended by it
+
+
+@dataclass(eq=False)
+class _Share:
+    """What one client address has in flight at one server, and who waits for a turn."""
+
+    key: tuple[str, str]
+    held: int = 0
+    waiting: int = 0
+    freed: gevent.event.Event | None = None  # made when someone first waits: most never do
+
+
+class Rendezvous:
+    """Registered servers, their queues and every request in flight."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.servers = {name: ServerState(reg) for name, reg in config.servers.items()}
+        self.pending: dict[str, PendingRequest] = {}
+        self.leases: dict[str, Lease] = {}
+        # (name, tripcode, address) -> last time, oldest first; bounded by MAX_UNREGISTERED_SHOWN.
+        self.unregistered: dict[tuple[str, str, str], float] = {}
+        self._shares: dict[tuple[str, str], _Share] = {}
+        self.closing = False
+        # Called as on_event(event, **fields) for server_online and server_offline.
+        self.on_event: Callable[..., None] = lambda event, **fields: None
+        # Called by close(), for what else the relay must end when it stops.
+        self.on_close: Callable[[], None] = lambda: None
+
+    # ---- backend side: servers -----------------------------------------
+
+    def authenticate(self, name: str, api_key: str | None, address: str = "unknown") -> ServerState:
+        """Return the server named `name` if `api_key` is its key, else raise 403."""
+        state = self.servers.get(name)
+        if not api_key:
+            raise ForbiddenError("missing X-ApiKey header")
+        if state is None:
+            self._remember_unregistered(name, api_key, address)
+            raise ForbiddenError(f"server {name[:64]!r} is not registered at this relay")
+        if not tripcode.matches(api_key, state.registered.tripcode):
+            raise ForbiddenError(f"wrong API key for server {name!r}")
+        return state
+
+    def listen(self, server: ServerState, timeout: float, max_requests: int | None = None,
+               lease: bool = False) -> tuple[list[PendingRequest], Lease | None]:
+        """Wait up to `timeout` for requests; return those handed over (maybe none).
+
+        At most `max_requests` are handed over (all queued, within the batch
+        size, if None); 0 is a server at capacity saying it is still there,
+        answered at once. With `lease`, they are held under a lease until the
+        server acknowledges them (`ack`) or `expire_lease` takes them back.
+        """
+        if self.closing:
+            return [], None
+        if max_requests == 0:
+            server.touch()
+            return [], None
+        if server.listeners >= MAX_LISTENERS_PER_SERVER:
+            raise TooManyListenersError(f"server {server.registered.name!r} already has "
+                                        f"{MAX_LISTENERS_PER_SERVER} listens parked")
+        started = time.monotonic()
+        server.listeners += 1
+        server.touch()
+        me = gevent.getcurrent()
+        server.parked.add(me)
+        try:
+            try:
+                room = self._wait_for_room(server, started + timeout)
+                first = self._take(server.queue, started + timeout) if room else None
+            except ListenEnded:
+                return [], None
+            finally:
+                server.parked.discard(me)
+            if first is None:
+                return [], None
+            limit = min(room, max_requests or room)
+            batch = [first]
+            size = first.head_size
+            while len(batch) < limit and not server.queue.empty():
+                p = server.queue.peek_nowait()
+                if not (p.cancelled or p.answered):
+                    if size + p.head_size > MAX_BATCH_BYTES:
+                        break  # the next listen takes the rest
+                    size += p.head_size
+                    batch.append(p)
+                server.queue.get_nowait()
+            for p in batch:
+                p.picked_up.set()
+                server.taken[p.request.id] = p
+            held = None
+            if lease:
+                held = Lease(_new_id(), server, batch)
+                self.leases[held.id] = held
+            return batch, held
+        finally:
+            server.listeners -= 1
+            if server.left_at is None or started > server.left_at:
+                server.touch()  # a listen ended by its server leaving does not count as seen
+
+    def ack(self, server: ServerState, lease_id: str) -> None:
+        """The server's next listen acknowledges a batch: its requests are its own now."""
+        held = self.leases.get(lease_id)
+        if held is not None and held.server is server:
+            del self.leases[lease_id]
+            held.acked.set()
+            if held.holder is not None:
+                held.holder.kill(block=False)  # its wait is over
+
+    def expire_lease(self, held: Lease) -> int:
+        """No acknowledgement came: put the batch's unanswered requests back in the queue."""
+        if self.leases.pop(held.id, None) is None or held.acked.is_set():
+            return 0
+        return self.requeue(held.batch)
+
+    def leave(self, server: ServerState) -> None:
+        """A process of this server is stopping: end its parked listens, count it gone soon.
+
+        Other processes sharing the name see their listens end too; they
+        listen again at once and keep the name online.
+        """
+        now = time.monotonic()
+        server.left_at = now
+        server.last_seen_monotonic = now - OFFLINE_AFTER_SECS + LEAVE_GRACE_SECS
+        server.wake_listeners()
+
+    def claim(self, request_id: str, api_key: str | None) -> PendingRequest:
+        """Find the request a server answers; 404 if unknown or answered, 403 if not its own."""
+        if not api_key:
+            raise ForbiddenError("missing X-ApiKey header")
+        p = self.pending.get(request_id)
+        if p is None or p.answered or p.cancelled:
+            raise UnknownRequestError(f"no request {request_id[:64]!r} is waiting for a response")
+        if not tripcode.matches(api_key, p.server.registered.tripcode):
+            raise ForbiddenError(f"request {request_id!r} belongs to another server")
+        p.answered = True
+        self._untake(p)
+        p.server.touch()
+        return p
+
+    def start_response(self, p: PendingRequest, head: ServerResponseHead) -> None:
+        """Hand the response head to the waiting client."""
+        p.head = head
+        p.head_ready.set()
+
+    def fail(self, p: PendingRequest, reason: str) -> None:
+        """The server's answer was unusable, or will not come: the client gets a 502 with `reason`."""
+        p.failure = reason
+        p.picked_up.set()
+        p.head_ready.set()
+
+    def put_chunk(self, p: PendingRequest, chunk: bytes) -> bool:
+        """Queue one body chunk for the client; False if the client is gone.
+
+        Blocks while the queue is full: this is the backpressure that makes a
+        slow client slow the server down.
+        """
+        if p.client_gone or not p.body_wanted:
+            return False
+        try:
+            p.body.put(chunk, timeout=CLIENT_STALL_SECS)
+        except gevent.queue.Full:
+            logger.warning("client read nothing for %.0f s, cutting request %s", CLIENT_STALL_SECS,
+                           p.request.id)
+            p.client_gone = True
+        return not p.client_gone
+
+    def end_body(self, p: PendingRequest, complete: bool) -> bool:
+        """Mark the end of the body; wait until the client has it all (P7).
+
+        Returns True only if the client received the whole body.
+        """
+        if not p.body_wanted:
+            return True
+        if p.client_gone:
+            return False
+        try:
+            p.body.put(_END if complete else _CUT, timeout=BODY_STALL_SECS)
+        except gevent.queue.Full:
+            p.client_gone = True
+            return False
+        if not complete:
+            return False
+        return p.delivered.wait(BODY_STALL_SECS) and not p.client_gone
+
+    def describe_servers(self) -> list[dict[str, object]]:
+        """Every registered server, sorted by name, as the JSON server lists show them."""
+        return [self.servers[name].describe() for name in sorted(self.servers)]
+
+    def close(self) -> None:
+        """The relay is stopping: answer every parked listen now (204).
+
+        Without this a graceful stop waits for every listen's timeout.
+        """
+        self.closing = True
+        for server in self.servers.values():
+            server.wake_listeners()
+        self.on_close()
+
+    def reconfigure(self, config: RelayConfig) -> None:
+        """Apply a new config without dropping servers that stay registered.
+
+        A removed server, or one whose tripcode changed, has its parked
+        listens ended at once: its next listen is then checked against the
+        new config (and refused with 403 if it no longer matches).
+        """
+        old = self.servers
+        self.servers = {}
+        for name, registered in config.servers.items():
+            state = old.pop(name, None)
+            if state is None:
+                state = ServerState(registered)
+            elif state.registered.tripcode != registered.tripcode:
+                state.wake_listeners()
+            state.registered = registered
+            self.servers[name] = state
+        for state in old.values():
+            state.wake_listeners()
+            if state.reported_online:  # watch_presence no longer sees it
+                self._announce(state, online=False)
+            self._fail_waiting(state, f"server {state.registered.name!r} did not pick up the request: it was "
+                                      "removed from the relay config")
+        self.config = config
+
+    def watch_presence(self, interval_secs: float = PRESENCE_CHECK_SECS) -> None:
+        """Forever: announce servers coming online and going offline via on_event.
+
+        When a server goes offline, requests waiting for it fail at once (502)
+        rather than each waiting out its request timeout.
+        """
+        while True:
+            for state in list(self.servers.values()):
+                online = state.is_online()
+                if online != state.reported_online:
+                    self._announce(state, online)
+                if not online and state.queue.qsize() and not self.closing:
+                    self._fail_waiting(state, f"server {state.registered.name!r} did not pick up the request: "
+                                              "it went offline")
+            gevent.sleep(interval_secs)
+
+    def _fail_waiting(self, state: ServerState, reason: str) -> None:
+        """Fail every request queued for `state`, not yet picked up.
+
+        Requests it picked up are left to time out (504): it may still answer them.
+        """
+        failed = 0
+        kept = []
+        while not state.queue.empty():
+            p = state.queue.get_nowait()
+            if p.cancelled or p.answered:
+                continue
+            if p.picked_up.is_set():
+                kept.append(p)  # handed out once already (then put back): it may still be answered
+            else:
+                self.fail(p, reason)
+                failed += 1
+        for p in kept:
+            state.queue.put_nowait(p)
+        if failed:
+            logger.info("%s: %d waiting requests failed", reason, failed)
+
+    def _announce(self, state: ServerState, online: bool) -> None:
+        state.reported_online = online
+        logger.info("server %s is %s", state.registered.name, "online" if online else "offline")
+        self.on_event("server_online" if online else "server_offline",
+                      server=state.registered.name, host=state.host, version=state.version)
+
+    # ---- frontend side: clients ----------------------------------------
+
+    def submit(self, name: str, method: str, uri: str, headers: dict[str, bytes],
+               client: str = "") -> PendingRequest:
+        """Queue a client request for server `name`.
+
+        `client` names the client's share (trust.fairness_key of its address):
+        while it has `requests_per_address` requests in flight at this server,
+        this one waits its turn (up to TURN_WAIT_SECS, then 503).
+        """
+        server = self.servers.get(name)
+        if server is None:
+            raise UnknownServerError(f"no server named {name!r} is registered at this relay")
+        if not server.is_online():
+            raise BadGatewayError(f"server {name!r} is offline (not connected to the relay)")
+        size = head_size(method, uri, headers)
+        if size > MAX_REQUEST_HEAD_BYTES:
+            raise RequestHeadTooLargeError(f"request head of {size} bytes is over the relay's limit of "
+                                           f"{MAX_REQUEST_HEAD_BYTES}")
+        share = self._take_share((name, client)) if client else None
+        p = PendingRequest(RelayRequest(_new_id(), method, uri, headers), server, head_size=size, share=share)
+        try:
+            server.queue.put_nowait(p)
+        except gevent.queue.Full:
+            self._release_share(p)
+            raise QueueFullError(f"server {name!r} has too many requests waiting; try again later") from None
+        self.pending[p.request.id] = p
+        return p
+
+    def must_wait_turn(self, name: str, client: str) -> bool:
+        """Tell whether a request from `client` to `name` would wait for its turn now."""
+        share = self._shares.get((name, client))
+        return share is not None and share.held >= self.config.requests_per_address
+
+    def _take_share(self, key: tuple[str, str]) -> _Share:
+        """Count one more request of this client at this server, waiting for a turn if it has its fill."""
+        share = self._shares.get(key)
+        if share is None:
+            share = self._shares[key] = _Share(key)
+        if share.held >= self.config.requests_per_address and share.waiting >= MAX_WAITING_PER_ADDRESS:
+            raise TooManyFromAddressError(f"your address already has {MAX_WAITING_PER_ADDRESS} requests waiting "
+                                          f"for server {key[0]!r}; try again later")
+        deadline = time.monotonic() + TURN_WAIT_SECS
+        while share.held >= self.config.requests_per_address:
+            left = deadline - time.monotonic()
+            share.waiting += 1
+            if share.freed is None:
+                share.freed = gevent.event.Event()
+            share.freed.clear()
+            try:
+                freed = left > 0 and share.freed.wait(left)
+            finally:
+                share.waiting -= 1
+            if not freed:
+                self._drop_share_if_idle(share)
+                raise TooManyFromAddressError(
+                    f"your address already has {self.config.requests_per_address} requests in flight at "
+                    f"server {key[0]!r}; try again when they finish")
+        share.held += 1
+        return share
+
+    def _release_share(self, p: PendingRequest) -> None:
+        share, p.share = p.share, None
+        if share is not None:
+            share.held -= 1
+            if share.freed is not None:
+                share.freed.set()
+            self._drop_share_if_idle(share)
+
+    def _drop_share_if_idle(self, share: _Share) -> None:
+        if share.held <= 0 and share.waiting == 0 and self._shares.get(share.key) is share:
+            del self._shares[share.key]
+
+    def wait_for_head(self, p: PendingRequest) -> ServerResponseHead:
+        """Wait for the server to pick up the request, then for its response head."""
+        timeout = self.config.request_timeout_secs
+        name = p.server.registered.name
+        try:
+            if not p.picked_up.wait(timeout):
+                raise BadGatewayError(f"server {name!r} did not pick up the request in {timeout:.0f} s")
+            if not p.head_ready.wait(timeout):
+                raise GatewayTimeoutError(f"server {name!r} did not answer in {timeout:.0f} s")
+            if p.failure is not None or p.head is None:
+                raise BadGatewayError(p.failure or f"server {name!r} sent no response")
+        except BaseException:
+            self.forget(p)
+            raise
+        return p.head
+
+    def skip_body(self, p: PendingRequest) -> None:
+        """The client gets no body (HEAD, 204, 304): the server's POST ends at once."""
+        p.body_wanted = False
+        while not p.body.empty():  # unblock a server that sent a body anyway
+            p.body.get_nowait()
+        p.delivered.set()
+        self.forget(p)
+
+    def forget(self, p: PendingRequest) -> None:
+        """Drop a request from the table of requests in flight, and its client's share."""
+        p.cancelled = True  # a listen that finds it in a queue (requeued, say) skips it
+        self.pending.pop(p.request.id, None)
+        self._untake(p)
+        self._release_share(p)
+
+    # ---- helpers -------------------------------------------------------
+
+    def requeue(self, batch: list[PendingRequest]) -> int:
+        """Give requests back to their server's queue: the listen that took them is gone.
+
+        Only requests still waiting for a response go back; the next listen
+        takes them. Returns how many went back.
+        """
+        returned = 0
+        for p in batch:
+            if p.answered or p.cancelled or p.request.id not in self.pending:
+                continue
+            self._untake(p)
+            try:
+                p.server.queue.put_nowait(p)
+                returned += 1
+            except gevent.queue.Full:
+                self.fail(p, "the server's queue was full when its listen was lost")
+        return returned
+
+    def _untake(self, p: PendingRequest) -> None:
+        if p.server.taken.pop(p.request.id, None) is not None:
+            p.server.room.set()
+
+    def _wait_for_room(self, server: ServerState, deadline: float) -> int:
+        """How many more requests `server` may be handed; waits while it has its fill unanswered."""
+        while (room := MAX_UNANSWERED_PER_SERVER - len(server.taken)) <= 0:
+            server.room.clear()
+            left = deadline - time.monotonic()
+            if left <= 0 or not server.room.wait(left):
+                return 0
+        return room
+
+    def _take(self, queue: gevent.queue.Queue, deadline: float) -> PendingRequest | None:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                p: PendingRequest = queue.get(timeout=remaining)
+            except gevent.queue.Empty:
+                return None
+            if not (p.cancelled or p.answered):
+                return p
+
+    def _remember_unregistered(self, name: str, api_key: str, address: str) -> None:
+        """Keep every name and tripcode offered, with where and when: anyone can offer any."""
+        entry = (name[:64], tripcode.derive(api_key), address[:64])
+        self.unregistered.pop(entry, None)  # re-insert: the dict stays oldest first
+        if len(self.unregistered) >= MAX_UNREGISTERED_SHOWN:
+            del self.unregistered[next(iter(self.unregistered))]
+        self.unregistered[entry] = time.time()
+
+
+def _new_id() -> str:
+    return base64.b32encode(secrets.token_bytes(_ID_BYTES)).decode("ascii")
+
+
+class BodyStream:
+    """The WSGI body of a relayed response: chunks from the server's POST.
+
+    A class rather than a generator so that `close()` frees the request even
+    when the WSGI server never starts iterating. When the server's body breaks
+    off, stalls, or does not match its Content-Length, `cut()` is called to
+    drop the client's connection; if it cannot (returns False), BodyCutError is
+    raised so the WSGI server drops it instead. Either way the client never
+    sees a short body passed off as complete.
+    """
+
+    def __init__(self, rendezvous: Rendezvous, p: PendingRequest, cut: Callable[[str], bool]) -> None:
+        self._rv = rendezvous
+        self._p = p
+        self._cut = cut
+        self.sent = 0
+        self.was_cut = False
+        self._started = False
+        self._complete = False
+        self._closed = False
+        length = p.head.headers.get("content-length") if p.head else None
+        self._declared = int(length) if length is not None and length.isdigit() else None
+
+    def __iter__(self) -> BodyStream:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._closed:
+            raise StopIteration
+        if not self._started:
+            # An empty first chunk makes the WSGI server send the status and
+            # headers now, before the first body bytes arrive.
+            self._started = True
+            return b""
+        if self._p.client_gone:  # put_chunk gave up on this client: it read nothing for too long
+            return self._break_off(f"client read nothing for {BODY_STALL_SECS:.0f} s")
+        try:
+            item = self._p.body.get(timeout=BODY_STALL_SECS)
+        except gevent.queue.Empty:
+            return self._break_off(f"server sent nothing for {BODY_STALL_SECS:.0f} s")
+        if item is _CUT:
+            return self._break_off("server's response body broke off")
+        if item is _END:
+            if self._declared is not None and self.sent != self._declared:
+                return self._break_off(f"server sent {self.sent} bytes, not its Content-Length {self._declared}")
+            self._complete = True
+            self.close()
+            raise StopIteration
+        chunk: bytes = item
+        self.sent += len(chunk)
+        if self._declared is not None and self.sent > self._declared:
+            return self._break_off(f"server sent more than its Content-Length {self._declared}")
+        return chunk
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        p = self._p
+        if not self._complete:
+            p.client_gone = True
+            while not p.body.empty():  # unblock a server waiting to put
+                p.body.get_nowait()
+        p.delivered.set()
+        self._rv.forget(p)
+
+    def _break_off(self, reason: str) -> bytes:
+        logger.warning("cutting client of request %s: %s", self._p.request.id, reason)
+        self.was_cut = True
+        self.close()
+        if self._cut(reason):
+            raise StopIteration
+        raise BodyCutError(reason)

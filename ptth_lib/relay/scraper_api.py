@@ -1,0 +1,160 @@
+"""The scraper API: machine access to the relay with expiring keys.
+
+Enabled by the relay config's `enable_scraper_api` (else every /scraper/ path
+is 404). A client sends its key in `X-ApiKey`; the relay config holds only the
+key's hash (its tripcode) with an optional validity window, never the key.
+
+- `GET /scraper/v1/test`: 200 for a valid key.
+- `GET /scraper/v1/server_list`: the servers as JSON.
+- `/scraper/v1/server/<name>/<path>`: relayed exactly like the frontend.
+
+Failed attempts are limited per client address (through trusted proxies,
+the client's own): past the limit, wrong keys get 429 instead of 403. A
+valid key always works, even from a limited address: keys are long random
+strings that no rate of guessing finds, and one attacker must not lock out
+everyone behind the same NAT. Each refusal
+says which check failed, never echoing the key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from flask import Flask, Response, jsonify, request
+
+from ptth_lib.config import RelayConfig, ScraperKey
+from ptth_lib.errors import PtthError
+from ptth_lib.wire import tripcode
+
+# Failed attempts allowed per client address within one window, then 429.
+MAX_FAILURES_PER_WINDOW = 10
+FAILURE_WINDOW_SECS = 60.0
+# Addresses tracked at once; the oldest windows are dropped first.
+MAX_TRACKED_ADDRESSES = 10_000
+
+# How long a key from --new-scraper-key is valid by default.
+DEFAULT_KEY_DAYS = 30
+
+
+class ScraperAuthError(PtthError):
+    """A refused scraper key; `reason` is a short label for metrics and the audit log."""
+
+    def __init__(self, reason: str, message: str, status: int = 403) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+
+
+def find_key(keys: tuple[ScraperKey, ...], api_key: str | None, now: datetime) -> ScraperKey:
+    """Return the configured key that `api_key` is, if it is valid at `now`; else raise."""
+    if not api_key:
+        raise ScraperAuthError("missing", "missing X-ApiKey header: send your scraper key in it")
+    offered = tripcode.derive(api_key).encode()
+    found = None
+    for key in keys:  # compare with every key, so the time taken does not tell which matched
+        if hmac.compare_digest(offered, key.hash.encode()):
+            found = key
+    if found is None:
+        raise ScraperAuthError("unknown", "unknown scraper key: it is not in the relay config")
+    if found.not_before is not None and now < found.not_before:
+        raise ScraperAuthError("not_yet_valid", f"scraper key {found.name!r} is not valid until "
+                               f"{found.not_before:%Y-%m-%dT%H:%M:%SZ}")
+    if found.not_after is not None and now > found.not_after:
+        raise ScraperAuthError("expired", f"scraper key {found.name!r} expired at "
+                               f"{found.not_after:%Y-%m-%dT%H:%M:%SZ}")
+    return found
+
+
+class FailureLimiter:
+    """Counts failed attempts per client address in fixed windows."""
+
+    def __init__(self) -> None:
+        self._windows: dict[str, tuple[float, int]] = {}  # address -> (window start, failures)
+
+    def retry_after(self, address: str, now: float) -> float:
+        """Seconds until `address` may try again; 0 if it may now."""
+        start, failures = self._windows.get(address, (now, 0))
+        if now - start >= FAILURE_WINDOW_SECS or failures < MAX_FAILURES_PER_WINDOW:
+            return 0.0
+        return start + FAILURE_WINDOW_SECS - now
+
+    def fail(self, address: str, now: float) -> None:
+        start, failures = self._windows.get(address, (now, 0))
+        if now - start >= FAILURE_WINDOW_SECS:
+            start, failures = now, 0
+        self._windows.pop(address, None)  # re-insert: dict order is then oldest first
+        if len(self._windows) >= MAX_TRACKED_ADDRESSES:
+            del self._windows[next(iter(self._windows))]
+        self._windows[address] = (start, failures + 1)
+
+
+def new_key_snippet(name: str, days: int = DEFAULT_KEY_DAYS) -> tuple[str, str]:
+    """A fresh key and the TOML snippet (with its hash) to paste into the relay config."""
+    key = tripcode.generate_key()
+    not_after = (datetime.now(UTC) + timedelta(days=days)).replace(microsecond=0)
+    snippet = (
+        "[[scraper_keys]]\n"
+        f'name = "{name}"\n'
+        f'hash = "{tripcode.derive(key)}"\n'
+        f"not_after = {not_after:%Y-%m-%dT%H:%M:%SZ}\n"
+    )
+    return key, snippet
+
+
+def register(app: Flask, config: Callable[[], RelayConfig], client_address: Callable[[], str],
+             server_list: Callable[[], list[dict[str, object]]], relay: Callable[[], Response],
+             on_auth: Callable[[str, str, str | None], None]) -> None:
+    """Add the /scraper/ routes to the relay app.
+
+    `config()` is the config in force (it may be reloaded); `relay()` relays
+    the current request to the server its path names, as the frontend does;
+    `on_auth(outcome, address, key_name_or_reason)` hears of every key check.
+    """
+    limiter = FailureLimiter()
+
+    def authorize() -> Response | None:
+        cfg = config()
+        if not cfg.enable_scraper_api:
+            return Response("the scraper API is not enabled at this relay\n", 404, mimetype="text/plain")
+        address = client_address()
+        now = time.monotonic()
+        try:
+            key = find_key(cfg.scraper_keys, request.headers.get("X-ApiKey"), datetime.now(UTC))
+        except ScraperAuthError as e:
+            # The key is checked first, so a valid key works even from an address
+            # being limited (behind NAT or a proxy, many people share one).
+            wait = limiter.retry_after(address, now)
+            if wait > 0:
+                on_auth("rejected", address, "rate_limited")
+                resp = Response("too many failed scraper key attempts from your address; try again later\n",
+                                429, mimetype="text/plain")
+                resp.headers["Retry-After"] = str(int(wait) + 1)
+                return resp
+            limiter.fail(address, now)
+            on_auth("rejected", address, e.reason)
+            return Response(f"{e}\n", e.status, mimetype="text/plain")
+        on_auth("used", address, key.name)
+        return None
+
+    @app.get("/scraper/v1/test")
+    def _scraper_test() -> Response:
+        return authorize() or Response("You're valid!\n", mimetype="text/plain")
+
+    @app.get("/scraper/v1/server_list")
+    def _scraper_server_list() -> Response:
+        return authorize() or jsonify(server_list())
+
+    methods = ["GET", "HEAD"]
+
+    @app.route("/scraper/v1/server/<name>/", methods=methods)
+    @app.route("/scraper/v1/server/<name>/<path:_path>", methods=methods)
+    def _scraper_relay(name: str, _path: str = "") -> Response:
+        return authorize() or relay()  # which server: from the raw path, as for the frontend
+
+    @app.route("/scraper/", defaults={"_rest": ""})
+    @app.route("/scraper/<path:_rest>")
+    def _scraper_other(_rest: str) -> Response:
+        return authorize() or Response("no such scraper API path\n", 404, mimetype="text/plain")

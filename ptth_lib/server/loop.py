@@ -1,0 +1,596 @@
+"""The server side of the tunnel: long-poll the relay, answer with streamed POSTs.
+
+Listen threads, each on its own `requests.Session`, ask the relay for
+requests (P1), get them packed in the answer (P3), and hand each to a thread
+pool. A pool thread runs the file server (P4) and POSTs the response back (P5)
+with the head in a header and the body as a chunked upload, which the relay
+answers once the client has the whole body (P7).
+
+PTTH's own additions to the listen (PROTOCOL.md): each listen acknowledges
+the batch the previous one brought (so the relay hands each request out
+exactly once, whatever the connections do), asks for no more requests than
+the pool has room for (so nothing queues here without bound), and the first
+listen after connecting asks for an answer at once (so "connected" is logged
+at once, not after a long-poll). A stopping server tells the relay it is
+leaving. An upload stops as soon as the relay answers it early (the client
+left), even through a proxy that keeps reading the rest.
+
+Faults are expected: connection errors back off exponentially with jitter and
+are logged once per change of state; so do unexpected answers (a redirect is
+never followed: the key would go to wherever it points). A 403 from the relay
+stops the loop, because retrying with a key the relay refuses cannot succeed.
+
+When the config has `[forwarded_ports]`, TCP port forwarding runs beside the
+listen loop (forward_server.py) and stops with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any
+from urllib.parse import quote
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from ptth_lib import __version__
+from ptth_lib.config import ServerConfig
+from ptth_lib.errors import ProtocolError, backoff_secs, describe_answer, root_cause
+from ptth_lib.forward.http_server import PortForwardServer
+from ptth_lib.server import file_server
+from ptth_lib.wire import tripcode
+from ptth_lib.wire.envelope import (
+    ACK_HEADER,
+    API_KEY_HEADER,
+    BATCH_HEADER,
+    FEATURE_ACK,
+    FEATURES_HEADER,
+    LEAVE_PATH,
+    LISTEN_PATH,
+    MAX_LISTEN_BODY_BYTES,
+    MAX_REQUESTS_HEADER,
+    MAX_RESPONSE_HEAD_BYTES,
+    RESPONSE_HEAD_HEADER,
+    RESPONSE_PATH,
+    SERVER_HOST_HEADER,
+    SERVER_VERSION_HEADER,
+    WAIT_HEADER,
+    RelayRequest,
+    ServerResponseHead,
+    collect_headers,
+    decode_requests,
+    encode_response_head,
+    is_request_id,
+)
+
+logger = logging.getLogger(__name__)
+
+# Requests served at once; more wait in the pool's queue. Each one holds a file
+# and a connection to the relay until its client has the whole body (P7), so
+# this bounds both, and also how many clients are served in parallel.
+MAX_CONCURRENT_REQUESTS = 64
+# Requests taken from the relay and waiting for a pool thread, at most. Past
+# this the server stops asking for more, and they wait at the relay instead,
+# where the relay's queue bound (and its 503) applies.
+MAX_BACKLOG_REQUESTS = 64
+
+# A server with no room for more requests still tells the relay it is there
+# this often (a listen asking for none), or the relay would count it gone and
+# fail the requests queued for it.
+AT_CAPACITY_POLL_SECS = 1.0
+
+# Listens kept parked at the relay at once. With two, a request arriving while
+# one listen is on its way back still finds the other parked, instead of
+# waiting a round trip for the re-poll.
+LISTENS_IN_FLIGHT = 2
+
+
+CONNECT_TIMEOUT_SECS = 10.0
+# A listen that fails after this long had been parked at the relay, so the
+# relay was up: the connection was cut on the way (see _listen_forever). A
+# listen asked to park that is answered 204 sooner was not parked: something
+# answers at once (a stopping relay, a misbehaving proxy), so back off.
+PARKED_CUT_SECS = 1.0
+# A listen parks at the relay for its listen_timeout_secs (at most 300 s).
+LISTEN_READ_TIMEOUT_SECS = 330.0
+# The relay holds our POST while the client reads; a client slower than this
+# between two chunks gets cut by the relay first (rendezvous.BODY_STALL_SECS).
+RESPONSE_READ_TIMEOUT_SECS = 150.0
+
+# The relay answers a response POST with a line of text; more is not read.
+MAX_ANSWER_BYTES = 4096
+
+# On Ctrl+C / SIGTERM, responses in flight get this long to finish...
+SHUTDOWN_GRACE_SECS = 10.0
+# ...after telling the relay we are leaving, which may take this long.
+LEAVE_TIMEOUT_SECS = 5.0
+# ...and the QUIC side this long to close its connection to the relay.
+QUIC_STOP_SECS = 2.0
+
+
+class _Aborted(Exception):
+    """Raised inside a body generator to abandon an upload at shutdown."""
+
+
+class _AnsweredEarly(Exception):
+    """Raised inside a body generator: the relay answered before the body was done.
+
+    The relay only does that when the body is not wanted (the client left, or
+    stopped reading): sending the rest would only feed a proxy that reads and
+    discards it.
+    """
+
+
+class ServerLoop:
+    """Keeps one server connected to its relay and answers its requests."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        assert config.api_key is not None
+        self.config = config
+        self._api_key: str = config.api_key
+        base = config.relay_url.rstrip("/")
+        self._listen_url = base + LISTEN_PATH.format(name=quote(config.name, safe=""))
+        self._response_url = base + RESPONSE_PATH
+        self._stop = threading.Event()
+        self._abort = threading.Event()
+        self._local = threading.local()
+        self._leave_url = base + LEAVE_PATH.format(name=quote(config.name, safe=""))
+        self._pool = ThreadPoolExecutor(MAX_CONCURRENT_REQUESTS, thread_name_prefix="ptth-response")
+        self._proxies = requests.utils.get_environ_proxies(base)
+        self._in_flight: set[Future[None]] = set()
+        self._lock = threading.Lock()
+        # Requests taken or being asked for (reserved by a listen), against the pool's room.
+        self._reserved = 0
+        self._room = threading.Condition(self._lock)
+        self.exit_code = 0
+        self._state = ""  # "connected" or the last problem, for _report
+        self._forwarding = PortForwardServer(config, self._new_session, self._stop)
+
+    # ---- lifecycle ------------------------------------------------------
+
+    def run(self) -> int:
+        """Listen until `stop()` or a refusal from the relay; return the exit code."""
+        for i in range(LISTENS_IN_FLIGHT):
+            threading.Thread(target=self._listen_forever, name=f"ptth-listen-{i}", daemon=True).start()
+        self._forwarding.start()
+        quic_stop: list[Callable[[], None]] = []
+        quic_thread = None
+        if self.config.quic is not None:
+            quic_thread = threading.Thread(target=_run_quic_end_server, args=(self.config, quic_stop,
+                                                                              self._quic_refused),
+                                           name="ptth-quic", daemon=True)
+            quic_thread.start()
+        self._stop.wait()
+        if self.exit_code == 0:
+            logger.info("stopping: telling the relay, then letting responses in flight finish")
+            self._leave()
+        if quic_thread is not None and quic_stop:
+            quic_stop[0]()  # close the QUIC connection: its streams and TCP connections are cut
+            quic_thread.join(QUIC_STOP_SECS)
+        self._forwarding.stop()
+        with self._lock:
+            running = set(self._in_flight)
+        if running:
+            logger.info("stopping: waiting up to %.0f s for %d responses", SHUTDOWN_GRACE_SECS, len(running))
+            _, not_done = wait(running, timeout=SHUTDOWN_GRACE_SECS)
+            if not_done:
+                logger.warning("stopping: abandoning %d unfinished responses", len(not_done))
+                self._abort.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        logger.info("stopped")
+        return self.exit_code
+
+    def stop(self) -> None:
+        """Ask the loop to stop (safe from a signal handler)."""
+        self._stop.set()
+
+    # ---- P1/P3: the listen loop ----------------------------------------
+
+    def _listen_forever(self) -> None:
+        session = self._new_session()
+        session.headers.update({
+            API_KEY_HEADER: self._api_key,
+            "User-Agent": f"ptth_server/{__version__}",
+            SERVER_VERSION_HEADER: f"ptth_server/{__version__} (Python)",
+            SERVER_HOST_HEADER: socket.gethostname(),
+            FEATURES_HEADER: FEATURE_ACK,
+        })
+        failures = 0
+        ack = ""        # the batch the last answer brought, acknowledged by the next listen
+        at_once = True  # the first listen after (re)connecting is answered at once
+        while not self._stop.is_set():
+            problem = ""
+            room = self._reserve()
+            if self._stop.is_set():
+                self._unreserve(room)
+                return
+            headers = {MAX_REQUESTS_HEADER: str(room)}
+            if ack:
+                headers[ACK_HEADER] = ack
+            if at_once or room == 0:
+                # At capacity: still listen, taking nothing and answered at once, so
+                # the relay keeps counting this server online (and requests queued).
+                headers[WAIT_HEADER] = "0"
+            taken = 0
+            started = time.monotonic()
+            try:
+                with session.get(self._listen_url, stream=True, headers=headers,
+                                 timeout=(CONNECT_TIMEOUT_SECS, LISTEN_READ_TIMEOUT_SECS)) as r:
+                    # Read at most one byte past the limit: a hostile relay cannot make us read more.
+                    data = r.raw.read(MAX_LISTEN_BODY_BYTES + 1, decode_content=True)
+                ack = ""  # the relay answered, so it has read our acknowledgement
+                if r.status_code == 200:
+                    batch = decode_requests(data)  # a relay may ignore our limit: serve them all
+                    ack = r.headers.get(BATCH_HEADER, "") if is_request_id(r.headers.get(BATCH_HEADER, "")) else ""
+                    taken = self._dispatch(batch)
+                elif r.status_code == 403:
+                    self._refused()
+                    return
+                elif r.status_code == 204:
+                    if not at_once and room and time.monotonic() - started < PARKED_CUT_SECS:
+                        problem = "quiet"  # answered at once when asked to wait: back off, say nothing
+                else:
+                    problem = f"relay answered {describe_answer(r.status_code, r.headers, data)} to the listen"
+            except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+                if not at_once and time.monotonic() - started >= PARKED_CUT_SECS:
+                    # The listen was parked, then cut: a NAT box or proxy dropping an idle
+                    # connection, not a relay that is down. Reconnect at once, no backoff.
+                    logger.debug("listen cut after %.1f s: %s; listening again", time.monotonic() - started,
+                                 root_cause(e))
+                    failures = 0
+                    continue
+                problem = f"cannot reach the relay at {self.config.relay_url}: {root_cause(e)}"
+            except ProtocolError as e:
+                problem = f"relay sent a malformed listen answer: {e}"
+            except Exception:  # a bug of ours: say so loudly, but keep the server up
+                logger.exception("bug in the listen loop")
+                problem = "internal error (see above)"
+            finally:
+                self._unreserve(room - taken)
+            if problem != "quiet":
+                self._report(problem)
+            if not problem:
+                failures = 0
+                at_once = False
+                continue
+            at_once = problem != "quiet"  # after a real problem, check the connection at once again
+            delay = backoff_secs(failures)
+            failures = min(failures + 1, 16)
+            self._stop.wait(delay)
+
+    def _reserve(self) -> int:
+        """Room in the pool for this listen's requests, reserved; 0 after AT_CAPACITY_POLL_SECS with none."""
+        limit = MAX_CONCURRENT_REQUESTS + MAX_BACKLOG_REQUESTS
+        deadline = time.monotonic() + AT_CAPACITY_POLL_SECS
+        with self._room:
+            while not self._stop.is_set():
+                # Leave room for the other listens, so that none waits on this one's share.
+                room = min(limit - self._reserved, limit // LISTENS_IN_FLIGHT)
+                if room > 0:
+                    self._reserved += room
+                    return room
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._room.wait(left)
+        return 0
+
+    def _unreserve(self, count: int) -> None:
+        with self._room:
+            self._reserved -= count
+            self._room.notify_all()
+
+    def _leave(self) -> None:
+        """Tell the relay this process is going, so it stops handing it requests at once."""
+        try:
+            with self._new_session() as session:
+                r = session.post(self._leave_url, headers={API_KEY_HEADER: self._api_key},
+                                 timeout=(CONNECT_TIMEOUT_SECS, LEAVE_TIMEOUT_SECS))
+            if r.status_code not in (200, 404):  # 404: a relay without PTTH's own additions
+                logger.info("the relay answered %d when told this server is leaving", r.status_code)
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+            logger.info("could not tell the relay this server is leaving: %s", root_cause(e))
+
+    def _report(self, problem: str) -> None:
+        """Log a change of the connection's state once, whichever listen thread sees it."""
+        state = problem or "connected"
+        with self._lock:
+            if state == self._state:
+                return
+            self._state = state
+        if problem:
+            logger.warning("%s; retrying with backoff", problem)
+        else:
+            logger.info("connected to relay %s as %r", self.config.relay_url, self.config.name)
+
+    def _quic_refused(self) -> None:
+        """The QUIC relay refused us (wrong certificate or key): stop, as for a 403 (its line is logged)."""
+        with self._lock:
+            self.exit_code = 1
+            self._stop.set()
+
+    def _refused(self) -> None:
+        with self._lock:
+            if self._stop.is_set():
+                return  # another listen thread said it already
+            self.exit_code = 1
+            self._stop.set()
+        logger.error(
+            "relay %s refused server %r: its name or API key is not registered there. "
+            "Add this server to the relay config: name = %r, tripcode = %r",
+            self.config.relay_url, self.config.name, self.config.name, tripcode.derive(self._api_key),
+        )
+
+    def _dispatch(self, batch: list[RelayRequest]) -> int:
+        """Hand requests to the pool; return how many (each keeps its reservation until done)."""
+        taken = 0
+        for req in batch:
+            with self._lock:
+                if self._stop.is_set():
+                    return taken  # the relay fails these when it counts us gone
+                future = self._pool.submit(self._respond, req)
+                self._in_flight.add(future)
+            taken += 1
+            future.add_done_callback(self._done)
+        return taken
+
+    def _done(self, future: Future[None]) -> None:
+        with self._lock:
+            self._in_flight.discard(future)
+        self._unreserve(1)
+        if future.exception() is not None:
+            logger.error("bug while answering a request", exc_info=future.exception())
+
+    # ---- P4/P5: answer one request ---------------------------------------
+
+    def _respond(self, req: RelayRequest) -> None:
+        headers = {k: v.decode("latin-1") for k, v in req.headers.items()}
+        answer = file_server.serve(self.config.file_server_root, req.method, req.uri, headers)
+        head = ServerResponseHead(answer.status, collect_headers(answer.headers))
+        logger.debug("request %s: %s %s -> %d", req.id, req.method, req.uri, answer.status)
+        has_body = req.method != "HEAD" and answer.status not in (204, 304)
+        length = head.headers.get("content-length") if has_body else b"0"
+        body = _CountingBody(answer.body, self._abort, int(length) if length is not None else None)
+        try:
+            self._post(req.id, head, body)
+        finally:
+            body.close()
+
+    def _post(self, request_id: str, head: ServerResponseHead, body: _CountingBody) -> None:
+        url = self._response_url.format(id=quote(request_id, safe=""))
+        encoded = encode_response_head(head)
+        if len(encoded) > MAX_RESPONSE_HEAD_BYTES:  # the relay would refuse it; tell the client why
+            logger.warning("response %s: head of %d bytes is over the limit; answering 502", request_id,
+                           len(encoded))
+            encoded = encode_response_head(ServerResponseHead(502, {"content-length": b"0"}))
+            body = _CountingBody(iter(()), self._abort, 0)
+        headers = {API_KEY_HEADER: self._api_key, RESPONSE_HEAD_HEADER: encoded}
+        for attempt in (1, 2):
+            session = self._session()
+            try:
+                with session.post(url, data=body.upload(), headers=headers, stream=True,
+                                  timeout=(CONNECT_TIMEOUT_SECS, RESPONSE_READ_TIMEOUT_SECS)) as r:
+                    answer = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
+            except _Aborted:
+                logger.info("response %s abandoned at shutdown after %d bytes", request_id, body.sent)
+                return
+            except _AnsweredEarly:
+                logger.info("response %s cut off after %d bytes: the client left (the relay answered early)",
+                            request_id, body.sent)
+                self._local.session = None  # its connection carries an unread answer: not reusable
+                return
+            except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+                if body.started or attempt == 2:
+                    logger.info("response %s cut off after %d bytes: %s", request_id, body.sent, root_cause(e))
+                    return
+                # Nothing was sent: the connection was stale (closed while idle). Retry once.
+                self._local.session = None
+                continue
+            if r.status_code == 200:
+                logger.debug("response %s delivered, %d bytes", request_id, body.sent)
+            elif r.status_code == 410:
+                logger.info("response %s: the client left after %d bytes", request_id, body.sent)
+            else:
+                logger.warning("response %s: relay answered %s", request_id,
+                               describe_answer(r.status_code, r.headers, answer))
+            return
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._new_session()
+            self._local.session = session
+        return session
+
+    def _new_session(self) -> requests.Session:
+        """A Session for one thread, with the environment's proxy settings read once.
+
+        requests would otherwise look up proxy variables and ~/.netrc on every
+        request; the relay URL does not change, so neither does the answer.
+        It never follows redirects (every request carries the key), and its
+        uploads notice an early answer from the relay (`_WatchedAdapter`).
+        """
+        session = _NoRedirectSession()
+        session.trust_env = False
+        session.proxies.update(self._proxies)
+        session.headers["User-Agent"] = f"ptth_server/{__version__}"
+        adapter = _WatchedAdapter(pool_maxsize=2)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+
+def _run_quic_end_server(config: ServerConfig, stop: list[Callable[[], None]],
+                         refused: Callable[[], None]) -> None:
+    """The [quic] side of port forwarding, in a thread with its own gevent hub.
+
+    gevent runs one hub per thread, so the QUIC proxy's greenlets live here
+    while the rest of the server stays plain threads. `stop` receives the
+    function that stops it from another thread (gevent's async watcher is
+    the one thread-safe way into a hub); `refused` is called if the relay
+    refuses us, which retrying cannot fix.
+    """
+    import gevent
+
+    from ptth_lib.forward.quic.proxies import QuicEndServer, RelayTarget
+
+    assert config.quic is not None and config.api_key is not None
+    q = config.quic
+    server = QuicEndServer(config.name, config.api_key,
+                           RelayTarget(q.relay_host, q.relay_port, q.relay_fingerprint, q.ca_file),
+                           dict(config.forwarded_ports))
+    runner = gevent.spawn(server.run_forever)
+    wake = gevent.get_hub().loop.async_()
+
+    def stop_here() -> None:
+        server.link.stop()
+        runner.kill()
+
+    wake.start(lambda: gevent.spawn(stop_here))
+    stop.append(wake.send)
+    runner.join()
+    if server.link.fatal:
+        refused()
+
+
+class _CountingBody:
+    """A response body on its way to the relay: counts bytes, can be abandoned.
+
+    With a known length the upload carries a Content-Length and goes out as
+    the file's own chunks; without one, requests frames it as chunked, which
+    costs a copy of every chunk.
+    """
+
+    def __init__(self, chunks: Iterator[bytes], abort: threading.Event, length: int | None) -> None:
+        self._chunks = chunks
+        self._abort = abort
+        self._length = length
+        self.sent = 0
+        self.started = False
+
+    def upload(self) -> bytes | Iterable[bytes]:
+        """What to give requests as `data`."""
+        if self._length == 0:
+            return b""  # requests would frame a sized but empty iterable as chunked
+        if self._length is not None:
+            return _SizedIterable(self.chunks(), self._length)
+        return self.chunks()
+
+    def chunks(self) -> Iterator[bytes]:
+        self.started = True
+        for chunk in self._chunks:
+            if self._abort.is_set():
+                raise _Aborted("server is stopping")
+            if self.sent and _is_answered_early():
+                raise _AnsweredEarly()
+            self.sent += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close:
+            close()
+
+
+class _SizedIterable:
+    """An iterable with a length: requests then sends Content-Length, not chunked."""
+
+    def __init__(self, chunks: Iterator[bytes], length: int) -> None:
+        self._chunks = chunks
+        self._length = length
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._chunks
+
+    def __len__(self) -> int:
+        return self._length
+
+
+class _NoRedirectSession(requests.Session):
+    """A Session that never follows a redirect: each request carries the key."""
+
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs["allow_redirects"] = False
+        return super().request(*args, **kwargs)
+
+
+# The connection a thread is sending a request body on, for _is_answered_early.
+_uploading = threading.local()
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    """urllib3's connection, telling its thread which socket a body is going out on."""
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _uploading.conn = self
+        try:
+            super().request(*args, **kwargs)
+        finally:
+            _uploading.conn = None
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _uploading.conn = self
+        try:
+            super().request(*args, **kwargs)
+        finally:
+            _uploading.conn = None
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _WatchedAdapter(HTTPAdapter):
+    """requests' adapter with connections that let an upload see an early answer."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+def _is_answered_early() -> bool:
+    """Tell whether the relay has answered (or closed) the connection this thread is uploading on.
+
+    The relay answers a response POST before its body ends only when the body
+    is not wanted; a proxy in front (nginx) passes that answer on at once but
+    keeps reading, and discarding, the rest of the upload. Between chunks,
+    one poll of the socket tells.
+    """
+    conn = getattr(_uploading, "conn", None)
+    sock = getattr(conn, "sock", None)
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        if isinstance(sock, ssl.SSLSocket):
+            # Bytes may be a TLS record with no data for us (a session ticket):
+            # only application data, or the end, counts.
+            timeout = sock.gettimeout()
+            sock.setblocking(False)
+            try:
+                sock.recv(1)
+            except ssl.SSLWantReadError:
+                return False
+            finally:
+                sock.settimeout(timeout)
+        return True
+    except (OSError, ValueError):
+        return True  # the connection is gone: the upload cannot go on anyway

@@ -1,0 +1,235 @@
+"""The tunnel's wire format (the spec's http_serde): MsgPack envelopes.
+
+Two messages cross the backend API, named by sender:
+
+- `RelayRequest`: a client's request, wrapped by the relay. A listen answer is
+  a MsgPack array of them: `{"id": str, "req": {"method", "uri", "headers"}}`.
+- `ServerResponseHead`: the server's status and headers, MsgPack then base64
+  in the header `X-PTTH-2LJYXWC4` of the POST that streams the body.
+
+Header names are lowercase `str`, values `bytes`. Decoding trusts nothing:
+anything malformed or oversized raises `ProtocolError`, never another type.
+No sockets here; PROTOCOL.md is the prose version of this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from ptth_lib.errors import ProtocolError
+
+# URL paths of the backend API; "7ZSFUKGV" is the spec's cookie for it.
+LISTEN_PATH = "/7ZSFUKGV/http_listen/{name}"
+RESPONSE_PATH = "/7ZSFUKGV/http_response/{id}"
+# A stopping server says so, and the relay counts it gone at once (PTTH's own).
+LEAVE_PATH = "/7ZSFUKGV/http_leave/{name}"
+
+# PTTH's own additions to a listen (PROTOCOL.md, "Acknowledged delivery"); a
+# spec 002 server sends none of them and is served exactly as before.
+# The server's listens carry `X-PTTH-Features: ack`; then each 200 answer
+# names its batch in X-PTTH-Batch, and the next listen acknowledges it.
+FEATURES_HEADER = "X-PTTH-Features"
+BATCH_HEADER = "X-PTTH-Batch"
+ACK_HEADER = "X-PTTH-Ack"
+FEATURE_ACK = "ack"
+# At most this many requests in the answer (the server's free capacity).
+MAX_REQUESTS_HEADER = "X-PTTH-Max-Requests"
+# Park at most this many seconds (0: answer at once, to check the connection).
+WAIT_HEADER = "X-PTTH-Wait-Secs"
+
+# TCP port forwarding (spec 003; forward_api.py). Servers use their own key:
+TCP_LISTEN_PATH = "/7ZSFUKGV/tcp_listen/{name}/{port}"
+TCP_ACCEPT_PATH = "/7ZSFUKGV/tcp_accept/{id}"
+TCP_REFUSE_PATH = "/7ZSFUKGV/tcp_refuse/{id}"
+TCP_DOWNSTREAM_PATH = "/7ZSFUKGV/tcp_downstream/{id}"
+# ...clients use a key from a [[clients]] table:
+TCP_CHECK_PATH = "/frontend/tcp/check"
+TCP_CONNECT_PATH = "/frontend/tcp/connect/{server}/{port}"
+TCP_UPSTREAM_PATH = "/frontend/tcp/upstream/{id}"
+CONNECTION_ID_HEADER = "X-PTTH-Connection-Id"
+CLIENT_NAME_HEADER = "X-PTTH-Client"
+
+API_KEY_HEADER = "X-ApiKey"
+RESPONSE_HEAD_HEADER = "X-PTTH-2LJYXWC4"
+# Sent by a server with each listen, shown in the relay's server lists.
+SERVER_VERSION_HEADER = "X-PTTH-Server-Version"
+SERVER_HOST_HEADER = "X-PTTH-Server-Host"
+# Longest version or host name the relay keeps; longer ones are cut.
+MAX_REPORT_CHARS = 64
+
+# A listen answer carries only request heads, never bodies; 4 MiB is room for
+# a full queue of requests with large cookies, and still bounds a hostile relay.
+MAX_LISTEN_BODY_BYTES = 4 * 1024 * 1024
+
+# The base64 response head travels in one HTTP header. 16 KiB is ten times a
+# file server's head with room for large cookies; gunicorn.conf.py allows
+# header fields just over this, and the relay's header parsing time grows
+# with the square of the header block, so this is kept small on purpose.
+MAX_RESPONSE_HEAD_BYTES = 16 * 1024
+
+# A client request whose method, uri and headers add up to more than this is
+# refused (431) at the relay, so that it always fits a listen answer.
+MAX_REQUEST_HEAD_BYTES = 256 * 1024
+
+# Hop-by-hop headers (RFC 9110 section 7.6.1) describe one connection, not the
+# message, so they are dropped at every hop in both directions.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+    "proxy-connection", "proxy-authenticate", "proxy-authorization",
+})
+
+_TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9a-z-]+\Z")
+# Field values may hold visible characters, spaces and tabs (RFC 9110 5.5);
+# every other control character is refused, CR, LF and NUL above all.
+_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Request ids as the relay makes them; anything else could smuggle text into logs.
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+# A Content-Length a client can rely on: plain digits, no sign, no list (RFC 9110 8.6).
+_LENGTH_RE = re.compile(rb"^[0-9]{1,19}\Z")
+
+
+@dataclass(frozen=True)
+class RelayRequest:
+    """A client's request as the relay hands it to a server."""
+
+    id: str
+    method: str
+    uri: str
+    headers: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class ServerResponseHead:
+    """Status and headers of a server's response, sent before its body."""
+
+    status_code: int
+    headers: dict[str, bytes]
+
+
+def is_hop_by_hop(name: str) -> bool:
+    """Tell whether a header belongs to one connection and must not be forwarded."""
+    return name.lower() in HOP_BY_HOP
+
+
+def parse_features(value: str | None) -> frozenset[str]:
+    """The tokens of an X-PTTH-Features header, lowercase; unknown ones are kept and ignored."""
+    if not value:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value[:256].split(",") if t.strip())
+
+
+def is_request_id(value: str) -> bool:
+    """Tell whether `value` has the shape of a relay-made id (request or batch)."""
+    return bool(_ID_RE.match(value))
+
+
+def clean_report(value: str | None) -> str | None:
+    """A server's self-report, kept to printable ASCII and MAX_REPORT_CHARS."""
+    if not value:
+        return None
+    kept = "".join(c for c in value if " " <= c <= "~")[:MAX_REPORT_CHARS]
+    return kept or None
+
+
+def collect_headers(pairs: Iterable[tuple[str, str | bytes]]) -> dict[str, bytes]:
+    """Lowercase names, drop hop-by-hop headers, join repeats with ", "."""
+    out: dict[str, bytes] = {}
+    for name, value in pairs:
+        key = name.lower()
+        if key in HOP_BY_HOP:
+            continue
+        raw = value if isinstance(value, bytes) else value.encode("latin-1")
+        out[key] = out[key] + b", " + raw if key in out else raw
+    return out
+
+
+def head_size(method: str, uri: str, headers: Mapping[str, bytes]) -> int:
+    """About how many bytes a request head takes in a listen answer."""
+    return 64 + len(method) + len(uri) + sum(len(k) + len(v) + 8 for k, v in headers.items())
+
+
+def encode_requests(requests: Iterable[RelayRequest]) -> bytes:
+    """Encode a listen answer."""
+    packed: bytes = msgpack.packb([
+        {"id": r.id, "req": {"method": r.method, "uri": r.uri, "headers": r.headers}}
+        for r in requests
+    ])
+    return packed
+
+
+def decode_requests(data: bytes) -> list[RelayRequest]:
+    """Decode a listen answer; raise ProtocolError if it is not one."""
+    items = _unpack(data, MAX_LISTEN_BODY_BYTES)
+    if not isinstance(items, list):
+        raise ProtocolError("listen answer is not an array")
+    out = []
+    for item in items:
+        req = item.get("req") if isinstance(item, dict) else None
+        if not isinstance(req, dict):
+            raise ProtocolError("listen answer item lacks 'req'")
+        rid, method, uri = item.get("id"), req.get("method"), req.get("uri")
+        if not (isinstance(rid, str) and isinstance(method, str) and isinstance(uri, str)):
+            raise ProtocolError("listen answer item has a bad id, method or uri")
+        if not _ID_RE.match(rid) or not _TOKEN_RE.match(method.lower().encode("utf-8", "replace")):
+            raise ProtocolError("listen answer item has a malformed id or method")
+        if not uri.startswith("/") or _BAD_VALUE_RE.search(uri.encode("utf-8", "replace")):
+            raise ProtocolError("listen answer item has a bad uri")
+        out.append(RelayRequest(rid, method, uri, _check_headers(req.get("headers"))))
+    return out
+
+
+def encode_response_head(head: ServerResponseHead) -> str:
+    """Encode a response head for the X-PTTH-2LJYXWC4 header."""
+    packed = msgpack.packb({"status_code": head.status_code, "headers": head.headers})
+    return base64.b64encode(packed).decode("ascii")
+
+
+def decode_response_head(value: str | None) -> ServerResponseHead:
+    """Decode the X-PTTH-2LJYXWC4 header; raise ProtocolError if malformed."""
+    if not value:
+        raise ProtocolError(f"missing {RESPONSE_HEAD_HEADER} header")
+    if len(value) > MAX_RESPONSE_HEAD_BYTES:
+        raise ProtocolError(f"{RESPONSE_HEAD_HEADER} header is too large")
+    try:
+        packed = base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as e:
+        raise ProtocolError(f"{RESPONSE_HEAD_HEADER} is not base64") from e
+    obj = _unpack(packed, MAX_RESPONSE_HEAD_BYTES)
+    if not isinstance(obj, dict):
+        raise ProtocolError("response head is not a map")
+    status = obj.get("status_code")
+    if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
+        raise ProtocolError("response head has no valid integer status_code")
+    headers = _check_headers(obj.get("headers"))
+    length = headers.get("content-length")
+    if length is not None and not _LENGTH_RE.match(length):
+        raise ProtocolError(f"content-length {length[:40]!r} is not a number")
+    return ServerResponseHead(status, headers)
+
+
+def _unpack(data: bytes, limit: int) -> Any:
+    if len(data) > limit:
+        raise ProtocolError("message is too large")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises many types (ValueError, ExtraData, TypeError...)
+        raise ProtocolError(f"not valid MsgPack: {type(e).__name__}") from e
+
+
+def _check_headers(headers: Any) -> dict[str, bytes]:
+    """Accept only lowercase token names and bytes values without CR, LF or NUL."""
+    if not isinstance(headers, Mapping):
+        raise ProtocolError("headers is not a map")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _TOKEN_RE.match(name.encode("utf-8", "replace")):
+            raise ProtocolError(f"bad header name {name!r}")
+        if not isinstance(value, bytes) or _BAD_VALUE_RE.search(value):
+            raise ProtocolError(f"bad value for header {name!r}")
+    return dict(headers)

@@ -1,0 +1,247 @@
+"""Every internal of a WSGI server that PTTH relies on, in one place.
+
+The WSGI interface hides the client's connection and reads request bodies
+in ways too slow or too coarse for a tunnel, so the relay reaches under it,
+here and only here:
+
+- gunicorn: the client socket (`environ["gunicorn.socket"]`), and its body
+  readers (`LengthReader`, `ChunkedReader`, their `unreader` and `parser`) to
+  hand on each piece of a POST body as it arrives;
+- gevent: a gevent socket's `_sock` (to peek without waiting beside the
+  worker's own reader), and pywsgi's `WSGIHandler` for `python ptth_relay.py`
+  and `ptth_file_server.py` (raw request target, client socket, TCP_NODELAY).
+
+gunicorn and gevent are pinned in requirements.txt; tests/unit/test_adapters.py
+checks that what we rely on is still there, naming the library and version.
+
+Reading bodies: the portable way is `wsgi.input.read(n)`, which under
+gunicorn waits until n bytes have arrived and copies each byte through two
+BytesIO buffers on the way; profiling the 1 GiB transfer put a third of the
+relay's CPU there (BENCHMARKS.md). Under gunicorn `iter_body` reads through
+gunicorn's own readers instead: for a body with Content-Length, straight
+from the socket after the bytes gunicorn already buffered; for a chunked
+body, one chunk at a time from gunicorn's chunk parser, keeping the readers'
+bookkeeping right so gunicorn can still reuse or close the connection.
+Anything else falls back to `read(n)`.
+
+The socket: the relay needs the raw connection in three cases the WSGI
+interface does not cover: to cut a response visibly (a shut-down socket,
+never a clean end), to stop reading a body it has refused, and to notice a
+peer hanging up while a long-poll is parked (nothing is read or written
+meanwhile).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gevent
+import gevent.socket
+from gevent.pywsgi import WSGIHandler, WSGIServer
+
+from ptth_lib.errors import PtthError
+
+# ---- the client's socket ------------------------------------------------------
+
+# Environ keys under which the WSGI server exposes the client's socket:
+# gunicorn's own, and ours for gevent's WSGIServer (see `wsgi_server.py`).
+SOCKET_KEYS = ("gunicorn.socket", "ptth.socket")
+
+
+def connection_socket(environ: dict[str, Any]) -> socket.socket | None:
+    """The request's connection, or None under a WSGI server that hides it."""
+    for key in SOCKET_KEYS:
+        if environ.get(key) is not None:
+            sock: socket.socket = environ[key]
+            return sock
+    return None
+
+
+def cut_connection(environ: dict[str, Any]) -> bool:
+    """Shut the connection down so the peer sees a cut, not a clean end."""
+    sock = connection_socket(environ)
+    if sock is None:
+        return False
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    return True
+
+
+def end_on_hangup(sock: socket.socket, waiter: gevent.Greenlet, exception: type[BaseException]) -> None:
+    """Throw `exception` into `waiter` as soon as the peer of `sock` hangs up.
+
+    For a greenlet that waits while its peer should send nothing (a parked
+    listen, a request waiting for its turn): a listen parked on a dead
+    connection would take requests and lose them; NAT boxes and proxies cut
+    idle connections.
+    """
+    if wait_for_hangup(sock):
+        gevent.kill(waiter, exception)
+
+
+def connection_ended(sock: socket.socket, within: float) -> bool:
+    """Tell whether a connection whose peer should send next ends (EOF, reset) within `within` s."""
+    raw = getattr(sock, "_sock", sock)  # gevent's socket would wait, beside the worker's own reader
+    try:
+        with gevent.Timeout(within):
+            gevent.socket.wait_read(sock.fileno())
+        return bool(raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"")
+    except gevent.Timeout:
+        return False  # quiet but open
+    except BlockingIOError:
+        return False  # already read by the worker: the next request came
+    except (OSError, ValueError):
+        return True  # reset, or the worker saw the end of file first and closed the socket
+
+
+def wait_for_hangup(sock: socket.socket) -> bool:
+    """Wait until a peer that should be sending nothing hangs up; True if it did.
+
+    While a listen is parked, or a response streams to a client that sent its
+    whole request, the peer sends nothing, so a readable socket means end of
+    file (or a reset): the peer has gone. False means we cannot tell (TLS
+    sockets cannot peek) or the peer sent bytes after all.
+    """
+    try:
+        gevent.socket.wait_read(sock.fileno())
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+    except ValueError:
+        return False
+
+
+# ---- request bodies as they arrive (gunicorn's readers) ------------------------
+
+class BodyBrokeOff(OSError):
+    """The connection ended before the body did."""
+
+
+def iter_body(environ: dict[str, Any], chunk_bytes: int) -> Iterator[bytes]:
+    """Yield the request body in pieces of at most `chunk_bytes`, as they arrive.
+
+    Raises BodyBrokeOff, or the WSGI server's own error, if the body is cut short.
+    """
+    body = environ["wsgi.input"]
+    kind = _reader_kind(body)
+    if kind == "sized":
+        return _iter_sized(body.reader, chunk_bytes)
+    if kind == "chunked":
+        return _iter_chunked(body.reader, chunk_bytes)
+    return _iter_portable(body, chunk_bytes)
+
+
+def reads_promptly(environ: dict[str, Any]) -> bool:
+    """Tell whether iter_body hands on each piece as it arrives, however small.
+
+    The portable fallback does not: `read(n)` waits for n bytes. TCP port
+    forwarding needs every keystroke passed on at once, so it needs this.
+    """
+    return _reader_kind(environ["wsgi.input"]) != "portable"
+
+
+def _reader_kind(body: Any) -> str:
+    reader: Any = getattr(body, "reader", None)
+    untouched = isinstance(getattr(body, "buf", None), io.BytesIO) and body.buf.tell() == 0
+    kind = type(reader).__name__
+    if untouched and kind == "LengthReader" and hasattr(getattr(reader, "unreader", None), "sock"):
+        return "sized"
+    if untouched and kind == "ChunkedReader" and getattr(reader, "parser", None) is not None \
+            and isinstance(getattr(reader, "buf", None), io.BytesIO) and reader.buf.tell() == 0:
+        return "chunked"
+    return "portable"
+
+
+def _iter_sized(reader: Any, chunk_bytes: int) -> Iterator[bytes]:
+    """gunicorn's LengthReader: what it buffered, then recv() straight from the socket."""
+    unreader = reader.unreader
+    buffered = unreader.take_buffered()
+    if buffered:
+        piece, beyond = buffered[:reader.length], buffered[reader.length:]
+        if beyond:
+            unreader.unread(beyond)  # the next request, pipelined: not ours
+        reader.length -= len(piece)
+        for start in range(0, len(piece), chunk_bytes):
+            yield piece[start:start + chunk_bytes]
+    while reader.length > 0:
+        data = unreader.sock.recv(min(chunk_bytes, reader.length))
+        if not data:
+            raise BodyBrokeOff(f"connection closed with {reader.length} bytes of the body missing")
+        reader.length -= len(data)
+        yield data
+
+
+def _iter_chunked(reader: Any, chunk_bytes: int) -> Iterator[bytes]:
+    """gunicorn's ChunkedReader: each chunk from its parser, as it arrives."""
+    for data in reader.parser:
+        for start in range(0, len(data), chunk_bytes):
+            yield data[start:start + chunk_bytes]
+    reader.parser = None  # the body is done: gunicorn reads nothing more of it
+
+
+def _iter_portable(body: Any, chunk_bytes: int) -> Iterator[bytes]:
+    while chunk := body.read(chunk_bytes):
+        yield chunk
+
+
+# ---- gevent's WSGI server, for development and ptth_file_server -----------------
+
+# How long a stopping server lets responses in flight finish.
+GRACEFUL_STOP_SECS = 10.0
+
+
+class ListenError(PtthError):
+    """The address cannot be bound; the message says why and what to do."""
+
+
+class _Handler(WSGIHandler):  # type: ignore[misc]
+    def handle(self) -> None:
+        # pywsgi writes the headers and the body in separate sends; with Nagle's
+        # algorithm on, the body then waits for the client's delayed ACK (40 ms).
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (a Unix socket): nothing to do
+        super().handle()
+
+    def get_environ(self) -> dict[str, Any]:
+        environ: dict[str, Any] = super().get_environ()
+        environ["RAW_URI"] = self.path
+        environ["ptth.socket"] = self.socket
+        return environ
+
+
+def run(app: Any, host: str, port: int, name: str, on_stop: Callable[[], None] | None = None) -> None:
+    """Serve `app` until SIGINT or SIGTERM; the caller must have monkey-patched with gevent.
+
+    Prints `NAME: listening on http://HOST:PORT/` to stderr once bound (port 0
+    picks a free port), and raises ListenError if the address is unusable.
+    """
+    server = WSGIServer((host, port), app, handler_class=_Handler, log=None)
+    try:
+        server.init_socket()
+    except OSError as e:
+        # gevent appends the address to strerror; name lookup errors have negative errnos.
+        reason = os.strerror(e.errno) if e.errno and e.errno > 0 else e.strerror or str(e)
+        hint = "; pick another --bind or stop what uses it" if e.errno == errno.EADDRINUSE else ""
+        raise ListenError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"{name}: listening on http://{shown_host}:{server.address[1]}/", file=sys.stderr, flush=True)
+
+    def stop() -> None:
+        if on_stop:
+            on_stop()
+        server.stop(timeout=GRACEFUL_STOP_SECS)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(sig, stop)
+    server.serve_forever()
