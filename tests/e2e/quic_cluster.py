@@ -27,7 +27,7 @@ from pathlib import Path
 
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from conftest import Proc, new_key, tripcode_of
+from conftest import REPO, Proc, new_key, tripcode_of
 from tcp_peers import EchoServer, TcpServer, recv_all
 
 from ptth_lib.forward.quic import cert as quic_cert
@@ -277,7 +277,7 @@ class EchoServerAt(EchoServer):
 # ---- hostile QUIC peers ------------------------------------------------------------------
 # The test process plays them with ptth_lib's own QUIC driver (valid QUIC and TLS, the
 # relay's certificate pinned), except the Initial flood, which runs in a process of its own
-# (`python -m tests.quic_cluster flood ...`) so that it does not slow the test's own peers.
+# (`python tests/e2e/quic_cluster.py flood ...`) so that it does not slow the test's own peers.
 
 def pinned_configuration(fingerprint: str) -> QuicConfiguration:
     return quic_io.configure(quic_cert.client_configuration(quic_io.ALPN, fingerprint, None))
@@ -346,8 +346,8 @@ class InitialFlood:
     """`flood` in a process of its own; `sent()` waits for it to end."""
 
     def __init__(self, tmp: Path, port: int, rate: float, seconds: float) -> None:
-        self.proc = Proc([sys.executable, "-m", "tests.quic_cluster", "flood", str(port), str(rate),
-                          str(seconds)], tmp / f"flood-{port}-{time.monotonic_ns()}.log")
+        self.proc = Proc([sys.executable, __file__, "flood", str(port), str(rate), str(seconds)],
+                         tmp / f"flood-{port}-{time.monotonic_ns()}.log", env={"PYTHONPATH": str(REPO)})
 
     def sent(self, timeout: float = 60.0) -> int:
         wait_exit(self.proc, timeout)

@@ -1,4 +1,4 @@
-"""Tests for ptth_lib.file_server and the standalone ptth_file_server.py."""
+"""Tests for ptth_lib.server.file_server and the standalone ptth_file_server.py."""
 
 from __future__ import annotations
 
@@ -571,7 +571,7 @@ def test_unreadable_file_and_directory_are_403_as_nobody() -> None:
         (served / "sub").mkdir(mode=0o700)
         script = (
             "import os, sys\n"
-            "from ptth_lib.file_server import serve\n"
+            "from ptth_lib.server.file_server import serve\n"
             "os.setgid(65534); os.setuid(65534)\n"
             "for uri in ('/files/a.txt', '/files/sub/', '/files/'):\n"
             "    r = serve(sys.argv[1], 'GET', uri, {}); b''.join(r.body); print(r.status)\n"

@@ -13,7 +13,7 @@ proxies must still get in:
    leaves the relay's memory alone and honest proxies prompt; half-open
    connections are capped per address.
 
-The attackers are the test process (ptth_lib.quic_io, valid QUIC and TLS, the
+The attackers are the test process (ptth_lib.forward.quic.driver, valid QUIC and TLS, the
 relay's certificate pinned) and, for the flood, a process of its own
 (tests/e2e/quic_cluster.py). Every figure measured is printed (`pytest -s`).
 """

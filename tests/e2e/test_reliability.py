@@ -34,7 +34,7 @@ pytestmark = pytest.mark.process
 MIB = 1 << 20
 BIG = 300 * MIB
 CHUNK = 256 * 1024
-BACKOFF_CAP_SECS = 30.0  # ptth_lib.server_loop.BACKOFF_CAP_SECS, restated: this is the requirement
+BACKOFF_CAP_SECS = 30.0  # ptth_lib.errors.BACKOFF_CAP_SECS, restated: this is the requirement
 
 
 # ---- helpers ---------------------------------------------------------------
