@@ -45,7 +45,6 @@ forward, and at least 100 MiB/s each way through the HTTP forward.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import multiprocessing
@@ -66,8 +65,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
+from measure import cpu_times
+from plan import BENCH, REPO
+from targets import Proc, ProcError, procs
+
 MIB = 1024 * 1024
 PATTERN = bytes(range(256)) * 4096  # 1 MiB: what the source sends and the client uploads
 HEADER = struct.Struct("!QQ")  # upload bytes, download bytes
@@ -76,6 +77,8 @@ BUF_BYTES = 1 * MIB
 SOCKET_TIMEOUT_SECS = 60.0
 STARTUP_SECS = 30.0
 SAMPLE_SECS = 0.05
+# SIGTERM, then SIGKILL after this long; under cProfile the QUIC processes write their profiles.
+STOP_SECS = 15.0
 TICKS = os.sysconf("SC_CLK_TCK")
 TARGET_P99_MS, TARGET_MIBS = 20.0, 100.0
 STARTED = time.monotonic()
@@ -224,44 +227,7 @@ def parallel_downloads(port: int, total: int, count: int) -> float:
     return time.perf_counter() - start
 
 
-# ---- processes and what they use -------------------------------------------------------
-
-
-class Proc:
-    """A child in its own process group, output to a log file."""
-
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        with open(log, "ab") as out:
-            self.popen = subprocess.Popen(
-                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
-                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-
-    def wait_for(self, pattern: str) -> re.Match[str]:
-        end = time.monotonic() + STARTUP_SECS
-        while time.monotonic() < end and self.popen.poll() is None:
-            if m := re.search(pattern, self.log.read_text(errors="replace")):
-                return m
-            time.sleep(0.05)
-        raise RuntimeError(f"{pattern!r} not seen in {self.log}:\n"
-                           f"{self.log.read_text(errors='replace')[-2000:]}")
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(5)
-
-
-def cpu_times(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of a process, all its threads."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
+# ---- what the processes use ----------------------------------------------------------
 
 
 def status_kib(pid: int, key: str) -> int:
@@ -348,14 +314,6 @@ HOPS = {"http": ("relay", "server", "client"),
         "quic": ("quic_relay", "quic_server", "quic_client")}
 
 
-def make_key(name: str) -> tuple[str, str]:
-    """A fresh API key and its tripcode."""
-    import blake3
-
-    k = f"bench-key-{name}-" + os.urandom(18).hex()
-    return k, base64.b64encode(blake3.blake3(k.encode()).digest()).decode()
-
-
 def wait_for_echo(port: int, what: str, work: Path) -> None:
     """Until a round trip through `port` works (the server side is connected to its relay)."""
     deadline = time.monotonic() + STARTUP_SECS
@@ -372,45 +330,39 @@ def wait_for_echo(port: int, what: str, work: Path) -> None:
         time.sleep(0.2)
 
 
-def start_http_tunnel(work: Path, ends: dict[str, int], keys: dict[str, tuple[str, str]],
-                      procs: list[Proc]) -> tuple[dict[str, int], dict[str, int]]:
-    """Start relay, ptth_server and ptth_client (added to `procs`); return pids and local ports."""
-    (server_key, _), (client_key, _) = keys["server"], keys["client"]
-    relay = Proc([sys.executable, "-m", "gunicorn", "-c", "conf/gunicorn.conf.py", "--bind",
-                  "127.0.0.1:0", "ptth_relay:app"], work / "relay.log",
-                 env={"PTTH_RELAY_CONFIG": str(work / "relay.toml")})
-    procs.append(relay)
-    port = relay.wait_for(r"Listening at: http://127\.0\.0\.1:(\d+)").group(1)
+def _ports_table(ends: dict[str, int]) -> str:
+    """ptth_server's [forwarded_ports]: each end server by name."""
+    return "[forwarded_ports]\n" + "".join(f'{name} = "127.0.0.1:{port}"\n' for name, port in ends.items())
+
+
+def start_http_tunnel(work: Path, ends: dict[str, int], keys: dict[str, str],
+                      started: list[Proc]) -> tuple[dict[str, int], dict[str, int]]:
+    """Start relay, ptth_server and ptth_client (added to `started`); return pids and local ports."""
+    relay, port = procs.start_relay(work / "relay.toml", work / "relay.log", deadline=STARTUP_SECS)
+    started.append(relay)
     url = f"http://127.0.0.1:{port}"
-    ports_table = "".join(f'{name} = "127.0.0.1:{port}"\n' for name, port in ends.items())
-    server_config = work / "server.toml"
-    server_config.write_text(f'name = "bench"\napi_key = "{server_key}"\nrelay_url = "{url}/"\n'
-                             f'file_server_root = "{work / "root"}"\n'
-                             f'[forwarded_ports]\n{ports_table}')
-    server_config.chmod(0o600)
-    server = Proc([sys.executable, "ptth_server.py", "--config", str(server_config)],
-                  work / "server.log")
-    procs.append(server)
-    (work / "client.key").write_text(client_key + "\n")
+    server_config = procs.write_server_config(work / "server.toml", "bench", keys["server"], url,
+                                              work / "root", _ports_table(ends))
+    server = procs.start_server(server_config, work / "server.log")
+    started.append(server)
+    (work / "client.key").write_text(keys["client"] + "\n")
     (work / "client.key").chmod(0o600)
     args = [sys.executable, "ptth_client.py", "--relay-url", url,
             "--api-key-file", str(work / "client.key")]
     args += [a for n in ends for a in ("--forward", f"0:bench:{n}")]
     client = Proc(args, work / "client.log")
-    procs.append(client)
-    ports = {n: int(client.wait_for(rf"forwarding 127\.0\.0\.1:(\d+) to bench:{n}\b").group(1))
+    started.append(client)
+    ports = {n: int(client.wait_for_output(rf"forwarding 127\.0\.0\.1:(\d+) to bench:{n}\b",
+                                           STARTUP_SECS).group(1))
              for n in ends}
     wait_for_echo(ports["echo"], "HTTP", work)
-    master = relay.popen.pid
-    worker = int(Path(f"/proc/{master}/task/{master}/children").read_text().split()[0])
-    return {"relay": worker, "server": server.popen.pid, "client": client.popen.pid}, ports
+    return {"relay": procs.gunicorn_worker(relay), "server": server.pid, "client": client.pid}, ports
 
 
-def start_quic_tunnel(work: Path, ends: dict[str, int], keys: dict[str, tuple[str, str]],
-                      procs: list[Proc], profile: Path | None
+def start_quic_tunnel(work: Path, ends: dict[str, int], keys: dict[str, str],
+                      started: list[Proc], profile: Path | None
                       ) -> tuple[dict[str, int], dict[str, int]]:
     """Start ptth_quic_relay, ptth_quic_end_server and ptth_quic_client; pids and local ports."""
-    (server_key, _), (client_key, _) = keys["server"], keys["client"]
 
     def python(who: str) -> list[str]:
         if profile is None:
@@ -419,31 +371,27 @@ def start_quic_tunnel(work: Path, ends: dict[str, int], keys: dict[str, tuple[st
 
     relay = Proc([*python("quic_relay"), "ptth_quic_relay.py", "--config",
                   str(work / "relay.toml")], work / "quic-relay.log")
-    procs.append(relay)
-    m = relay.wait_for(r"listening on udp://127\.0\.0\.1:(\d+), certificate fingerprint ([0-9a-fA-F:]+)")
+    started.append(relay)
+    m = relay.wait_for_output(r"listening on udp://127\.0\.0\.1:(\d+), certificate fingerprint ([0-9a-fA-F:]+)",
+                              STARTUP_SECS)
     port, fingerprint = m.group(1), m.group(2)
-    ports_table = "".join(f'{name} = "127.0.0.1:{port}"\n' for name, port in ends.items())
-    server_config = work / "quic-server.toml"
-    server_config.write_text(f'name = "bench"\napi_key = "{server_key}"\n'
-                             f'relay_url = "http://127.0.0.1:1/"\n'  # not used: QUIC only
-                             f'file_server_root = "{work / "root"}"\n'
-                             f'[forwarded_ports]\n{ports_table}'
-                             f'[quic]\nrelay = "127.0.0.1:{port}"\n'
-                             f'relay_fingerprint = "{fingerprint}"\n')
-    server_config.chmod(0o600)
+    server_config = procs.write_server_config(
+        work / "quic-server.toml", "bench", keys["server"],
+        "http://127.0.0.1:1",  # not used: QUIC only
+        work / "root", _ports_table(ends) + f'[quic]\nrelay = "127.0.0.1:{port}"\n'
+                                            f'relay_fingerprint = "{fingerprint}"\n')
     server = Proc([*python("quic_server"), "ptth_quic_end_server.py", "--config",
                    str(server_config)], work / "quic-server.log")
-    procs.append(server)
+    started.append(server)
     args = [*python("quic_client"), "ptth_quic_client.py", "--relay", f"127.0.0.1:{port}",
             "--relay-fingerprint", fingerprint, "--name", "bench-client"]
     args += [a for n in ends for a in ("--forward", f"0:bench:{n}")]
-    client = Proc(args, work / "quic-client.log", env={"PTTH_CLIENT_API_KEY": client_key})
-    procs.append(client)
-    ports = {n: int(client.wait_for(rf"forwarding 127\.0\.0\.1:(\d+) to bench:{n} over QUIC")
-                    .group(1)) for n in ends}
+    client = Proc(args, work / "quic-client.log", env={"PTTH_CLIENT_API_KEY": keys["client"]})
+    started.append(client)
+    ports = {n: int(client.wait_for_output(rf"forwarding 127\.0\.0\.1:(\d+) to bench:{n} over QUIC",
+                                           STARTUP_SECS).group(1)) for n in ends}
     wait_for_echo(ports["echo"], "QUIC", work)
-    return {"quic_relay": relay.popen.pid, "quic_server": server.popen.pid,
-            "quic_client": client.popen.pid}, ports
+    return {"quic_relay": relay.pid, "quic_server": server.pid, "quic_client": client.pid}, ports
 
 
 def summarize_profiles(profile: Path, top: int = 30) -> None:
@@ -502,28 +450,28 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     to_ends, from_ends = spawn.Pipe()
     ends_proc = spawn.Process(target=end_servers, args=(from_ends,), daemon=True)
     ends_proc.start()
-    procs: list[Proc] = []
+    started: list[Proc] = []
     try:
         if not to_ends.poll(STARTUP_SECS):
             raise RuntimeError("the end servers did not start")
         ends = to_ends.recv()
-        keys = {who: make_key(who) for who in ("server", "client")}
+        keys = {who: procs.new_key(who) for who in ("server", "client")}
         (work / "root").mkdir()
         (work / "relay.toml").write_text(  # read by both relays
             f'quic_bind = "127.0.0.1:0"\nquic_cert_file = "{work / "quic-relay.crt"}"\n'
             f'quic_key_file = "{work / "quic-relay.key"}"\n\n'
-            f'[[servers]]\nname = "bench"\ntripcode = "{keys["server"][1]}"\n\n'
-            f'[[clients]]\nname = "bench-client"\ntripcode = "{keys["client"][1]}"\n'
+            f'[[servers]]\nname = "bench"\ntripcode = "{procs.tripcode_of(keys["server"])}"\n\n'
+            f'[[clients]]\nname = "bench-client"\ntripcode = "{procs.tripcode_of(keys["client"])}"\n'
             f'allow = ["bench:*"]\n')
         pids: dict[str, int] = {}
         routes: dict[str, dict[str, int]] = {"direct": ends}
         if "http" in args.paths:
             progress("starting the HTTP tunnel")
-            got, routes["http"] = start_http_tunnel(work, ends, keys, procs)
+            got, routes["http"] = start_http_tunnel(work, ends, keys, started)
             pids |= got
         if "quic" in args.paths:
             progress("starting the QUIC tunnel" + " under cProfile" * bool(args.profile_quic))
-            got, routes["quic"] = start_quic_tunnel(work, ends, keys, procs, args.profile_quic)
+            got, routes["quic"] = start_quic_tunnel(work, ends, keys, started, args.profile_quic)
             pids |= got
         tunnel_pids = tuple(pids)
         pids |= {"ends": ends_proc.pid or 0, "bench": os.getpid()}
@@ -557,8 +505,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         results["bulk"] = {p: {rt: median_run(rs) for rt, rs in r.items()} for p, r in runs.items()}
         return results
     finally:
-        for proc in reversed(procs):
-            proc.stop()
+        for proc in reversed(started):
+            proc.terminate(STOP_SECS)
         ends_proc.kill()
         if args.profile_quic:
             summarize_profiles(args.profile_quic)
@@ -678,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop what we started
     try:
         results = run(args, work)
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, ProcError) as e:
         print(f"bench/forward.py: {type(e).__name__}: {e}\n(logs in {work})", file=sys.stderr)
         return 1
     table, targets = report(results, args)

@@ -19,34 +19,23 @@ many such heads a second one client needs to keep the relay busy.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import runpy
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from plan import REPO
+from targets import STOP_SECS, Proc, ProcError, procs
 
 
-def start_relay(parser: str, config: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    args = [sys.executable, "-m", "gunicorn", "-c", "conf/gunicorn.conf.py", "--bind", "127.0.0.1:0",
-            "--http-parser", parser, "ptth_relay:app"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                            env={**os.environ, "PTTH_RELAY_CONFIG": str(config)}, start_new_session=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        m = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", log.read_text(errors="replace"))
-        if m:
-            port = int(m.group(1))
-            time.sleep(1.0)  # the worker boots after the master listens
-            return proc, port
-        time.sleep(0.05)
-    raise SystemExit(f"relay with the {parser} parser did not start:\n{log.read_text()[-2000:]}")
+def start_relay(parser: str, config: Path, log: Path) -> tuple[Proc, int]:
+    """The relay with gunicorn's `parser` ("fast": C, "python"), once it answers."""
+    try:
+        return procs.start_relay(config, log, gunicorn_args=["--http-parser", parser])
+    except ProcError as e:
+        raise SystemExit(f"relay with the {parser} parser did not start: {e}") from None
 
 
 def head(fields: int, size: int) -> bytes:
@@ -76,8 +65,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "relay.toml"
         config.write_text("")
-        relays = {name: start_relay(name, config, Path(tmp) / f"{name}.log") for name in ("fast", "python")}
+        relays: dict[str, tuple[Proc, int]] = {}
         try:
+            for name in ("fast", "python"):
+                relays[name] = start_relay(name, config, Path(tmp) / f"{name}.log")
             print("| head | bytes | C parser (ms) | Python parser (ms) | ratio |\n| --- | --- | --- | --- | --- |")
             for n, s in shapes:
                 data = head(n, s)
@@ -90,8 +81,7 @@ def main() -> None:
                       f"{slow / fast:.1f}x |")
         finally:
             for proc, _ in relays.values():
-                os.killpg(proc.pid, 15)
-                proc.wait(10)
+                proc.terminate(STOP_SECS)
 
 
 if __name__ == "__main__":
