@@ -82,6 +82,22 @@ def take_requests(relay: Relay, key: str, count: int = 1) -> list[dict]:  # type
     return got
 
 
+def call_and_take(relay: Relay, key: str, url: str) -> tuple[ClientCall, dict]:  # type: ignore[type-arg]
+    """Park a listen, then start a client request for `url`; return the call and the item the listen took."""
+    box: dict[str, requests.Response] = {}
+    listener = threading.Thread(target=lambda: box.update(r=listen(relay, "raw", key)), daemon=True)
+    listener.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "ptth_listeners_waiting 1.0" not in requests.get(
+            relay.url + "/metrics", timeout=5).text:
+        time.sleep(0.02)
+    client = ClientCall(url)
+    listener.join(15)
+    assert "r" in box and box["r"].status_code == 200, box
+    (item,) = msgpack.unpackb(box["r"].content, raw=False)
+    return client, item
+
+
 def test_round_trip_by_hand(relay_and_key: tuple[Relay, str]) -> None:
     relay, key = relay_and_key
     assert listen(relay, "raw", key).status_code == 204  # nothing queued: 204 after the timeout
@@ -167,8 +183,8 @@ def test_not_picked_up_is_502_and_no_head_is_504(relay_and_key: tuple[Relay, str
     assert r.status_code == 502
     assert "did not pick up" in r.text
 
-    client = ClientCall(f"{relay.url}/frontend/servers/raw/slow")
-    (item,) = take_requests(relay, key)  # picked up, never answered
+    # The server has not listened for seconds: offline. A listen parked first brings it back.
+    client, item = call_and_take(relay, key, f"{relay.url}/frontend/servers/raw/slow")  # never answered
     client.join()
     assert client.response is not None and client.response.status_code == 504
     assert respond(relay, item["id"], key, 200, {}, b"too late").status_code == 404
