@@ -584,7 +584,7 @@ def test_relay_json_log_lines_under_gunicorn(cluster: Cluster) -> None:
         assert set(e) >= {"time", "level", "logger", "message"}, e
         assert e["logger"].startswith("ptth_lib")
     assert [e["level"] for e in entries] == ["INFO", "INFO", "ERROR"]
-    assert entries[1]["logger"] == "ptth_lib.config_watch"
+    assert entries[1]["logger"] == "ptth_lib.relay.config_watch"
 
 
 # ---- 6. HTML server list -------------------------------------------------

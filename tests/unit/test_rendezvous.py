@@ -13,9 +13,8 @@ import gevent
 import pytest
 
 from ptth_lib.config import parse_relay_config
-from ptth_lib.relay import rendezvous
 from ptth_lib.errors import BadGatewayError, ForbiddenError, TooManyFromAddressError
-from ptth_lib.relay import shares
+from ptth_lib.relay import rendezvous, shares
 from ptth_lib.relay.rendezvous import Rendezvous
 
 CODE = "Wdl81upnoMFdZSIgCWaqBNHtONdfPFWqKDQ2ahrlVw0="

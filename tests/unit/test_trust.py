@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ptth_lib.relay import trust
 from ptth_lib.errors import BadPathError
+from ptth_lib.relay import trust
 from ptth_lib.relay.trust import ServerPath, parse_server_path
 
 P = "/frontend/servers/"
