@@ -14,8 +14,10 @@ All POSTs (PROTOCOL.md has the details):
   `/frontend/tcp/check` (which client a key is, and what it may reach).
 
 Bytes move as HTTP/1.1 chunks and each hop passes a chunk on as soon as it
-has it: the relay reads request bodies with `body_reader` (never `read(n)`,
-which waits for n bytes), and writes each piece as a chunk of its own.
+has it: the relay reads request bodies with `wsgi.iter_body` (never
+`read(n)`, which waits for n bytes), and writes each piece as a chunk of its
+own. Who is asking (a server's key, a client's key, the address) is the
+`Relay`'s to check (relay.py).
 """
 
 from __future__ import annotations
