@@ -19,7 +19,7 @@ from flask import Flask, Response, jsonify, request
 
 from ptth_lib import __version__
 from ptth_lib.relay import trust
-from ptth_lib.relay.relay import Relay
+from ptth_lib.relay.relay import FRONTEND_PREFIX, Relay
 from ptth_lib.relay.rendezvous import format_rfc3339
 from ptth_lib.relay.responses import RelayedResponse, text
 
@@ -45,7 +45,7 @@ def register(app: Flask, relay: Relay) -> None:
     def _up_check() -> Response:
         return text(200, "Relay is up")
 
-    @app.get("/frontend/servers/")
+    @app.get(FRONTEND_PREFIX)
     def _server_list() -> Response:
         if request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json":
             return jsonify(rv.describe_servers())

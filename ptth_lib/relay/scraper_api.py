@@ -28,6 +28,7 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from ptth_lib.config import ScraperKey
 from ptth_lib.errors import ScraperAuthError
+from ptth_lib.relay.relay import SCRAPER_PREFIX
 from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import API_KEY_HEADER
 
@@ -149,8 +150,8 @@ def register(app: Flask, relay: Relay) -> None:
 
     methods = ["GET", "HEAD"]
 
-    @app.route("/scraper/v1/server/<name>/", methods=methods)
-    @app.route("/scraper/v1/server/<name>/<path:_path>", methods=methods)
+    @app.route(SCRAPER_PREFIX + "<name>/", methods=methods)
+    @app.route(SCRAPER_PREFIX + "<name>/<path:_path>", methods=methods)
     def _scraper_relay(name: str, _path: str = "") -> WerkzeugResponse:
         # which server: from the raw path, as for the frontend
         return authorize() or relay.scraper_request(request)

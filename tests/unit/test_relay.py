@@ -23,7 +23,7 @@ from flask.testing import FlaskClient
 from werkzeug.test import EnvironBuilder, TestResponse
 from werkzeug.wrappers import Request
 
-from ptth_lib.config import RelayConfig, parse_relay_config
+from ptth_lib.config import RelayConfig, load_relay_config, parse_relay_config
 from ptth_lib.relay import rendezvous
 from ptth_lib.relay.app import app_for, create_app, relay_of
 from ptth_lib.relay.body_stream import BodyCutError
@@ -454,18 +454,23 @@ def test_a_reload_ends_the_listens_of_a_removed_server(tunnel: Tunnel, tmp_path:
     assert "backend_key_rejected" in audit.read_text()
 
 
-def test_create_app_starts_the_relay_and_keeps_it(tmp_path: Path) -> None:
+def test_create_app_starts_the_relay_and_keeps_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "relay.toml"
     path.write_text(f'[[servers]]\nname = "alpha"\ntripcode = "{tripcode.derive(KEYS["alpha"])}"\n')
-    from ptth_lib.config import load_relay_config
-
+    started: list[gevent.Greenlet] = []
+    start = Relay.start
+    monkeypatch.setattr(Relay, "start", lambda self: started.extend(start(self)) or started)
     app = create_app(load_relay_config(str(path)), config_path=str(path))
-    relay = relay_of(app)
-    assert relay is not None and relay.watcher is not None and relay_of(object()) is None
-    path.write_text(path.read_text().replace('"alpha"', '"gamma"'))
-    assert relay.reload_config() and list(relay.config.servers) == ["gamma"]
-    assert app.test_client().get("/frontend/relay_up_check").text == "Relay is up\n"
-    relay.close()
+    try:
+        relay = relay_of(app)
+        assert relay is not None and relay.watcher is not None and relay_of(object()) is None
+        assert len(started) == 3 and not any(g.dead for g in started)  # presence, forwarding, the config file
+        path.write_text(path.read_text().replace('"alpha"', '"gamma"'))
+        assert relay.reload_config() and list(relay.config.servers) == ["gamma"]
+        assert app.test_client().get("/frontend/relay_up_check").text == "Relay is up\n"
+        relay.close()
+    finally:
+        gevent.killall(started)
 
 
 def test_port_forwarding_needs_a_server_that_reads_promptly(make_tunnel: Any) -> None:
