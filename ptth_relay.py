@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     from ptth_lib.cli import parse_bind, setup_logging
     from ptth_lib.config import load_relay_config
     from ptth_lib.errors import ConfigError
-    from ptth_lib.relay.app import create_app
+    from ptth_lib.relay.app import app_for
+    from ptth_lib.relay.relay import Relay
     from ptth_lib.wsgi import ListenError, run
 
     setup_logging(args.log_level, args.log_format)
@@ -95,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ptth_relay: {e}", file=sys.stderr)
         return 2
-    app = create_app(config, config_path=args.config)
-    gevent.signal_handler(signal.SIGHUP, app.extensions["ptth_config_watcher"].reload)
+    relay = Relay(config, config_path=args.config)
+    relay.start()
+    gevent.signal_handler(signal.SIGHUP, relay.reload_config)
     try:
-        run(app, host, port, "ptth_relay", on_stop=app.extensions["ptth_rendezvous"].close)
+        run(app_for(relay), host, port, "ptth_relay", on_stop=relay.close)
     except ListenError as e:
         print(f"ptth_relay: {e}", file=sys.stderr)
         return 1

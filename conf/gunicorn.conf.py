@@ -36,7 +36,7 @@ graceful_timeout = 40
 keepalive = 5
 
 # The response head travels base64-encoded in the X-PTTH-2LJYXWC4 header, up
-# to 16 KiB (ptth_lib.protocol.MAX_RESPONSE_HEAD_BYTES), plus room for the
+# to 16 KiB (ptth_lib.wire.envelope.MAX_RESPONSE_HEAD_BYTES), plus room for the
 # name. The worst head these accept (50 fields of 16 KiB, 800 KiB) costs the
 # one worker 10 ms to parse with the C parser below; the README's nginx
 # bounds heads to 128 KiB before they get here (BENCHMARKS.md, request heads).
@@ -83,16 +83,11 @@ def post_worker_init(worker):
 
     gunicorn's graceful stop waits for every open request, and a parked listen
     lasts up to listen_timeout_secs; the servers reconnect to the new worker.
+    (gunicorn's worker attributes are reached through ptth_lib/wsgi.py.)
     """
-    import gevent
+    from ptth_lib.relay.app import relay_of
+    from ptth_lib.wsgi import call_when_worker_stops, worker_app
 
-    rendezvous = getattr(worker.wsgi, "extensions", {}).get("ptth_rendezvous")
-    if rendezvous is None:
-        return
-
-    def close_when_stopping():
-        while worker.alive:
-            gevent.sleep(0.5)
-        rendezvous.close()
-
-    gevent.spawn(close_when_stopping)
+    relay = relay_of(worker_app(worker))
+    if relay is not None:
+        call_when_worker_stops(worker, relay.close)

@@ -1,4 +1,12 @@
-"""The few exception types every part of PTTH shares, and how it treats network faults."""
+"""PTTH's one exception family, and how it treats network faults.
+
+Every error PTTH raises on purpose derives from `PtthError`; bad input also
+derives from `ValueError` (as requests' exceptions do). Anything that becomes
+an HTTP answer is an `HttpError` carrying its status: the relay maps it to a
+one-line text/plain answer (relay/responses.py `error_response`), with
+`Retry-After` when trying again later helps. Errors private to one module
+(a signal thrown into a greenlet, say) live there, still under `PtthError`.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +40,120 @@ class ConfigError(PtthError, ValueError):
 
 class ProtocolError(PtthError, ValueError):
     """A peer sent something that does not follow the PTTH wire protocol."""
+
+
+# ---- errors that become HTTP answers --------------------------------------------
+
+# Seconds a client is told to wait (Retry-After) after a 429 or 503: the
+# relay's queues and shares drain within seconds.
+RETRY_AFTER_SECS = 5
+
+
+class HttpError(PtthError):
+    """An outcome that becomes an HTTP answer: `status`, and the message as its text.
+
+    Subclasses fix the status; `HttpError(message, status=N)` gives one ad hoc.
+    """
+
+    status: int = 500
+    retry_after_secs: int | None = None  # sent as Retry-After when set
+
+    def __init__(self, message: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class BadRequestError(HttpError, ValueError):
+    """A request the relay cannot act on as sent (400)."""
+
+    status = 400
+
+
+class BadPathError(BadRequestError):
+    """A request path the relay refuses to route (400): it could be read two ways."""
+
+
+class BadNameError(BadRequestError):
+    """A malformed name in a path, such as a forwarded port's (400)."""
+
+
+class ForbiddenError(HttpError):
+    """A missing, wrong or unknown key, or a key that may not do this (403)."""
+
+    status = 403
+
+
+class ScraperAuthError(ForbiddenError):
+    """A refused scraper key (403); `reason` is a short label for metrics and the audit log."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class NotFoundError(HttpError):
+    """Nothing of that name here (404)."""
+
+    status = 404
+
+
+class UnknownServerError(NotFoundError):
+    """No server of that name is registered at the relay (404)."""
+
+
+class UnknownRequestError(NotFoundError):
+    """No request or connection of that id is waiting: unknown, answered or timed out (404)."""
+
+
+class ConflictError(HttpError):
+    """A stream attached twice, or a decision made twice (409)."""
+
+    status = 409
+
+
+class TooManyListenersError(HttpError):
+    """A server has as many listens parked as it may (429)."""
+
+    status = 429
+    retry_after_secs = RETRY_AFTER_SECS
+
+
+class RequestHeadTooLargeError(HttpError, ValueError):
+    """A client's request head over what one listen answer may carry (431)."""
+
+    status = 431
+
+
+class BadGatewayError(HttpError):
+    """The server is offline, did not pick the request up, or answered unusably (502)."""
+
+    status = 502
+
+
+class RefusedError(BadGatewayError):
+    """The server refused a forwarded connection; its reason is the message (502)."""
+
+
+class ServiceUnavailableError(HttpError):
+    """A bound is reached; try again later (503)."""
+
+    status = 503
+    retry_after_secs = RETRY_AFTER_SECS
+
+
+class QueueFullError(ServiceUnavailableError):
+    """Too many requests or connections wait for one server, port or client (503)."""
+
+
+class TooManyFromAddressError(ServiceUnavailableError):
+    """One client address waited too long for its turn, or too many of its requests wait (503)."""
+
+
+class GatewayTimeoutError(HttpError):
+    """The server took a request and did not answer in time (504)."""
+
+    status = 504
 
 
 def root_cause(e: BaseException) -> str:

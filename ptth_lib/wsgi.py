@@ -4,15 +4,19 @@ The WSGI interface hides the client's connection and reads request bodies
 in ways too slow or too coarse for a tunnel, so the relay reaches under it,
 here and only here:
 
-- gunicorn: the client socket (`environ["gunicorn.socket"]`), and its body
-  readers (`LengthReader`, `ChunkedReader`, their `unreader` and `parser`) to
-  hand on each piece of a POST body as it arrives;
+- gunicorn: the client socket (`environ["gunicorn.socket"]`) and the raw
+  request target (`environ["RAW_URI"]`); its body readers (`LengthReader`,
+  `ChunkedReader`, their `unreader` and `parser`, `Unreader.take_buffered`)
+  to hand on each piece of a POST body as it arrives; and its worker's
+  `wsgi` (the app it loaded) and `alive` (False once it starts to stop), for
+  conf/gunicorn.conf.py;
 - gevent: a gevent socket's `_sock` (to peek without waiting beside the
-  worker's own reader), and pywsgi's `WSGIHandler` for `python ptth_relay.py`
-  and `ptth_file_server.py` (raw request target, client socket, TCP_NODELAY).
+  worker's own reader), and pywsgi's `WSGIHandler` (`get_environ`, `path`,
+  `socket`, `handle`) for `python ptth_relay.py` and `ptth_file_server.py`.
 
-gunicorn and gevent are pinned in requirements.txt; tests/unit/test_adapters.py
-checks that what we rely on is still there, naming the library and version.
+gunicorn and gevent are pinned in requirements.txt; tests/unit/test_wsgi_adapter.py
+drives each of these against the installed versions and fails naming the
+library, its version and what changed.
 
 Reading bodies: the portable way is `wsgi.input.read(n)`, which under
 gunicorn waits until n bytes have arrived and copies each byte through two
@@ -41,6 +45,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import gevent
 import gevent.socket
@@ -51,8 +56,11 @@ from ptth_lib.errors import PtthError
 # ---- the client's socket ------------------------------------------------------
 
 # Environ keys under which the WSGI server exposes the client's socket:
-# gunicorn's own, and ours for gevent's WSGIServer (see `wsgi_server.py`).
+# gunicorn's own, and ours for gevent's WSGIServer (`_Handler` below).
 SOCKET_KEYS = ("gunicorn.socket", "ptth.socket")
+# Environ keys holding the request target as the client sent it: gunicorn's
+# (and ours for gevent's WSGIServer), and the one other servers use.
+RAW_TARGET_KEYS = ("RAW_URI", "REQUEST_URI")
 
 
 def connection_socket(environ: dict[str, Any]) -> socket.socket | None:
@@ -62,6 +70,27 @@ def connection_socket(environ: dict[str, Any]) -> socket.socket | None:
             sock: socket.socket = environ[key]
             return sock
     return None
+
+
+def request_target(environ: dict[str, Any]) -> str:
+    """The request target as the client sent it (percent-escapes intact), in origin form.
+
+    PATH_INFO is already percent-decoded, so "%2F" and "/" would look alike;
+    the server's name is read from this instead (relay/trust.py).
+    """
+    raw: str = ""
+    for key in RAW_TARGET_KEYS:
+        raw = environ.get(key) or ""
+        if raw:
+            break
+    else:
+        raw = environ.get("PATH_INFO", "/")
+        if environ.get("QUERY_STRING"):
+            raw += "?" + environ["QUERY_STRING"]
+    if not raw.startswith("/"):  # absolute-form target
+        parts = urlsplit(raw)
+        raw = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    return raw
 
 
 def cut_connection(environ: dict[str, Any]) -> bool:
@@ -122,14 +151,14 @@ def wait_for_hangup(sock: socket.socket) -> bool:
 
 # ---- request bodies as they arrive (gunicorn's readers) ------------------------
 
-class BodyBrokeOff(OSError):
+class BodyBrokeOffError(PtthError, OSError):
     """The connection ended before the body did."""
 
 
 def iter_body(environ: dict[str, Any], chunk_bytes: int) -> Iterator[bytes]:
     """Yield the request body in pieces of at most `chunk_bytes`, as they arrive.
 
-    Raises BodyBrokeOff, or the WSGI server's own error, if the body is cut short.
+    Raises BodyBrokeOffError, or the WSGI server's own error, if the body is cut short.
     """
     body = environ["wsgi.input"]
     kind = _reader_kind(body)
@@ -175,7 +204,7 @@ def _iter_sized(reader: Any, chunk_bytes: int) -> Iterator[bytes]:
     while reader.length > 0:
         data = unreader.sock.recv(min(chunk_bytes, reader.length))
         if not data:
-            raise BodyBrokeOff(f"connection closed with {reader.length} bytes of the body missing")
+            raise BodyBrokeOffError(f"connection closed with {reader.length} bytes of the body missing")
         reader.length -= len(data)
         yield data
 
@@ -220,13 +249,18 @@ class _Handler(WSGIHandler):  # type: ignore[misc]
         return environ
 
 
+def make_server(app: Any, host: str, port: int) -> WSGIServer:
+    """gevent's WSGI server for `app` on HOST:PORT, not yet bound, with our handler."""
+    return WSGIServer((host, port), app, handler_class=_Handler, log=None)
+
+
 def run(app: Any, host: str, port: int, name: str, on_stop: Callable[[], None] | None = None) -> None:
     """Serve `app` until SIGINT or SIGTERM; the caller must have monkey-patched with gevent.
 
     Prints `NAME: listening on http://HOST:PORT/` to stderr once bound (port 0
     picks a free port), and raises ListenError if the address is unusable.
     """
-    server = WSGIServer((host, port), app, handler_class=_Handler, log=None)
+    server = make_server(app, host, port)
     try:
         server.init_socket()
     except OSError as e:
@@ -245,3 +279,29 @@ def run(app: Any, host: str, port: int, name: str, on_stop: Callable[[], None] |
     for sig in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(sig, stop)
     server.serve_forever()
+
+
+# ---- gunicorn's worker, for conf/gunicorn.conf.py -------------------------------
+
+# How often a watcher looks whether the worker has started to stop.
+WORKER_CHECK_SECS = 0.5
+
+
+def worker_app(worker: Any) -> Any:
+    """The WSGI app a gunicorn worker loaded (set before post_worker_init runs)."""
+    return worker.wsgi
+
+
+def call_when_worker_stops(worker: Any, callback: Callable[[], None],
+                           interval_secs: float = WORKER_CHECK_SECS) -> gevent.Greenlet:
+    """Call `callback` in a greenlet once gunicorn's worker starts to stop.
+
+    The worker's `alive` turns False on a graceful stop (SIGTERM), before it
+    waits for the requests in flight; the callback can end the long ones.
+    """
+    def watch() -> None:
+        while worker.alive:
+            gevent.sleep(interval_secs)
+        callback()
+
+    return gevent.spawn(watch)

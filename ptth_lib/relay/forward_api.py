@@ -14,32 +14,44 @@ All POSTs (PROTOCOL.md has the details):
   `/frontend/tcp/check` (which client a key is, and what it may reach).
 
 Bytes move as HTTP/1.1 chunks and each hop passes a chunk on as soon as it
-has it: the relay reads request bodies with `body_reader` (never `read(n)`,
-which waits for n bytes), and writes each piece as a chunk of its own.
+has it: the relay reads request bodies with `wsgi.iter_body` (never
+`read(n)`, which waits for n bytes), and writes each piece as a chunk of its
+own. Who is asking (a server's key, a client's key, the address) is the
+`Relay`'s to check (relay.py).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from flask import Flask, Response, jsonify, request
 
 from ptth_lib.config import PORT_NAME_RE, RegisteredClient
-from ptth_lib.relay.audit import AuditLog
+from ptth_lib.errors import BadNameError, ForbiddenError, HttpError, RefusedError
 from ptth_lib.relay.forwarding import (
     PIECE_BYTES,
     ForwardedConnection,
     Pipe,
-    PipeAborted,
+    PipeAbortedError,
     PortForwarding,
-    RefusedError,
 )
-from ptth_lib.relay.metrics import RelayMetrics
-from ptth_lib.relay.rendezvous import ForbiddenError, ListenEnded, Rendezvous, RendezvousError
-from ptth_lib.wire.envelope import API_KEY_HEADER, CLIENT_NAME_HEADER, CONNECTION_ID_HEADER
+from ptth_lib.relay.rendezvous import ListenEndedError
+from ptth_lib.relay.responses import text
+from ptth_lib.wire.envelope import (
+    API_KEY_HEADER,
+    CLIENT_NAME_HEADER,
+    CONNECTION_ID_HEADER,
+    TCP_ACCEPT_PATH,
+    TCP_CHECK_PATH,
+    TCP_CONNECT_PATH,
+    TCP_DOWNSTREAM_PATH,
+    TCP_LISTEN_PATH,
+    TCP_REFUSE_PATH,
+    TCP_UPSTREAM_PATH,
+)
 from ptth_lib.wsgi import (
     connection_socket,
     cut_connection,
@@ -48,6 +60,9 @@ from ptth_lib.wsgi import (
     reads_promptly,
     wait_for_hangup,
 )
+
+if TYPE_CHECKING:
+    from ptth_lib.relay.relay import Relay
 
 logger = logging.getLogger(__name__)
 
@@ -69,38 +84,30 @@ _STREAM_HEADERS = {
 _OUTCOMES = {502: "failed", 504: "timed_out"}
 
 
-class BadNameError(RendezvousError):
-    status = 400
-
-
-def register(app: Flask, rv: Rendezvous, fw: PortForwarding, metrics: RelayMetrics, audit: AuditLog,
-             client_address: Callable[[], str],
-             reject_backend_key: Callable[[ForbiddenError, str], None]) -> None:
+def register(app: Flask, relay: Relay) -> None:
     """Add the port forwarding routes to the relay's app."""
+    fw = relay.forwarding
+    metrics = relay.metrics
 
     def server_is(name: str) -> None:
-        try:
-            rv.authenticate(name, request.headers.get(API_KEY_HEADER), client_address())
-        except ForbiddenError as e:
-            reject_backend_key(e, name[:64])
-            raise
+        relay.authenticate_server(name, request)
 
     def client() -> RegisteredClient:
         try:
             return fw.authenticate_client(request.headers.get(API_KEY_HEADER))
         except ForbiddenError as e:
             metrics.tcp_auth_rejected.inc()
-            audit.record("client_key_rejected", address=client_address(), reason=str(e))
+            relay.audit.record("client_key_rejected", address=relay.client_address(request), reason=str(e))
             raise
 
-    @app.post("/7ZSFUKGV/tcp_listen/<server>/<port>")
+    @app.post(TCP_LISTEN_PATH.format(name="<server>", port="<port>"))
     def _listen(server: str, port: str) -> Response:
         _check_port_name(port)
         server_is(server)
         sock = connection_socket(request.environ)
-        watcher = gevent.spawn(end_on_hangup, sock, gevent.getcurrent(), ListenEnded) if sock else None
+        watcher = gevent.spawn(end_on_hangup, sock, gevent.getcurrent(), ListenEndedError) if sock else None
         try:
-            conn = fw.listen(server, port, rv.config.listen_timeout_secs)
+            conn = fw.listen(server, port, relay.config.listen_timeout_secs)
         finally:
             if watcher is not None:
                 watcher.kill()
@@ -109,7 +116,7 @@ def register(app: Flask, rv: Rendezvous, fw: PortForwarding, metrics: RelayMetri
         logger.debug("tcp listen of %s:%s takes connection %s", server, port, conn.id[:8])
         return Response(status=200, headers={CONNECTION_ID_HEADER: conn.id, CLIENT_NAME_HEADER: conn.client})
 
-    @app.post("/7ZSFUKGV/tcp_accept/<conn_id>")
+    @app.post(TCP_ACCEPT_PATH.format(id="<conn_id>"))
     def _accept(conn_id: str) -> Response:
         conn = fw.find_for_server(conn_id, server_is)
         _need_prompt_reads()
@@ -118,7 +125,7 @@ def register(app: Flask, rv: Rendezvous, fw: PortForwarding, metrics: RelayMetri
         logger.info("connection %s open", conn.describe())
         return _stream_out(fw, conn, conn.up, "accept")
 
-    @app.post("/7ZSFUKGV/tcp_refuse/<conn_id>")
+    @app.post(TCP_REFUSE_PATH.format(id="<conn_id>"))
     def _refuse(conn_id: str) -> Response:
         conn = fw.find_for_server(conn_id, server_is)
         reason = b""
@@ -126,23 +133,23 @@ def register(app: Flask, rv: Rendezvous, fw: PortForwarding, metrics: RelayMetri
         for piece in iter_body(environ, MAX_REFUSAL_BYTES + 1):
             reason += piece
             if len(reason) > MAX_REFUSAL_BYTES:  # never read the rest, chunked or not
-                resp = _text(413, f"a refusal reason is at most {MAX_REFUSAL_BYTES} bytes")
+                resp = text(413, f"a refusal reason is at most {MAX_REFUSAL_BYTES} bytes")
                 resp.call_on_close(lambda: cut_connection(environ))
                 return resp
         fw.refuse(conn, reason.decode("utf-8", "replace"))
-        return _text(200, "refused")
+        return text(200, "refused")
 
-    @app.post("/7ZSFUKGV/tcp_downstream/<conn_id>")
+    @app.post(TCP_DOWNSTREAM_PATH.format(id="<conn_id>"))
     def _downstream(conn_id: str) -> Response:
         conn = fw.attach_downstream(fw.find_for_server(conn_id, server_is))
         return _stream_in(fw, conn, conn.down, "downstream")
 
-    @app.post("/frontend/tcp/check")
+    @app.post(TCP_CHECK_PATH)
     def _check() -> Response:
         who = client()
         return jsonify({"client": who.name, "allow": sorted(who.allow)})
 
-    @app.post("/frontend/tcp/connect/<server>/<port>")
+    @app.post(TCP_CONNECT_PATH.format(server="<server>", port="<port>"))
     def _connect(server: str, port: str) -> Response:
         _check_port_name(port)
         who = client()
@@ -150,11 +157,11 @@ def register(app: Flask, rv: Rendezvous, fw: PortForwarding, metrics: RelayMetri
         try:
             conn = fw.connect(who, server, port)
         except ForbiddenError as e:
-            audit.record("tcp_connect_forbidden", client=who.name, server=server[:64], port=port,
-                         address=client_address(), reason=str(e))
+            relay.audit.record("tcp_connect_forbidden", client=who.name, server=server[:64], port=port,
+                               address=relay.client_address(request), reason=str(e))
             metrics.tcp_connections.labels("forbidden").inc()
             raise
-        except RendezvousError as e:
+        except HttpError as e:
             outcome = "refused" if isinstance(e, RefusedError) else _OUTCOMES.get(e.status, "rejected")
             metrics.tcp_connections.labels(outcome).inc()
             raise
@@ -162,7 +169,7 @@ def register(app: Flask, rv: Rendezvous, fw: PortForwarding, metrics: RelayMetri
         resp.headers[CONNECTION_ID_HEADER] = conn.id
         return resp
 
-    @app.post("/frontend/tcp/upstream/<conn_id>")
+    @app.post(TCP_UPSTREAM_PATH.format(id="<conn_id>"))
     def _upstream(conn_id: str) -> Response:
         conn = fw.attach_upstream(conn_id, client())
         return _stream_in(fw, conn, conn.up, "upstream")
@@ -175,11 +182,8 @@ def _check_port_name(port: str) -> None:
 
 def _need_prompt_reads() -> None:
     if not reads_promptly(request.environ):
-        raise _NotPromptError("TCP port forwarding needs the relay under gunicorn (conf/gunicorn.conf.py)")
-
-
-class _NotPromptError(RendezvousError):
-    status = 501
+        raise HttpError("TCP port forwarding needs the relay under gunicorn (conf/gunicorn.conf.py)",
+                        status=501)
 
 
 def _stream_out(fw: PortForwarding, conn: ForwardedConnection, pipe: Pipe, stream: str) -> Response:
@@ -201,7 +205,7 @@ def _stream_out(fw: PortForwarding, conn: ForwardedConnection, pipe: Pipe, strea
             while (piece := pipe.get()) is not None:
                 yield piece + pipe.get_ready(MAX_WRITE_BYTES - len(piece))
             ended = True
-        except PipeAborted:
+        except PipeAbortedError:
             cut_connection(environ)  # a cut, not the last chunk: the proxy must not see a clean end
             return
         finally:
@@ -222,16 +226,13 @@ def _stream_in(fw: PortForwarding, conn: ForwardedConnection, pipe: Pipe, stream
         for piece in iter_body(environ, PIECE_BYTES):
             pipe.put(piece)
         pipe.end()
-    except PipeAborted:
+    except PipeAbortedError:
         cut_connection(environ)
-        return _text(410, "the connection was closed")
+        return text(410, "the connection was closed")
     except Exception as e:  # noqa: BLE001 - the WSGI server's body reader: OSError or its parse errors
         fw.abort(conn, f"{stream} broke off ({type(e).__name__})")
         cut_connection(environ)
-        return _text(400, f"{stream} broke off")
+        return text(400, f"{stream} broke off")
     fw.finish(conn, stream)
-    return _text(200, f"{stream} ended")
+    return text(200, f"{stream} ended")
 
-
-def _text(status: int, message: str) -> Response:
-    return Response(message + "\n", status=status, content_type="text/plain; charset=utf-8")

@@ -15,9 +15,10 @@ stream breaking off instead aborts the whole connection (`abort`): both pipes
 wake whoever waits on them, and every attached HTTP connection is shut down,
 so each proxy sees a cut and closes its TCP socket.
 
-Pure gevent, no Flask: `forward_api.py` maps the errors raised here (from
-rendezvous.py, each with its HTTP status) to answers, and registers the
-sockets to shut down.
+Pure gevent, no Flask: the errors raised here are `errors.HttpError`s, each
+with its status, which `forward_api.py` answers with; it also registers the
+sockets to shut down. Slightly over 450 lines: one connection's life, from
+offer to abort, reads best in one module.
 """
 
 from __future__ import annotations
@@ -35,17 +36,19 @@ import gevent.event
 import gevent.queue
 
 from ptth_lib.config import RegisteredClient, RelayConfig
-from ptth_lib.errors import PtthError
-from ptth_lib.relay.rendezvous import (
+from ptth_lib.errors import (
     BadGatewayError,
+    ConflictError,
     ForbiddenError,
     GatewayTimeoutError,
-    ListenEnded,
+    HttpError,
+    PtthError,
     QueueFullError,
-    RendezvousError,
+    RefusedError,
     TooManyListenersError,
     UnknownRequestError,
 )
+from ptth_lib.relay.rendezvous import ListenEndedError
 from ptth_lib.wire import tripcode
 
 logger = logging.getLogger(__name__)
@@ -101,15 +104,7 @@ _ABORT = object()  # pipe sentinel: the connection was aborted
 STREAMS = ("connect", "accept", "upstream", "downstream")
 
 
-class ConflictError(RendezvousError):
-    status = 409
-
-
-class RefusedError(BadGatewayError):
-    """The server refused the connection (its reason is the message)."""
-
-
-class PipeAborted(PtthError):
+class PipeAbortedError(PtthError):
     """The connection this pipe belongs to was aborted."""
 
 
@@ -123,7 +118,7 @@ class Pipe:
         self.ended = False  # the reader has seen the clean end
 
     def put(self, piece: bytes) -> None:
-        """Queue a piece, waiting while the pipe is full; PipeAborted if aborted."""
+        """Queue a piece, waiting while the pipe is full; PipeAbortedError if aborted."""
         self._put(piece)
         self.bytes += len(piece)
 
@@ -132,12 +127,12 @@ class Pipe:
         self._put(_END)
 
     def get(self) -> bytes | None:
-        """The next piece, waiting for it; None at the clean end; PipeAborted if aborted."""
+        """The next piece, waiting for it; None at the clean end; PipeAbortedError if aborted."""
         if self._owner.aborted:
-            raise PipeAborted(self._owner.abort_reason)
+            raise PipeAbortedError(self._owner.abort_reason)
         item = self._queue.get()
         if self._owner.aborted or item is _ABORT:
-            raise PipeAborted(self._owner.abort_reason)
+            raise PipeAbortedError(self._owner.abort_reason)
         self._owner.last_active = time.monotonic()
         if item is _END:
             self.ended = True
@@ -179,10 +174,10 @@ class Pipe:
 
     def _put(self, item: object) -> None:
         if self._owner.aborted:
-            raise PipeAborted(self._owner.abort_reason)
+            raise PipeAbortedError(self._owner.abort_reason)
         self._queue.put(item)  # blocks while full: the backpressure; abort() drains it
         if self._owner.aborted:
-            raise PipeAborted(self._owner.abort_reason)
+            raise PipeAbortedError(self._owner.abort_reason)
         self._owner.last_active = time.monotonic()
 
 
@@ -217,7 +212,9 @@ class ForwardedConnection:
 class PortForwarding:
     """Every forwarded TCP connection in flight, and the listens waiting for them."""
 
-    def __init__(self, config: RelayConfig) -> None:
+    def __init__(self, config: RelayConfig,
+                 on_closed: Callable[[ForwardedConnection], None] = lambda conn: None) -> None:
+        """`on_closed(conn)` hears of every connection forgotten, cleanly or not (for metrics)."""
         self.config = config
         self.connections: dict[str, ForwardedConnection] = {}
         self._offers: dict[tuple[str, str], gevent.queue.Queue] = {}
@@ -225,8 +222,7 @@ class PortForwarding:
         self._last_listen: dict[tuple[str, str], float] = {}
         self.closing = False
         self._parked: set[gevent.Greenlet] = set()
-        # Called as on_closed(connection) when a connection is forgotten, for metrics.
-        self.on_closed: Callable[[ForwardedConnection], None] = lambda c: None
+        self._on_closed = on_closed
 
     # ---- clients ---------------------------------------------------------
 
@@ -273,7 +269,7 @@ class PortForwarding:
         self.connections[conn.id] = conn
         try:
             self._wait_for_decision(conn)
-        except RendezvousError:
+        except HttpError:
             self._forget(conn)
             raise
         except BaseException:  # the client hung up while waiting (GreenletExit)
@@ -332,7 +328,7 @@ class PortForwarding:
                     return None
                 try:
                     conn: ForwardedConnection = offers.get(timeout=left)
-                except (gevent.queue.Empty, ListenEnded):
+                except (gevent.queue.Empty, ListenEndedError):
                     return None
                 if not conn.aborted:  # its client may have given up meanwhile
                     conn.taken = time.monotonic()
@@ -423,7 +419,7 @@ class PortForwarding:
         """
         self.closing = True
         for greenlet in list(self._parked):
-            gevent.kill(greenlet, ListenEnded)
+            gevent.kill(greenlet, ListenEndedError)
         for conn in list(self.connections.values()):
             self.abort(conn, "the relay is stopping")
 
@@ -469,7 +465,7 @@ class PortForwarding:
 
     def _forget(self, conn: ForwardedConnection) -> None:
         if self.connections.pop(conn.id, None) is not None:
-            self.on_closed(conn)
+            self._on_closed(conn)
 
 
 def _shut(sock: socket.socket) -> None:

@@ -1,7 +1,7 @@
 """Prometheus metrics of the relay, served at /metrics.
 
-Counters and the duration histogram are updated by the routes as requests
-finish; gauges of the current state (servers, parked listens, requests in
+Counters and the duration histogram are updated by the relay (relay.py) as
+requests finish; gauges of the current state (servers, parked listens, requests in
 flight in the rendezvous) are read from the rendezvous at scrape time, so
 they cannot drift. The registry belongs to one app: under gunicorn that is
 the one gevent worker, whose memory holds the state being reported.
@@ -59,9 +59,9 @@ class RelayMetrics:
             "ptth_tcp_bytes", "Bytes carried by forwarded TCP connections that have closed",
             ["direction"], registry=self.registry)
         self.registry.register(_RendezvousCollector(rendezvous, forwarding))
-        forwarding.on_closed = self._count_closed
 
-    def _count_closed(self, conn: ForwardedConnection) -> None:
+    def count_closed(self, conn: ForwardedConnection) -> None:
+        """Count the bytes a forwarded connection carried, once it is forgotten."""
         self.tcp_bytes.labels("to_server").inc(conn.up.bytes)
         self.tcp_bytes.labels("to_client").inc(conn.down.bytes)
 

@@ -3,8 +3,8 @@
 Each registered server has a bounded queue of requests waiting for a listen.
 A client request becomes a `PendingRequest`; a listen takes every queued one
 at once; the server's POST delivers the response head, then its body flows
-through a small bounded queue to the client's response generator, so a slow
-reader slows the server instead of filling memory.
+through a small bounded queue to the client's response body (body_stream.py),
+so a slow reader slows the server instead of filling memory.
 
 Delivery to a server that acknowledges (ptth_server does; see PROTOCOL.md,
 "Acknowledged delivery") is exactly once whatever its connections do: the
@@ -14,11 +14,18 @@ unanswered requests back in the queue.
 
 Every table here has a bound or an expiry: queued requests per server,
 requests handed out but not answered per server, listens per server,
-requests in flight per client address and server, leases (seconds), the
-unregistered names shown to operators.
+requests in flight per client address and server (shares.py), leases
+(seconds), the unregistered names shown to operators.
 
-Pure gevent, no Flask and no sockets: `relay.py` maps the errors raised here
-to HTTP answers (each error carries its status).
+Pure gevent, no Flask and no sockets. The errors raised here are
+`errors.HttpError`s, each with its status; the `Relay` (relay.py) turns
+them into answers.
+
+Longer than most modules (about 600 lines) on purpose: `Rendezvous` is one
+state machine whose tables (queues, requests taken, leases, requests in
+flight) change together, and each of its rules reads best beside the others.
+Its parts with a life of their own are elsewhere: fair shares (shares.py)
+and the response body the client reads (body_stream.py).
 """
 
 from __future__ import annotations
@@ -35,7 +42,18 @@ import gevent.event
 import gevent.queue
 
 from ptth_lib.config import RegisteredServer, RelayConfig
-from ptth_lib.errors import PtthError
+from ptth_lib.errors import (
+    BadGatewayError,
+    ForbiddenError,
+    GatewayTimeoutError,
+    PtthError,
+    QueueFullError,
+    RequestHeadTooLargeError,
+    TooManyListenersError,
+    UnknownRequestError,
+    UnknownServerError,
+)
+from ptth_lib.relay.shares import FairShares, Share
 from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import (
     MAX_LISTEN_BODY_BYTES,
@@ -61,12 +79,6 @@ LEAVE_GRACE_SECS = 1.0
 # A server that takes requests and never answers is given no more past this;
 # the rest queue (and get 503 once the queue is full) until clients time out.
 MAX_UNANSWERED_PER_SERVER = 1024
-
-# How long a client's request may wait for its turn while its address has
-# `requests_per_address` requests in flight at the server (a client that hangs
-# up meanwhile stops waiting at once), and how many may wait so per address.
-TURN_WAIT_SECS = 300.0
-MAX_WAITING_PER_ADDRESS = 256
 
 # How long requests handed to an acknowledging server wait for its next
 # listen to acknowledge them before they go back to the queue. It re-polls at
@@ -112,63 +124,18 @@ MAX_UNREGISTERED_SHOWN = 50
 # 80 random bits, base32: unguessable, URL-safe, in the spec's style of id.
 _ID_BYTES = 10
 
-_END = object()   # body sentinel: the server's body ended normally
-_CUT = object()   # body sentinel: the server's body broke off
+# Sentinels that end a body queue (PendingRequest.body), for body_stream.py.
+BODY_END = object()  # the server's body ended normally
+BODY_CUT = object()  # the server's body broke off
 
 
-class RendezvousError(PtthError):
-    """An outcome that becomes an HTTP error answer with `status`."""
-
-    status = 500
-
-
-class UnknownServerError(RendezvousError):
-    status = 404
-
-
-class ForbiddenError(RendezvousError):
-    status = 403
-
-
-class UnknownRequestError(RendezvousError):
-    status = 404
-
-
-class BadGatewayError(RendezvousError):
-    status = 502
-
-
-class GatewayTimeoutError(RendezvousError):
-    status = 504
-
-
-class QueueFullError(RendezvousError):
-    status = 503
-
-
-class TooManyListenersError(RendezvousError):
-    status = 429
-
-
-class RequestHeadTooLargeError(RendezvousError):
-    status = 431
-
-
-class TooManyFromAddressError(RendezvousError):
-    status = 503
-
-
-class ListenEnded(Exception):
+class ListenEndedError(PtthError):
     """Thrown into a parked listen to end it at once with no requests.
 
     Used when the relay stops, when the server's registration changes, and
     when the listen's connection is found closed. A request still in the queue
     stays there: gevent leaves an item in the queue until the getter runs.
     """
-
-
-class BodyCutError(PtthError):
-    """The response body could not be delivered whole; the client must see a cut."""
 
 
 @dataclass
@@ -192,7 +159,7 @@ class ServerState:
     def wake_listeners(self) -> None:
         """End this server's parked listens now (they answer 204)."""
         for greenlet in list(self.parked):
-            gevent.kill(greenlet, ListenEnded)
+            gevent.kill(greenlet, ListenEndedError)
 
     def touch(self) -> None:
         self.last_seen_monotonic = time.monotonic()
@@ -232,7 +199,7 @@ class PendingRequest:
     request: RelayRequest
     server: ServerState
     head_size: int = 0  # protocol.head_size of the request, for batching listens
-    share: _Share | None = None  # its client's share of the server, released when forgotten
+    share: Share | None = None  # its client's share of the server, released when forgotten
     picked_up: gevent.event.Event = field(default_factory=gevent.event.Event)
     head_ready: gevent.event.Event = field(default_factory=gevent.event.Event)
     delivered: gevent.event.Event = field(default_factory=gevent.event.Event)
@@ -256,32 +223,21 @@ class Lease:
     holder: gevent.Greenlet | None = None  # waits for the acknowledgement; ended by it
 
 
-@dataclass(eq=False)
-class _Share:
-    """What one client address has in flight at one server, and who waits for a turn."""
-
-    key: tuple[str, str]
-    held: int = 0
-    waiting: int = 0
-    freed: gevent.event.Event | None = None  # made when someone first waits: most never do
-
-
 class Rendezvous:
     """Registered servers, their queues and every request in flight."""
 
-    def __init__(self, config: RelayConfig) -> None:
+    def __init__(self, config: RelayConfig,
+                 on_event: Callable[..., None] = lambda event, **fields: None) -> None:
+        """`on_event(event, **fields)` hears of server_online and server_offline (for the audit log)."""
         self.config = config
         self.servers = {name: ServerState(reg) for name, reg in config.servers.items()}
         self.pending: dict[str, PendingRequest] = {}
         self.leases: dict[str, Lease] = {}
         # (name, tripcode, address) -> last time, oldest first; bounded by MAX_UNREGISTERED_SHOWN.
         self.unregistered: dict[tuple[str, str, str], float] = {}
-        self._shares: dict[tuple[str, str], _Share] = {}
+        self.shares = FairShares(lambda: self.config.requests_per_address)
         self.closing = False
-        # Called as on_event(event, **fields) for server_online and server_offline.
-        self.on_event: Callable[..., None] = lambda event, **fields: None
-        # Called by close(), for what else the relay must end when it stops.
-        self.on_close: Callable[[], None] = lambda: None
+        self._on_event = on_event
 
     # ---- backend side: servers -----------------------------------------
 
@@ -323,7 +279,7 @@ class Rendezvous:
             try:
                 room = self._wait_for_room(server, started + timeout)
                 first = self._take(server.queue, started + timeout) if room else None
-            except ListenEnded:
+            except ListenEndedError:
                 return [], None
             finally:
                 server.parked.discard(me)
@@ -430,7 +386,7 @@ class Rendezvous:
         if p.client_gone:
             return False
         try:
-            p.body.put(_END if complete else _CUT, timeout=BODY_STALL_SECS)
+            p.body.put(BODY_END if complete else BODY_CUT, timeout=BODY_STALL_SECS)
         except gevent.queue.Full:
             p.client_gone = True
             return False
@@ -450,7 +406,6 @@ class Rendezvous:
         self.closing = True
         for server in self.servers.values():
             server.wake_listeners()
-        self.on_close()
 
     def reconfigure(self, config: RelayConfig) -> None:
         """Apply a new config without dropping servers that stay registered.
@@ -478,7 +433,7 @@ class Rendezvous:
         self.config = config
 
     def watch_presence(self, interval_secs: float = PRESENCE_CHECK_SECS) -> None:
-        """Forever: announce servers coming online and going offline via on_event.
+        """Forever: announce servers coming online and going offline (to `on_event`).
 
         When a server goes offline, requests waiting for it fail at once (502)
         rather than each waiting out its request timeout.
@@ -517,7 +472,7 @@ class Rendezvous:
     def _announce(self, state: ServerState, online: bool) -> None:
         state.reported_online = online
         logger.info("server %s is %s", state.registered.name, "online" if online else "offline")
-        self.on_event("server_online" if online else "server_offline",
+        self._on_event("server_online" if online else "server_offline",
                       server=state.registered.name, host=state.host, version=state.version)
 
     # ---- frontend side: clients ----------------------------------------
@@ -528,7 +483,7 @@ class Rendezvous:
 
         `client` names the client's share (trust.fairness_key of its address):
         while it has `requests_per_address` requests in flight at this server,
-        this one waits its turn (up to TURN_WAIT_SECS, then 503).
+        this one waits its turn (shares.py: up to TURN_WAIT_SECS, then 503).
         """
         server = self.servers.get(name)
         if server is None:
@@ -539,7 +494,7 @@ class Rendezvous:
         if size > MAX_REQUEST_HEAD_BYTES:
             raise RequestHeadTooLargeError(f"request head of {size} bytes is over the relay's limit of "
                                            f"{MAX_REQUEST_HEAD_BYTES}")
-        share = self._take_share((name, client)) if client else None
+        share = self.shares.take((name, client)) if client else None
         p = PendingRequest(RelayRequest(_new_id(), method, uri, headers), server, head_size=size, share=share)
         try:
             server.queue.put_nowait(p)
@@ -551,47 +506,12 @@ class Rendezvous:
 
     def must_wait_turn(self, name: str, client: str) -> bool:
         """Tell whether a request from `client` to `name` would wait for its turn now."""
-        share = self._shares.get((name, client))
-        return share is not None and share.held >= self.config.requests_per_address
-
-    def _take_share(self, key: tuple[str, str]) -> _Share:
-        """Count one more request of this client at this server, waiting for a turn if it has its fill."""
-        share = self._shares.get(key)
-        if share is None:
-            share = self._shares[key] = _Share(key)
-        if share.held >= self.config.requests_per_address and share.waiting >= MAX_WAITING_PER_ADDRESS:
-            raise TooManyFromAddressError(f"your address already has {MAX_WAITING_PER_ADDRESS} requests waiting "
-                                          f"for server {key[0]!r}; try again later")
-        deadline = time.monotonic() + TURN_WAIT_SECS
-        while share.held >= self.config.requests_per_address:
-            left = deadline - time.monotonic()
-            share.waiting += 1
-            if share.freed is None:
-                share.freed = gevent.event.Event()
-            share.freed.clear()
-            try:
-                freed = left > 0 and share.freed.wait(left)
-            finally:
-                share.waiting -= 1
-            if not freed:
-                self._drop_share_if_idle(share)
-                raise TooManyFromAddressError(
-                    f"your address already has {self.config.requests_per_address} requests in flight at "
-                    f"server {key[0]!r}; try again when they finish")
-        share.held += 1
-        return share
+        return self.shares.must_wait((name, client))
 
     def _release_share(self, p: PendingRequest) -> None:
         share, p.share = p.share, None
         if share is not None:
-            share.held -= 1
-            if share.freed is not None:
-                share.freed.set()
-            self._drop_share_if_idle(share)
-
-    def _drop_share_if_idle(self, share: _Share) -> None:
-        if share.held <= 0 and share.waiting == 0 and self._shares.get(share.key) is share:
-            del self._shares[share.key]
+            self.shares.release(share)
 
     def wait_for_head(self, p: PendingRequest) -> ServerResponseHead:
         """Wait for the server to pick up the request, then for its response head."""
@@ -680,78 +600,3 @@ class Rendezvous:
 
 def _new_id() -> str:
     return base64.b32encode(secrets.token_bytes(_ID_BYTES)).decode("ascii")
-
-
-class BodyStream:
-    """The WSGI body of a relayed response: chunks from the server's POST.
-
-    A class rather than a generator so that `close()` frees the request even
-    when the WSGI server never starts iterating. When the server's body breaks
-    off, stalls, or does not match its Content-Length, `cut()` is called to
-    drop the client's connection; if it cannot (returns False), BodyCutError is
-    raised so the WSGI server drops it instead. Either way the client never
-    sees a short body passed off as complete.
-    """
-
-    def __init__(self, rendezvous: Rendezvous, p: PendingRequest, cut: Callable[[str], bool]) -> None:
-        self._rv = rendezvous
-        self._p = p
-        self._cut = cut
-        self.sent = 0
-        self.was_cut = False
-        self._started = False
-        self._complete = False
-        self._closed = False
-        length = p.head.headers.get("content-length") if p.head else None
-        self._declared = int(length) if length is not None and length.isdigit() else None
-
-    def __iter__(self) -> BodyStream:
-        return self
-
-    def __next__(self) -> bytes:
-        if self._closed:
-            raise StopIteration
-        if not self._started:
-            # An empty first chunk makes the WSGI server send the status and
-            # headers now, before the first body bytes arrive.
-            self._started = True
-            return b""
-        if self._p.client_gone:  # put_chunk gave up on this client: it read nothing for too long
-            return self._break_off(f"client read nothing for {BODY_STALL_SECS:.0f} s")
-        try:
-            item = self._p.body.get(timeout=BODY_STALL_SECS)
-        except gevent.queue.Empty:
-            return self._break_off(f"server sent nothing for {BODY_STALL_SECS:.0f} s")
-        if item is _CUT:
-            return self._break_off("server's response body broke off")
-        if item is _END:
-            if self._declared is not None and self.sent != self._declared:
-                return self._break_off(f"server sent {self.sent} bytes, not its Content-Length {self._declared}")
-            self._complete = True
-            self.close()
-            raise StopIteration
-        chunk: bytes = item
-        self.sent += len(chunk)
-        if self._declared is not None and self.sent > self._declared:
-            return self._break_off(f"server sent more than its Content-Length {self._declared}")
-        return chunk
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        p = self._p
-        if not self._complete:
-            p.client_gone = True
-            while not p.body.empty():  # unblock a server waiting to put
-                p.body.get_nowait()
-        p.delivered.set()
-        self._rv.forget(p)
-
-    def _break_off(self, reason: str) -> bytes:
-        logger.warning("cutting client of request %s: %s", self._p.request.id, reason)
-        self.was_cut = True
-        self.close()
-        if self._cut(reason):
-            raise StopIteration
-        raise BodyCutError(reason)

@@ -20,14 +20,20 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from flask import Flask, Response, jsonify, request
+from werkzeug.wrappers import Response as WerkzeugResponse
 
-from ptth_lib.config import RelayConfig, ScraperKey
-from ptth_lib.errors import PtthError
+from ptth_lib.config import ScraperKey
+from ptth_lib.errors import ScraperAuthError
+from ptth_lib.relay.relay import SCRAPER_PREFIX
 from ptth_lib.wire import tripcode
+from ptth_lib.wire.envelope import API_KEY_HEADER
+
+if TYPE_CHECKING:
+    from ptth_lib.relay.relay import Relay
 
 # Failed attempts allowed per client address within one window, then 429.
 MAX_FAILURES_PER_WINDOW = 10
@@ -37,15 +43,6 @@ MAX_TRACKED_ADDRESSES = 10_000
 
 # How long a key from --new-scraper-key is valid by default.
 DEFAULT_KEY_DAYS = 30
-
-
-class ScraperAuthError(PtthError):
-    """A refused scraper key; `reason` is a short label for metrics and the audit log."""
-
-    def __init__(self, reason: str, message: str, status: int = 403) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.status = status
 
 
 def find_key(keys: tuple[ScraperKey, ...], api_key: str | None, now: datetime) -> ScraperKey:
@@ -104,39 +101,43 @@ def new_key_snippet(name: str, days: int = DEFAULT_KEY_DAYS) -> tuple[str, str]:
     return key, snippet
 
 
-def register(app: Flask, config: Callable[[], RelayConfig], client_address: Callable[[], str],
-             server_list: Callable[[], list[dict[str, object]]], relay: Callable[[], Response],
-             on_auth: Callable[[str, str, str | None], None]) -> None:
-    """Add the /scraper/ routes to the relay app.
+def register(app: Flask, relay: Relay) -> None:
+    """Add the /scraper/ routes to the relay's app.
 
-    `config()` is the config in force (it may be reloaded); `relay()` relays
-    the current request to the server its path names, as the frontend does;
-    `on_auth(outcome, address, key_name_or_reason)` hears of every key check.
+    Relayed requests go through `relay.scraper_request`, exactly as the
+    frontend's; every key check is counted in the metrics and the audit log.
     """
     limiter = FailureLimiter()
 
+    def checked(outcome: str, address: str, detail: str) -> None:
+        if outcome == "rejected":
+            relay.metrics.scraper_auth_rejected.labels(detail).inc()
+            relay.audit.record("scraper_key_rejected", reason=detail, address=address)
+        else:
+            relay.audit.record("scraper_key_used", key=detail, address=address, path=request.path[:200])
+
     def authorize() -> Response | None:
-        cfg = config()
+        cfg = relay.config
         if not cfg.enable_scraper_api:
             return Response("the scraper API is not enabled at this relay\n", 404, mimetype="text/plain")
-        address = client_address()
+        address = relay.client_address(request)
         now = time.monotonic()
         try:
-            key = find_key(cfg.scraper_keys, request.headers.get("X-ApiKey"), datetime.now(UTC))
+            key = find_key(cfg.scraper_keys, request.headers.get(API_KEY_HEADER), datetime.now(UTC))
         except ScraperAuthError as e:
             # The key is checked first, so a valid key works even from an address
             # being limited (behind NAT or a proxy, many people share one).
             wait = limiter.retry_after(address, now)
             if wait > 0:
-                on_auth("rejected", address, "rate_limited")
+                checked("rejected", address, "rate_limited")
                 resp = Response("too many failed scraper key attempts from your address; try again later\n",
                                 429, mimetype="text/plain")
                 resp.headers["Retry-After"] = str(int(wait) + 1)
                 return resp
             limiter.fail(address, now)
-            on_auth("rejected", address, e.reason)
+            checked("rejected", address, e.reason)
             return Response(f"{e}\n", e.status, mimetype="text/plain")
-        on_auth("used", address, key.name)
+        checked("used", address, key.name)
         return None
 
     @app.get("/scraper/v1/test")
@@ -145,14 +146,15 @@ def register(app: Flask, config: Callable[[], RelayConfig], client_address: Call
 
     @app.get("/scraper/v1/server_list")
     def _scraper_server_list() -> Response:
-        return authorize() or jsonify(server_list())
+        return authorize() or jsonify(relay.rendezvous.describe_servers())
 
     methods = ["GET", "HEAD"]
 
-    @app.route("/scraper/v1/server/<name>/", methods=methods)
-    @app.route("/scraper/v1/server/<name>/<path:_path>", methods=methods)
-    def _scraper_relay(name: str, _path: str = "") -> Response:
-        return authorize() or relay()  # which server: from the raw path, as for the frontend
+    @app.route(SCRAPER_PREFIX + "<name>/", methods=methods)
+    @app.route(SCRAPER_PREFIX + "<name>/<path:_path>", methods=methods)
+    def _scraper_relay(name: str, _path: str = "") -> WerkzeugResponse:
+        # which server: from the raw path, as for the frontend
+        return authorize() or relay.scraper_request(request)
 
     @app.route("/scraper/", defaults={"_rest": ""})
     @app.route("/scraper/<path:_rest>")

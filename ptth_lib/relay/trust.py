@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
-from ptth_lib.errors import PtthError
+from ptth_lib.errors import BadPathError
 
 # Address blocks as the config lists them ("127.0.0.1/32", "::1/128").
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -82,12 +82,6 @@ PROXY_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
 
 # Longest address kept from a header: an IPv6 address with a zone fits.
 _MAX_ADDRESS_CHARS = 64
-
-
-class BadPathError(PtthError, ValueError):
-    """A request path the relay refuses to route (400): it could be read two ways."""
-
-    status = 400
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from ptth_lib import __version__
 from ptth_lib.config import ServerConfig
-from ptth_lib.errors import ProtocolError, backoff_secs, describe_answer, root_cause
+from ptth_lib.errors import ProtocolError, PtthError, backoff_secs, describe_answer, root_cause
 from ptth_lib.forward.http_server import PortForwardServer
 from ptth_lib.server import file_server
 from ptth_lib.wire import tripcode
@@ -118,11 +118,11 @@ LEAVE_TIMEOUT_SECS = 5.0
 QUIC_STOP_SECS = 2.0
 
 
-class _Aborted(Exception):
+class _AbortedError(PtthError):
     """Raised inside a body generator to abandon an upload at shutdown."""
 
 
-class _AnsweredEarly(Exception):
+class _AnsweredEarlyError(PtthError):
     """Raised inside a body generator: the relay answered before the body was done.
 
     The relay only does that when the body is not wanted (the client left, or
@@ -381,10 +381,10 @@ class ServerLoop:
                 with session.post(url, data=body.upload(), headers=headers, stream=True,
                                   timeout=(CONNECT_TIMEOUT_SECS, RESPONSE_READ_TIMEOUT_SECS)) as r:
                     answer = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
-            except _Aborted:
+            except _AbortedError:
                 logger.info("response %s abandoned at shutdown after %d bytes", request_id, body.sent)
                 return
-            except _AnsweredEarly:
+            except _AnsweredEarlyError:
                 logger.info("response %s cut off after %d bytes: the client left (the relay answered early)",
                             request_id, body.sent)
                 self._local.session = None  # its connection carries an unread answer: not reusable
@@ -490,9 +490,9 @@ class _CountingBody:
         self.started = True
         for chunk in self._chunks:
             if self._abort.is_set():
-                raise _Aborted("server is stopping")
+                raise _AbortedError("server is stopping")
             if self.sent and _is_answered_early():
-                raise _AnsweredEarly()
+                raise _AnsweredEarlyError()
             self.sent += len(chunk)
             yield chunk
 

@@ -13,8 +13,9 @@ import gevent
 import pytest
 
 from ptth_lib.config import parse_relay_config
-from ptth_lib.relay import rendezvous
-from ptth_lib.relay.rendezvous import BadGatewayError, Rendezvous, TooManyFromAddressError
+from ptth_lib.errors import BadGatewayError, ForbiddenError, TooManyFromAddressError
+from ptth_lib.relay import rendezvous, shares
+from ptth_lib.relay.rendezvous import Rendezvous
 
 CODE = "Wdl81upnoMFdZSIgCWaqBNHtONdfPFWqKDQ2ahrlVw0="
 
@@ -98,11 +99,11 @@ def test_one_address_waits_its_turn_beyond_its_share(rv: Rendezvous) -> None:
     assert third.get(timeout=2).request.uri == "/third"
     for p in (first[1], third.value, other):
         rv.forget(p)
-    assert rv._shares == {}  # nothing left behind
+    assert len(rv.shares) == 0  # nothing left behind
 
 
 def test_a_turn_waited_for_too_long_is_a_503(rv: Rendezvous, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rendezvous, "TURN_WAIT_SECS", 0.2)
+    monkeypatch.setattr(shares, "TURN_WAIT_SECS", 0.2)
     submit(rv, 2, client="203.0.113.7")
     with pytest.raises(TooManyFromAddressError) as e:
         rv.submit("s", "GET", "/late", {}, client="203.0.113.7")
@@ -137,7 +138,7 @@ def test_a_listen_ended_by_leaving_does_not_count_as_seen(rv: Rendezvous,
 
 def test_unregistered_offers_are_all_kept_and_bounded(rv: Rendezvous) -> None:
     for i in range(rendezvous.MAX_UNREGISTERED_SHOWN + 10):
-        with pytest.raises(rendezvous.ForbiddenError):
+        with pytest.raises(ForbiddenError):
             rv.authenticate("ghost", f"a-key-long-enough-to-pass-{i}", f"192.0.2.{i % 7}")
     assert len(rv.unregistered) == rendezvous.MAX_UNREGISTERED_SHOWN
     assert len({code for _, code, _ in rv.unregistered}) == rendezvous.MAX_UNREGISTERED_SHOWN

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ptth_lib.errors import BadPathError
 from ptth_lib.relay import trust
-from ptth_lib.relay.trust import BadPathError, ServerPath, parse_server_path
+from ptth_lib.relay.trust import ServerPath, parse_server_path
 
 P = "/frontend/servers/"
 LOOP = trust.parse_networks(["127.0.0.1/32", "::1/128"])

@@ -1,0 +1,158 @@
+"""Delivery both ways between the rendezvous and a server's connections.
+
+- To the server: a listen's answer may be lost on the way (a NAT box or
+  proxy cutting the connection as it is written). For a server that
+  acknowledges, `hold_lease` keeps the batch until the acknowledgement and
+  puts it back in the queue without one (exactly once, PROTOCOL.md
+  "Acknowledged delivery"); for one that does not, `requeue_if_lost` takes
+  the batch back if the listen's connection dies (a best guess).
+- From the server: `deliver` streams a response POST's body to the waiting
+  client through the rendezvous and answers the POST only when the client
+  has it all (P7); a body that breaks off, or a client that leaves, cuts
+  both connections instead of ending cleanly. `refuse` answers a POST
+  without reading its body.
+
+The connections are reached through wsgi.py; the relay's state stays in
+rendezvous.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import gevent
+from werkzeug.wrappers import Request, Response
+
+from ptth_lib.errors import ProtocolError
+from ptth_lib.relay.rendezvous import (
+    ACK_AFTER_CLOSE_SECS,
+    LEASE_SECS,
+    Lease,
+    PendingRequest,
+    Rendezvous,
+)
+from ptth_lib.relay.responses import text
+from ptth_lib.wire.envelope import RESPONSE_HEAD_HEADER, decode_response_head
+from ptth_lib.wsgi import connection_ended, cut_connection, iter_body
+
+logger = logging.getLogger(__name__)
+
+# Largest piece of a server's POST body handed to the client at once: the
+# server's own chunk size, so each chunk crosses the relay as one piece.
+RELAY_CHUNK_BYTES = 256 * 1024
+
+# How long after a listen's answer the relay watches its connection for a
+# cut (see requeue_if_lost); ptth_server re-polls within milliseconds.
+LISTEN_LEASE_SECS = 10.0
+# For a server that does not acknowledge (spec 002): when a listen's connection
+# ends, requests still unanswered this long afterwards are taken back.
+LISTEN_CLOSE_GRACE_SECS = 0.3
+
+# A refused POST body up to this size is read and dropped, so the connection
+# can be reused; past it, reading would cost more than a new connection.
+SMALL_BODY_BYTES = 64 * 1024
+
+
+def deliver(rv: Rendezvous, p: PendingRequest, req: Request) -> Response:
+    """P5 to P7 for the response POST of `p`: hand the head to the client, copy the body.
+
+    Answers 200 once the client has it all, 400 if the body broke off, 410
+    if the client left.
+    """
+    environ = req.environ
+    try:
+        head = decode_response_head(req.headers.get(RESPONSE_HEAD_HEADER))
+    except ProtocolError as e:
+        logger.warning("bad response head for request %s from server %s: %s", p.request.id,
+                       p.server.registered.name, e)
+        rv.fail(p, f"server {p.server.registered.name!r} sent a bad response: {e}")
+        return refuse(400, f"bad response head: {e}", req)
+    rv.start_response(p, head)
+
+    declared = req.content_length
+    received = 0
+    complete = True
+    chunks = iter_body(environ, RELAY_CHUNK_BYTES)
+    while True:
+        try:
+            chunk = next(chunks, b"")
+        except Exception as e:  # noqa: BLE001 - the WSGI server's body reader: OSError or its parse errors
+            logger.warning("response body of request %s broke off: %s", p.request.id, type(e).__name__)
+            complete = False
+            break
+        if not chunk:
+            break
+        received += len(chunk)
+        if not rv.put_chunk(p, chunk):
+            logger.info("client of request %s is gone; stopping the server's upload", p.request.id)
+            cut_connection(environ)
+            return text(410, "the client is gone")
+    if declared is not None and received != declared:
+        complete = False
+    delivered = rv.end_body(p, complete)
+    if not complete:
+        cut_connection(environ)
+        return text(400, "response body broke off")
+    if not delivered:
+        cut_connection(environ)
+        return text(410, "the client is gone")
+    return text(200, "delivered")
+
+def hold_lease(rv: Rendezvous, sock: socket.socket | None, lease: Lease) -> None:
+    """Wait for the server to acknowledge a batch; without it, the batch goes back to the queue.
+
+    The acknowledgement comes with the server's next listen, within
+    milliseconds and on whatever connection (a proxy in front may use a new
+    one for every request); `Rendezvous.ack` then ends this greenlet. If the
+    listen's connection ends first, the answer may not have arrived: then a
+    shorter wait.
+    """
+    try:
+        deadline = time.monotonic() + LEASE_SECS
+        ended = sock is not None and connection_ended(sock, LEASE_SECS)
+        if not lease.acked.is_set():
+            lease.acked.wait(ACK_AFTER_CLOSE_SECS if ended else max(0.0, deadline - time.monotonic()))
+    except gevent.GreenletExit:
+        return  # acknowledged
+    if not lease.acked.is_set():
+        returned = rv.expire_lease(lease)
+        if returned:
+            logger.info("listen of %s not acknowledged; %d requests back in the queue",
+                        lease.server.registered.name, returned)
+
+def requeue_if_lost(rv: Rendezvous, sock: socket.socket, batch: list[PendingRequest]) -> None:
+    """For a server that does not acknowledge: take a listen's requests back if its connection dies.
+
+    A connection cut by a NAT box or proxy just as the answer is written can
+    swallow it (the write succeeds, then the connection resets). Such a
+    server re-polls on the same connection at once, so its next bytes there
+    confirm that the answer arrived; an end of file instead means it may not
+    have, and the requests go back to the queue for the next listen. This is
+    a guess (a proxy that closes after every answer makes it wrong, and a slow
+    answer is then handed out twice); servers that acknowledge get exactly
+    once instead (`hold_lease`).
+    """
+    if not connection_ended(sock, LISTEN_LEASE_SECS):
+        return
+    # Some clients close after every listen: give the server a moment to answer.
+    gevent.sleep(LISTEN_CLOSE_GRACE_SECS)
+    returned = rv.requeue(batch)
+    if returned:
+        logger.info("listen connection lost after taking %d requests; %d back in the queue",
+                    len(batch), returned)
+
+
+def refuse(status: int, message: str, req: Request) -> Response:
+    """Answer a server's POST without reading its body.
+
+    A small body is left for the WSGI server to discard; a large or chunked
+    one is not read at all: the connection is shut once the answer is out.
+    """
+    resp = text(status, message)
+    length = req.content_length
+    if length is None or length > SMALL_BODY_BYTES:
+        environ = req.environ
+        resp.call_on_close(lambda: cut_connection(environ))
+    return resp

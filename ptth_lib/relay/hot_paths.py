@@ -1,0 +1,62 @@
+"""Plain WSGI in front of Flask for the paths every relayed request takes.
+
+A listen, a response POST and a client request each cost a Flask request
+context, routing and signals, which profiling put at a third of the relay's
+CPU for small files (BENCHMARKS.md). `HotPaths` matches their prefixes and
+calls the `Relay` (relay.py) directly; every other path (pages, the scraper
+API, port forwarding, metrics) goes to Flask as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from werkzeug.wrappers import Request, Response
+
+from ptth_lib.errors import HttpError
+from ptth_lib.relay.relay import ALIAS_PREFIX, FRONTEND_PREFIX, Relay
+from ptth_lib.relay.responses import error_response, text
+from ptth_lib.wire.envelope import LISTEN_PATH, RESPONSE_PATH
+
+# The backend API's two hot paths, up to the name or id that ends them.
+LISTEN_PREFIX = LISTEN_PATH.removesuffix("{name}")
+RESPONSE_PREFIX = RESPONSE_PATH.removesuffix("{id}")
+
+
+class HotPaths:
+    """A WSGI app: the hot paths to `relay`, everything else to `flask_app`."""
+
+    def __init__(self, flask_app: Any, relay: Relay) -> None:
+        self._flask_app = flask_app
+        self._relay = relay
+        self._backend = (
+            (LISTEN_PREFIX, ("GET", "HEAD"), relay.listen),
+            (RESPONSE_PREFIX, ("POST",), relay.respond),
+        )
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        path: str = environ.get("PATH_INFO", "")
+        if path.startswith("//"):
+            # werkzeug would route "//x" as "/x"; a proxy in front may not.
+            response: Response | None = text(400, "bad path: it starts with '//'")
+        elif path.startswith(FRONTEND_PREFIX) and len(path) > len(FRONTEND_PREFIX):
+            response = self._relay.client_request(Request(environ))
+        elif path.startswith(ALIAS_PREFIX):
+            response = self._relay.alias_request(Request(environ))
+        else:
+            response = None
+            for prefix, methods, handler in self._backend:
+                arg, slash, _ = path[len(prefix):].partition("/")
+                if not path.startswith(prefix) or not arg or slash:
+                    continue
+                if environ.get("REQUEST_METHOD") not in methods:
+                    response = text(405, "method not allowed")
+                    break
+                try:
+                    response = handler(arg, Request(environ))
+                except HttpError as e:
+                    response = error_response(e)
+                break
+        if response is None:
+            return self._flask_app(environ, start_response)
+        return response(environ, start_response)
