@@ -85,8 +85,13 @@ MAX_UNANSWERED_PER_SERVER = 1024
 # once, so this only matters when the answer never reached it...
 LEASE_SECS = 5.0
 # ...and when the listen's connection ended, how long the acknowledgement may
-# take to arrive on a new one (ptth_server re-polls within milliseconds).
-ACK_AFTER_CLOSE_SECS = 1.0
+# take to arrive on a new one: ptth_server re-polls within a round trip (a
+# proxy that closes after every answer costs no more), while a connection cut
+# by a NAT box or proxy lost the answer, and the sooner the requests go to a
+# fresh listen the better. Kept well under the idle timeouts that cut listens
+# (a second and up): a request handed on as late as that would meet the next
+# listen in the instant it, too, is cut.
+ACK_AFTER_CLOSE_SECS = 0.5
 
 # Requests queued for one server before new ones get 503 (a server that stopped
 # taking requests must not make the relay grow without bound).
@@ -133,8 +138,8 @@ class ListenEndedError(PtthError):
     """Thrown into a parked listen to end it at once with no requests.
 
     Used when the relay stops, when the server's registration changes, and
-    when the listen's connection is found closed. A request still in the queue
-    stays there: gevent leaves an item in the queue until the getter runs.
+    when the listen's connection is found closed. A request handed to the
+    listen in that instant is handed on to another listen, or queued.
     """
 
 
@@ -150,6 +155,9 @@ class ServerState:
     version: str | None = None  # as the server reports itself when it listens
     host: str | None = None
     parked: set[gevent.Greenlet] = field(default_factory=set)  # greenlets of its parked listens
+    # Parked listens waiting for a request, oldest first (see Rendezvous._offer);
+    # the queue holds what no listen waits for.
+    waiting: list[gevent.event.AsyncResult] = field(default_factory=list)
     reported_online: bool = False  # last state announced by watch_presence
     # Requests handed to a listen and not yet answered, by id (MAX_UNANSWERED_PER_SERVER).
     taken: dict[str, PendingRequest] = field(default_factory=dict)
@@ -278,7 +286,7 @@ class Rendezvous:
         try:
             try:
                 room = self._wait_for_room(server, started + timeout)
-                first = self._take(server.queue, started + timeout) if room else None
+                first = self._take(server, started + timeout) if room else None
             except ListenEndedError:
                 return [], None
             finally:
@@ -319,10 +327,14 @@ class Rendezvous:
                 held.holder.kill(block=False)  # its wait is over
 
     def expire_lease(self, held: Lease) -> int:
-        """No acknowledgement came: put the batch's unanswered requests back in the queue."""
+        """No acknowledgement came: put the batch's unanswered requests back in the queue.
+
+        The server never got them, so they count as not picked up: if it goes
+        offline before another listen takes them, they fail at once.
+        """
         if self.leases.pop(held.id, None) is None or held.acked.is_set():
             return 0
-        return self.requeue(held.batch)
+        return self.requeue(held.batch, delivered=False)
 
     def leave(self, server: ServerState) -> None:
         """A process of this server is stopping: end its parked listens, count it gone soon.
@@ -451,7 +463,9 @@ class Rendezvous:
     def _fail_waiting(self, state: ServerState, reason: str) -> None:
         """Fail every request queued for `state`, not yet picked up.
 
-        Requests it picked up are left to time out (504): it may still answer them.
+        Requests that may have reached it (put back by the guess for servers
+        that do not acknowledge) are left to time out (504): it may still
+        answer them.
         """
         failed = 0
         kept = []
@@ -460,12 +474,12 @@ class Rendezvous:
             if p.cancelled or p.answered:
                 continue
             if p.picked_up.is_set():
-                kept.append(p)  # handed out once already (then put back): it may still be answered
+                kept.append(p)
             else:
                 self.fail(p, reason)
                 failed += 1
         for p in kept:
-            state.queue.put_nowait(p)
+            state.queue.put_nowait(p)  # (no listen waits: the server is offline)
         if failed:
             logger.info("%s: %d waiting requests failed", reason, failed)
 
@@ -497,7 +511,7 @@ class Rendezvous:
         share = self.shares.take((name, client)) if client else None
         p = PendingRequest(RelayRequest(_new_id(), method, uri, headers), server, head_size=size, share=share)
         try:
-            server.queue.put_nowait(p)
+            self._offer(server, p)
         except gevent.queue.Full:
             self._release_share(p)
             raise QueueFullError(f"server {name!r} has too many requests waiting; try again later") from None
@@ -546,23 +560,41 @@ class Rendezvous:
 
     # ---- helpers -------------------------------------------------------
 
-    def requeue(self, batch: list[PendingRequest]) -> int:
+    def requeue(self, batch: list[PendingRequest], delivered: bool = True) -> int:
         """Give requests back to their server's queue: the listen that took them is gone.
 
         Only requests still waiting for a response go back; the next listen
-        takes them. Returns how many went back.
+        takes them. `delivered=False` says the server surely never got them
+        (no acknowledgement): they count as not picked up again. Returns how
+        many went back.
         """
         returned = 0
         for p in batch:
             if p.answered or p.cancelled or p.request.id not in self.pending:
                 continue
             self._untake(p)
+            if not delivered:
+                p.picked_up.clear()
             try:
-                p.server.queue.put_nowait(p)
+                self._offer(p.server, p)
                 returned += 1
             except gevent.queue.Full:
                 self.fail(p, "the server's queue was full when its listen was lost")
         return returned
+
+    def _offer(self, server: ServerState, p: PendingRequest) -> None:
+        """Hand `p` to the server's oldest parked listen, or queue it (gevent.queue.Full if full).
+
+        Oldest first spreads requests over the processes that share a name
+        (the one that answered last re-polls last). A listen being ended in
+        that instant hands the request on (`_take`) rather than drop it.
+        """
+        while server.waiting:
+            waiter = server.waiting.pop(0)
+            if not waiter.ready():
+                waiter.set(p)
+                return
+        server.queue.put_nowait(p)
 
     def _untake(self, p: PendingRequest) -> None:
         if p.server.taken.pop(p.request.id, None) is not None:
@@ -577,17 +609,39 @@ class Rendezvous:
                 return 0
         return room
 
-    def _take(self, queue: gevent.queue.Queue, deadline: float) -> PendingRequest | None:
+    def _take(self, server: ServerState, deadline: float) -> PendingRequest | None:
+        """The first request queued for `server`, or the first handed to this listen before `deadline`."""
         while True:
+            while not server.queue.empty():
+                queued: PendingRequest = server.queue.get_nowait()
+                if not (queued.cancelled or queued.answered):
+                    return queued
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
+            waiter: gevent.event.AsyncResult = gevent.event.AsyncResult()
+            server.waiting.append(waiter)
             try:
-                p: PendingRequest = queue.get(timeout=remaining)
-            except gevent.queue.Empty:
-                return None
+                p: PendingRequest = waiter.get(timeout=remaining)
+            except gevent.Timeout:
+                if not waiter.ready():
+                    return None
+                p = waiter.value  # handed over in the same instant
+            except BaseException:  # ended (ListenEndedError) with a request in hand: hand it on
+                if waiter.ready():
+                    self._offer_or_fail(server, waiter.value)
+                raise
+            finally:
+                if waiter in server.waiting:
+                    server.waiting.remove(waiter)
             if not (p.cancelled or p.answered):
                 return p
+
+    def _offer_or_fail(self, server: ServerState, p: PendingRequest) -> None:
+        try:
+            self._offer(server, p)
+        except gevent.queue.Full:
+            self.fail(p, "the server's queue was full when its listen ended")
 
     def _remember_unregistered(self, name: str, api_key: str, address: str) -> None:
         """Keep every name and tripcode offered, with where and when: anyone can offer any."""

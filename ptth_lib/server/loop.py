@@ -26,6 +26,7 @@ listen loop (forward_server.py) and stops with it.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import select
 import socket
@@ -354,19 +355,32 @@ class ServerLoop:
     # ---- P4/P5: answer one request ---------------------------------------
 
     def _respond(self, req: RelayRequest) -> None:
-        headers = {k: v.decode("latin-1") for k, v in req.headers.items()}
-        answer = file_server.serve(self.config.file_server_root, req.method, req.uri, headers)
-        head = ServerResponseHead(answer.status, collect_headers(answer.headers))
-        logger.debug("request %s: %s %s -> %d", req.id, req.method, req.uri, answer.status)
-        has_body = req.method != "HEAD" and answer.status not in (204, 304)
-        length = head.headers.get("content-length") if has_body else b"0"
-        body = _CountingBody(answer.body, self._abort, int(length) if length is not None else None)
-        try:
-            self._post(req.id, head, body)
-        finally:
-            body.close()
+        """Answer one request, on a second connection if the first was closed with nothing answered.
 
-    def _post(self, request_id: str, head: ServerResponseHead, body: _CountingBody) -> None:
+        A kept-alive connection may be closed by a proxy or NAT box in the
+        instant it is reused: the POST goes out whole, and the connection
+        ends without an answer. The file server's answers can be made again
+        (it only reads), so the response goes once more on a new connection;
+        if the first did reach the relay after all, the second gets 404 and
+        nothing is answered twice. A POST cut before its body was all out
+        (the relay cut it: the client left) is not tried again.
+        """
+        headers = {k: v.decode("latin-1") for k, v in req.headers.items()}
+        for attempt in (1, 2):
+            answer = file_server.serve(self.config.file_server_root, req.method, req.uri, headers)
+            head = ServerResponseHead(answer.status, collect_headers(answer.headers))
+            logger.debug("request %s: %s %s -> %d", req.id, req.method, req.uri, answer.status)
+            has_body = req.method != "HEAD" and answer.status not in (204, 304)
+            length = head.headers.get("content-length") if has_body else b"0"
+            body = _CountingBody(answer.body, self._abort, int(length) if length is not None else None)
+            try:
+                if self._post(req.id, head, body, last_try=attempt == 2):
+                    return
+            finally:
+                body.close()
+
+    def _post(self, request_id: str, head: ServerResponseHead, body: _CountingBody, last_try: bool) -> bool:
+        """POST one response; False if it should be tried again: it failed with nothing answered."""
         url = self._response_url.format(id=quote(request_id, safe=""))
         encoded = encode_response_head(head)
         if len(encoded) > MAX_RESPONSE_HEAD_BYTES:  # the relay would refuse it; tell the client why
@@ -375,35 +389,34 @@ class ServerLoop:
             encoded = encode_response_head(ServerResponseHead(502, {"content-length": b"0"}))
             body = _CountingBody(iter(()), self._abort, 0)
         headers = {API_KEY_HEADER: self._api_key, RESPONSE_HEAD_HEADER: encoded}
-        for attempt in (1, 2):
-            session = self._session()
-            try:
-                with session.post(url, data=body.upload(), headers=headers, stream=True,
-                                  timeout=(CONNECT_TIMEOUT_SECS, RESPONSE_READ_TIMEOUT_SECS)) as r:
-                    answer = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
-            except _AbortedError:
-                logger.info("response %s abandoned at shutdown after %d bytes", request_id, body.sent)
-                return
-            except _AnsweredEarlyError:
-                logger.info("response %s cut off after %d bytes: the client left (the relay answered early)",
-                            request_id, body.sent)
-                self._local.session = None  # its connection carries an unread answer: not reusable
-                return
-            except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
-                if body.started or attempt == 2:
-                    logger.info("response %s cut off after %d bytes: %s", request_id, body.sent, root_cause(e))
-                    return
-                # Nothing was sent: the connection was stale (closed while idle). Retry once.
-                self._local.session = None
-                continue
-            if r.status_code == 200:
-                logger.debug("response %s delivered, %d bytes", request_id, body.sent)
-            elif r.status_code == 410:
-                logger.info("response %s: the client left after %d bytes", request_id, body.sent)
-            else:
-                logger.warning("response %s: relay answered %s", request_id,
-                               describe_answer(r.status_code, r.headers, answer))
-            return
+        try:
+            with self._session().post(url, data=body.upload(), headers=headers, stream=True,
+                                      timeout=(CONNECT_TIMEOUT_SECS, RESPONSE_READ_TIMEOUT_SECS)) as r:
+                answer = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
+        except _AbortedError:
+            logger.info("response %s abandoned at shutdown after %d bytes", request_id, body.sent)
+            return True
+        except _AnsweredEarlyError:
+            logger.info("response %s cut off after %d bytes: the client left (the relay answered early)",
+                        request_id, body.sent)
+            self._local.session = None  # its connection carries an unread answer: not reusable
+            return True
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+            self._local.session = None  # whatever happened to that connection, do not reuse it
+            if not last_try and body.finished and _closed_without_answer(e):
+                logger.debug("response %s: %s after %d bytes; again on a new connection", request_id,
+                             root_cause(e), body.sent)
+                return False
+            logger.info("response %s cut off after %d bytes: %s", request_id, body.sent, root_cause(e))
+            return True
+        if r.status_code == 200:
+            logger.debug("response %s delivered, %d bytes", request_id, body.sent)
+        elif r.status_code == 410:
+            logger.info("response %s: the client left after %d bytes", request_id, body.sent)
+        else:
+            logger.warning("response %s: relay answered %s", request_id,
+                           describe_answer(r.status_code, r.headers, answer))
+        return True
 
     def _session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)
@@ -477,6 +490,12 @@ class _CountingBody:
         self._length = length
         self.sent = 0
         self.started = False
+        self._exhausted = False
+
+    @property
+    def finished(self) -> bool:
+        """Every byte was handed to the connection (an empty body is never started)."""
+        return self._length == 0 or self._exhausted
 
     def upload(self) -> bytes | Iterable[bytes]:
         """What to give requests as `data`."""
@@ -495,6 +514,7 @@ class _CountingBody:
                 raise _AnsweredEarlyError()
             self.sent += len(chunk)
             yield chunk
+        self._exhausted = True
 
     def close(self) -> None:
         close = getattr(self._chunks, "close", None)
@@ -514,6 +534,17 @@ class _SizedIterable:
 
     def __len__(self) -> int:
         return self._length
+
+
+def _closed_without_answer(e: BaseException) -> bool:
+    """Tell whether a request failed because its connection ended before any answer came back."""
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, http.client.RemoteDisconnected):
+            return True
+        cause = cause.__cause__ or cause.__context__ or (cause.args[1] if len(cause.args) > 1
+                                                         and isinstance(cause.args[1], BaseException) else None)
+    return False
 
 
 class _NoRedirectSession(requests.Session):

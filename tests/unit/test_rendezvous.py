@@ -88,6 +88,34 @@ def test_a_server_that_never_answers_is_handed_no_more(rv: Rendezvous, monkeypat
     assert [p.request.id for p in waiting.get(timeout=2)[0]] == [sent[3].request.id]
 
 
+def test_requests_go_to_the_parked_listens_in_turn(rv: Rendezvous) -> None:
+    """Oldest first: processes sharing a name each get their part (the one that answered re-polls last)."""
+    state = rv.servers["s"]
+    first = gevent.spawn(rv.listen, state, 5)
+    gevent.sleep(0.01)
+    second = gevent.spawn(rv.listen, state, 5)
+    gevent.sleep(0.01)
+    one = submit(rv, 1)
+    assert first.get(timeout=2)[0] == one and not second.ready()
+    again = gevent.spawn(rv.listen, state, 5)  # the first process re-polls
+    gevent.sleep(0.01)
+    two = submit(rv, 1)
+    assert second.get(timeout=2)[0] == two and not again.ready()
+    again.kill()
+
+
+def test_a_request_in_the_hand_of_an_ending_listen_is_handed_on(rv: Rendezvous) -> None:
+    state = rv.servers["s"]
+    first = gevent.spawn(rv.listen, state, 5)
+    gevent.sleep(0.01)
+    second = gevent.spawn(rv.listen, state, 5)
+    gevent.sleep(0.01)
+    first.kill(rendezvous.ListenEndedError, block=False)  # ended, but not run yet...
+    sent = submit(rv, 1)  # ...when the request is handed to it, the oldest
+    assert first.get(timeout=2) == ([], None)
+    assert second.get(timeout=2)[0] == sent
+
+
 def test_one_address_waits_its_turn_beyond_its_share(rv: Rendezvous) -> None:
     first = submit(rv, 2, client="203.0.113.7")
     assert rv.must_wait_turn("s", "203.0.113.7") and not rv.must_wait_turn("s", "198.51.100.1")
@@ -113,15 +141,28 @@ def test_a_turn_waited_for_too_long_is_a_503(rv: Rendezvous, monkeypatch: pytest
 def test_requests_for_a_server_that_left_fail_at_once(rv: Rendezvous, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rendezvous, "LEAVE_GRACE_SECS", 0.1)
     state = rv.servers["s"]
-    handed_out = submit(rv, 1)
+    unacknowledged = submit(rv, 1)
     _, lease = rv.listen(state, 1, lease=True)
-    assert lease is not None and rv.expire_lease(lease) == 1  # handed out once, then back in the queue
-    queued = submit(rv, 1)[0]
+    assert lease is not None and rv.expire_lease(lease) == 1  # never reached the server: back in the queue
+    queued = submit(rv, 1)
     rv.leave(state)
-    with pytest.raises(BadGatewayError, match="did not pick up the request: it went offline"):
-        gevent.with_timeout(3, rv.wait_for_head, queued)
-    assert handed_out[0] in list(state.queue.queue)  # it may still be answered: left to time out
+    for p in (*queued, *unacknowledged):
+        with pytest.raises(BadGatewayError, match="did not pick up the request: it went offline"):
+            gevent.with_timeout(3, rv.wait_for_head, p)
     assert not state.is_online()
+
+
+def test_a_request_that_may_have_reached_a_server_is_left_to_time_out(rv: Rendezvous,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that does not acknowledge: after its listen's connection was lost, it may still answer."""
+    monkeypatch.setattr(rendezvous, "LEAVE_GRACE_SECS", 0.1)
+    state = rv.servers["s"]
+    sent = submit(rv, 1)
+    batch, _ = rv.listen(state, 1)
+    assert batch == sent and rv.requeue(batch) == 1
+    rv.leave(state)
+    gevent.sleep(0.5)
+    assert list(state.queue.queue) == sent and not sent[0].head_ready.is_set()
 
 
 def test_a_listen_ended_by_leaving_does_not_count_as_seen(rv: Rendezvous,
