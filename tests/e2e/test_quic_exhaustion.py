@@ -13,7 +13,7 @@ proxies must still get in:
    leaves the relay's memory alone and honest proxies prompt; half-open
    connections are capped per address.
 
-The attackers are the test process (ptth_lib.quic_io, valid QUIC and TLS, the
+The attackers are the test process (ptth_lib.forward.quic.driver, valid QUIC and TLS, the
 relay's certificate pinned) and, for the flood, a process of its own
 (tests/e2e/quic_cluster.py). Every figure measured is printed (`pytest -s`).
 """
@@ -44,8 +44,7 @@ from quic_cluster import (
 from tcp_peers import EchoServer
 
 from ptth_lib.config import load_relay_config
-from ptth_lib.forward.quic import cert as quic_cert
-from ptth_lib.forward.quic import driver as quic_io
+from ptth_lib.forward.quic import cert, driver
 from ptth_lib.forward.quic.endpoint import (
     MAX_HALF_OPEN_PER_ADDRESS,
     UNTRUSTED_WINDOW_BYTES,
@@ -54,7 +53,7 @@ from ptth_lib.forward.quic.endpoint import (
     address_key,
 )
 from ptth_lib.forward.quic.relay import QuicRelay
-from ptth_lib.wire import tip as quic_tip
+from ptth_lib.wire import tip
 
 pytestmark = pytest.mark.process
 
@@ -83,8 +82,8 @@ def fw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuicForwarding]:
     echo.close()
 
 
-def laptop_hello(fw: QuicForwarding) -> quic_tip.PeerHello:
-    return quic_tip.PeerHello("client", "laptop", fw.client_key)
+def laptop_hello(fw: QuicForwarding) -> tip.PeerHello:
+    return tip.PeerHello("client", "laptop", fw.client_key)
 
 
 def wait_for(predicate: Callable[[], bool], deadline: float) -> bool:
@@ -108,14 +107,14 @@ def test_an_unauthenticated_connection_gets_one_stream_and_a_hello_of_credit(fw:
         print(f"\ncredit before the hello: streams, uni streams, bytes, bytes per stream = {announced}")
         assert announced == (1, 0, UNTRUSTED_WINDOW_BYTES, UNTRUSTED_WINDOW_BYTES)
         answer = say_hello(peer, laptop_hello(fw))
-        assert isinstance(answer, quic_tip.HelloAnswer) and answer.ok, answer
+        assert isinstance(answer, tip.HelloAnswer) and answer.ok, answer
         assert wait_for(lambda: q._remote_max_streams_bidi > 100 and q._remote_max_data > MiB, PROMPT_SECS), \
             (q._remote_max_streams_bidi, q._remote_max_data)
         # A new stream's own credit is raised as soon as the relay sees it: a stream carries MiBs.
         stream = peer.open_stream()
-        stream.write(quic_tip.encode(quic_tip.ClientConnect("alpha", "echo", quic_tip.InnerTip(1))))
+        stream.write(tip.encode(tip.ClientConnect("alpha", "echo", tip.InnerTip(1))))
         with gevent.Timeout(PROMPT_SECS):
-            assert isinstance(quic_tip.TipReader().feed(stream.read()), quic_tip.Answer)
+            assert isinstance(tip.TipReader().feed(stream.read()), tip.Answer)
         data = b"\x5a" * (3 * MiB)
         got = bytearray()
 
@@ -175,9 +174,9 @@ def test_every_greenlet_of_a_connection_ends_with_it(fw: QuicForwarding) -> None
     """
     sock = gevent.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
-    identity = quic_cert.load_or_create(str(fw.tmp / "relay.crt"), str(fw.tmp / "relay.key"))
+    identity = cert.load_or_create(str(fw.tmp / "relay.crt"), str(fw.tmp / "relay.key"))
     relay = QuicRelay(load_relay_config(fw.relay_config))
-    endpoint = QuicServerEndpoint(sock, quic_io.configure(quic_cert.server_configuration(quic_io.ALPN, identity)),
+    endpoint = QuicServerEndpoint(sock, driver.configure(cert.server_configuration(driver.ALPN, identity)),
                                   relay.on_peer)
     server = gevent.spawn(endpoint.serve_forever)
     port = sock.getsockname()[1]
@@ -190,9 +189,9 @@ def test_every_greenlet_of_a_connection_ends_with_it(fw: QuicForwarding) -> None
             busy.open_stream().write(b"\x01\x10\x00" + b"\x00" * 4000)
         client = open_quic(port, fw.fingerprint)
         answer = say_hello(client, laptop_hello(fw))
-        assert isinstance(answer, quic_tip.HelloAnswer) and answer.ok, answer
+        assert isinstance(answer, tip.HelloAnswer) and answer.ok, answer
         connect = client.open_stream()
-        connect.write(quic_tip.encode(quic_tip.ClientConnect("alpha", "echo", quic_tip.InnerTip(1))))
+        connect.write(tip.encode(tip.ClientConnect("alpha", "echo", tip.InnerTip(1))))
         with gevent.Timeout(PROMPT_SECS):
             assert connect.read()  # a refusal: alpha is connected to the other relay
         gevent.sleep(0.5)
@@ -263,7 +262,7 @@ def test_half_open_connections_are_capped_per_address(fw: QuicForwarding) -> Non
             results.append(e)
 
     gevent.joinall([gevent.spawn(attempt) for _ in range(MAX_HALF_OPEN_PER_ADDRESS + 3)])
-    peers = [r for r in results if isinstance(r, quic_io.QuicPeer)]
+    peers = [r for r in results if isinstance(r, driver.QuicPeer)]
     try:
         assert len(peers) == MAX_HALF_OPEN_PER_ADDRESS, results
         assert all(not p.closed.is_set() for p in peers)

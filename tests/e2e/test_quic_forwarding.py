@@ -745,32 +745,31 @@ def test_a_relay_that_keeps_dropping_the_server_proxy_sees_it_back_off(tmp_path:
     import gevent.event
     import gevent.socket
 
-    from ptth_lib.forward.quic import cert as quic_cert
-    from ptth_lib.forward.quic import driver as quic_io
+    from ptth_lib.forward.quic import cert, driver
     from ptth_lib.forward.quic.endpoint import QuicServerEndpoint
-    from ptth_lib.forward.quic.proxies import read_tip
-    from ptth_lib.wire import tip as quic_tip
+    from ptth_lib.forward.quic.streams import read_tip
+    from ptth_lib.wire import tip
 
     hellos: list[float] = []
 
-    def on_peer(peer: quic_io.QuicPeer) -> None:
+    def on_peer(peer: driver.QuicPeer) -> None:
         first = gevent.event.AsyncResult()
         peer.on_stream = first.set
         try:
             stream = first.get(timeout=10)
             hello, _ = read_tip(stream)
-            assert isinstance(hello, quic_tip.PeerHello) and hello.name == "alpha", hello
+            assert isinstance(hello, tip.PeerHello) and hello.name == "alpha", hello
             hellos.append(time.monotonic())
-            stream.write(quic_tip.encode(quic_tip.HelloAnswer(True, "")))
+            stream.write(tip.encode(tip.HelloAnswer(True, "")))
             stream.end()
             gevent.sleep(0.1)
         finally:
             peer.close("dropped by a relay that drops everyone")
 
-    identity = quic_cert.load_or_create(str(tmp_path / "relay.crt"), str(tmp_path / "relay.key"))
+    identity = cert.load_or_create(str(tmp_path / "relay.crt"), str(tmp_path / "relay.key"))
     sock = gevent.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
-    endpoint = QuicServerEndpoint(sock, quic_io.configure(quic_cert.server_configuration(quic_io.ALPN, identity)),
+    endpoint = QuicServerEndpoint(sock, driver.configure(cert.server_configuration(driver.ALPN, identity)),
                                   on_peer)
     serving = gevent.spawn(endpoint.serve_forever)
     fw = QuicForwarding(tmp_path, targets={"echo": free_port()}, allow=[], forwards=[])
