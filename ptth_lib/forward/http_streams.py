@@ -116,7 +116,9 @@ class RelayStreams:
             if self._aborted:
                 raise CutError(self._aborted)
             path = parts.path + (f"?{parts.query}" if parts.query else "")
-            conn.request("POST", path, body=pieces, headers=self._headers, chunked=True)
+            # preload_content=False: the answer is read below, at most MAX_ANSWER_BYTES of it
+            # (preloaded, it was read whole and read() then returned nothing of it).
+            conn.request("POST", path, body=pieces, headers=self._headers, chunked=True, preload_content=False)
             self._open.pop("outgoing", None)  # the body is done: the relay may close now
             answer = conn.getresponse()
             return answer.status, answer.headers, answer.read(MAX_ANSWER_BYTES)

@@ -25,13 +25,13 @@ import socket
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import astuple
 from pathlib import Path
 
 import gevent
 import gevent.socket
 import pytest
-from aioquic._buffer import Buffer
-from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.quic.packet import QuicPacketType
 from quic_cluster import (
     InitialFlood,
     QuicForwarding,
@@ -45,6 +45,12 @@ from tcp_peers import EchoServer
 
 from ptth_lib.config import load_relay_config
 from ptth_lib.forward.quic import cert, driver
+from ptth_lib.forward.quic.aioquic_adapter import (
+    PeerLimits,
+    parse_header,
+    peer_limits,
+    pretend_peer_limits,
+)
 from ptth_lib.forward.quic.endpoint import (
     MAX_HALF_OPEN_PER_ADDRESS,
     UNTRUSTED_WINDOW_BYTES,
@@ -102,14 +108,13 @@ def test_an_unauthenticated_connection_gets_one_stream_and_a_hello_of_credit(fw:
     peer = open_quic(fw.relay_port, fw.fingerprint)
     try:
         q = peer.quic
-        announced = (q._remote_max_streams_bidi, q._remote_max_streams_uni, q._remote_max_data,
-                     q._remote_max_stream_data_bidi_remote)
+        announced = astuple(peer_limits(q))
         print(f"\ncredit before the hello: streams, uni streams, bytes, bytes per stream = {announced}")
         assert announced == (1, 0, UNTRUSTED_WINDOW_BYTES, UNTRUSTED_WINDOW_BYTES)
         answer = say_hello(peer, laptop_hello(fw))
         assert isinstance(answer, tip.HelloAnswer) and answer.ok, answer
-        assert wait_for(lambda: q._remote_max_streams_bidi > 100 and q._remote_max_data > MiB, PROMPT_SECS), \
-            (q._remote_max_streams_bidi, q._remote_max_data)
+        assert wait_for(lambda: peer_limits(q).streams_bidi > 100 and peer_limits(q).max_data > MiB,
+                        PROMPT_SECS), peer_limits(q)
         # A new stream's own credit is raised as soon as the relay sees it: a stream carries MiBs.
         stream = peer.open_stream()
         stream.write(tip.encode(tip.ClientConnect("alpha", "echo", tip.InnerTip(1))))
@@ -142,9 +147,8 @@ def test_extra_streams_before_the_hello_close_the_connection(fw: QuicForwarding)
         first = peer.open_stream()
         first.write(b"\x01\x10\x00")  # a tip announcing 4 KiB, never finished: the relay waits for it
         q = peer.quic
-        q._remote_max_streams_bidi = 64  # the attacker pretends it was given more
-        q._remote_max_data = 1 << 30
-        q._remote_max_stream_data_bidi_remote = MiB
+        # The attacker pretends it was given more: 64 streams, 1 GiB, 1 MiB each.
+        pretend_peer_limits(q, PeerLimits(64, peer_limits(q).streams_uni, 1 << 30, MiB))
         writers = []
         for _ in range(8):
             stream = peer.open_stream()
@@ -219,7 +223,7 @@ def test_an_initial_without_a_token_gets_a_retry_and_nothing_else(fw: QuicForwar
         try:
             while True:
                 data = sock.recv(65536)
-                types.append(pull_quic_header(Buffer(data=data), host_cid_length=8).packet_type)
+                types.append(parse_header(data, 8).packet_type)
         except TimeoutError:
             pass
     assert types == [QuicPacketType.RETRY] * 3, types

@@ -50,6 +50,7 @@ from aioquic.quic.packet import (
     QuicErrorCode,
     QuicFrameType,
     QuicHeader,
+    QuicPacketType,
     encode_quic_retry,
     pull_quic_header,
 )
@@ -199,6 +200,11 @@ def peer_certificate(connection: QuicConnection) -> x509.Certificate | None:
 def parse_header(datagram: bytes, cid_length: int) -> QuicHeader:
     """The header of a datagram's first packet (raises ValueError if it is not a QUIC packet)."""
     return pull_quic_header(Buffer(data=datagram), host_cid_length=cid_length)
+
+
+def is_initial(header: QuicHeader) -> bool:
+    """Tell whether a packet header (parse_header's) is a long-header Initial."""
+    return bool(header.packet_type == QuicPacketType.INITIAL)
 
 
 def encode_retry(version: int, source_cid: bytes, destination_cid: bytes, original_destination_cid: bytes,

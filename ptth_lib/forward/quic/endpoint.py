@@ -36,12 +36,12 @@ from typing import Any
 
 import gevent
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.packet import QuicPacketType
 
 from ptth_lib.forward.quic.aioquic_adapter import (
     PacedQuicConnection,
     RetryTokens,
     encode_retry,
+    is_initial,
     parse_header,
 )
 from ptth_lib.forward.quic.driver import MAX_DATAGRAM_BYTES, QuicPeer
@@ -144,7 +144,7 @@ class QuicServerEndpoint:
         if peer is not None:
             peer.datagram_received(data, addr)
             return
-        if header.packet_type != QuicPacketType.INITIAL or len(data) < MIN_INITIAL_BYTES \
+        if not is_initial(header) or len(data) < MIN_INITIAL_BYTES \
                 or header.version not in self.configuration.supported_versions:
             return
         if not header.token:
