@@ -18,6 +18,8 @@ server (tcp_peers.py, fault_peers.py, quic_cluster.py).
 5. Keepalive (slow): a connection idle for longer than the QUIC idle timeout.
 6. Several server proxies under one name: both serve, in turn; a relay that
    keeps dropping a proxy sees it back off.
+7. ptth_client.py itself over QUIC (`quic_relay`): the same program as over
+   HTTP; ptth_quic_client.py, which the tests above run, is its alias.
 
 Module-scoped clusters serve the tests that only cut TCP connections; a test
 that stops a process gets a cluster of its own.
@@ -32,6 +34,7 @@ import re
 import signal
 import socket
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -790,3 +793,31 @@ def test_a_relay_that_keeps_dropping_the_server_proxy_sees_it_back_off(tmp_path:
     print(f"\nhellos in the {DROPPED_SECS:.0f} s after the first, at: {[round(t, 2) for t in times]}")
     # Backing off: at most 0.1 + 0.5 + 1 + 2 + 4 s of waits fit, so 5 hellos; at once: dozens.
     assert 2 <= len(times) <= 6, times
+
+
+# ---- 7. the one client program ------------------------------------------------------------------
+
+def test_ptth_client_forwards_over_quic(shared: Bundle, tmp_path: Path) -> None:
+    """ptth_client.py with quic_relay in its config: QUIC forwarding, a half-close, then SIGTERM exits 0."""
+    fw = shared.fw
+    key_file = tmp_path / "client.key"
+    key_file.write_text(fw.client_key + "\n")
+    config = tmp_path / "ptth_client.toml"
+    config.write_text(f'quic_relay = "127.0.0.1:{fw.relay_port}"\nrelay_fingerprint = "{fw.fingerprint}"\n'
+                      f'name = "laptop"\napi_key_file = "{key_file}"\nforward = ["0:alpha:digest"]\n')
+    proc = Proc([sys.executable, "ptth_client.py", "--config", str(config)], tmp_path / "client.log")
+    try:
+        port = int(proc.wait_for_output(r"forwarding 127\.0\.0\.1:(\d+) to alpha:digest over QUIC").group(1))
+        assert "quic client: connected to the QUIC relay" in proc.output()
+        data = os.urandom(300_001)
+        with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_SECS) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == f"{len(data)} {hashlib.sha256(data).hexdigest()}\n".encode()
+            local = sock.getsockname()[1]
+        proc.wait_for_output(rf"(?m)quic connection 127\.0\.0\.1:{local} -> alpha:digest closed$")
+        assert proc.stop(signal.SIGTERM) == 0
+    finally:
+        proc.kill()
+    assert "Traceback" not in proc.output() and fw.client_key not in proc.output()
+    fw.assert_up(fw.relay_proc, fw.server_proc, fw.client_proc)
