@@ -20,6 +20,7 @@ import sys
 from ptth_lib.cli import add_logging_flags, setup_logging
 from ptth_lib.config import load_client_config, read_client_key, read_toml, write_new_key_file
 from ptth_lib.errors import ConfigError
+from ptth_lib.forward.client import add_client_flags, run_client
 from ptth_lib.wire import tripcode
 
 PROG = "ptth_client"
@@ -32,14 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--relay-url", help="relay base URL, e.g. https://relay.example.com: forward over HTTP")
     parser.add_argument("--quic-relay", metavar="HOST:PORT",
                         help="or the QUIC relay's HOST:PORT, e.g. relay.example.com:30380: forward over QUIC")
-    parser.add_argument("--relay-fingerprint", help="QUIC: the SHA-256 fingerprint ptth_quic_relay.py printed")
-    parser.add_argument("--ca-file", help="QUIC: CA certificates (PEM) to check the relay with, instead of a "
-                        "fingerprint")
-    parser.add_argument("--name", help="QUIC: this client's name in the relay's [[clients]]")
-    parser.add_argument("--api-key-file", help="file holding this client's API key (or set $PTTH_CLIENT_API_KEY)")
-    parser.add_argument("--forward", action="append", metavar="LOCALPORT:SERVER:PORTNAME",
-                        help="forward a local port to a server's forwarded port; repeat for more")
-    parser.add_argument("--bind", help="local address to listen on (default 127.0.0.1)")
+    add_client_flags(parser, quic_note="QUIC: ")
     parser.add_argument("--new-key", metavar="FILE", help="write a new API key to FILE (mode 0600), "
                         "print its tripcode and exit")
     parser.add_argument("--print-tripcode", action="store_true",
@@ -69,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    from ptth_lib.forward.client import run_client
-
     return run_client(config, PROG)
 
 

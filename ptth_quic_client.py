@@ -21,18 +21,13 @@ PROG = "ptth_quic_client"
 
 def main(argv: list[str] | None = None) -> int:
     from ptth_lib.cli import add_logging_flags, setup_logging
+    from ptth_lib.forward.client import add_client_flags, run_client
 
     parser = argparse.ArgumentParser(prog="ptth_quic_client.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="config file (TOML) with relay, relay_fingerprint or ca_file, name, "
                         "api_key_file, bind, forward")
     parser.add_argument("--relay", help="the QUIC relay's HOST:PORT, e.g. relay.example.com:30380")
-    parser.add_argument("--relay-fingerprint", help="the SHA-256 fingerprint ptth_quic_relay.py printed")
-    parser.add_argument("--ca-file", help="CA certificates (PEM) to check the relay with, instead of a fingerprint")
-    parser.add_argument("--name", help="this client's name in the relay's [[clients]]")
-    parser.add_argument("--api-key-file", help="file holding this client's API key (or set $PTTH_CLIENT_API_KEY)")
-    parser.add_argument("--forward", action="append", metavar="LOCALPORT:SERVER:PORTNAME",
-                        help="forward a local port to a server's forwarded port; repeat for more")
-    parser.add_argument("--bind", help="local address to listen on (default 127.0.0.1)")
+    add_client_flags(parser)
     add_logging_flags(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
@@ -40,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from ptth_lib.config import load_quic_client_config
     from ptth_lib.errors import ConfigError
-    from ptth_lib.forward.client import run_client
 
     overrides = {"relay": args.relay, "relay_fingerprint": args.relay_fingerprint, "ca_file": args.ca_file,
                  "name": args.name, "api_key_file": args.api_key_file, "bind": args.bind, "forward": args.forward}

@@ -13,6 +13,7 @@ number of connections on each until SIGTERM or SIGINT (exit 0).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import socket
 import sys
@@ -57,6 +58,18 @@ class ClientProxy(Protocol):
     def run_until_stopped(self, close_ports: Callable[[], None]) -> int:
         """Wait for a signal (or a fatal refusal), then stop; the exit code."""
         ...
+
+
+def add_client_flags(parser: argparse.ArgumentParser, quic_note: str = "") -> None:
+    """The flags ptth_client and its QUIC alias share; `quic_note` prefixes the QUIC-only ones' help."""
+    parser.add_argument("--relay-fingerprint", help=f"{quic_note}the SHA-256 fingerprint ptth_quic_relay.py printed")
+    parser.add_argument("--ca-file", help=f"{quic_note}CA certificates (PEM) to check the relay with, instead of "
+                        "a fingerprint")
+    parser.add_argument("--name", help=f"{quic_note}this client's name in the relay's [[clients]]")
+    parser.add_argument("--api-key-file", help="file holding this client's API key (or set $PTTH_CLIENT_API_KEY)")
+    parser.add_argument("--forward", action="append", metavar="LOCALPORT:SERVER:PORTNAME",
+                        help="forward a local port to a server's forwarded port; repeat for more")
+    parser.add_argument("--bind", help="local address to listen on (default 127.0.0.1)")
 
 
 def run_client(config: ClientConfig, prog: str) -> int:

@@ -216,6 +216,8 @@ class TcpEnd(PushEnd):
     def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
+            if self._aborted:
+                raise CutError(self._aborted)
             try:
                 sent = self.sock.send(view)
             except TimeoutError:
