@@ -55,6 +55,8 @@ from ptth_lib.forward.quic.aioquic_adapter import STREAM_WINDOW_BYTES, PacedQuic
 
 logger = logging.getLogger(__name__)
 
+# The protocol name both sides announce in the TLS handshake (spec 004): a relay or
+# proxy of another protocol fails the handshake instead of misreading the streams.
 ALPN = "ptth-quic-1"
 
 # Bytes a stream may hold unacknowledged at the sender: as many as the
@@ -68,6 +70,7 @@ SEND_BUFFER_BYTES = STREAM_WINDOW_BYTES
 KEEPALIVE_SECS = 3.0
 IDLE_TIMEOUT_SECS = 10.0
 
+# A receive buffer for any UDP datagram (a peer's packets are far smaller: its max_datagram_size).
 MAX_DATAGRAM_BYTES = 65536
 
 # UDP socket buffers: the kernel's defaults (about 200 KiB) dropped hundreds of
