@@ -1,36 +1,39 @@
-"""ptth_client: forward local TCP ports through a PTTH relay to ports of a server.
+"""ptth_client: forward local TCP ports through a PTTH relay to ports of a server, over HTTP or QUIC.
 
 `python ptth_client.py --relay-url URL --api-key-file FILE --forward
-LOCALPORT:SERVER:PORTNAME [--forward ...] [--bind 127.0.0.1]`, or the same
-settings from `--config ptth_client.toml`; flags override the file. The key
-comes from the file or from $PTTH_CLIENT_API_KEY, never from the command line.
-`--new-key FILE` makes a key file; `--print-tripcode` prints the key's tripcode
-for the relay's [[clients]] table.
+LOCALPORT:SERVER:PORTNAME [--forward ...] [--bind 127.0.0.1]` forwards over
+HTTP through ptth_relay. `--quic-relay HOST:PORT (--relay-fingerprint FP |
+--ca-file PEM) --name NAME` instead of --relay-url forwards over QUIC through
+ptth_quic_relay (NAME is the client's [[clients]] name there). The same
+settings may come from `--config ptth_client.toml`; flags override the file.
+The key comes from the file or from $PTTH_CLIENT_API_KEY, never from the
+command line. `--new-key FILE` makes a key file; `--print-tripcode` prints the
+key's tripcode for the relay's [[clients]] table.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 
 from ptth_lib.cli import add_logging_flags, setup_logging
 from ptth_lib.config import load_client_config, read_client_key, read_toml, write_new_key_file
 from ptth_lib.errors import ConfigError
+from ptth_lib.forward.client import add_client_flags, run_client
 from ptth_lib.wire import tripcode
 
-logger = logging.getLogger("ptth_client")
+PROG = "ptth_client"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ptth_client.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="config file (TOML) with relay_url, api_key_file, bind, forward")
-    parser.add_argument("--relay-url", help="relay base URL, e.g. https://relay.example.com")
-    parser.add_argument("--api-key-file", help="file holding this client's API key (or set $PTTH_CLIENT_API_KEY)")
-    parser.add_argument("--forward", action="append", metavar="LOCALPORT:SERVER:PORTNAME",
-                        help="forward a local port to a server's forwarded port; repeat for more")
-    parser.add_argument("--bind", help="local address to listen on (default 127.0.0.1)")
+    parser.add_argument("--config", help="config file (TOML) with relay_url or quic_relay, api_key_file, bind, "
+                        "forward")
+    parser.add_argument("--relay-url", help="relay base URL, e.g. https://relay.example.com: forward over HTTP")
+    parser.add_argument("--quic-relay", metavar="HOST:PORT",
+                        help="or the QUIC relay's HOST:PORT, e.g. relay.example.com:30380: forward over QUIC")
+    add_client_flags(parser, quic_note="QUIC: ")
     parser.add_argument("--new-key", metavar="FILE", help="write a new API key to FILE (mode 0600), "
                         "print its tripcode and exit")
     parser.add_argument("--print-tripcode", action="store_true",
@@ -38,11 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     add_logging_flags(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
+    logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic's own per-connection lines
 
     try:
         if args.new_key:
             key = write_new_key_file(args.new_key)
-            print(f"ptth_client: wrote a new API key to {args.new_key}. Register this client at the relay with:"
+            print(f"{PROG}: wrote a new API key to {args.new_key}. Register this client at the relay with:"
                   f"\n\n[[clients]]\nname = \"CHOOSE_A_NAME\"\ntripcode = \"{tripcode.derive(key)}\"\n"
                   f"allow = [\"SERVER:PORTNAME\"]\n", file=sys.stderr)
             return 0
@@ -52,26 +56,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{args.config}: 'api_key_file' must be a string, the key file's path")
             print(tripcode.derive(read_client_key(key_file, args.config or "command line")))
             return 0
-        overrides = {"relay_url": args.relay_url, "api_key_file": args.api_key_file, "bind": args.bind,
-                     "forward": args.forward}
+        overrides = {"relay_url": args.relay_url, "quic_relay": args.quic_relay,
+                     "relay_fingerprint": args.relay_fingerprint, "ca_file": args.ca_file, "name": args.name,
+                     "api_key_file": args.api_key_file, "bind": args.bind, "forward": args.forward}
         config = load_client_config(args.config, overrides)
     except ConfigError as e:
-        print(f"ptth_client: {e}", file=sys.stderr)
+        print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    from ptth_lib.forward.http_client import ClientError, PortForwardClient
-
-    client = PortForwardClient(config)
-    try:
-        name = client.check_relay()
-        client.bind()
-    except ClientError as e:
-        print(f"ptth_client: {e}", file=sys.stderr)
-        return 1
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: client.stop())
-    logger.info("connected to relay %s as client %r", config.relay_url, name)
-    client.run()
-    return 0
+    return run_client(config, PROG)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 `python ptth_quic_end_server.py [--config PATH]` reads ptth_server's config
 (default ./ptth_server.toml: name, api_key, [forwarded_ports] and [quic])
-and serves only the forwarded ports through the QUIC relay. ptth_server.py
-does the same by itself when its config has a [quic] table.
+and serves only the forwarded ports through the QUIC relay, exactly as
+ptth_server.py does by itself when its config has a [quic] table (the same
+code: ptth_lib.forward.quic.proxies.QuicEndServer). Kept for existing
+set-ups; it exits 1 if the relay refuses it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import logging
 import sys
 
-logger = logging.getLogger("ptth_quic_end_server")
+PROG = "ptth_quic_end_server"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,38 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_format)
     logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic's own per-connection lines
 
-    import signal
-
-    import gevent
-
-    from ptth_lib.config import load_server_config
+    from ptth_lib.config import load_quic_end_server_config
     from ptth_lib.errors import ConfigError
-    from ptth_lib.forward.quic.proxies import QuicEndServer, RelayTarget
+    from ptth_lib.forward.quic.proxies import QuicEndServer
 
     try:
-        config, _ = load_server_config(args.config, {}, serves_files=False)  # no file_server_root
-        if config.quic is None:
-            raise ConfigError(f"{args.config}: no [quic] table: add relay and relay_fingerprint (or ca_file)")
-        if not config.forwarded_ports:
-            raise ConfigError(f"{args.config}: no [forwarded_ports]: nothing to serve")
+        config = load_quic_end_server_config(args.config)
     except ConfigError as e:
-        print(f"ptth_quic_end_server: {e}", file=sys.stderr)
+        print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    assert config.api_key is not None
-    q = config.quic
-    server = QuicEndServer(config.name, config.api_key, RelayTarget(q.relay_host, q.relay_port,
-                                                                    q.relay_fingerprint, q.ca_file),
-                           dict(config.forwarded_ports))
-    run = gevent.spawn(server.run_forever)
-
-    def stop() -> None:
-        server.link.stop()
-        run.kill()
-
-    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(stop))
-    gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(stop))
-    run.join()
-    return 1 if server.link.fatal else 0
+    server = QuicEndServer(config)
+    server.stop_on_signals()
+    return server.run()
 
 
 if __name__ == "__main__":

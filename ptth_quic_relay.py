@@ -42,20 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     from ptth_lib.cli import parse_bind
     from ptth_lib.config import load_relay_config
     from ptth_lib.errors import ConfigError
-    from ptth_lib.forward.quic import cert as quic_cert
-    from ptth_lib.forward.quic import driver as quic_io
-    from ptth_lib.forward.quic import endpoint as quic_endpoint
+    from ptth_lib.forward.quic import cert, driver
+    from ptth_lib.forward.quic.endpoint import QuicServerEndpoint
     from ptth_lib.forward.quic.relay import QuicRelay
 
     try:
         config = load_relay_config(args.config)
         host, port = parse_bind(args.bind or config.quic_bind)
-        identity = quic_cert.load_or_create(config.quic_cert_file, config.quic_key_file)
+        identity = cert.load_or_create(config.quic_cert_file, config.quic_key_file)
     except ConfigError as e:
         print(f"ptth_quic_relay: {e}", file=sys.stderr)
         return 2
     sock = gevent.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-    quic_io.size_buffers(sock)
+    driver.size_buffers(sock)
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -64,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if identity.created:
         logger.info("made a new self-signed certificate %s (key %s)", identity.cert_path, identity.key_path)
     relay = QuicRelay(config)
-    endpoint = quic_endpoint.QuicServerEndpoint(sock, quic_io.configure(
-        quic_cert.server_configuration(quic_io.ALPN, identity)), relay.on_peer)
+    endpoint = QuicServerEndpoint(sock, driver.configure(cert.server_configuration(driver.ALPN, identity)),
+                                  relay.on_peer)
     logger.info("listening on udp://%s:%d, certificate fingerprint %s", host, sock.getsockname()[1],
                 identity.fingerprint)
     server = gevent.spawn(endpoint.serve_forever)

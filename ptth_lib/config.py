@@ -175,20 +175,29 @@ QUIC_SERVER_KEYS = (
     _Key("ca_file", str, None, "CA certificates (PEM) to check the relay's certificate with, instead of a "
          "fingerprint"),
 )
+_RELAY_FINGERPRINT, _CA_FILE = QUIC_SERVER_KEYS[1:]
+_API_KEY_FILE = _Key("api_key_file", str, None, "file holding the client's API key (or set $PTTH_CLIENT_API_KEY)")
+_BIND = _Key("bind", str, "127.0.0.1", "address the local ports are bound on")
+_FORWARD = _Key("forward", list, [], "LOCALPORT:SERVER:PORTNAME entries, one per local port", _check_forward_specs)
 
-QUIC_CLIENT_KEYS = (
-    QUIC_SERVER_KEYS[0], QUIC_SERVER_KEYS[1], QUIC_SERVER_KEYS[2],
-    _Key("name", str, _REQUIRED, "this client's name in the relay's [[clients]]", _check_name),
-    _Key("api_key_file", str, None, "file holding the client's API key (or set $PTTH_CLIENT_API_KEY)"),
-    _Key("bind", str, "127.0.0.1", "address the local ports are bound on"),
-    _Key("forward", list, [], "LOCALPORT:SERVER:PORTNAME entries, one per local port", _check_forward_specs),
-)
-
+# ptth_client: relay_url forwards over HTTP, quic_relay (with relay_fingerprint or ca_file, and name) over QUIC.
 CLIENT_KEYS = (
-    _Key("relay_url", str, _REQUIRED, "base URL of the relay, e.g. http://127.0.0.1:4000", _check_url),
-    _Key("api_key_file", str, None, "file holding the client's API key (or set $PTTH_CLIENT_API_KEY)"),
-    _Key("bind", str, "127.0.0.1", "address the local ports are bound on"),
-    _Key("forward", list, [], "LOCALPORT:SERVER:PORTNAME entries, one per local port", _check_forward_specs),
+    _Key("relay_url", str, None, "base URL of the relay, e.g. http://127.0.0.1:4000: forward over HTTP",
+         _check_url),
+    _Key("quic_relay", str, None, "or the QUIC relay's HOST:PORT (UDP), e.g. relay.example.com:30380: "
+         "forward over QUIC", QUIC_SERVER_KEYS[0].check),
+    _RELAY_FINGERPRINT,
+    _CA_FILE,
+    _Key("name", str, None, "over QUIC: this client's name in the relay's [[clients]]", _check_name),
+    _API_KEY_FILE,
+    _BIND,
+    _FORWARD,
+)
+# The keys of ptth_quic_client.py, the older QUIC-only alias: `relay` is ptth_client's quic_relay.
+QUIC_CLIENT_KEYS = (
+    QUIC_SERVER_KEYS[0], _RELAY_FINGERPRINT, _CA_FILE,
+    _Key("name", str, _REQUIRED, "this client's name in the relay's [[clients]]", _check_name),
+    _API_KEY_FILE, _BIND, _FORWARD,
 )
 
 RELAY_KEYS = (
@@ -247,6 +256,16 @@ SERVER_ENTRY_KEYS = (
 
 
 @dataclass(frozen=True)
+class QuicRelayTarget:
+    """Where a proxy finds the QUIC relay, and how it knows it is the right one."""
+
+    host: str
+    port: int
+    fingerprint: str | None  # the pinned SHA-256 of the relay's certificate
+    ca_file: str | None  # or CAs to check it with
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     name: str
     api_key: str | None
@@ -254,15 +273,7 @@ class ServerConfig:
     file_server_root: str
     # port name -> (host, port): the only places the server ever connects to for a client
     forwarded_ports: Mapping[str, tuple[str, int]] = field(default_factory=dict)
-    quic: QuicServerSettings | None = None
-
-
-@dataclass(frozen=True)
-class QuicServerSettings:
-    relay_host: str
-    relay_port: int
-    relay_fingerprint: str | None
-    ca_file: str | None
+    quic: QuicRelayTarget | None = None
 
 
 @dataclass(frozen=True)
@@ -286,23 +297,15 @@ class Forward:
 
 
 @dataclass(frozen=True)
-class QuicClientConfig:
-    relay_host: str
-    relay_port: int
-    relay_fingerprint: str | None
-    ca_file: str | None
-    name: str
-    api_key: str
-    bind: str
-    forwards: tuple[Forward, ...]
-
-
-@dataclass(frozen=True)
 class ClientConfig:
-    relay_url: str
+    """ptth_client's settings: exactly one of relay_url (over HTTP) and quic (over QUIC)."""
+
     api_key: str
     bind: str
     forwards: tuple[Forward, ...]
+    relay_url: str | None = None
+    quic: QuicRelayTarget | None = None
+    name: str = ""  # over QUIC: the client's [[clients]] name (the HTTP relay knows it by its key)
 
 
 @dataclass(frozen=True)
@@ -392,18 +395,23 @@ def parse_server_config(raw: Mapping[str, Any], where: str) -> ServerConfig:
     quic = None
     if quic_raw is not None:
         q = _apply(QUIC_SERVER_KEYS, quic_raw, f"{where}: [quic]")
-        if q["relay_fingerprint"] is None and q["ca_file"] is None:
-            raise ConfigError(f"{where}: [quic] needs relay_fingerprint (as ptth_quic_relay.py prints it) "
-                              "or ca_file, to know the relay is the right one")
-        host, port = _must(parse_address(q["relay"]))
-        fingerprint = normalize_fingerprint(q["relay_fingerprint"]) if q["relay_fingerprint"] else None
-        quic = QuicServerSettings(host, port, fingerprint, q["ca_file"])
+        quic = _quic_target(q["relay"], q["relay_fingerprint"], q["ca_file"],
+                            f"{where}: [quic] needs relay_fingerprint (as ptth_quic_relay.py prints it) or "
+                            "ca_file, to know the relay is the right one")
     return ServerConfig(**values, forwarded_ports={name: _must(parse_address(a)) for name, a in ports.items()},
                         quic=quic)
 
 
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _COLON_HEX_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){31}\Z")
+
+
+def _quic_target(relay: str, fingerprint: str | None, ca_file: str | None, neither: str) -> QuicRelayTarget:
+    """The checked QUIC relay settings; `neither` is the error when there is no way to check the relay."""
+    if fingerprint is None and ca_file is None:
+        raise ConfigError(neither)
+    host, port = _must(parse_address(relay))
+    return QuicRelayTarget(host, port, normalize_fingerprint(fingerprint) if fingerprint else None, ca_file)
 
 
 def normalize_fingerprint(text: str) -> str | None:
@@ -653,40 +661,64 @@ def load_client_config(path: str | os.PathLike[str] | None, overrides: Mapping[s
     `overrides` holds command-line values (None or [] for flags not given);
     --forward flags replace the file's list. The key comes from
     $PTTH_CLIENT_API_KEY or from the file named by api_key_file, never from argv.
+    relay_url means forwarding over HTTP; quic_relay over QUIC, which needs
+    relay_fingerprint or ca_file, and name.
     """
-    raw = read_toml(path) if path is not None else {}
-    raw.update({k: v for k, v in overrides.items() if v})
-    where = str(path) if path is not None else "command line"
+    raw, where = _client_raw(path, overrides)
     _check_known(CLIENT_KEYS, raw, where)
-    if "relay_url" not in raw:
-        raise ConfigError(f"{where}: no relay URL: give --relay-url URL or relay_url in --config FILE")
+    if "relay_url" not in raw and "quic_relay" not in raw:
+        raise ConfigError(f"{where}: no relay URL: give --relay-url URL or relay_url in --config FILE "
+                          "(or --quic-relay HOST:PORT, to forward over QUIC)")
+    if "relay_url" in raw and "quic_relay" in raw:
+        raise ConfigError(f"{where}: give relay_url (forwarding over HTTP) or quic_relay (over QUIC), not both")
     values = _apply(CLIENT_KEYS, raw, where)
-    forwards = _forwards(values["forward"], where)  # before the key: a config mistake comes first
-    return ClientConfig(values["relay_url"], read_client_key(values["api_key_file"], where), values["bind"],
-                        forwards)
+    if values["relay_url"] is not None:
+        quic_only = [k for k in ("relay_fingerprint", "ca_file", "name") if values[k] is not None]
+        if quic_only:
+            raise ConfigError(f"{where}: {quic_only[0]!r} is for quic_relay only (relay_url forwards over HTTP)")
+        forwards = _forwards(values["forward"], where)  # before the key: a config mistake comes first
+        return ClientConfig(read_client_key(values["api_key_file"], where), values["bind"], forwards,
+                            relay_url=values["relay_url"])
+    return _quic_client_config(values, values["quic_relay"], where)
 
 
-def load_quic_client_config(path: str | None, overrides: Mapping[str, Any]) -> QuicClientConfig:
-    """ptth_quic_client's settings, as load_client_config: file, then flags, then the key."""
-    raw = read_toml(path) if path is not None else {}
-    raw.update({k: v for k, v in overrides.items() if v})
-    where = path if path is not None else "command line"
+def load_quic_client_config(path: str | None, overrides: Mapping[str, Any]) -> ClientConfig:
+    """ptth_quic_client's settings (QUIC_CLIENT_KEYS: `relay` for quic_relay), as load_client_config."""
+    raw, where = _client_raw(path, overrides)
     _check_known(QUIC_CLIENT_KEYS, raw, where)
     for key, flag in (("relay", "--relay HOST:PORT"), ("name", "--name NAME")):
         if key not in raw:
             raise ConfigError(f"{where}: no {key}: give {flag} or {key} in --config FILE")
     values = _apply(QUIC_CLIENT_KEYS, raw, where)
-    if values["relay_fingerprint"] is None and values["ca_file"] is None:
-        raise ConfigError(f"{where}: give relay_fingerprint (--relay-fingerprint, as ptth_quic_relay.py "
-                          "printed it) or ca_file (--ca-file), to know the relay is the right one")
-    host, port = _must(parse_address(values["relay"]))
+    return _quic_client_config(values, values["relay"], where)
+
+
+def _client_raw(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    raw = read_toml(path) if path is not None else {}
+    raw.update({k: v for k, v in overrides.items() if v})
+    return raw, str(path) if path is not None else "command line"
+
+
+def _quic_client_config(values: Mapping[str, Any], relay: str, where: str) -> ClientConfig:
+    target = _quic_target(relay, values["relay_fingerprint"], values["ca_file"],
+                          f"{where}: give relay_fingerprint (--relay-fingerprint, as ptth_quic_relay.py printed it) "
+                          "or ca_file (--ca-file), to know the relay is the right one")
+    if values["name"] is None:
+        raise ConfigError(f"{where}: no name: give --name NAME or name in --config FILE (this client's "
+                          "[[clients]] name at the relay)")
     forwards = _forwards(values["forward"], where)
-    fingerprint = values["relay_fingerprint"]
-    return QuicClientConfig(
-        relay_host=host, relay_port=port,
-        relay_fingerprint=normalize_fingerprint(fingerprint) if fingerprint else None,
-        ca_file=values["ca_file"], name=values["name"],
-        api_key=read_client_key(values["api_key_file"], where), bind=values["bind"], forwards=forwards)
+    return ClientConfig(read_client_key(values["api_key_file"], where), values["bind"], forwards, quic=target,
+                        name=values["name"])
+
+
+def load_quic_end_server_config(path: str) -> ServerConfig:
+    """ptth_quic_end_server's settings: ptth_server's config, which must have [quic] and [forwarded_ports]."""
+    config, _ = load_server_config(path, {}, serves_files=False)  # no file_server_root
+    if config.quic is None:
+        raise ConfigError(f"{path}: no [quic] table: add relay and relay_fingerprint (or ca_file)")
+    if not config.forwarded_ports:
+        raise ConfigError(f"{path}: no [forwarded_ports]: nothing to serve")
+    return config
 
 
 def _forwards(specs: list[str], where: str) -> tuple[Forward, ...]:

@@ -5,9 +5,10 @@ relay (`tcp_listen`). When a client connects, the relay answers with a
 connection id; a new thread connects to that port's local address (and to no
 other: the relay only ever names a port, never an address), then accepts the
 connection (`tcp_accept`, whose response body is the client's bytes) and
-POSTs the local server's bytes back (`tcp_downstream`), via `tcp_splice`. If
-the local address does not answer, it refuses (`tcp_refuse`), and the client
-gets a 502 with the reason.
+POSTs the local server's bytes back (`tcp_downstream`), spliced with the
+TCP socket in two threads (splice.py, http_streams.py). If the local address
+does not answer, it refuses (`tcp_refuse`), and the client gets a 502 with
+the reason.
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ import requests
 from ptth_lib import __version__
 from ptth_lib.config import ServerConfig
 from ptth_lib.errors import backoff_secs, describe_answer, root_cause
-from ptth_lib.forward.splice import HTTP_ERRORS, Splice
+from ptth_lib.forward.http_streams import HTTP_ERRORS, RelayStreams
+from ptth_lib.forward.limits import (
+    LOCAL_CONNECT_TIMEOUT_SECS,
+    MAX_ANSWER_BYTES,
+    RELAY_CONNECT_TIMEOUT_SECS,
+)
+from ptth_lib.forward.splice import OpenSplices, Splice, TcpEnd, in_threads
 from ptth_lib.wire.envelope import (
     API_KEY_HEADER,
     CLIENT_NAME_HEADER,
@@ -37,16 +44,11 @@ from ptth_lib.wire.envelope import (
 
 logger = logging.getLogger(__name__)
 
-# Connecting to the local TCP server; the relay gives us 10 s to accept or refuse.
-LOCAL_CONNECT_TIMEOUT_SECS = 5.0
-CONNECT_TIMEOUT_SECS = 10.0
 # A tcp_listen parks at the relay for its listen_timeout_secs (at most 300 s).
 LISTEN_READ_TIMEOUT_SECS = 330.0
 # ...and at least 1 s (config._check_listen_timeout): a 204 sooner than that is the relay
 # stopping, or not the relay at all; either way, trying again at once would spin.
 MIN_PARKED_SECS = 1.0
-# The relay's answers other than the listen's are a line of text; more is not read.
-MAX_ANSWER_BYTES = 4096
 
 
 class PortForwardServer:
@@ -60,8 +62,7 @@ class PortForwardServer:
         self._base = config.relay_url.rstrip("/")
         self._new_session = new_session
         self._stop = stop
-        self._open: set[Splice] = set()
-        self._lock = threading.Lock()
+        self._open = OpenSplices()
 
     def start(self) -> None:
         """One listen thread per forwarded port."""
@@ -74,10 +75,7 @@ class PortForwardServer:
 
     def stop(self) -> None:
         """Cut every open forwarded connection (its client sees a reset, not an end)."""
-        with self._lock:
-            splices = list(self._open)
-        for splice in splices:
-            splice.abort("ptth_server is stopping")
+        self._open.abort_all("ptth_server is stopping")
 
     def _listen_forever(self, port: str) -> None:
         url = self._base + TCP_LISTEN_PATH.format(name=quote(self.config.name, safe=""), port=port)
@@ -90,7 +88,7 @@ class PortForwardServer:
             try:
                 # Never follow a redirect: it would carry our key to wherever it points.
                 with session.post(url, headers=self._headers, allow_redirects=False, stream=True,
-                                  timeout=(CONNECT_TIMEOUT_SECS, LISTEN_READ_TIMEOUT_SECS)) as r:
+                                  timeout=(RELAY_CONNECT_TIMEOUT_SECS, LISTEN_READ_TIMEOUT_SECS)) as r:
                     status = r.status_code
                     conn_id = r.headers.get(CONNECTION_ID_HEADER, "")
                     client = r.headers.get(CLIENT_NAME_HEADER, "?")[:64]
@@ -146,44 +144,37 @@ class PortForwardServer:
             logger.warning("connection %s refused: %s", label, reason)
             self._post_refusal(conn_id, reason)
             return
-        sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        accept_session = self._new_session()
-        accept_session.proxies.clear()  # straight to the relay, as the downstream POST goes (tcp_splice)
-        try:
-            r = accept_session.post(self._url(TCP_ACCEPT_PATH, conn_id), headers=self._headers, stream=True,
-                                    allow_redirects=False, timeout=(CONNECT_TIMEOUT_SECS, None))
-        except HTTP_ERRORS as e:
-            logger.warning("connection %s: accept failed: %s", label, root_cause(e))
-            sock.close()
-            return
-        with r:
-            if r.status_code != 200:
-                body = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
-                logger.warning("connection %s: relay answered %s to accept", label,
-                               describe_answer(r.status_code, r.headers, body))
+        with self._new_session() as session:
+            session.proxies.clear()  # straight to the relay, as the downstream POST goes
+            try:
+                r = session.post(self._url(TCP_ACCEPT_PATH, conn_id), headers=self._headers, stream=True,
+                                 allow_redirects=False, timeout=(RELAY_CONNECT_TIMEOUT_SECS, None))
+            except HTTP_ERRORS as e:
+                logger.warning("connection %s: accept failed: %s", label, root_cause(e))
                 sock.close()
                 return
-            logger.info("connection %s open", label)
-            splice = Splice(sock, label)
-            with self._lock:
-                self._open.add(splice)
-
-            try:
-                splice.run(r, self._url(TCP_DOWNSTREAM_PATH, conn_id),
-                           {**self._headers, "User-Agent": f"ptth_server/{__version__}"})
-            finally:
-                with self._lock:
-                    self._open.discard(splice)
-                accept_session.close()
-        logger.info("connection %s closed%s: %d bytes in, %d out", label,
-                    f" ({splice.reason})" if splice.aborted else "", splice.bytes_in, splice.bytes_out)
+            with r:
+                if r.status_code != 200:
+                    body = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
+                    logger.warning("connection %s: relay answered %s to accept", label,
+                                   describe_answer(r.status_code, r.headers, body))
+                    sock.close()
+                    return
+                logger.info("connection %s open", label)
+                streams = RelayStreams(r, self._url(TCP_DOWNSTREAM_PATH, conn_id),
+                                       {**self._headers, "User-Agent": f"ptth_server/{__version__}"})
+                splice = Splice(TcpEnd(sock, watch=streams.check), streams, in_threads)
+                with self._open.running(splice):
+                    reason = splice.run()
+        logger.info("connection %s closed%s: %d bytes in, %d out", label, f" ({reason})" if reason else "",
+                    splice.b_to_a, splice.a_to_b)
 
     def _post_refusal(self, conn_id: str, reason: str) -> None:
         try:
             with self._new_session() as session, session.post(
                     self._url(TCP_REFUSE_PATH, conn_id), data=reason.encode("utf-8"), headers=self._headers,
-                    allow_redirects=False, stream=True, timeout=CONNECT_TIMEOUT_SECS) as r:
+                    allow_redirects=False, stream=True, timeout=RELAY_CONNECT_TIMEOUT_SECS) as r:
                 if r.status_code != 200:
                     body = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
                     logger.info("the relay answered %s to the refusal",

@@ -1,24 +1,35 @@
-"""One forwarded TCP connection at either proxy: a TCP socket joined to two HTTP streams.
+"""One forwarded connection's bytes, both ways: the splice every proxy and the QUIC relay use.
 
-Both ends of port forwarding (ptth_client and ptth_server) do the same once
-the relay has opened the connection: the far end's bytes arrive as the body
-of a streaming response (connect's at the client, accept's at the server) and
-go to the TCP peer; the TCP peer's bytes go out as the chunked body of a POST
-(upstream at the client, downstream at the server). Two threads, one per
-direction, each blocking on one side, so a slow reader slows its writer.
+A splice joins two *ends*. An end is where one side's bytes come out and
+the other side's go in, a piece at a time:
 
-Each direction ends on its own: the TCP peer's EOF ends the POST body with its
-last chunk, and the response body's last chunk becomes `shutdown(SHUT_WR)`
-towards the TCP peer, so a half-close crosses the tunnel as one. Anything else
-(a cut HTTP stream, a reset TCP peer, a refused POST) aborts both directions:
-the POST is cut, not ended, which the relay passes on to the other proxy, and
-the TCP socket is closed with a reset, so no peer mistakes a cut for an end.
+- `read()`: the next piece, as soon as there is one, however small; b""
+  only at the clean end of the input (the far side's half-close);
+- `pour(pieces)`: pass each piece on as it comes, then end the output (a
+  half-close). Ends that are written piece by piece (`PushEnd`: a TCP socket,
+  a QUIC stream) do `write(piece)` for each and `end()`; an HTTP POST hands
+  the pieces to urllib3 as its chunked body (http_streams.py);
+- `abort(reason)`: cut both directions, so the far side sees a reset, never a
+  clean end; `close()`: let go of it once both directions are over.
 
-A TCP peer that neither reads nor sends would keep both threads blocked on it
-and blind to a relay that cut the streams meanwhile. So the threads wait on
-the TCP socket for at most WATCH_SECS at a time, and in between look at the
-state of the relay's connections: one that the relay closed or reset means
-the connection is over.
+An end reports a failure of its own side as `CutError("what: why")`.
+`Splice` runs the two directions at once, in threads (the HTTP proxies) or
+greenlets (everything QUIC): how they run is a parameter (`in_threads`,
+`in_greenlets`), the copying is the same. What it guarantees:
+
+- each piece is passed on as soon as it is read: nothing waits to fill a buffer;
+- buffering is bounded by the ends (a piece in hand per direction), so a slow
+  reader slows the writer;
+- a clean end of one input ends the other output, and that direction only;
+- any failure of either end, in either direction, or `abort()` from outside,
+  aborts both ends: every side sees a reset;
+- the byte counts each way, and the first reason a connection was cut, for
+  the proxies' log lines.
+
+A TCP socket (`TcpEnd`) in a thread waits for at most WATCH_SECS at a time,
+and between waits runs a `watch` callback (the HTTP proxies check the relay's
+connections) and notices an abort. Greenlets need no polling: once the splice
+is cut, `in_greenlets` kills the direction that is still blocked.
 """
 
 from __future__ import annotations
@@ -27,201 +38,253 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Iterator, Mapping
-from urllib.parse import urlsplit
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Protocol
 
-import certifi
-import requests
-import urllib3
-from urllib3.connection import HTTPConnection, HTTPSConnection
-
-from ptth_lib.errors import PtthError, describe_answer, root_cause
+from ptth_lib.errors import PtthError
+from ptth_lib.forward.limits import PIECE_BYTES, WATCH_SECS
 
 logger = logging.getLogger(__name__)
 
-# Largest read from the TCP peer: one chunk of the POST body, the size of the
-# relay's pieces (forwarding.PIECE_BYTES). Smaller reads happen whenever less
-# is waiting, so a keystroke goes out at once.
-READ_BYTES = 256 * 1024
-
-# How long a thread waits on its TCP peer before it looks at the relay's side.
-WATCH_SECS = 3.0
-
-CONNECT_TIMEOUT_SECS = 10.0
-
-# The relay answers a POST body with a line of text; more is not read.
-MAX_ANSWER_BYTES = 4096
-
-# Errors of the HTTP side that mean "the stream broke" rather than a bug.
-HTTP_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
-
-# Linux's TCP_ESTABLISHED, the first byte of struct tcp_info.
-_TCP_ESTABLISHED = 1
+# How the two directions of a splice run: each is called with the directions
+# (functions to call at once) and a predicate that tells whether the splice is
+# cut; it returns when every direction has.
+Runner = Callable[[Sequence[Callable[[], None]], Callable[[], bool]], None]
 
 
-class SpliceAborted(PtthError, OSError):
-    """Raised in the POST body to cut it: the connection is being aborted."""
+class CutError(PtthError):
+    """An end's side broke (or was aborted); the message is the reason, as "what: why"."""
+
+
+class End(Protocol):
+    """One side of a splice (see the module docstring)."""
+
+    def read(self) -> bytes: ...
+
+    def pour(self, pieces: Iterable[bytes]) -> None: ...
+
+    def abort(self, reason: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class PushEnd:
+    """An end written a piece at a time: `pour` is `write` for each piece, then `end`."""
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def end(self) -> None:
+        raise NotImplementedError
+
+    def pour(self, pieces: Iterable[bytes]) -> None:
+        for piece in pieces:
+            self.write(piece)
+        self.end()
 
 
 class Splice:
-    """The TCP socket of one forwarded connection and the two threads that feed it."""
+    """Two ends joined both ways until both directions end, or one fails and both are cut."""
 
-    def __init__(self, sock: socket.socket, label: str) -> None:
-        self._sock = sock
-        self.label = label
+    def __init__(self, a: End, b: End, run: Runner) -> None:
+        self.a, self.b = a, b
+        self._run = run
         self._lock = threading.Lock()
-        self._watched: dict[str, socket.socket] = {}  # the relay's streams still running
-        self.aborted = False
-        self.reason = ""
-        self.bytes_out = 0  # from the TCP peer, into the tunnel
-        self.bytes_in = 0   # from the tunnel, to the TCP peer
+        self.reason = ""  # why it was cut; "" while it is not
+        self.a_to_b = 0  # bytes read from a and passed to b
+        self.b_to_a = 0
 
-    def run(self, incoming: requests.Response, post_url: str, headers: dict[str, str]) -> None:
-        """Copy both ways until both directions end or one fails; then close the socket.
+    @property
+    def aborted(self) -> bool:
+        return bool(self.reason)
 
-        `incoming` is the streaming response carrying the far end's bytes; the
-        TCP peer's bytes are POSTed to `post_url` with `headers`.
+    def run(self) -> str:
+        """Copy both ways until both directions are over; "" after a clean end, else why it was cut.
+
+        Both ends are closed afterwards, whatever happened.
         """
-        self._sock.settimeout(WATCH_SECS)
-        in_sock = _response_socket(incoming)
-        if in_sock is not None:
-            self._watched["incoming"] = in_sock
-        worker = threading.Thread(target=self._outgoing, args=(post_url, headers), daemon=True,
-                                  name=f"{threading.current_thread().name}-out")
-        worker.start()
-        self._incoming(incoming)
-        worker.join()
-        self._sock.close()
+        try:
+            self._run([self._copy_a_to_b, self._copy_b_to_a], lambda: self.aborted)
+        except BaseException:
+            self.abort("stopped")  # e.g. the greenlet running the splice was killed
+            raise
+        finally:
+            for end in (self.a, self.b):
+                end.close()
+        return self.reason
 
     def abort(self, reason: str) -> None:
-        """Stop both directions; the TCP peer gets a reset when the socket closes."""
+        """Cut both ends (the first reason is kept); safe from any thread, and more than once."""
         with self._lock:
-            if self.aborted:
+            if self.reason:
                 return
-            self.aborted = True
-            self.reason = reason
+            self.reason = reason or "aborted"
+        for end in (self.a, self.b):
+            end.abort(self.reason)
+
+    def _copy_a_to_b(self) -> None:
+        self._copy(self.a, self.b, a_to_b=True)
+
+    def _copy_b_to_a(self) -> None:
+        self._copy(self.b, self.a, a_to_b=False)
+
+    def _copy(self, source: End, sink: End, a_to_b: bool) -> None:
         try:
-            # Linger 0: close() sends a reset instead of a FIN, so a cut never looks like an end.
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self._sock.shutdown(socket.SHUT_RD)  # wakes the reading thread, sends nothing
+            sink.pour(self._pieces(source, a_to_b))
+        except CutError as e:
+            self.abort(str(e))
+        except Exception as e:  # a bug: still cut both ends, so nothing hangs
+            logger.exception("splice failed")
+            self.abort(f"internal error: {e!r}")
+
+    def _pieces(self, source: End, a_to_b: bool) -> Iterator[bytes]:
+        """The source's pieces as they come; a piece is counted once the sink has taken it."""
+        while True:
+            data = source.read()
+            if not data:
+                if self.reason:  # woken by abort(), not by the far side's end
+                    raise CutError(self.reason)
+                return
+            yield data
+            if a_to_b:
+                self.a_to_b += len(data)
+            else:
+                self.b_to_a += len(data)
+
+
+def in_threads(directions: Sequence[Callable[[], None]], is_cut: Callable[[], bool]) -> None:
+    """Run the first direction in this thread and the others in threads of their own.
+
+    Threads cannot be stopped from outside: every end used with this runner
+    must notice an abort by itself (TcpEnd polls every WATCH_SECS).
+    """
+    first, *rest = directions
+    name = threading.current_thread().name
+    threads = [threading.Thread(target=d, daemon=True, name=f"{name}-{i + 1}") for i, d in enumerate(rest)]
+    for t in threads:
+        t.start()
+    first()
+    for t in threads:
+        t.join()
+
+
+def in_greenlets(directions: Sequence[Callable[[], None]], is_cut: Callable[[], bool]) -> None:
+    """Run each direction in a greenlet; once the splice is cut, kill those still blocked."""
+    import gevent
+
+    greenlets = [gevent.spawn(d) for d in directions]
+    try:
+        for _ in gevent.iwait(greenlets):
+            if is_cut():
+                break  # e.g. a write to a TCP peer that reads nothing would never return
+    finally:
+        gevent.killall(greenlets)
+
+
+class TcpEnd(PushEnd):
+    """A TCP socket as a splice end: `end()` is shutdown(SHUT_WR), `abort()` a reset.
+
+    With `watch_secs` (in threads), reads and writes wait at most that long at
+    a time, then notice an abort and call `watch`, which returns "" or a
+    reason to cut the connection. Without (in greenlets), they block.
+    """
+
+    def __init__(self, sock: socket.socket, label: str = "TCP peer", watch: Callable[[], str] | None = None,
+                 watch_secs: float | None = WATCH_SECS, read_bytes: int = PIECE_BYTES) -> None:
+        self.sock = sock
+        self.label = label
+        self._watch = watch
+        self._read_bytes = read_bytes
+        self._aborted = ""
+        if watch_secs is not None:
+            sock.settimeout(watch_secs)
+
+    def read(self) -> bytes:
+        while True:
+            try:
+                data = self.sock.recv(self._read_bytes)
+            except TimeoutError:
+                self._check()
+                continue
+            except OSError as e:
+                raise CutError(f"{self.label}: {e.strerror or e}") from None
+            if self._aborted:
+                raise CutError(self._aborted)  # woken by abort()'s shutdown, not by the peer's end
+            return data
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._aborted:
+                raise CutError(self._aborted)
+            try:
+                sent = self.sock.send(view)
+            except TimeoutError:
+                self._check()
+                continue
+            except OSError as e:
+                raise CutError(f"{self.label}: {e.strerror or e}") from None
+            view = view[sent:]
+
+    def end(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)  # the far side's clean end, passed on as a half-close
+        except OSError:
+            pass  # the peer has gone already; its reset shows in the other direction
+
+    def abort(self, reason: str) -> None:
+        self._aborted = reason
+        _linger_zero(self.sock)  # close() then sends a reset, not a FIN: a cut never looks like an end
+        try:
+            self.sock.shutdown(socket.SHUT_RD)  # wakes a blocked read; sends nothing
         except OSError:
             pass
 
-    def _incoming(self, response: requests.Response) -> None:
-        pieces = response.iter_content(None)
-        while True:
-            try:
-                chunk = next(pieces, None)
-            except HTTP_ERRORS as e:
-                self.abort(f"relay stream: {root_cause(e)}")
-                return
-            if chunk is None:
-                break
-            try:
-                self._send_to_peer(chunk)
-            except OSError as e:
-                self.abort(f"TCP peer: {e.strerror or e}")
-                return
-            if self.aborted:
-                return
-            self.bytes_in += len(chunk)
-        self._watched.pop("incoming", None)
-        try:
-            self._sock.shutdown(socket.SHUT_WR)  # the far end's clean end: pass the half-close on
-        except OSError:
-            pass  # the peer has gone already; its reset shows on the other direction
+    def close(self) -> None:
+        self.sock.close()
 
-    def _send_to_peer(self, data: bytes) -> None:
-        """sendall, but looking at the relay's side while the peer reads nothing."""
-        view = memoryview(data)
-        while view and not self.aborted:
-            try:
-                sent = self._sock.send(view)
-            except TimeoutError:
-                self._check_relay()
-                continue
-            view = view[sent:]
-
-    def _outgoing(self, url: str, headers: dict[str, str]) -> None:
-        try:
-            status, answer_headers, body = self._post(url, headers)
-        except SpliceAborted:
-            return
-        except HTTP_ERRORS as e:
-            self.abort(f"relay stream: {root_cause(e)}")
-            return
-        if status != 200:
-            self.abort(f"relay answered {describe_answer(status, answer_headers, body)}")
-
-    def _post(self, url: str, headers: dict[str, str]) -> tuple[int, Mapping[str, str], bytes]:
-        """POST the TCP peer's bytes as a chunked body; return the relay's status, headers and answer.
-
-        urllib3's connection directly rather than requests: the socket must be
-        at hand to watch, and the upload must have no timeout (a quiet peer
-        is not a stalled one). A connection never follows a redirect, so the
-        key goes nowhere but to `url`.
-        """
-        parts = urlsplit(url)
-        conn: HTTPConnection
-        if parts.scheme == "https":
-            conn = HTTPSConnection(parts.hostname or "", parts.port, timeout=CONNECT_TIMEOUT_SECS,
-                                   ca_certs=certifi.where())
-        else:
-            conn = HTTPConnection(parts.hostname or "", parts.port, timeout=CONNECT_TIMEOUT_SECS)
-        try:
-            conn.connect()
-            conn.timeout = None  # request() applies it to the socket: none while streaming
-            self._watched["outgoing"] = conn.sock
-            path = parts.path + (f"?{parts.query}" if parts.query else "")
-            conn.request("POST", path, body=self._read_peer(), headers=headers, chunked=True)
-            self._watched.pop("outgoing", None)  # the body is done: the relay may close now
-            answer = conn.getresponse()
-            return answer.status, answer.headers, answer.read(MAX_ANSWER_BYTES)
-        finally:
-            self._watched.pop("outgoing", None)
-            conn.close()
-
-    def _read_peer(self) -> Iterator[bytes]:
-        while True:
-            try:
-                data = self._sock.recv(READ_BYTES)
-            except TimeoutError:
-                self._check_relay()
-                if self.aborted:
-                    raise SpliceAborted(self.reason) from None
-                continue
-            except OSError as e:
-                self.abort(f"TCP peer: {e.strerror or e}")
-                raise SpliceAborted(self.reason) from e
-            if self.aborted:
-                raise SpliceAborted(self.reason)  # woken by abort(), not the peer's EOF
-            if not data:
-                return  # the peer's half-close: the POST body ends with its last chunk
-            self.bytes_out += len(data)
-            yield data
-
-    def _check_relay(self) -> None:
-        """Abort if the relay has closed or reset one of our streams that should be running."""
-        for name, sock in list(self._watched.items()):
-            if not _is_established(sock):
-                self.abort(f"relay stream: the relay closed the {name} connection")
-                return
+    def _check(self) -> None:
+        if self._aborted:
+            raise CutError(self._aborted)
+        reason = self._watch() if self._watch is not None else ""
+        if reason:
+            raise CutError(reason)
 
 
-def _response_socket(r: requests.Response) -> socket.socket | None:
-    """The socket under a streaming response (urllib3 2's public `connection`)."""
-    conn = getattr(r.raw, "connection", None)
-    sock = getattr(conn, "sock", None)
-    return sock if isinstance(sock, socket.socket) else None
+def reset(sock: socket.socket) -> None:
+    """Close a TCP socket with a reset: its peer sees a refused or cut connection, not an end."""
+    _linger_zero(sock)
+    sock.close()
 
 
-def _is_established(sock: socket.socket) -> bool:
-    """Tell whether a TCP connection is still open both ways (True where we cannot tell)."""
-    tcp_info = getattr(socket, "TCP_INFO", None)
-    if tcp_info is None:
-        return True
+def _linger_zero(sock: socket.socket) -> None:
     try:
-        state = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0]
-    except (OSError, IndexError):
-        return sock.fileno() != -1
-    return state == _TCP_ESTABLISHED
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+
+
+class OpenSplices:
+    """The splices a proxy is running, so that stopping it can cut them all."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: set[Splice] = set()
+
+    @contextmanager
+    def running(self, splice: Splice) -> Iterator[Splice]:
+        """Count `splice` as open for the duration of the block."""
+        with self._lock:
+            self._open.add(splice)
+        try:
+            yield splice
+        finally:
+            with self._lock:
+                self._open.discard(splice)
+
+    def abort_all(self, reason: str) -> None:
+        with self._lock:
+            splices = list(self._open)
+        for splice in splices:
+            splice.abort(reason)

@@ -449,30 +449,15 @@ def _run_quic_end_server(config: ServerConfig, stop: list[Callable[[], None]],
 
     gevent runs one hub per thread, so the QUIC proxy's greenlets live here
     while the rest of the server stays plain threads. `stop` receives the
-    function that stops it from another thread (gevent's async watcher is
-    the one thread-safe way into a hub); `refused` is called if the relay
-    refuses us, which retrying cannot fix.
+    function that stops it from another thread; `refused` is called if the
+    relay refuses us, which retrying cannot fix. ptth_quic_end_server.py runs
+    the same QuicEndServer on its own.
     """
-    import gevent
+    from ptth_lib.forward.quic.proxies import QuicEndServer
 
-    from ptth_lib.forward.quic.proxies import QuicEndServer, RelayTarget
-
-    assert config.quic is not None and config.api_key is not None
-    q = config.quic
-    server = QuicEndServer(config.name, config.api_key,
-                           RelayTarget(q.relay_host, q.relay_port, q.relay_fingerprint, q.ca_file),
-                           dict(config.forwarded_ports))
-    runner = gevent.spawn(server.run_forever)
-    wake = gevent.get_hub().loop.async_()
-
-    def stop_here() -> None:
-        server.link.stop()
-        runner.kill()
-
-    wake.start(lambda: gevent.spawn(stop_here))
-    stop.append(wake.send)
-    runner.join()
-    if server.link.fatal:
+    server = QuicEndServer(config)
+    stop.append(server.stopper())
+    if server.run():
         refused()
 
 

@@ -30,11 +30,10 @@ from aioquic.quic.connection import QuicConnection
 from conftest import REPO, Proc, new_key, tripcode_of
 from tcp_peers import EchoServer, TcpServer, recv_all
 
-from ptth_lib.forward.quic import cert as quic_cert
-from ptth_lib.forward.quic import driver as quic_io
+from ptth_lib.forward.quic import cert, driver
 from ptth_lib.forward.quic.driver import QuicPeer
-from ptth_lib.forward.quic.proxies import read_tip
-from ptth_lib.wire import tip as quic_tip
+from ptth_lib.forward.quic.streams import read_tip
+from ptth_lib.wire import tip
 
 # A wait that should take well under a second, with room for a busy 2-core machine.
 STARTUP_SECS = 20.0
@@ -280,30 +279,30 @@ class EchoServerAt(EchoServer):
 # (`python tests/e2e/quic_cluster.py flood ...`) so that it does not slow the test's own peers.
 
 def pinned_configuration(fingerprint: str) -> QuicConfiguration:
-    return quic_io.configure(quic_cert.client_configuration(quic_io.ALPN, fingerprint, None))
+    return driver.configure(cert.client_configuration(driver.ALPN, fingerprint, None))
 
 
 def open_quic(port: int, fingerprint: str, timeout: float = SOCKET_TIMEOUT_SECS) -> QuicPeer:
     """A QUIC connection to the relay on 127.0.0.1 (handshake done), nothing sent on it yet."""
-    return quic_io.connect("127.0.0.1", port, pinned_configuration(fingerprint), timeout)
+    return driver.connect("127.0.0.1", port, pinned_configuration(fingerprint), timeout)
 
 
-def say_hello(peer: QuicPeer, hello: quic_tip.PeerHello, timeout: float = SOCKET_TIMEOUT_SECS) -> quic_tip.TipMessage:
+def say_hello(peer: QuicPeer, hello: tip.PeerHello, timeout: float = SOCKET_TIMEOUT_SECS) -> tip.TipMessage:
     """Send a hello on a new stream; the relay's answer."""
     stream = peer.open_stream()
-    stream.write(quic_tip.encode(hello))
+    stream.write(tip.encode(hello))
     answer, _ = read_tip(stream, timeout)
     return answer
 
 
-def honest_hello_secs(port: int, fingerprint: str, hello: quic_tip.PeerHello,
+def honest_hello_secs(port: int, fingerprint: str, hello: tip.PeerHello,
                       timeout: float = SOCKET_TIMEOUT_SECS) -> float:
     """Seconds from the first packet to an accepted hello, as a proxy connects; the connection is closed."""
     start = time.monotonic()
     peer = open_quic(port, fingerprint, timeout)
     try:
         answer = say_hello(peer, hello, timeout)
-        assert isinstance(answer, quic_tip.HelloAnswer) and answer.ok, answer
+        assert isinstance(answer, tip.HelloAnswer) and answer.ok, answer
         return time.monotonic() - start
     finally:
         peer.close()
@@ -346,8 +345,10 @@ class InitialFlood:
     """`flood` in a process of its own; `sent()` waits for it to end."""
 
     def __init__(self, tmp: Path, port: int, rate: float, seconds: float) -> None:
-        self.proc = Proc([sys.executable, __file__, "flood", str(port), str(rate), str(seconds)],
-                         tmp / f"flood-{port}-{time.monotonic_ns()}.log", env={"PYTHONPATH": str(REPO)})
+        # Run as a script (its folder, tests/e2e, first on sys.path), ptth_lib from the checkout.
+        self.proc = Proc([sys.executable, str(Path(__file__).resolve()), "flood", str(port), str(rate),
+                          str(seconds)], tmp / f"flood-{port}-{time.monotonic_ns()}.log",
+                         env={"PYTHONPATH": str(REPO)})
 
     def sent(self, timeout: float = 60.0) -> int:
         wait_exit(self.proc, timeout)

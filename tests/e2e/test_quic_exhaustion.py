@@ -25,13 +25,13 @@ import socket
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import astuple
 from pathlib import Path
 
 import gevent
 import gevent.socket
 import pytest
-from aioquic._buffer import Buffer
-from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.quic.packet import QuicPacketType
 from quic_cluster import (
     InitialFlood,
     QuicForwarding,
@@ -44,8 +44,13 @@ from quic_cluster import (
 from tcp_peers import EchoServer
 
 from ptth_lib.config import load_relay_config
-from ptth_lib.forward.quic import cert as quic_cert
-from ptth_lib.forward.quic import driver as quic_io
+from ptth_lib.forward.quic import cert, driver
+from ptth_lib.forward.quic.aioquic_adapter import (
+    PeerLimits,
+    parse_header,
+    peer_limits,
+    pretend_peer_limits,
+)
 from ptth_lib.forward.quic.endpoint import (
     MAX_HALF_OPEN_PER_ADDRESS,
     UNTRUSTED_WINDOW_BYTES,
@@ -54,7 +59,7 @@ from ptth_lib.forward.quic.endpoint import (
     address_key,
 )
 from ptth_lib.forward.quic.relay import QuicRelay
-from ptth_lib.wire import tip as quic_tip
+from ptth_lib.wire import tip
 
 pytestmark = pytest.mark.process
 
@@ -83,8 +88,8 @@ def fw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuicForwarding]:
     echo.close()
 
 
-def laptop_hello(fw: QuicForwarding) -> quic_tip.PeerHello:
-    return quic_tip.PeerHello("client", "laptop", fw.client_key)
+def laptop_hello(fw: QuicForwarding) -> tip.PeerHello:
+    return tip.PeerHello("client", "laptop", fw.client_key)
 
 
 def wait_for(predicate: Callable[[], bool], deadline: float) -> bool:
@@ -103,19 +108,18 @@ def test_an_unauthenticated_connection_gets_one_stream_and_a_hello_of_credit(fw:
     peer = open_quic(fw.relay_port, fw.fingerprint)
     try:
         q = peer.quic
-        announced = (q._remote_max_streams_bidi, q._remote_max_streams_uni, q._remote_max_data,
-                     q._remote_max_stream_data_bidi_remote)
+        announced = astuple(peer_limits(q))
         print(f"\ncredit before the hello: streams, uni streams, bytes, bytes per stream = {announced}")
         assert announced == (1, 0, UNTRUSTED_WINDOW_BYTES, UNTRUSTED_WINDOW_BYTES)
         answer = say_hello(peer, laptop_hello(fw))
-        assert isinstance(answer, quic_tip.HelloAnswer) and answer.ok, answer
-        assert wait_for(lambda: q._remote_max_streams_bidi > 100 and q._remote_max_data > MiB, PROMPT_SECS), \
-            (q._remote_max_streams_bidi, q._remote_max_data)
+        assert isinstance(answer, tip.HelloAnswer) and answer.ok, answer
+        assert wait_for(lambda: peer_limits(q).streams_bidi > 100 and peer_limits(q).max_data > MiB,
+                        PROMPT_SECS), peer_limits(q)
         # A new stream's own credit is raised as soon as the relay sees it: a stream carries MiBs.
         stream = peer.open_stream()
-        stream.write(quic_tip.encode(quic_tip.ClientConnect("alpha", "echo", quic_tip.InnerTip(1))))
+        stream.write(tip.encode(tip.ClientConnect("alpha", "echo", tip.InnerTip(1))))
         with gevent.Timeout(PROMPT_SECS):
-            assert isinstance(quic_tip.TipReader().feed(stream.read()), quic_tip.Answer)
+            assert isinstance(tip.TipReader().feed(stream.read()), tip.Answer)
         data = b"\x5a" * (3 * MiB)
         got = bytearray()
 
@@ -143,9 +147,8 @@ def test_extra_streams_before_the_hello_close_the_connection(fw: QuicForwarding)
         first = peer.open_stream()
         first.write(b"\x01\x10\x00")  # a tip announcing 4 KiB, never finished: the relay waits for it
         q = peer.quic
-        q._remote_max_streams_bidi = 64  # the attacker pretends it was given more
-        q._remote_max_data = 1 << 30
-        q._remote_max_stream_data_bidi_remote = MiB
+        # The attacker pretends it was given more: 64 streams, 1 GiB, 1 MiB each.
+        pretend_peer_limits(q, PeerLimits(64, peer_limits(q).streams_uni, 1 << 30, MiB))
         writers = []
         for _ in range(8):
             stream = peer.open_stream()
@@ -175,9 +178,9 @@ def test_every_greenlet_of_a_connection_ends_with_it(fw: QuicForwarding) -> None
     """
     sock = gevent.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
-    identity = quic_cert.load_or_create(str(fw.tmp / "relay.crt"), str(fw.tmp / "relay.key"))
+    identity = cert.load_or_create(str(fw.tmp / "relay.crt"), str(fw.tmp / "relay.key"))
     relay = QuicRelay(load_relay_config(fw.relay_config))
-    endpoint = QuicServerEndpoint(sock, quic_io.configure(quic_cert.server_configuration(quic_io.ALPN, identity)),
+    endpoint = QuicServerEndpoint(sock, driver.configure(cert.server_configuration(driver.ALPN, identity)),
                                   relay.on_peer)
     server = gevent.spawn(endpoint.serve_forever)
     port = sock.getsockname()[1]
@@ -190,9 +193,9 @@ def test_every_greenlet_of_a_connection_ends_with_it(fw: QuicForwarding) -> None
             busy.open_stream().write(b"\x01\x10\x00" + b"\x00" * 4000)
         client = open_quic(port, fw.fingerprint)
         answer = say_hello(client, laptop_hello(fw))
-        assert isinstance(answer, quic_tip.HelloAnswer) and answer.ok, answer
+        assert isinstance(answer, tip.HelloAnswer) and answer.ok, answer
         connect = client.open_stream()
-        connect.write(quic_tip.encode(quic_tip.ClientConnect("alpha", "echo", quic_tip.InnerTip(1))))
+        connect.write(tip.encode(tip.ClientConnect("alpha", "echo", tip.InnerTip(1))))
         with gevent.Timeout(PROMPT_SECS):
             assert connect.read()  # a refusal: alpha is connected to the other relay
         gevent.sleep(0.5)
@@ -220,7 +223,7 @@ def test_an_initial_without_a_token_gets_a_retry_and_nothing_else(fw: QuicForwar
         try:
             while True:
                 data = sock.recv(65536)
-                types.append(pull_quic_header(Buffer(data=data), host_cid_length=8).packet_type)
+                types.append(parse_header(data, 8).packet_type)
         except TimeoutError:
             pass
     assert types == [QuicPacketType.RETRY] * 3, types
@@ -263,7 +266,7 @@ def test_half_open_connections_are_capped_per_address(fw: QuicForwarding) -> Non
             results.append(e)
 
     gevent.joinall([gevent.spawn(attempt) for _ in range(MAX_HALF_OPEN_PER_ADDRESS + 3)])
-    peers = [r for r in results if isinstance(r, quic_io.QuicPeer)]
+    peers = [r for r in results if isinstance(r, driver.QuicPeer)]
     try:
         assert len(peers) == MAX_HALF_OPEN_PER_ADDRESS, results
         assert all(not p.closed.is_set() for p in peers)

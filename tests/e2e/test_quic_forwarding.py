@@ -18,6 +18,8 @@ server (tcp_peers.py, fault_peers.py, quic_cluster.py).
 5. Keepalive (slow): a connection idle for longer than the QUIC idle timeout.
 6. Several server proxies under one name: both serve, in turn; a relay that
    keeps dropping a proxy sees it back off.
+7. ptth_client.py itself over QUIC (`quic_relay`): the same program as over
+   HTTP; ptth_quic_client.py, which the tests above run, is its alias.
 
 Module-scoped clusters serve the tests that only cut TCP connections; a test
 that stops a process gets a cluster of its own.
@@ -32,6 +34,7 @@ import re
 import signal
 import socket
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -745,32 +748,31 @@ def test_a_relay_that_keeps_dropping_the_server_proxy_sees_it_back_off(tmp_path:
     import gevent.event
     import gevent.socket
 
-    from ptth_lib.forward.quic import cert as quic_cert
-    from ptth_lib.forward.quic import driver as quic_io
+    from ptth_lib.forward.quic import cert, driver
     from ptth_lib.forward.quic.endpoint import QuicServerEndpoint
-    from ptth_lib.forward.quic.proxies import read_tip
-    from ptth_lib.wire import tip as quic_tip
+    from ptth_lib.forward.quic.streams import read_tip
+    from ptth_lib.wire import tip
 
     hellos: list[float] = []
 
-    def on_peer(peer: quic_io.QuicPeer) -> None:
+    def on_peer(peer: driver.QuicPeer) -> None:
         first = gevent.event.AsyncResult()
         peer.on_stream = first.set
         try:
             stream = first.get(timeout=10)
             hello, _ = read_tip(stream)
-            assert isinstance(hello, quic_tip.PeerHello) and hello.name == "alpha", hello
+            assert isinstance(hello, tip.PeerHello) and hello.name == "alpha", hello
             hellos.append(time.monotonic())
-            stream.write(quic_tip.encode(quic_tip.HelloAnswer(True, "")))
+            stream.write(tip.encode(tip.HelloAnswer(True, "")))
             stream.end()
             gevent.sleep(0.1)
         finally:
             peer.close("dropped by a relay that drops everyone")
 
-    identity = quic_cert.load_or_create(str(tmp_path / "relay.crt"), str(tmp_path / "relay.key"))
+    identity = cert.load_or_create(str(tmp_path / "relay.crt"), str(tmp_path / "relay.key"))
     sock = gevent.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
-    endpoint = QuicServerEndpoint(sock, quic_io.configure(quic_cert.server_configuration(quic_io.ALPN, identity)),
+    endpoint = QuicServerEndpoint(sock, driver.configure(cert.server_configuration(driver.ALPN, identity)),
                                   on_peer)
     serving = gevent.spawn(endpoint.serve_forever)
     fw = QuicForwarding(tmp_path, targets={"echo": free_port()}, allow=[], forwards=[])
@@ -791,3 +793,31 @@ def test_a_relay_that_keeps_dropping_the_server_proxy_sees_it_back_off(tmp_path:
     print(f"\nhellos in the {DROPPED_SECS:.0f} s after the first, at: {[round(t, 2) for t in times]}")
     # Backing off: at most 0.1 + 0.5 + 1 + 2 + 4 s of waits fit, so 5 hellos; at once: dozens.
     assert 2 <= len(times) <= 6, times
+
+
+# ---- 7. the one client program ------------------------------------------------------------------
+
+def test_ptth_client_forwards_over_quic(shared: Bundle, tmp_path: Path) -> None:
+    """ptth_client.py with quic_relay in its config: QUIC forwarding, a half-close, then SIGTERM exits 0."""
+    fw = shared.fw
+    key_file = tmp_path / "client.key"
+    key_file.write_text(fw.client_key + "\n")
+    config = tmp_path / "ptth_client.toml"
+    config.write_text(f'quic_relay = "127.0.0.1:{fw.relay_port}"\nrelay_fingerprint = "{fw.fingerprint}"\n'
+                      f'name = "laptop"\napi_key_file = "{key_file}"\nforward = ["0:alpha:digest"]\n')
+    proc = Proc([sys.executable, "ptth_client.py", "--config", str(config)], tmp_path / "client.log")
+    try:
+        port = int(proc.wait_for_output(r"forwarding 127\.0\.0\.1:(\d+) to alpha:digest over QUIC").group(1))
+        assert "quic client: connected to the QUIC relay" in proc.output()
+        data = os.urandom(300_001)
+        with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_SECS) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == f"{len(data)} {hashlib.sha256(data).hexdigest()}\n".encode()
+            local = sock.getsockname()[1]
+        proc.wait_for_output(rf"(?m)quic connection 127\.0\.0\.1:{local} -> alpha:digest closed$")
+        assert proc.stop(signal.SIGTERM) == 0
+    finally:
+        proc.kill()
+    assert "Traceback" not in proc.output() and fw.client_key not in proc.output()
+    fw.assert_up(fw.relay_proc, fw.server_proc, fw.client_proc)

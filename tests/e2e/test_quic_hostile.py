@@ -1,6 +1,6 @@
 """Hostile peers against the real QUIC relay: no hello, garbage tips, wrong roles, key leaks.
 
-The test process plays the peer with ptth_lib's own QUIC driver (quic_io), so
+The test process plays the peer with ptth_lib's own QUIC driver (ptth_lib.forward.quic.driver), so
 it speaks valid QUIC and TLS and can then misbehave where the relay must be
 careful: in the tips. The relay must stay up and keep serving the proxies.
 """
@@ -20,10 +20,9 @@ from conftest import Proc
 from quic_cluster import QuicForwarding
 from tcp_peers import EchoServer, recv_all
 
-from ptth_lib.forward.quic import cert as quic_cert
-from ptth_lib.forward.quic import driver as quic_io
-from ptth_lib.forward.quic.driver import QuicPeer, StreamBroken
-from ptth_lib.wire import tip as quic_tip
+from ptth_lib.forward.quic import cert, driver
+from ptth_lib.forward.quic.driver import QuicPeer, StreamBrokenError
+from ptth_lib.wire import tip
 
 # The relay waits 10 s for a hello (quic_relay.HELLO_WAIT_SECS); room for a busy machine.
 HELLO_DEADLINE_SECS = 25.0
@@ -48,8 +47,8 @@ def fw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuicForwarding]:
 
 
 def open_peer(fw: QuicForwarding) -> QuicPeer:
-    config = quic_io.configure(quic_cert.client_configuration(quic_io.ALPN, fw.fingerprint, None))
-    return quic_io.connect("127.0.0.1", fw.relay_port, config, ANSWER_SECS)
+    config = driver.configure(cert.client_configuration(driver.ALPN, fw.fingerprint, None))
+    return driver.connect("127.0.0.1", fw.relay_port, config, ANSWER_SECS)
 
 
 def answer_to(peer: QuicPeer, payload: bytes) -> bytes:
@@ -61,7 +60,7 @@ def answer_to(peer: QuicPeer, payload: bytes) -> bytes:
         try:
             while data := stream.read():
                 got += data
-        except StreamBroken:
+        except StreamBrokenError:
             pass
     return got
 
@@ -80,10 +79,10 @@ def test_a_connection_that_never_says_hello_is_closed(fw: QuicForwarding) -> Non
         gevent.sleep(LATE_STREAM_SECS)
         stream = trickler.open_stream()
         try:
-            for byte in quic_tip.encode(quic_tip.PeerHello("client", "laptop", fw.client_key)):
+            for byte in tip.encode(tip.PeerHello("client", "laptop", fw.client_key)):
                 stream.write(bytes([byte]))
                 gevent.sleep(0.5)
-        except StreamBroken:
+        except StreamBrokenError:
             pass
 
     sender = gevent.spawn(trickle)
@@ -103,7 +102,7 @@ def test_a_connection_that_never_says_hello_is_closed(fw: QuicForwarding) -> Non
     b"\x02\x00\x01\x80",                              # another version
     b"\x01\xff\xff" + b"\x00" * 100,                  # a length over the limit
     b"\x01\x00\x05\xc1\xc1\xc1\xc1\xc1",              # not MsgPack
-    quic_tip.encode(quic_tip.Answer(True, "")),       # a valid tip, but not a hello
+    tip.encode(tip.Answer(True, "")),       # a valid tip, but not a hello
 ], ids=["http", "version", "length", "msgpack", "not-hello"])
 def test_a_first_stream_that_is_not_a_hello_closes_the_connection(fw: QuicForwarding, payload: bytes) -> None:
     peer = open_peer(fw)
@@ -118,10 +117,10 @@ def test_a_first_stream_that_is_not_a_hello_closes_the_connection(fw: QuicForwar
 def test_a_client_key_cannot_claim_a_server_name(fw: QuicForwarding) -> None:
     peer = open_peer(fw)
     try:
-        reply = answer_to(peer, quic_tip.encode(quic_tip.PeerHello("server", "alpha", fw.client_key)))
-        reader = quic_tip.TipReader()
+        reply = answer_to(peer, tip.encode(tip.PeerHello("server", "alpha", fw.client_key)))
+        reader = tip.TipReader()
         answer = reader.feed(reply)
-        assert isinstance(answer, quic_tip.HelloAnswer) and not answer.ok, reply
+        assert isinstance(answer, tip.HelloAnswer) and not answer.ok, reply
         assert peer.closed.wait(ANSWER_SECS)
     finally:
         peer.close()
@@ -131,21 +130,21 @@ def test_a_client_key_cannot_claim_a_server_name(fw: QuicForwarding) -> None:
 def test_after_a_hello_a_bad_tip_resets_only_its_stream(fw: QuicForwarding) -> None:
     peer = open_peer(fw)
     try:
-        reply = answer_to(peer, quic_tip.encode(quic_tip.PeerHello("client", "laptop", fw.client_key)))
-        answer = quic_tip.TipReader().feed(reply)
-        assert isinstance(answer, quic_tip.HelloAnswer) and answer.ok, reply
+        reply = answer_to(peer, tip.encode(tip.PeerHello("client", "laptop", fw.client_key)))
+        answer = tip.TipReader().feed(reply)
+        assert isinstance(answer, tip.HelloAnswer) and answer.ok, reply
         # A tip a client may not send, then garbage: each stream is refused or reset, nothing more.
-        offer = quic_tip.RelayOffer("laptop", "echo", quic_tip.InnerTip(1))
-        assert answer_to(peer, quic_tip.encode(offer)) == b""
+        offer = tip.RelayOffer("laptop", "echo", tip.InnerTip(1))
+        assert answer_to(peer, tip.encode(offer)) == b""
         assert answer_to(peer, b"\x01" + struct.pack(">H", 3) + b"\x93\x01\x02") == b""
         assert not peer.closed.is_set(), peer.close_reason
         # The same connection still forwards.
         stream = peer.open_stream()
-        stream.write(quic_tip.encode(quic_tip.ClientConnect("alpha", "echo", quic_tip.InnerTip(1))))
+        stream.write(tip.encode(tip.ClientConnect("alpha", "echo", tip.InnerTip(1))))
         with gevent.Timeout(ANSWER_SECS):
             first = stream.read()
-        answer = quic_tip.TipReader().feed(first)
-        assert isinstance(answer, quic_tip.Answer) and answer.ok, first
+        answer = tip.TipReader().feed(first)
+        assert isinstance(answer, tip.Answer) and answer.ok, first
         stream.write(b"still here")
         with gevent.Timeout(ANSWER_SECS):
             echoed = b""

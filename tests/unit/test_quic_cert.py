@@ -1,4 +1,4 @@
-"""Tests for ptth_lib.quic_cert: the QUIC relay's certificate and the proxies' pin."""
+"""Tests for ptth_lib.forward.quic.cert: the QUIC relay's certificate and the proxies' pin."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ptth_lib.errors import ConfigError
-from ptth_lib.forward.quic import cert as quic_cert
+from ptth_lib.forward.quic import cert
 from ptth_lib.forward.quic.cert import (
     RelayIdentity,
     client_configuration,
@@ -83,31 +83,31 @@ def test_generation_writes_both_files(tmp_path: Path, umask_077: None) -> None:
 
 
 def test_generated_certificate_contents(identity: RelayIdentity) -> None:
-    cert = x509.load_pem_x509_certificate(Path(identity.cert_path).read_bytes())
-    key = cert.public_key()
+    certificate = x509.load_pem_x509_certificate(Path(identity.cert_path).read_bytes())
+    key = certificate.public_key()
     assert isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
-    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["ptth-relay", "localhost"]
     assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
-    assert cert.issuer == cert.subject
+    assert certificate.issuer == certificate.subject
     now = datetime.now(UTC)
-    assert cert.not_valid_before_utc <= now
-    assert cert.not_valid_after_utc - now > timedelta(days=3649)
-    assert cert.not_valid_after_utc - now < timedelta(days=3651)
-    cert.verify_directly_issued_by(cert)  # self-signed, by the key in relay.key
+    assert certificate.not_valid_before_utc <= now
+    assert certificate.not_valid_after_utc - now > timedelta(days=3649)
+    assert certificate.not_valid_after_utc - now < timedelta(days=3651)
+    certificate.verify_directly_issued_by(certificate)  # self-signed, by the key in relay.key
 
 
 def test_generation_with_another_host_name(tmp_path: Path) -> None:
     ident = load_or_create(str(tmp_path / "c"), str(tmp_path / "k"), hostname="relay.example.org")
-    cert = x509.load_pem_x509_certificate(Path(ident.cert_path).read_bytes())
-    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    certificate = x509.load_pem_x509_certificate(Path(ident.cert_path).read_bytes())
+    sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["relay.example.org", "localhost"]
 
 
 def test_generation_with_an_ip_address(tmp_path: Path) -> None:
     ident = load_or_create(str(tmp_path / "c"), str(tmp_path / "k"), hostname="192.0.2.7")
-    cert = x509.load_pem_x509_certificate(Path(ident.cert_path).read_bytes())
-    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    certificate = x509.load_pem_x509_certificate(Path(ident.cert_path).read_bytes())
+    sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
     assert sans.get_values_for_type(x509.IPAddress) == [
         ipaddress.ip_address("192.0.2.7"), ipaddress.ip_address("127.0.0.1")]
@@ -216,7 +216,7 @@ def test_certificate_with_chain_is_pinned_by_its_leaf(identity: RelayIdentity, t
 
 def test_readable_key_is_warned_about(identity: RelayIdentity, caplog: pytest.LogCaptureFixture) -> None:
     os.chmod(identity.key_path, 0o644)
-    with caplog.at_level(logging.WARNING, logger="ptth_lib.quic_cert"):
+    with caplog.at_level(logging.WARNING, logger=cert.__name__):
         load_or_create(identity.cert_path, identity.key_path)
     assert "readable by others" in caplog.text
 
@@ -420,8 +420,8 @@ def test_default_cas_refuse_a_self_signed_relay(identity: RelayIdentity) -> None
 
 
 def test_module_has_a_small_surface() -> None:
-    public = {n for n in vars(quic_cert) if not n.startswith("_") and callable(getattr(quic_cert, n))
-              and getattr(getattr(quic_cert, n), "__module__", "") == quic_cert.__name__}
+    public = {n for n in vars(cert) if not n.startswith("_") and callable(getattr(cert, n))
+              and getattr(getattr(cert, n), "__module__", "") == cert.__name__}
     assert public == {"RelayIdentity", "load_or_create", "fingerprint_of", "parse_fingerprint",
                       "matches", "peer_certificate_der", "client_configuration",
                       "server_configuration"}

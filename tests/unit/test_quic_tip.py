@@ -1,4 +1,4 @@
-"""Tests for ptth_lib.quic_tip: the tip messages that open QUIC streams."""
+"""Tests for ptth_lib.wire.tip: the tip messages that open QUIC streams."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ptth_lib import config
 from ptth_lib.errors import ProtocolError, PtthError
-from ptth_lib.wire import tip as quic_tip
+from ptth_lib.wire import tip
 from ptth_lib.wire.tip import (
     MAX_REASON_CHARS,
     MAX_TIP_BYTES,
@@ -178,8 +178,8 @@ def test_a_full_size_tip_is_read_whole() -> None:
 
 
 def test_name_rule_is_configs() -> None:
-    # quic_tip copies config's private server name rule; they must not drift.
-    assert quic_tip._NAME_RE.pattern == config._NAME_RE.pattern
+    # wire/tip.py copies config's private server name rule; they must not drift.
+    assert tip._NAME_RE.pattern == config._NAME_RE.pattern
 
 
 @pytest.mark.parametrize("make", [
@@ -215,7 +215,7 @@ def test_bad_messages_cannot_be_built(make: Any) -> None:
 
 def test_limits_are_inclusive() -> None:
     Answer(False, "x" * MAX_REASON_CHARS)
-    PeerHello("server", "a" * 64, "k" * quic_tip.MAX_KEY_CHARS)
+    PeerHello("server", "a" * 64, "k" * tip.MAX_KEY_CHARS)
     ClientConnect("a" * 64, "p" * 64, InnerTip(65535))
 
 
@@ -443,6 +443,6 @@ def test_structured_junk_only_raises_protocol_error(obj: Any) -> None:
 
 def test_encode_refuses_an_oversized_tip(monkeypatch: pytest.MonkeyPatch) -> None:
     # No valid message comes near 4 KiB today; the check guards fields added later.
-    monkeypatch.setattr(quic_tip, "MAX_TIP_BYTES", 20)
+    monkeypatch.setattr(tip, "MAX_TIP_BYTES", 20)
     with pytest.raises(ProtocolError, match="over the 20-byte limit"):
         encode(PeerHello("server", "srv", KEY))

@@ -4,8 +4,8 @@ The QUIC relay needs a certificate. Out of the box it makes a self-signed one
 (EC P-256, 10 years) and prints its fingerprint: the SHA-256 of the DER
 certificate as 64 lowercase hex digits. Proxies then either pin that
 fingerprint or, for a certificate from a real CA, verify it the usual way.
-No sockets here; the only aioquic internal we touch is in
-`peer_certificate_der`.
+No sockets here; the one aioquic internal `peer_certificate_der` needs is
+aioquic_adapter's.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from datetime import UTC, datetime, timedelta
 
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.tls import State
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,6 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ptth_lib.config import is_private, normalize_fingerprint
 from ptth_lib.errors import ConfigError
+from ptth_lib.forward.quic.aioquic_adapter import peer_certificate
 
 logger = logging.getLogger(__name__)
 
@@ -113,16 +113,7 @@ def peer_certificate_der(quic_connection: QuicConnection) -> bytes | None:
     (a server does not when a session ticket resumes the session: proxies must
     not use session tickets with a pinned relay).
     """
-    # aioquic-internal (aioquic is pinned at 1.7.2): QuicConnection sets `tls`
-    # only in connect() or on the first datagram, and tls.Context keeps the
-    # peer's leaf certificate as the cryptography object `_peer_certificate`,
-    # set on the Certificate message and checked against CertificateVerify
-    # before the handshake can reach a POST_HANDSHAKE state.
-    context = getattr(quic_connection, "tls", None)
-    if context is None or context.state not in (State.CLIENT_POST_HANDSHAKE,
-                                                State.SERVER_POST_HANDSHAKE):
-        return None
-    cert: x509.Certificate | None = context._peer_certificate
+    cert = peer_certificate(quic_connection)
     return None if cert is None else cert.public_bytes(serialization.Encoding.DER)
 
 

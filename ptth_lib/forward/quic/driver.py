@@ -24,12 +24,13 @@ so a peer that has not proved who it is cannot make the relay hold more than
 a hello's worth of its bytes. `QuicPeer.trust` lifts that once the hello is
 accepted. A peer never gets unidirectional streams (PTTH uses none).
 
-Both rely on aioquic internals (the stream sender's buffer offsets,
-`_write_stream_limits`, `_write_connection_limits`, the local `Limit`s), so
-aioquic is pinned; the backpressure test in `tests/test_quic_forwarding.py`
-and the credit test in `tests/test_quic_exhaustion.py` check that the bounds
-hold. The relay's UDP socket, which decides what connections to accept, is
-in quic_endpoint.py.
+Both bounds and the restriction need aioquic internals, which are all in
+aioquic_adapter.py (with a unit test that names the aioquic version when an
+upgrade breaks them); the backpressure test in
+`tests/e2e/test_quic_forwarding.py` and the credit test in
+`tests/e2e/test_quic_exhaustion.py` check that the bounds hold end to end.
+The relay's UDP socket, which decides what connections to accept, is in
+endpoint.py.
 """
 
 from __future__ import annotations
@@ -45,34 +46,22 @@ from typing import Any
 import gevent
 import gevent.event
 import gevent.socket
-from aioquic._buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import (
-    MAX_STREAM_DATA_FRAME_CAPACITY,
-    QuicConnection,
-    QuicConnectionError,
-    QuicConnectionState,
-    QuicReceiveContext,
-)
-from aioquic.quic.packet import QuicErrorCode, QuicFrameType
-from aioquic.quic.packet_builder import QuicPacketBuilder
-from aioquic.quic.recovery import QuicPacketSpace
-from aioquic.quic.stream import QuicStream as _AioStream
 
 from ptth_lib.errors import PtthError
+from ptth_lib.forward.limits import PIECE_BYTES
+from ptth_lib.forward.quic.aioquic_adapter import STREAM_WINDOW_BYTES, PacedQuicConnection
 
 logger = logging.getLogger(__name__)
 
+# The protocol name both sides announce in the TLS handshake (spec 004): a relay or
+# proxy of another protocol fails the handshake instead of misreading the streams.
 ALPN = "ptth-quic-1"
 
-# Bytes a stream may hold unread at the receiver, and unacknowledged at the
-# sender: enough for a 100 MiB/s stream over a 10 ms round trip.
-STREAM_WINDOW_BYTES = 1024 * 1024
-SEND_BUFFER_BYTES = 1024 * 1024
-
-# Largest piece one read() returns; also the size of proxies' TCP reads.
-READ_BYTES = 64 * 1024
+# Bytes a stream may hold unacknowledged at the sender: as many as the
+# receiver lets it have unread (aioquic_adapter.STREAM_WINDOW_BYTES).
+SEND_BUFFER_BYTES = STREAM_WINDOW_BYTES
 
 # A PING every few seconds: far below common NAT timeouts for UDP (30 s and
 # up), and it lets a peer that went silent count as gone after
@@ -81,6 +70,7 @@ READ_BYTES = 64 * 1024
 KEEPALIVE_SECS = 3.0
 IDLE_TIMEOUT_SECS = 10.0
 
+# A receive buffer for any UDP datagram (a peer's packets are far smaller: its max_datagram_size).
 MAX_DATAGRAM_BYTES = 65536
 
 # UDP socket buffers: the kernel's defaults (about 200 KiB) dropped hundreds of
@@ -91,117 +81,16 @@ SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 # room for tunnels (aioquic's default, 1,200, is the protocol's minimum).
 MAX_DATAGRAM_PAYLOAD_BYTES = 1350
 
-# Streams a trusted peer may have open at once (aioquic's default, kept as it was).
-MAX_STREAMS = 128
-
-# TLS handshake bytes a client may send the relay in one encryption level. Its
-# ClientHello is well under 2 KiB; aioquic alone lets a peer announce a 16 MiB
-# handshake message and buffers (and copies, again and again) what arrives of it.
-MAX_PEER_CRYPTO_BYTES = 16 * 1024
-
 # Application error codes in RESET_STREAM / STOP_SENDING / CONNECTION_CLOSE.
 ERROR_ABORTED = 1
 
 
-class StreamBroken(PtthError, OSError):
+class StreamBrokenError(PtthError, OSError):
     """The stream was reset by the peer or by us, or its connection closed."""
 
 
-class PacedQuicConnection(QuicConnection):
-    """A QuicConnection whose stream windows follow what the application has read."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.consumed: dict[int, int] = {}
-        self.restricted = False
-        self._window_bytes = STREAM_WINDOW_BYTES  # each stream's unread bytes, at most
-        self._restricted_window_bytes = STREAM_WINDOW_BYTES
-        self._small_window_streams: set[int] = set()  # the peer's streams opened while restricted
-        uni = self._local_max_streams_uni  # no unidirectional streams, ever: PTTH uses none
-        uni.value = uni.sent = 0
-
-    def restrict(self, window_bytes: int, max_streams: int) -> None:
-        """Before the first datagram: the peer gets max_streams and window_bytes of credit in all.
-
-        The transport parameters say so, and nothing is raised until `lift_restriction`.
-        """
-        self.restricted = True
-        self._window_bytes = self._restricted_window_bytes = window_bytes
-        self._local_max_data.value = self._local_max_data.sent = window_bytes
-        self._local_max_stream_data_bidi_remote = window_bytes
-        self._local_max_streams_bidi.value = self._local_max_streams_bidi.sent = max_streams
-
-    def lift_restriction(self) -> None:
-        """The peer is trusted: full windows and MAX_STREAMS for the streams it opens from now on."""
-        if not self.restricted:
-            return
-        self.restricted = False
-        # Its streams so far (the hello's) keep their small window: nobody reads them any more.
-        self._small_window_streams = {i for i in self._streams if self._is_peer_stream(i)}
-        self._window_bytes = STREAM_WINDOW_BYTES
-        # A new stream still starts with the small window of the transport parameters;
-        # _write_stream_limits raises it in the first packet after the stream's first bytes.
-        streams = self._local_max_streams_bidi
-        streams.value = streams.used + MAX_STREAMS - self._open_peer_streams()
-        self._local_max_data.value = self._local_max_data.used + self._configuration.max_data
-
-    def _open_peer_streams(self) -> int:
-        return sum(1 for stream_id in self._streams if self._is_peer_stream(stream_id))
-
-    def _is_peer_stream(self, stream_id: int) -> bool:
-        """A bidirectional stream the peer opened (RFC 9000 2.1: bit 0 is the opener, bit 1 uni)."""
-        return stream_id % 4 == (1 if self._is_client else 0)
-
-    def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
-        # aioquic doubles MAX_DATA whenever half of it has arrived; a restricted
-        # connection keeps what its transport parameters gave.
-        if not self.restricted:
-            super()._write_connection_limits(builder, space)
-
-    def _handle_crypto_frame(self, context: QuicReceiveContext, frame_type: int, buf: Buffer) -> None:
-        if not self._is_client:
-            start = buf.tell()
-            end = buf.pull_uint_var() + buf.pull_uint_var()  # offset + length
-            buf.seek(start)
-            if end > MAX_PEER_CRYPTO_BYTES:
-                raise QuicConnectionError(error_code=QuicErrorCode.CRYPTO_BUFFER_EXCEEDED,
-                                          frame_type=frame_type, reason_phrase="handshake too long")
-        super()._handle_crypto_frame(context, frame_type, buf)
-
-    def _write_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace,
-                             stream: _AioStream) -> None:
-        # aioquic's own version doubles the window as bytes arrive (unbounded
-        # buffering for a slow reader); this one grants credit as bytes are
-        # read, in steps of half a window. Adapted from aioquic 1.7.2.
-        assert stream.stream_id is not None
-        if stream.max_stream_data_local:
-            window = self._window_bytes
-            if stream.stream_id in self._small_window_streams:
-                window = self._restricted_window_bytes
-            target = self.consumed.get(stream.stream_id, 0) + window
-            if target - stream.max_stream_data_local >= window // 2:
-                stream.max_stream_data_local = target
-        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
-            buf = builder.start_frame(
-                QuicFrameType.MAX_STREAM_DATA,
-                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
-                handler=self._on_max_stream_data_delivery,
-                handler_args=(stream,),
-            )
-            buf.push_uint_var(stream.stream_id)
-            buf.push_uint_var(stream.max_stream_data_local)
-            stream.max_stream_data_local_sent = stream.max_stream_data_local
-
-    def unacked_bytes(self, stream_id: int) -> int:
-        """Bytes given to the stream that the peer has not acknowledged yet."""
-        stream = self._streams.get(stream_id)
-        if stream is None:
-            return 0
-        return int(stream.sender._buffer_stop - stream.sender._buffer_start)
-
-
 def configure(config: QuicConfiguration) -> QuicConfiguration:
-    """Our settings on a configuration from quic_cert: ALPN, windows, idle timeout."""
+    """Our settings on a configuration from cert.py: ALPN, windows, idle timeout."""
     config.alpn_protocols = [ALPN]
     config.max_stream_data = STREAM_WINDOW_BYTES
     config.max_data = 64 * STREAM_WINDOW_BYTES
@@ -224,7 +113,7 @@ class QuicStream:
         self._writable.set()
         self._ended = False
 
-    def read(self, max_bytes: int = READ_BYTES) -> bytes:
+    def read(self, max_bytes: int = PIECE_BYTES) -> bytes:
         """Up to max_bytes, waiting for at least one; b"" at the peer's end of stream."""
         while not self._chunks and not self._eof and not self.broken:
             self._readable.clear()
@@ -237,14 +126,14 @@ class QuicStream:
             self.peer.read_done(self.stream_id, len(data))
             return data
         if self.broken:
-            raise StreamBroken(self.broken)
+            raise StreamBrokenError(self.broken)
         return b""
 
     def write(self, data: bytes) -> None:
         """Queue data, waiting while the peer has not acknowledged SEND_BUFFER_BYTES."""
         while True:
             if self.broken:
-                raise StreamBroken(self.broken)
+                raise StreamBrokenError(self.broken)
             if self.peer.quic.unacked_bytes(self.stream_id) < SEND_BUFFER_BYTES:
                 break
             self._writable.clear()
@@ -260,7 +149,7 @@ class QuicStream:
             self.peer.transmit()
 
     def abort(self, reason: str = "aborted") -> None:
-        """Reset both directions; the peer's read() and write() raise StreamBroken."""
+        """Reset both directions; the peer's read() and write() raise StreamBrokenError."""
         if self.broken:
             return
         self._break(reason)
@@ -312,7 +201,7 @@ class QuicPeer:
     def open_stream(self) -> QuicStream:
         """A new bidirectional stream of ours."""
         if self.closed.is_set():
-            raise StreamBroken(self.close_reason or "connection closed")
+            raise StreamBrokenError(self.close_reason or "connection closed")
         stream_id = self.quic.get_next_available_stream_id()
         # Sending nothing creates the stream in aioquic, which takes the id: two
         # open_stream() calls before any write must not get the same one.
@@ -371,8 +260,7 @@ class QuicPeer:
 
     def close(self, reason: str = "closing") -> None:
         """Close the connection (the peer sees CONNECTION_CLOSE)."""
-        if self.quic._state not in (QuicConnectionState.CLOSING, QuicConnectionState.DRAINING,
-                                    QuicConnectionState.TERMINATED):
+        if not self.quic.is_closing():
             self.quic.close(error_code=0, reason_phrase=reason[:100])
             self.transmit()
         self._terminated(reason)
@@ -415,7 +303,7 @@ class QuicPeer:
         for stream_id, stream in self.streams.items():
             if not stream._writable.is_set() and self.quic.unacked_bytes(stream_id) < SEND_BUFFER_BYTES:
                 stream._writable.set()
-            if stream_id not in self.quic._streams and (stream.broken or (stream._eof and not stream._chunks)):
+            if not self.quic.has_stream(stream_id) and (stream.broken or (stream._eof and not stream._chunks)):
                 done.append(stream_id)  # over on both sides, and aioquic has let go of it
         for stream_id in done:
             del self.streams[stream_id]

@@ -15,12 +15,13 @@ accepted (`QuicPeer.trust`) it gets as little as possible:
    source address (an IPv6 address by its /64) and in all; beyond either cap
    a new Initial is dropped without state (the peer retransmits it later).
    The relay closes a connection whose hello does not come within
-   `quic_relay.HELLO_WAIT_SECS`, which frees its place.
+   `relay.HELLO_WAIT_SECS`, which frees its place.
 3. A new connection is restricted (`PacedQuicConnection.restrict`): one
    stream, and a hello's worth of credit for it and for the whole
    connection, until it is trusted.
 
-Everything else about a connection is quic_io's.
+Everything else about a connection is driver.py's; the aioquic internals Retry and the
+restriction need are aioquic_adapter.py's.
 """
 
 from __future__ import annotations
@@ -34,20 +35,24 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from aioquic._buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.packet import QuicPacketType, encode_quic_retry, pull_quic_header
-from aioquic.quic.retry import QuicRetryTokenHandler
 
-from ptth_lib.forward.quic.driver import MAX_DATAGRAM_BYTES, PacedQuicConnection, QuicPeer
-from ptth_lib.wire import tip as quic_tip
+from ptth_lib.forward.quic.aioquic_adapter import (
+    PacedQuicConnection,
+    RetryTokens,
+    encode_retry,
+    is_initial,
+    parse_header,
+)
+from ptth_lib.forward.quic.driver import MAX_DATAGRAM_BYTES, QuicPeer
+from ptth_lib.wire import tip
 
 logger = logging.getLogger(__name__)
 
 # Credit for a connection that has not said a valid hello yet, in all and for
 # its one stream: the longest tip (a 3-byte header and MAX_TIP_BYTES), so the
 # largest possible hello fits and nothing more.
-UNTRUSTED_WINDOW_BYTES = 3 + quic_tip.MAX_TIP_BYTES
+UNTRUSTED_WINDOW_BYTES = 3 + tip.MAX_TIP_BYTES
 UNTRUSTED_MAX_STREAMS = 1
 
 # Half-open connections from one address: proxies behind one NAT that all
@@ -117,7 +122,7 @@ class QuicServerEndpoint:
         self.on_peer = on_peer  # called in a new greenlet for each new connection
         self.peers: dict[bytes, QuicPeer] = {}
         self.half_open = HalfOpenCount()
-        self._tokens = QuicRetryTokenHandler()  # its key is random, so tokens die with the process
+        self._tokens = RetryTokens()  # its key is random, so tokens die with the process
         self._dropped = 0
         self._drop_logged_at = -DROP_LOG_SECS
 
@@ -132,23 +137,21 @@ class QuicServerEndpoint:
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         try:
-            header = pull_quic_header(Buffer(data=data),
-                                      host_cid_length=self.configuration.connection_id_length)
+            header = parse_header(data, self.configuration.connection_id_length)
         except ValueError:
             return
         peer = self.peers.get(header.destination_cid)
         if peer is not None:
             peer.datagram_received(data, addr)
             return
-        if header.packet_type != QuicPacketType.INITIAL or len(data) < MIN_INITIAL_BYTES \
+        if not is_initial(header) or len(data) < MIN_INITIAL_BYTES \
                 or header.version not in self.configuration.supported_versions:
             return
         if not header.token:
             self._send_retry(header.version, header.source_cid, header.destination_cid, addr)
             return
         try:
-            original_cid = self._tokens.validate_token(address=addr, destination_cid=header.destination_cid,
-                                                       token=header.token, now=time.monotonic())
+            original_cid = self._tokens.validate(addr, header.destination_cid, header.token, time.monotonic())
         except ValueError:
             return  # forged, expired, or from another address: nothing kept, nothing said
         key = address_key(addr[0])
@@ -160,11 +163,9 @@ class QuicServerEndpoint:
 
     def _send_retry(self, version: int, peer_cid: bytes, original_cid: bytes, addr: Any) -> None:
         retry_cid = os.urandom(self.configuration.connection_id_length)
-        token = self._tokens.create_token(address=addr, original_destination_connection_id=original_cid,
-                                          retry_source_connection_id=retry_cid, now=time.monotonic())
+        token = self._tokens.create(addr, original_cid, retry_cid, time.monotonic())
         try:
-            self._sendto(encode_quic_retry(version=version, source_cid=retry_cid, destination_cid=peer_cid,
-                                           original_destination_cid=original_cid, retry_token=token), addr)
+            self._sendto(encode_retry(version, retry_cid, peer_cid, original_cid, token), addr)
         except OSError as e:  # the peer retransmits its Initial
             logger.debug("sendto failed: %s", e)
 

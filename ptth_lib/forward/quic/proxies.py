@@ -1,189 +1,85 @@
-"""TCP port forwarding over QUIC (spec 004): the two proxies and what they share.
+"""TCP port forwarding over QUIC (spec 004): the two proxies and their link to the QUIC relay.
 
-Each proxy keeps one QUIC connection to the QUIC relay (quic_relay.py) and
-proves who it is on the first stream it opens (a `PeerHello` tip, with the
-same key and name as on the HTTP side). After that every forwarded TCP
-connection is one bidirectional QUIC stream:
+Each proxy keeps one QUIC connection to the QUIC relay (relay.py) and proves
+who it is on the first stream it opens (a `PeerHello` tip, with the same key
+and name as on the HTTP side). After that every forwarded TCP connection is
+one bidirectional QUIC stream:
 
-- the client proxy (`QuicForwardClient`, ptth_quic_client.py) accepts a TCP
-  connection on a local port, opens a stream with a `ClientConnect` tip, and
-  waits for the relay's `Answer`;
-- the server proxy (`QuicEndServer`, in ptth_server or
+- the client proxy (`QuicClientProxy`: ptth_client with `quic_relay`, or
+  ptth_quic_client.py) accepts a TCP connection on a local port
+  (forward/client.py), opens a stream with a `ClientConnect` tip, and waits
+  for the relay's `Answer`;
+- the server proxy (`QuicEndServer`: ptth_server with a `[quic]` table, or
   ptth_quic_end_server.py) gets a stream with a `RelayOffer` tip, connects to
   the address its `[forwarded_ports]` gives that port name (and to nothing
   else), and answers OK or a refusal.
 
-Then bytes flow both ways (`splice_tcp`): a TCP EOF becomes the stream's end
-(a half-close), a reset or broken stream resets the other side. Both proxies
-reconnect to the relay with backoff when it goes away; connections in flight
-are cut (reset) on every side. Everything runs in greenlets of one gevent hub.
+Then the stream and the TCP socket are spliced (splice.py, streams.py): a
+TCP EOF becomes the stream's end (a half-close), a reset or broken stream
+resets the other side. Both proxies reconnect to the relay with backoff when
+it goes away; connections in flight are cut (reset) on every side.
+Everything runs in greenlets of one gevent hub per thread.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import socket
-import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import gevent
 import gevent.event
 import gevent.socket
 
+from ptth_lib.config import ClientConfig, Forward, QuicRelayTarget, ServerConfig
 from ptth_lib.errors import ProtocolError, PtthError, backoff_secs
-from ptth_lib.forward.quic import cert as quic_cert
-from ptth_lib.forward.quic import driver as quic_io
-from ptth_lib.forward.quic.driver import QuicPeer, QuicStream, StreamBroken
-from ptth_lib.wire import tip as quic_tip
+from ptth_lib.forward import client
+from ptth_lib.forward.limits import LOCAL_CONNECT_TIMEOUT_SECS, RELAY_CONNECT_TIMEOUT_SECS
+from ptth_lib.forward.quic import cert, driver
+from ptth_lib.forward.quic.driver import QuicPeer, QuicStream, StreamBrokenError
+from ptth_lib.forward.quic.streams import TIP_WAIT_SECS, QuicStreamEnd, read_tip, send_refusal
+from ptth_lib.forward.splice import Splice, TcpEnd, in_greenlets, reset
+from ptth_lib.wire import tip
 
 logger = logging.getLogger(__name__)
-
-# A tip must arrive whole within this long, or the stream is reset.
-TIP_WAIT_SECS = 10.0
-HANDSHAKE_SECS = 10.0
-LOCAL_CONNECT_TIMEOUT_SECS = 5.0
 
 # A connection to the relay that ends sooner than this counts as a failure, so
 # a proxy the relay keeps dropping backs off as if it could not connect
 # (errors.backoff_secs) instead of reconnecting several times a second.
 STABLE_CONNECTION_SECS = 30.0
 
+# What a stopping proxy waits for its CONNECTION_CLOSE and resets to go out.
+CLOSE_FLUSH_SECS = 0.3
+
 
 class RefusedError(PtthError):
     """The relay (or the server through it) refused; the message says why."""
 
 
-@dataclass(frozen=True)
-class RelayTarget:
-    """Where a proxy finds the QUIC relay and how it knows it is the right one."""
-
-    host: str
-    port: int
-    fingerprint: str | None  # the pinned SHA-256 of the relay's certificate
-    ca_file: str | None
-
-
-def read_tip(stream: QuicStream, timeout: float = TIP_WAIT_SECS) -> tuple[quic_tip.TipMessage, bytes]:
-    """The stream's opening tip and the raw bytes that came after it in the same read.
-
-    Raises ProtocolError (malformed, or the stream ended first), StreamBroken,
-    or gevent.Timeout.
-    """
-    reader = quic_tip.TipReader()
-    with gevent.Timeout(timeout):
-        while True:
-            data = stream.read(quic_tip.MAX_TIP_BYTES + 3)
-            if not data:
-                raise ProtocolError("the stream ended before its tip")
-            message = reader.feed(data)
-            if message is not None:
-                return message, reader.rest
-
-
-def splice_tcp(stream: QuicStream, sock: gevent.socket.socket, first: bytes = b"") -> str:
-    """Copy both ways between a QUIC stream and a TCP socket until both ends close.
-
-    `first` is stream data already read (what followed the tip). Returns ""
-    after a clean close both ways, else the reason the connection was cut;
-    the socket is closed either way (with a reset when cut).
-    """
-    failure: list[str] = []
-
-    def cut(reason: str) -> None:
-        if not failure:
-            failure.append(reason)
-            stream.abort(reason)
-            _reset(sock)
-
-    def stream_to_tcp() -> None:
-        data = first
-        try:
-            while True:
-                if data:
-                    try:
-                        sock.sendall(data)
-                    except OSError as e:
-                        return cut(f"TCP peer: {e.strerror or e}")
-                data = stream.read()
-                if not data:
-                    break
-        except StreamBroken as e:
-            return cut(f"QUIC stream: {e}")
-        try:
-            sock.shutdown(socket.SHUT_WR)  # the far end's half-close, passed on
-        except OSError:
-            pass
-
-    def tcp_to_stream() -> None:
-        try:
-            while True:
-                try:
-                    data = sock.recv(quic_io.READ_BYTES)
-                except OSError as e:
-                    return cut(f"TCP peer: {e.strerror or e}")
-                if not data:
-                    stream.end()
-                    return
-                stream.write(data)
-        except StreamBroken as e:
-            cut(f"QUIC stream: {e}")
-
-    greenlets = [gevent.spawn(stream_to_tcp), gevent.spawn(tcp_to_stream)]
-    try:
-        gevent.joinall(greenlets)
-    finally:
-        gevent.killall(greenlets)
-        sock.close()
-    return failure[0] if failure else ""
-
-
-def splice_streams(a: QuicStream, b: QuicStream, first_a: bytes = b"", first_b: bytes = b"") -> str:
-    """The relay's copy between a client's stream and a server's; "" or the reason it was cut."""
-    failure: list[str] = []
-
-    def copy(src: QuicStream, dst: QuicStream, data: bytes) -> None:
-        try:
-            while True:
-                if data:
-                    dst.write(data)
-                data = src.read()
-                if not data:
-                    dst.end()
-                    return
-        except StreamBroken as e:
-            if not failure:
-                failure.append(str(e))
-            a.abort(str(e))
-            b.abort(str(e))
-
-    gevent.joinall([gevent.spawn(copy, a, b, first_a), gevent.spawn(copy, b, a, first_b)])
-    return failure[0] if failure else ""
-
-
-def connect_to_relay(target: RelayTarget, hello: quic_tip.PeerHello,
+def connect_to_relay(target: QuicRelayTarget, hello: tip.PeerHello,
                      on_stream: Callable[[QuicStream], None] | None = None) -> QuicPeer:
     """Open the QUIC connection, check the relay's certificate, say hello.
 
     Raises OSError (unreachable), RefusedError (wrong certificate, or the
     relay refused the key), ProtocolError (not a PTTH relay).
     """
-    config = quic_io.configure(quic_cert.client_configuration(quic_io.ALPN, target.fingerprint, target.ca_file,
-                                                              server_name=target.host))
-    peer = quic_io.connect(target.host, target.port, config, HANDSHAKE_SECS, on_stream)
+    config = driver.configure(cert.client_configuration(driver.ALPN, target.fingerprint, target.ca_file,
+                                                        server_name=target.host))
+    peer = driver.connect(target.host, target.port, config, RELAY_CONNECT_TIMEOUT_SECS, on_stream)
     try:
         if target.fingerprint is not None:
             # Checked before the key is sent: a relay with another certificate never sees it.
-            der = quic_cert.peer_certificate_der(peer.quic)
-            if der is None or not quic_cert.matches(der, target.fingerprint):
-                got = quic_cert.fingerprint_of(der) if der else "none"
+            der = cert.peer_certificate_der(peer.quic)
+            if der is None or not cert.matches(der, target.fingerprint):
+                got = cert.fingerprint_of(der) if der else "none"
                 raise RefusedError(f"the relay at {target.host}:{target.port} has certificate {got}, "
                                    f"not the pinned {target.fingerprint}")
         stream = peer.open_stream()
-        stream.write(quic_tip.encode(hello))
+        stream.write(tip.encode(hello))
         answer, _ = read_tip(stream)
-        if not isinstance(answer, quic_tip.HelloAnswer):
+        if not isinstance(answer, tip.HelloAnswer):
             raise ProtocolError(f"expected a hello answer, got {type(answer).__name__}")
         if not answer.ok:
             raise RefusedError(f"the relay refused {hello.role} {hello.name!r}: {answer.error}")
@@ -191,17 +87,26 @@ def connect_to_relay(target: RelayTarget, hello: quic_tip.PeerHello,
         return peer
     except BaseException as e:
         peer.close("hello failed")
-        if isinstance(e, StreamBroken):
+        if isinstance(e, StreamBrokenError):
             raise OSError(f"the relay closed the connection: {e}") from None
         if isinstance(e, gevent.Timeout):
             raise OSError("the relay did not answer the hello") from None
         raise
 
 
+def splice_tcp(stream: QuicStream, sock: socket.socket, first: bytes = b"") -> str:
+    """Copy both ways between a stream (after its tip; `first` followed it) and a TCP socket.
+
+    Returns "" after a clean close both ways, else the reason it was cut; the
+    socket is closed either way (with a reset when cut).
+    """
+    return Splice(TcpEnd(sock, watch_secs=None), QuicStreamEnd(stream, first), in_greenlets).run()
+
+
 class _RelayLink:
     """Keeps one QUIC connection to the relay open, reconnecting with backoff."""
 
-    def __init__(self, what: str, target: RelayTarget, hello: quic_tip.PeerHello,
+    def __init__(self, what: str, target: QuicRelayTarget, hello: tip.PeerHello,
                  on_stream: Callable[[QuicStream], None] | None = None, must_start: bool = False) -> None:
         self.what = what
         self.must_start = must_start  # a first attempt that fails is fatal (a program run by hand)
@@ -223,7 +128,7 @@ class _RelayLink:
         self.stopping = True
         if self.peer is not None:
             self.peer.close(f"the {self.what} is stopping")
-            gevent.sleep(0.3)
+            gevent.sleep(CLOSE_FLUSH_SECS)
 
     def run_forever(self) -> None:
         failures = 0  # attempts in a row that failed, or whose connection did not last
@@ -271,25 +176,50 @@ class _RelayLink:
 
 
 class QuicEndServer:
-    """The server-side proxy: serves the relay's offers for our forwarded ports."""
+    """The server-side proxy: serves the relay's offers for a server config's forwarded ports.
 
-    def __init__(self, name: str, api_key: str, target: RelayTarget,
-                 forwarded_ports: dict[str, tuple[str, int]]) -> None:
-        self.forwarded_ports = forwarded_ports
-        self.link = _RelayLink("quic end server", target, quic_tip.PeerHello("server", name, api_key),
+    `run` serves in the calling thread's gevent hub until stopped: by
+    `stop_on_signals` (ptth_quic_end_server), or from another thread by the
+    function `stopper` returns (ptth_server, which runs it in a thread).
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        assert config.quic is not None and config.api_key is not None
+        self.forwarded_ports = dict(config.forwarded_ports)
+        self.link = _RelayLink("quic end server", config.quic, tip.PeerHello("server", config.name, config.api_key),
                                self._serve)
+        self._runner: gevent.Greenlet | None = None
 
-    def run_forever(self) -> None:
-        self.link.run_forever()
+    def run(self) -> int:
+        """Serve until stopped, or until the relay refuses us for good; then 1 if it did, else 0."""
+        self._runner = gevent.spawn(self.link.run_forever)
+        self._runner.join()
+        return 1 if self.link.fatal else 0
+
+    def stop(self) -> None:
+        """Close the connection to the relay (its TCP connections are reset) and end `run` (in a greenlet)."""
+        self.link.stop()
+        if self._runner is not None:
+            self._runner.kill()
+
+    def stopper(self) -> Callable[[], None]:
+        """A function that stops this server from any thread (gevent's async watcher is the one way in)."""
+        wake = gevent.get_hub().loop.async_()
+        wake.start(lambda: gevent.spawn(self.stop))
+        return wake.send  # type: ignore[no-any-return]
+
+    def stop_on_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(sig, lambda: gevent.spawn(self.stop))
 
     def _serve(self, stream: QuicStream) -> None:
         try:
             offer, first = read_tip(stream)
-        except (ProtocolError, StreamBroken, gevent.Timeout) as e:
+        except (ProtocolError, StreamBrokenError, gevent.Timeout) as e:
             logger.warning("bad stream from the relay: %s", e)
             stream.abort("bad tip")
             return
-        if not isinstance(offer, quic_tip.RelayOffer):
+        if not isinstance(offer, tip.RelayOffer):
             stream.abort("expected an offer")
             return
         label = f"from client {offer.client} (port {offer.inner.client_port}) to {offer.port}"
@@ -303,8 +233,8 @@ class QuicEndServer:
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            stream.write(quic_tip.encode(quic_tip.Answer(True, "")))
-        except StreamBroken:
+            stream.write(tip.encode(tip.Answer(True, "")))
+        except StreamBrokenError:
             sock.close()
             return
         logger.info("quic connection %s (%s:%d) open", label, *address)
@@ -316,58 +246,73 @@ class QuicEndServer:
         send_refusal(stream, reason)
 
 
-class QuicForwardClient:
-    """The client-side proxy: local TCP ports forwarded through the QUIC relay."""
+class QuicClientProxy:
+    """The client-side proxy over QUIC: forward/client.py's transport for `quic_relay`."""
 
-    def __init__(self, name: str, api_key: str, target: RelayTarget) -> None:
-        self.link = _RelayLink("quic client", target, quic_tip.PeerHello("client", name, api_key),
+    socket_class = gevent.socket.socket
+
+    def __init__(self, config: ClientConfig) -> None:
+        assert config.quic is not None
+        self.link = _RelayLink("quic client", config.quic, tip.PeerHello("client", config.name, config.api_key),
                                must_start=True)
+        self._runner: gevent.Greenlet | None = None
 
-    def serve(self, listener: gevent.socket.socket, server: str, port: str) -> None:
-        """Accept TCP connections on `listener` forever, one greenlet each."""
-        while True:
-            sock, peer_addr = listener.accept()
-            gevent.spawn(self._forward, sock, peer_addr, server, port)
+    @property
+    def stopping(self) -> bool:
+        return self.link.stopping
 
-    def _forward(self, sock: gevent.socket.socket, peer_addr: tuple[str, int], server: str, port: str) -> None:
-        label = f"{peer_addr[0]}:{peer_addr[1]} -> {server}:{port}"
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = self.link.peer
-        if peer is None:
+    def check(self) -> str:
+        """Connect and say hello (ClientError if the relay cannot be reached or refuses); then stay connected."""
+        self._runner = gevent.spawn(self.link.run_forever)
+        self.link.connected.wait()
+        if self.link.fatal:
+            raise client.ClientError(self.link.fatal)
+        return self.link.hello.name
+
+    @staticmethod
+    def spawn(target: Callable[[], None], name: str) -> None:
+        gevent.spawn(target)
+
+    @staticmethod
+    def pause(secs: float) -> None:
+        gevent.sleep(secs)
+
+    def run_until_stopped(self, close_ports: Callable[[], None]) -> int:
+        """Serve until SIGTERM or SIGINT (every connection reset), or a refusal on reconnecting (exit 1)."""
+        assert self._runner is not None
+        runner = self._runner
+
+        def stop() -> None:
+            self.link.stop()
+            runner.kill()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(sig, lambda: gevent.spawn(stop))
+        runner.join()
+        close_ports()
+        return 1 if self.link.fatal else 0
+
+    def serve(self, sock: socket.socket, peer: tuple[str, int], forward: Forward) -> None:
+        """One TCP connection: a stream with a connect tip, the relay's answer, then the splice."""
+        label = f"{peer[0]}:{peer[1]} -> {forward.server}:{forward.port}"
+        quic = self.link.peer
+        if quic is None:
             logger.warning("quic connection %s refused: not connected to the relay", label)
-            return _reset(sock)
+            return reset(sock)
         try:
-            stream = peer.open_stream()
-            stream.write(quic_tip.encode(quic_tip.ClientConnect(server, port, quic_tip.InnerTip(peer_addr[1]))))
+            stream = quic.open_stream()
+            stream.write(tip.encode(tip.ClientConnect(forward.server, forward.port, tip.InnerTip(peer[1]))))
             answer, first = read_tip(stream, timeout=2 * TIP_WAIT_SECS)
-        except (ProtocolError, StreamBroken, gevent.Timeout) as e:
+        except (ProtocolError, StreamBrokenError, gevent.Timeout) as e:
             logger.warning("quic connection %s failed: %s", label, e)
-            return _reset(sock)
-        if not isinstance(answer, quic_tip.Answer):
+            return reset(sock)
+        if not isinstance(answer, tip.Answer):
             stream.abort("expected an answer")
-            return _reset(sock)
+            return reset(sock)
         if not answer.ok:
             logger.warning("quic connection %s refused: %s", label, answer.error)
             stream.abort("refused")
-            return _reset(sock)
+            return reset(sock)
         logger.info("quic connection %s open", label)
         reason = splice_tcp(stream, sock, first)
         logger.info("quic connection %s closed%s", label, f" ({reason})" if reason else "")
-
-
-def send_refusal(stream: QuicStream, reason: str) -> None:
-    """Answer a stream's tip with a refusal and end it (if the peer is still there)."""
-    try:
-        stream.write(quic_tip.encode(quic_tip.refusal(reason)))
-        stream.end()
-    except StreamBroken:
-        pass
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with a reset, so the TCP peer sees a cut, not an end."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()

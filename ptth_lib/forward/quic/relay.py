@@ -16,7 +16,7 @@ relay's; nothing else is accepted from a connection before that. Then:
 Refusals go back as an `Answer` with the reason, and the stream is closed.
 
 Before its hello a connection gets one stream, a hello's worth of credit
-(quic_endpoint.py) and HELLO_WAIT_SECS from its first packet; every greenlet
+(endpoint.py) and HELLO_WAIT_SECS from its first packet; every greenlet
 that serves it ends with it. Several server proxies may share a name (as on
 the HTTP side): the relay keeps each connection and gives connects to them in
 turn.
@@ -33,10 +33,10 @@ import gevent.event
 
 from ptth_lib.config import RelayConfig
 from ptth_lib.errors import ProtocolError
-from ptth_lib.forward.quic.driver import QuicPeer, QuicStream, StreamBroken
-from ptth_lib.forward.quic.proxies import TIP_WAIT_SECS, read_tip, send_refusal, splice_streams
-from ptth_lib.wire import tip as quic_tip
-from ptth_lib.wire import tripcode
+from ptth_lib.forward.quic.driver import QuicPeer, QuicStream, StreamBrokenError
+from ptth_lib.forward.quic.streams import TIP_WAIT_SECS, QuicStreamEnd, read_tip, send_refusal
+from ptth_lib.forward.splice import Splice, in_greenlets
+from ptth_lib.wire import tip, tripcode
 
 logger = logging.getLogger(__name__)
 
@@ -82,15 +82,15 @@ class QuicRelay:
             with gevent.Timeout(HELLO_WAIT_SECS):
                 gevent.wait([first, peer.closed], count=1)
                 if peer.closed.is_set():
-                    raise StreamBroken(peer.close_reason)
+                    raise StreamBrokenError(peer.close_reason)
                 stream = first.get()
                 hello, _ = read_tip(stream, HELLO_WAIT_SECS)
-        except (gevent.Timeout, ProtocolError, StreamBroken) as e:
+        except (gevent.Timeout, ProtocolError, StreamBrokenError) as e:
             reason = f"no hello within {HELLO_WAIT_SECS:.0f} s" if isinstance(e, gevent.Timeout) else str(e)
             logger.info("quic peer closed before a valid hello: %s", reason)
             peer.close("no valid hello")
             return
-        if not isinstance(hello, quic_tip.PeerHello):
+        if not isinstance(hello, tip.PeerHello):
             return self._refuse_hello(peer, stream, "the first stream must carry a hello")
         problem = self._check(hello)
         if not problem and hello.role == "server" \
@@ -101,9 +101,9 @@ class QuicRelay:
             return self._refuse_hello(peer, stream, problem)
         peer.trust()  # first, so the raised limits go out with the answer
         try:
-            stream.write(quic_tip.encode(quic_tip.HelloAnswer(True, "")))
+            stream.write(tip.encode(tip.HelloAnswer(True, "")))
             stream.end()
-        except StreamBroken:
+        except StreamBrokenError:
             pass  # the connection is closing: peer.closed says so below
         if hello.role == "server":
             self._serve_server(hello.name, peer)
@@ -157,7 +157,7 @@ class QuicRelay:
                 return peer
         return None
 
-    def _check(self, hello: quic_tip.PeerHello) -> str:
+    def _check(self, hello: tip.PeerHello) -> str:
         if hello.role == "server":
             registered = self.config.servers.get(hello.name)
             code = registered.tripcode if registered else None
@@ -170,9 +170,9 @@ class QuicRelay:
 
     def _refuse_hello(self, peer: QuicPeer, stream: QuicStream, reason: str) -> None:
         try:
-            stream.write(quic_tip.encode(quic_tip.HelloAnswer(False, reason)))
+            stream.write(tip.encode(tip.HelloAnswer(False, reason)))
             stream.end()
-        except StreamBroken:
+        except StreamBrokenError:
             pass
         gevent.sleep(0.2)  # let the answer go out before the close
         peer.close(reason)
@@ -180,34 +180,34 @@ class QuicRelay:
     def _connect(self, client_name: str, stream: QuicStream) -> None:
         """One client stream: check, offer to the server, pass the answer back, splice."""
         try:
-            tip, first_up = read_tip(stream)
-        except (ProtocolError, StreamBroken, gevent.Timeout) as e:
+            connect, first_up = read_tip(stream)
+        except (ProtocolError, StreamBrokenError, gevent.Timeout) as e:
             logger.info("bad stream from client %r: %s", client_name, e)
             stream.abort("bad tip")
             return
-        if not isinstance(tip, quic_tip.ClientConnect):
+        if not isinstance(connect, tip.ClientConnect):
             stream.abort("expected a connect")
             return
-        label = f"{client_name} -> {tip.server}:{tip.port}"
+        label = f"{client_name} -> {connect.server}:{connect.port}"
         client = self.config.clients.get(client_name)
-        if client is None or not client.may_reach(tip.server, tip.port):
+        if client is None or not client.may_reach(connect.server, connect.port):
             return self._answer_refusal(stream, label, f"client {client_name!r} may not reach "
-                                        f"{tip.server}:{tip.port}")
-        server_peer = self._pick_server(tip.server)
+                                        f"{connect.server}:{connect.port}")
+        server_peer = self._pick_server(connect.server)
         if server_peer is None:
-            return self._answer_refusal(stream, label, f"server {tip.server!r} is not connected")
+            return self._answer_refusal(stream, label, f"server {connect.server!r} is not connected")
         try:
             upstream = server_peer.open_stream()
-            upstream.write(quic_tip.encode(quic_tip.RelayOffer(client_name, tip.port, tip.inner)))
+            upstream.write(tip.encode(tip.RelayOffer(client_name, connect.port, connect.inner)))
             answer, first_down = read_tip(upstream, TIP_WAIT_SECS)
-        except (ProtocolError, StreamBroken, gevent.Timeout) as e:
-            return self._answer_refusal(stream, label, f"server {tip.server!r} did not answer: {e}")
-        if not isinstance(answer, quic_tip.Answer):
+        except (ProtocolError, StreamBrokenError, gevent.Timeout) as e:
+            return self._answer_refusal(stream, label, f"server {connect.server!r} did not answer: {e}")
+        if not isinstance(answer, tip.Answer):
             upstream.abort("expected an answer")
-            return self._answer_refusal(stream, label, f"server {tip.server!r} sent a bad answer")
+            return self._answer_refusal(stream, label, f"server {connect.server!r} sent a bad answer")
         try:
-            stream.write(quic_tip.encode(answer))
-        except StreamBroken:
+            stream.write(tip.encode(answer))
+        except StreamBrokenError:
             upstream.abort("client left")
             return
         if not answer.ok:
@@ -215,7 +215,8 @@ class QuicRelay:
             stream.end()
             return
         logger.info("quic connection %s open", label)
-        reason = splice_streams(stream, upstream, first_up, first_down)
+        reason = Splice(QuicStreamEnd(stream, first_up, "client's stream"),
+                        QuicStreamEnd(upstream, first_down, "server's stream"), in_greenlets).run()
         logger.info("quic connection %s closed%s", label, f" ({reason})" if reason else "")
 
     def _answer_refusal(self, stream: QuicStream, label: str, reason: str) -> None:
