@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from flask import Flask, Response, jsonify, request
 
-from ptth_lib.config import PORT_NAME_RE, RegisteredClient
+from ptth_lib.config import RegisteredClient
 from ptth_lib.errors import BadNameError, ForbiddenError, HttpError, RefusedError
 from ptth_lib.relay.forwarding import (
     PIECE_BYTES,
@@ -52,6 +52,7 @@ from ptth_lib.wire.envelope import (
     TCP_REFUSE_PATH,
     TCP_UPSTREAM_PATH,
 )
+from ptth_lib.wire.names import PORT_NAME_RE
 from ptth_lib.wsgi import (
     connection_socket,
     cut_connection,

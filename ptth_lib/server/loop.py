@@ -2,9 +2,7 @@
 
 Listen threads, each on its own `requests.Session`, ask the relay for
 requests (P1), get them packed in the answer (P3), and hand each to a thread
-pool. A pool thread runs the file server (P4) and POSTs the response back (P5)
-with the head in a header and the body as a chunked upload, which the relay
-answers once the client has the whole body (P7).
+pool. A pool thread answers each (P4, P5, P7: responder.py).
 
 PTTH's own additions to the listen (PROTOCOL.md): each listen acknowledges
 the batch the previous one brought (so the relay hands each request out
@@ -26,29 +24,25 @@ listen loop (forward_server.py) and stops with it.
 
 from __future__ import annotations
 
-import http.client
 import logging
-import select
 import socket
-import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any
 from urllib.parse import quote
 
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from ptth_lib import __version__
 from ptth_lib.config import ServerConfig
-from ptth_lib.errors import ProtocolError, PtthError, backoff_secs, describe_answer, root_cause
+from ptth_lib.errors import ProtocolError, backoff_secs, describe_answer, root_cause
 from ptth_lib.forward.http_server import PortForwardServer
-from ptth_lib.server import file_server
+from ptth_lib.requests_adapter import (
+    new_session,
+)
+from ptth_lib.server.responder import Responder
 from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import (
     ACK_HEADER,
@@ -60,17 +54,11 @@ from ptth_lib.wire.envelope import (
     LISTEN_PATH,
     MAX_LISTEN_BODY_BYTES,
     MAX_REQUESTS_HEADER,
-    MAX_RESPONSE_HEAD_BYTES,
-    RESPONSE_HEAD_HEADER,
-    RESPONSE_PATH,
     SERVER_HOST_HEADER,
     SERVER_VERSION_HEADER,
     WAIT_HEADER,
     RelayRequest,
-    ServerResponseHead,
-    collect_headers,
     decode_requests,
-    encode_response_head,
     is_request_id,
 )
 
@@ -104,32 +92,12 @@ CONNECT_TIMEOUT_SECS = 10.0
 PARKED_CUT_SECS = 1.0
 # A listen parks at the relay for its listen_timeout_secs (at most 300 s).
 LISTEN_READ_TIMEOUT_SECS = 330.0
-# The relay holds our POST while the client reads; a client slower than this
-# between two chunks gets cut by the relay first (rendezvous.BODY_STALL_SECS).
-RESPONSE_READ_TIMEOUT_SECS = 150.0
-
-# The relay answers a response POST with a line of text; more is not read.
-MAX_ANSWER_BYTES = 4096
-
 # On Ctrl+C / SIGTERM, responses in flight get this long to finish...
 SHUTDOWN_GRACE_SECS = 10.0
 # ...after telling the relay we are leaving, which may take this long.
 LEAVE_TIMEOUT_SECS = 5.0
 # ...and the QUIC side this long to close its connection to the relay.
 QUIC_STOP_SECS = 2.0
-
-
-class _AbortedError(PtthError):
-    """Raised inside a body generator to abandon an upload at shutdown."""
-
-
-class _AnsweredEarlyError(PtthError):
-    """Raised inside a body generator: the relay answered before the body was done.
-
-    The relay only does that when the body is not wanted (the client left, or
-    stopped reading): sending the rest would only feed a proxy that reads and
-    discards it.
-    """
 
 
 class ServerLoop:
@@ -141,10 +109,8 @@ class ServerLoop:
         self._api_key: str = config.api_key
         base = config.relay_url.rstrip("/")
         self._listen_url = base + LISTEN_PATH.format(name=quote(config.name, safe=""))
-        self._response_url = base + RESPONSE_PATH
         self._stop = threading.Event()
         self._abort = threading.Event()
-        self._local = threading.local()
         self._leave_url = base + LEAVE_PATH.format(name=quote(config.name, safe=""))
         self._pool = ThreadPoolExecutor(MAX_CONCURRENT_REQUESTS, thread_name_prefix="ptth-response")
         self._proxies = requests.utils.get_environ_proxies(base)
@@ -156,6 +122,7 @@ class ServerLoop:
         self.exit_code = 0
         self._state = ""  # "connected" or the last problem, for _report
         self._forwarding = PortForwardServer(config, self._new_session, self._stop)
+        self._responder = Responder(config, self._new_session, self._abort)
 
     # ---- lifecycle ------------------------------------------------------
 
@@ -339,7 +306,7 @@ class ServerLoop:
             with self._lock:
                 if self._stop.is_set():
                     return taken  # the relay fails these when it counts us gone
-                future = self._pool.submit(self._respond, req)
+                future = self._pool.submit(self._responder.respond, req)
                 self._in_flight.add(future)
             taken += 1
             future.add_done_callback(self._done)
@@ -354,93 +321,9 @@ class ServerLoop:
 
     # ---- P4/P5: answer one request ---------------------------------------
 
-    def _respond(self, req: RelayRequest) -> None:
-        """Answer one request, on a second connection if the first was closed with nothing answered.
-
-        A kept-alive connection may be closed by a proxy or NAT box in the
-        instant it is reused: the POST goes out whole, and the connection
-        ends without an answer. The file server's answers can be made again
-        (it only reads), so the response goes once more on a new connection;
-        if the first did reach the relay after all, the second gets 404 and
-        nothing is answered twice. A POST cut before its body was all out
-        (the relay cut it: the client left) is not tried again.
-        """
-        headers = {k: v.decode("latin-1") for k, v in req.headers.items()}
-        for attempt in (1, 2):
-            answer = file_server.serve(self.config.file_server_root, req.method, req.uri, headers)
-            head = ServerResponseHead(answer.status, collect_headers(answer.headers))
-            logger.debug("request %s: %s %s -> %d", req.id, req.method, req.uri, answer.status)
-            has_body = req.method != "HEAD" and answer.status not in (204, 304)
-            length = head.headers.get("content-length") if has_body else b"0"
-            body = _CountingBody(answer.body, self._abort, int(length) if length is not None else None)
-            try:
-                if self._post(req.id, head, body, last_try=attempt == 2):
-                    return
-            finally:
-                body.close()
-
-    def _post(self, request_id: str, head: ServerResponseHead, body: _CountingBody, last_try: bool) -> bool:
-        """POST one response; False if it should be tried again: it failed with nothing answered."""
-        url = self._response_url.format(id=quote(request_id, safe=""))
-        encoded = encode_response_head(head)
-        if len(encoded) > MAX_RESPONSE_HEAD_BYTES:  # the relay would refuse it; tell the client why
-            logger.warning("response %s: head of %d bytes is over the limit; answering 502", request_id,
-                           len(encoded))
-            encoded = encode_response_head(ServerResponseHead(502, {"content-length": b"0"}))
-            body = _CountingBody(iter(()), self._abort, 0)
-        headers = {API_KEY_HEADER: self._api_key, RESPONSE_HEAD_HEADER: encoded}
-        try:
-            with self._session().post(url, data=body.upload(), headers=headers, stream=True,
-                                      timeout=(CONNECT_TIMEOUT_SECS, RESPONSE_READ_TIMEOUT_SECS)) as r:
-                answer = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
-        except _AbortedError:
-            logger.info("response %s abandoned at shutdown after %d bytes", request_id, body.sent)
-            return True
-        except _AnsweredEarlyError:
-            logger.info("response %s cut off after %d bytes: the client left (the relay answered early)",
-                        request_id, body.sent)
-            self._local.session = None  # its connection carries an unread answer: not reusable
-            return True
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
-            self._local.session = None  # whatever happened to that connection, do not reuse it
-            if not last_try and body.finished and _closed_without_answer(e):
-                logger.debug("response %s: %s after %d bytes; again on a new connection", request_id,
-                             root_cause(e), body.sent)
-                return False
-            logger.info("response %s cut off after %d bytes: %s", request_id, body.sent, root_cause(e))
-            return True
-        if r.status_code == 200:
-            logger.debug("response %s delivered, %d bytes", request_id, body.sent)
-        elif r.status_code == 410:
-            logger.info("response %s: the client left after %d bytes", request_id, body.sent)
-        else:
-            logger.warning("response %s: relay answered %s", request_id,
-                           describe_answer(r.status_code, r.headers, answer))
-        return True
-
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = self._new_session()
-            self._local.session = session
-        return session
-
     def _new_session(self) -> requests.Session:
-        """A Session for one thread, with the environment's proxy settings read once.
-
-        requests would otherwise look up proxy variables and ~/.netrc on every
-        request; the relay URL does not change, so neither does the answer.
-        It never follows redirects (every request carries the key), and its
-        uploads notice an early answer from the relay (`_WatchedAdapter`).
-        """
-        session = _NoRedirectSession()
-        session.trust_env = False
-        session.proxies.update(self._proxies)
-        session.headers["User-Agent"] = f"ptth_server/{__version__}"
-        adapter = _WatchedAdapter(pool_maxsize=2)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        return session
+        """A Session for one thread (requests_adapter.new_session: no redirects, early answers seen)."""
+        return new_session(self._proxies, f"ptth_server/{__version__}")
 
 
 def _run_quic_end_server(config: ServerConfig, stop: list[Callable[[], None]],
@@ -459,154 +342,3 @@ def _run_quic_end_server(config: ServerConfig, stop: list[Callable[[], None]],
     stop.append(server.stopper())
     if server.run():
         refused()
-
-
-class _CountingBody:
-    """A response body on its way to the relay: counts bytes, can be abandoned.
-
-    With a known length the upload carries a Content-Length and goes out as
-    the file's own chunks; without one, requests frames it as chunked, which
-    costs a copy of every chunk.
-    """
-
-    def __init__(self, chunks: Iterator[bytes], abort: threading.Event, length: int | None) -> None:
-        self._chunks = chunks
-        self._abort = abort
-        self._length = length
-        self.sent = 0
-        self.started = False
-        self._exhausted = False
-
-    @property
-    def finished(self) -> bool:
-        """Every byte was handed to the connection (an empty body is never started)."""
-        return self._length == 0 or self._exhausted
-
-    def upload(self) -> bytes | Iterable[bytes]:
-        """What to give requests as `data`."""
-        if self._length == 0:
-            return b""  # requests would frame a sized but empty iterable as chunked
-        if self._length is not None:
-            return _SizedIterable(self.chunks(), self._length)
-        return self.chunks()
-
-    def chunks(self) -> Iterator[bytes]:
-        self.started = True
-        for chunk in self._chunks:
-            if self._abort.is_set():
-                raise _AbortedError("server is stopping")
-            if self.sent and _is_answered_early():
-                raise _AnsweredEarlyError()
-            self.sent += len(chunk)
-            yield chunk
-        self._exhausted = True
-
-    def close(self) -> None:
-        close = getattr(self._chunks, "close", None)
-        if close:
-            close()
-
-
-class _SizedIterable:
-    """An iterable with a length: requests then sends Content-Length, not chunked."""
-
-    def __init__(self, chunks: Iterator[bytes], length: int) -> None:
-        self._chunks = chunks
-        self._length = length
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self._chunks
-
-    def __len__(self) -> int:
-        return self._length
-
-
-def _closed_without_answer(e: BaseException) -> bool:
-    """Tell whether a request failed because its connection ended before any answer came back."""
-    cause: BaseException | None = e
-    while cause is not None:
-        if isinstance(cause, http.client.RemoteDisconnected):
-            return True
-        cause = cause.__cause__ or cause.__context__ or (cause.args[1] if len(cause.args) > 1
-                                                         and isinstance(cause.args[1], BaseException) else None)
-    return False
-
-
-class _NoRedirectSession(requests.Session):
-    """A Session that never follows a redirect: each request carries the key."""
-
-    def request(self, *args: Any, **kwargs: Any) -> requests.Response:
-        kwargs["allow_redirects"] = False
-        return super().request(*args, **kwargs)
-
-
-# The connection a thread is sending a request body on, for _is_answered_early.
-_uploading = threading.local()
-
-
-class _WatchedHTTPConnection(HTTPConnection):
-    """urllib3's connection, telling its thread which socket a body is going out on."""
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _uploading.conn = self
-        try:
-            super().request(*args, **kwargs)
-        finally:
-            _uploading.conn = None
-
-
-class _WatchedHTTPSConnection(HTTPSConnection):
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _uploading.conn = self
-        try:
-            super().request(*args, **kwargs)
-        finally:
-            _uploading.conn = None
-
-
-class _WatchedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _WatchedHTTPConnection
-
-
-class _WatchedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _WatchedHTTPSConnection
-
-
-class _WatchedAdapter(HTTPAdapter):
-    """requests' adapter with connections that let an upload see an early answer."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
-
-
-def _is_answered_early() -> bool:
-    """Tell whether the relay has answered (or closed) the connection this thread is uploading on.
-
-    The relay answers a response POST before its body ends only when the body
-    is not wanted; a proxy in front (nginx) passes that answer on at once but
-    keeps reading, and discarding, the rest of the upload. Between chunks,
-    one poll of the socket tells.
-    """
-    conn = getattr(_uploading, "conn", None)
-    sock = getattr(conn, "sock", None)
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        if not readable:
-            return False
-        if isinstance(sock, ssl.SSLSocket):
-            # Bytes may be a TLS record with no data for us (a session ticket):
-            # only application data, or the end, counts.
-            timeout = sock.gettimeout()
-            sock.setblocking(False)
-            try:
-                sock.recv(1)
-            except ssl.SSLWantReadError:
-                return False
-            finally:
-                sock.settimeout(timeout)
-        return True
-    except (OSError, ValueError):
-        return True  # the connection is gone: the upload cannot go on anyway

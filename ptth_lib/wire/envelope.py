@@ -24,6 +24,7 @@ from typing import Any
 import msgpack
 
 from ptth_lib.errors import ProtocolError
+from ptth_lib.wire.names import ID_RE
 
 # URL paths of the backend API; "7ZSFUKGV" is the spec's cookie for it.
 LISTEN_PATH = "/7ZSFUKGV/http_listen/{name}"
@@ -89,8 +90,6 @@ _TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9a-z-]+\Z")
 # Field values may hold visible characters, spaces and tabs (RFC 9110 5.5);
 # every other control character is refused, CR, LF and NUL above all.
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-# Request ids as the relay makes them; anything else could smuggle text into logs.
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 # A Content-Length a client can rely on: plain digits, no sign, no list (RFC 9110 8.6).
 _LENGTH_RE = re.compile(rb"^[0-9]{1,19}\Z")
 
@@ -127,7 +126,7 @@ def parse_features(value: str | None) -> frozenset[str]:
 
 def is_request_id(value: str) -> bool:
     """Tell whether `value` has the shape of a relay-made id (request or batch)."""
-    return bool(_ID_RE.match(value))
+    return bool(ID_RE.match(value))
 
 
 def clean_report(value: str | None) -> str | None:
@@ -177,7 +176,7 @@ def decode_requests(data: bytes) -> list[RelayRequest]:
         rid, method, uri = item.get("id"), req.get("method"), req.get("uri")
         if not (isinstance(rid, str) and isinstance(method, str) and isinstance(uri, str)):
             raise ProtocolError("listen answer item has a bad id, method or uri")
-        if not _ID_RE.match(rid) or not _TOKEN_RE.match(method.lower().encode("utf-8", "replace")):
+        if not ID_RE.match(rid) or not _TOKEN_RE.match(method.lower().encode("utf-8", "replace")):
             raise ProtocolError("listen answer item has a malformed id or method")
         if not uri.startswith("/") or _BAD_VALUE_RE.search(uri.encode("utf-8", "replace")):
             raise ProtocolError("listen answer item has a bad uri")

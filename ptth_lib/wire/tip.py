@@ -64,16 +64,15 @@ one-line reason, never another type. No sockets here.
 from __future__ import annotations
 
 import dataclasses
-import re
 import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import msgpack
 
-from ptth_lib.config import PORT_NAME_RE
 from ptth_lib.errors import ProtocolError
 from ptth_lib.wire import tripcode
+from ptth_lib.wire.names import NAME_RE, PORT_NAME_RE
 
 TIP_VERSION = 1
 
@@ -90,9 +89,6 @@ MAX_KEY_CHARS = 256
 
 _HEADER = struct.Struct(">BH")
 
-# Copied from config._NAME_RE (private there); tests/test_quic_tip.py checks
-# that the two stay the same. Server and client names share these rules.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,63}\Z")
 
 Role = Literal["server", "client"]
 _ROLES = ("server", "client")
@@ -307,7 +303,7 @@ def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
 
 def _check_name(field: str, value: object) -> None:
     # fullmatch, not match: the pattern's "$" would also match before a final newline.
-    if not (isinstance(value, str) and _NAME_RE.fullmatch(value)):
+    if not (isinstance(value, str) and NAME_RE.fullmatch(value)):
         raise ProtocolError(f"bad {field} name {_show(value)}: expected 1-64 of A-Z a-z 0-9 . _ ~ -")
 
 

@@ -19,7 +19,6 @@ from ptth_lib.config import (
     SCRAPER_KEY_KEYS,
     SERVER_ENTRY_KEYS,
     SERVER_KEYS,
-    _with_top_level_key,
     is_private,
     load_relay_config,
     load_server_config,
@@ -27,6 +26,7 @@ from ptth_lib.config import (
     parse_server_config,
     read_toml,
 )
+from ptth_lib.config.server import _with_top_level_key
 from ptth_lib.errors import ConfigError, PtthError
 from ptth_lib.wire import tripcode
 

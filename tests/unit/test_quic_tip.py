@@ -178,8 +178,8 @@ def test_a_full_size_tip_is_read_whole() -> None:
 
 
 def test_name_rule_is_configs() -> None:
-    # wire/tip.py copies config's private server name rule; they must not drift.
-    assert tip._NAME_RE.pattern == config._NAME_RE.pattern
+    # Tips and configs check names with the one rule of wire/names.py.
+    assert tip.NAME_RE is config.NAME_RE
 
 
 @pytest.mark.parametrize("make", [

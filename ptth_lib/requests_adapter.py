@@ -1,0 +1,155 @@
+"""Every internal of requests and urllib3 that PTTH relies on, in one place.
+
+ptth_server's uploads (response POSTs) need what requests does not offer:
+
+- a Session that never follows a redirect (every request carries a key, which
+  must never go to wherever a redirect points);
+- the socket an upload is going out on, visible to the thread feeding the
+  body, so that it can see the relay's early answer between chunks
+  (`is_answered_early`): urllib3's connection classes, subclassed and put in
+  the pool manager's `pool_classes_by_scheme`;
+- a body of known length sent with Content-Length rather than chunked
+  (`SizedBody`: requests looks for `__len__`);
+- telling a connection closed with nothing answered from other failures
+  (`closed_without_answer`: http.client's RemoteDisconnected, as urllib3 and
+  requests wrap it).
+
+requests and urllib3 are pinned in requirements.txt; tests/unit/test_requests_adapter.py
+checks that what we rely on is still there, naming the library and version.
+"""
+
+from __future__ import annotations
+
+import http.client
+import select
+import ssl
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+
+def new_session(proxies: Mapping[str, str], user_agent: str) -> requests.Session:
+    """A Session for one thread: these proxies (read once), no redirects, uploads that see early answers.
+
+    requests would otherwise look up proxy variables and ~/.netrc on every
+    request; the relay URL does not change, so neither does the answer.
+    """
+    session = _NoRedirectSession()
+    session.trust_env = False
+    session.proxies.update(proxies)
+    session.headers["User-Agent"] = user_agent
+    adapter = _WatchedAdapter(pool_maxsize=2)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def closed_without_answer(e: BaseException) -> bool:
+    """Tell whether a request failed because its connection ended before any answer came back."""
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, http.client.RemoteDisconnected):
+            return True
+        cause = cause.__cause__ or cause.__context__ or (cause.args[1] if len(cause.args) > 1
+                                                         and isinstance(cause.args[1], BaseException) else None)
+    return False
+
+
+class _NoRedirectSession(requests.Session):
+    """A Session that never follows a redirect: each request carries the key."""
+
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs["allow_redirects"] = False
+        return super().request(*args, **kwargs)
+
+
+# The connection a thread is sending a request body on, for is_answered_early.
+_uploading = threading.local()
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    """urllib3's connection, telling its thread which socket a body is going out on."""
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _uploading.conn = self
+        try:
+            super().request(*args, **kwargs)
+        finally:
+            _uploading.conn = None
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _uploading.conn = self
+        try:
+            super().request(*args, **kwargs)
+        finally:
+            _uploading.conn = None
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _WatchedAdapter(HTTPAdapter):
+    """requests' adapter with connections that let an upload see an early answer."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+def is_answered_early() -> bool:
+    """Tell whether the relay has answered (or closed) the connection this thread is uploading on.
+
+    The relay answers a response POST before its body ends only when the body
+    is not wanted; a proxy in front (nginx) passes that answer on at once but
+    keeps reading, and discarding, the rest of the upload. Between chunks,
+    one poll of the socket tells.
+    """
+    conn = getattr(_uploading, "conn", None)
+    sock = getattr(conn, "sock", None)
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        if isinstance(sock, ssl.SSLSocket):
+            # Bytes may be a TLS record with no data for us (a session ticket):
+            # only application data, or the end, counts.
+            timeout = sock.gettimeout()
+            sock.setblocking(False)
+            try:
+                sock.recv(1)
+            except ssl.SSLWantReadError:
+                return False
+            finally:
+                sock.settimeout(timeout)
+        return True
+    except (OSError, ValueError):
+        return True  # the connection is gone: the upload cannot go on anyway
+
+
+class SizedBody:
+    """An iterable with a length: requests then sends Content-Length, not chunked."""
+
+    def __init__(self, chunks: Iterator[bytes], length: int) -> None:
+        self._chunks = chunks
+        self._length = length
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._chunks
+
+    def __len__(self) -> int:
+        return self._length
+

@@ -1,0 +1,189 @@
+"""How ptth_server answers one request: run the file server, POST the response back, streamed.
+
+A pool thread of `ServerLoop` calls `Responder.respond` for each request the
+relay handed over (P4, P5): the file server's answer goes to the relay as a
+POST, the head in the X-PTTH-2LJYXWC4 header and the body as the upload,
+which the relay answers once the client has it all (P7). The upload stops
+at once when the relay answers early (the client left), and at shutdown
+when the grace period is over. Each pool thread keeps its own Session.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from urllib.parse import quote
+
+import requests
+import urllib3
+
+from ptth_lib.config import ServerConfig
+from ptth_lib.errors import PtthError, describe_answer, root_cause
+from ptth_lib.requests_adapter import SizedBody, closed_without_answer, is_answered_early
+from ptth_lib.server import file_server
+from ptth_lib.wire.envelope import (
+    API_KEY_HEADER,
+    MAX_RESPONSE_HEAD_BYTES,
+    RESPONSE_HEAD_HEADER,
+    RESPONSE_PATH,
+    RelayRequest,
+    ServerResponseHead,
+    collect_headers,
+    encode_response_head,
+)
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_SECS = 10.0
+# The relay holds our POST while the client reads; a client slower than this
+# between two chunks gets cut by the relay first (rendezvous.BODY_STALL_SECS).
+RESPONSE_READ_TIMEOUT_SECS = 150.0
+
+# The relay answers a response POST with a line of text; more is not read.
+MAX_ANSWER_BYTES = 4096
+
+
+class _AbortedError(PtthError):
+    """Raised inside a body generator to abandon an upload at shutdown."""
+
+
+class _AnsweredEarlyError(PtthError):
+    """Raised inside a body generator: the relay answered before the body was done.
+
+    The relay only does that when the body is not wanted (the client left, or
+    stopped reading): sending the rest would only feed a proxy that reads and
+    discards it.
+    """
+
+
+class Responder:
+    """Answers the requests of one server, from its pool threads."""
+
+    def __init__(self, config: ServerConfig, new_session: Callable[[], requests.Session],
+                 abort: threading.Event) -> None:
+        """`new_session` makes a Session for a thread; `abort` set means abandon uploads now."""
+        assert config.api_key is not None
+        self._root = config.file_server_root
+        self._api_key: str = config.api_key
+        self._response_url = config.relay_url.rstrip("/") + RESPONSE_PATH
+        self._new_session = new_session
+        self._abort = abort
+        self._local = threading.local()
+
+    def respond(self, req: RelayRequest) -> None:
+        """Answer one request, on a second connection if the first was closed with nothing answered.
+
+        A kept-alive connection may be closed by a proxy or NAT box in the
+        instant it is reused: the POST goes out whole, and the connection
+        ends without an answer. The file server's answers can be made again
+        (it only reads), so the response goes once more on a new connection;
+        if the first did reach the relay after all, the second gets 404 and
+        nothing is answered twice. A POST cut before its body was all out
+        (the relay cut it: the client left) is not tried again.
+        """
+        headers = {k: v.decode("latin-1") for k, v in req.headers.items()}
+        for attempt in (1, 2):
+            answer = file_server.serve(self._root, req.method, req.uri, headers)
+            head = ServerResponseHead(answer.status, collect_headers(answer.headers))
+            logger.debug("request %s: %s %s -> %d", req.id, req.method, req.uri, answer.status)
+            has_body = req.method != "HEAD" and answer.status not in (204, 304)
+            length = head.headers.get("content-length") if has_body else b"0"
+            body = _CountingBody(answer.body, self._abort, int(length) if length is not None else None)
+            try:
+                if self._post(req.id, head, body, last_try=attempt == 2):
+                    return
+            finally:
+                body.close()
+
+    def _post(self, request_id: str, head: ServerResponseHead, body: _CountingBody, last_try: bool) -> bool:
+        """POST one response; False if it should be tried again: it failed with nothing answered."""
+        url = self._response_url.format(id=quote(request_id, safe=""))
+        encoded = encode_response_head(head)
+        if len(encoded) > MAX_RESPONSE_HEAD_BYTES:  # the relay would refuse it; tell the client why
+            logger.warning("response %s: head of %d bytes is over the limit; answering 502", request_id,
+                           len(encoded))
+            encoded = encode_response_head(ServerResponseHead(502, {"content-length": b"0"}))
+            body = _CountingBody(iter(()), self._abort, 0)
+        headers = {API_KEY_HEADER: self._api_key, RESPONSE_HEAD_HEADER: encoded}
+        try:
+            with self._session().post(url, data=body.upload(), headers=headers, stream=True,
+                                      timeout=(CONNECT_TIMEOUT_SECS, RESPONSE_READ_TIMEOUT_SECS)) as r:
+                answer = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
+        except _AbortedError:
+            logger.info("response %s abandoned at shutdown after %d bytes", request_id, body.sent)
+            return True
+        except _AnsweredEarlyError:
+            logger.info("response %s cut off after %d bytes: the client left (the relay answered early)",
+                        request_id, body.sent)
+            self._local.session = None  # its connection carries an unread answer: not reusable
+            return True
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+            self._local.session = None  # whatever happened to that connection, do not reuse it
+            if not last_try and body.finished and closed_without_answer(e):
+                logger.debug("response %s: %s after %d bytes; again on a new connection", request_id,
+                             root_cause(e), body.sent)
+                return False
+            logger.info("response %s cut off after %d bytes: %s", request_id, body.sent, root_cause(e))
+            return True
+        if r.status_code == 200:
+            logger.debug("response %s delivered, %d bytes", request_id, body.sent)
+        elif r.status_code == 410:
+            logger.info("response %s: the client left after %d bytes", request_id, body.sent)
+        else:
+            logger.warning("response %s: relay answered %s", request_id,
+                           describe_answer(r.status_code, r.headers, answer))
+        return True
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._new_session()
+            self._local.session = session
+        return session
+
+
+class _CountingBody:
+    """A response body on its way to the relay: counts bytes, can be abandoned.
+
+    With a known length the upload carries a Content-Length and goes out as
+    the file's own chunks; without one, requests frames it as chunked, which
+    costs a copy of every chunk.
+    """
+
+    def __init__(self, chunks: Iterator[bytes], abort: threading.Event, length: int | None) -> None:
+        self._chunks = chunks
+        self._abort = abort
+        self._length = length
+        self.sent = 0
+        self.started = False
+        self._exhausted = False
+
+    @property
+    def finished(self) -> bool:
+        """Every byte was handed to the connection (an empty body is never started)."""
+        return self._length == 0 or self._exhausted
+
+    def upload(self) -> bytes | Iterable[bytes]:
+        """What to give requests as `data`."""
+        if self._length == 0:
+            return b""  # requests would frame a sized but empty iterable as chunked
+        if self._length is not None:
+            return SizedBody(self.chunks(), self._length)
+        return self.chunks()
+
+    def chunks(self) -> Iterator[bytes]:
+        self.started = True
+        for chunk in self._chunks:
+            if self._abort.is_set():
+                raise _AbortedError("server is stopping")
+            if self.sent and is_answered_early():
+                raise _AnsweredEarlyError()
+            self.sent += len(chunk)
+            yield chunk
+        self._exhausted = True
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close:
+            close()

@@ -1,0 +1,184 @@
+"""What requests_adapter.py relies on in requests and urllib3, checked against the installed versions.
+
+Each check drives the adapter against a small HTTP peer in a thread of this
+process (no PTTH program): if an upgrade of requests or urllib3 changes what
+the adapter uses, the test fails naming the library, its version, and what
+changed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+import requests
+import urllib3
+from urllib3.connection import HTTPConnection
+from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.poolmanager import PoolManager
+
+from ptth_lib.requests_adapter import (
+    SizedBody,
+    closed_without_answer,
+    is_answered_early,
+    new_session,
+)
+
+VERSIONS = f"requests {requests.__version__} / urllib3 {urllib3.__version__}"
+
+
+class Peer:
+    """A one-connection HTTP peer: reads a request head, then does what `act(conn, head)` says."""
+
+    def __init__(self, act: Callable[[socket.socket, bytes], None]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.head = b""
+        self._act = act
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            while b"\r\n\r\n" not in self.head:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                self.head += data
+            self._act(conn, self.head)
+
+    def close(self) -> None:
+        self.listener.close()
+        self._thread.join(5)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/x"
+
+
+def read_sized_body(conn: socket.socket, head: bytes) -> None:
+    """Read the rest of a request with a Content-Length (what came with the head counts)."""
+    header, _, got = head.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in header.lower().split(b"\r\n")
+                  if line.startswith(b"content-length:"))
+    while len(got) < length:
+        got += conn.recv(65536)
+
+
+def test_the_names_the_adapter_uses_are_there() -> None:
+    assert isinstance(getattr(PoolManager(), "pool_classes_by_scheme", None), dict), (
+        f"{VERSIONS}: PoolManager has no pool_classes_by_scheme dict: the adapter cannot put in its "
+        "connection classes")
+    assert getattr(HTTPConnectionPool, "ConnectionCls", None) is HTTPConnection, (
+        f"{VERSIONS}: HTTPConnectionPool.ConnectionCls is gone or changed")
+    params = inspect.signature(HTTPConnection.request).parameters
+    assert {"method", "url", "body", "headers", "chunked"} <= set(params), (
+        f"{VERSIONS}: HTTPConnection.request takes {list(params)}: the watched connection's request() "
+        "must take what urllib3 passes")
+
+
+def test_an_early_answer_is_seen_between_chunks() -> None:
+    """The relay answers 410 while the body is still going out: the thread feeding it sees it."""
+    seen: list[bool] = []
+    answered = threading.Event()
+
+    def act(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 410 Gone\r\nContent-Length: 5\r\n\r\ngone\n")
+        answered.set()
+        while conn.recv(65536):  # read and discard the rest, as nginx does
+            pass
+
+    peer = Peer(act)
+
+    def body() -> Iterator[bytes]:
+        yield b"x" * 1024
+        answered.wait(5)
+        for _ in range(50):
+            seen.append(is_answered_early())
+            if seen[-1]:
+                return
+            threading.Event().wait(0.02)
+
+    try:
+        with new_session({}, "test").post(peer.url, data=body(), timeout=10) as r:
+            assert r.status_code == 410
+    finally:
+        peer.close()
+    assert seen and seen[-1], f"{VERSIONS}: the socket an upload goes out on is not visible to its thread"
+
+
+def test_an_upload_on_a_quiet_connection_sees_no_answer() -> None:
+    seen: list[bool] = []
+
+    def act(conn: socket.socket, head: bytes) -> None:
+        while b"end" not in conn.recv(65536):
+            pass
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+
+    peer = Peer(act)
+
+    def body() -> Iterator[bytes]:
+        for _ in range(3):
+            seen.append(is_answered_early())
+            yield b"x" * 1024
+        yield b"end"
+
+    try:
+        with new_session({}, "test").post(peer.url, data=body(), timeout=10) as r:
+            assert r.status_code == 200
+    finally:
+        peer.close()
+    assert seen == [False, False, False], f"{VERSIONS}: an early answer seen where there was none"
+
+
+def test_a_sized_body_goes_with_its_content_length() -> None:
+    def act(conn: socket.socket, head: bytes) -> None:
+        read_sized_body(conn, head)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    peer = Peer(act)
+    try:
+        new_session({}, "test").post(peer.url, data=SizedBody(iter([b"abc", b"de"]), 5), timeout=10).close()
+    finally:
+        peer.close()
+    head = peer.head.lower()
+    assert b"content-length: 5\r\n" in head and b"transfer-encoding" not in head, (
+        f"{VERSIONS}: an iterable with __len__ is no longer sent with Content-Length: {peer.head!r}")
+
+
+def test_redirects_are_never_followed() -> None:
+    def act(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.2:1/stolen\r\n"
+                     b"Content-Length: 0\r\n\r\n")
+
+    peer = Peer(act)
+    try:
+        r = new_session({}, "test").get(peer.url, headers={"X-ApiKey": "k"}, timeout=10)
+    finally:
+        peer.close()
+    assert r.status_code == 307, f"{VERSIONS}: the session followed a redirect"
+
+
+def test_a_connection_closed_with_nothing_answered_is_told_apart() -> None:
+    def act(conn: socket.socket, head: bytes) -> None:
+        read_sized_body(conn, head)  # the whole request, then close without a word
+
+    peer = Peer(act)
+    try:
+        with pytest.raises(requests.RequestException) as closed:
+            new_session({}, "test").post(peer.url, data=b"x" * 12, timeout=10)
+    finally:
+        peer.close()
+    assert closed_without_answer(closed.value), (
+        f"{VERSIONS}: a connection closed without an answer no longer raises http.client's "
+        f"RemoteDisconnected inside what requests raises: {closed.value!r}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(requests.RequestException) as refused:
+        new_session({}, "test").post(f"http://127.0.0.1:{port}/", data=b"x", timeout=10)
+    assert not closed_without_answer(refused.value)
