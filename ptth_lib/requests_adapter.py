@@ -72,24 +72,23 @@ class _NoRedirectSession(requests.Session):
 _uploading = threading.local()
 
 
-class _WatchedHTTPConnection(HTTPConnection):
-    """urllib3's connection, telling its thread which socket a body is going out on."""
+class _Watched:
+    """Mixed into urllib3's connections: tells the thread which socket a body is going out on."""
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         _uploading.conn = self
         try:
-            super().request(*args, **kwargs)
+            super().request(*args, **kwargs)  # type: ignore[misc]
         finally:
             _uploading.conn = None
 
 
-class _WatchedHTTPSConnection(HTTPSConnection):
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _uploading.conn = self
-        try:
-            super().request(*args, **kwargs)
-        finally:
-            _uploading.conn = None
+class _WatchedHTTPConnection(_Watched, HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
 
 
 class _WatchedHTTPPool(HTTPConnectionPool):
