@@ -64,6 +64,8 @@ def deliver(rv: Rendezvous, p: PendingRequest, req: Request) -> Response:
     environ = req.environ
     try:
         head = decode_response_head(req.headers.get(RESPONSE_HEAD_HEADER))
+        if head.status_code == 101 and p.request.upgrade is None:
+            raise ProtocolError("status 101 answers only an upgrade request")
     except ProtocolError as e:
         logger.warning("bad response head for request %s from server %s: %s", p.request.id,
                        p.server.registered.name, e)

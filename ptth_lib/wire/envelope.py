@@ -3,9 +3,14 @@
 Two messages cross the backend API, named by sender:
 
 - `RelayRequest`: a client's request, wrapped by the relay. A listen answer is
-  a MsgPack array of them: `{"id": str, "req": {"method", "uri", "headers"}}`.
+  a MsgPack array of them: `{"id": str, "req": {"method", "uri", "headers"}}`,
+  plus, for servers that announce them, `"body"` (a request with a body the
+  server fetches: its length, or -1 when unknown) and `"upgrade"` (a
+  WebSocket handshake).
 - `ServerResponseHead`: the server's status and headers, MsgPack then base64
-  in the header `X-PTTH-2LJYXWC4` of the POST that streams the body.
+  in the header `X-PTTH-2LJYXWC4` of the POST that streams the body. A header
+  sent more than once (Set-Cookie) may be a list of values, to a relay that
+  announces it takes them.
 
 Header names are lowercase `str`, values `bytes`. Decoding trusts nothing:
 anything malformed or oversized raises `ProtocolError`, never another type.
@@ -18,7 +23,7 @@ import base64
 import binascii
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -40,6 +45,15 @@ FEATURES_HEADER = "X-PTTH-Features"
 BATCH_HEADER = "X-PTTH-Batch"
 ACK_HEADER = "X-PTTH-Ack"
 FEATURE_ACK = "ack"
+# Web apps (PROTOCOL.md, "Web apps"): a server that fetches request bodies
+# (REQUEST_BODY_PATH), one that takes WebSocket upgrades; and, in a listen
+# answer's X-PTTH-Features, a relay that takes several values of a header.
+FEATURE_BODIES = "bodies"
+FEATURE_WEBSOCKET = "websocket"
+FEATURE_HEADER_LISTS = "header-lists"
+REQUEST_BODY_PATH = "/7ZSFUKGV/http_request_body/{id}"
+# RelayRequest.body for a body whose length is not known in advance (chunked).
+BODY_LENGTH_UNKNOWN = -1
 # At most this many requests in the answer (the server's free capacity).
 MAX_REQUESTS_HEADER = "X-PTTH-Max-Requests"
 # Park at most this many seconds (0: answer at once, to check the connection).
@@ -102,14 +116,27 @@ class RelayRequest:
     method: str
     uri: str
     headers: dict[str, bytes]
+    # A body to fetch (REQUEST_BODY_PATH): its length, or BODY_LENGTH_UNKNOWN; None: no body.
+    body: int | None = None
+    # "websocket" for a WebSocket handshake; None for a plain request.
+    upgrade: str | None = None
 
 
 @dataclass(frozen=True)
 class ServerResponseHead:
-    """Status and headers of a server's response, sent before its body."""
+    """Status and headers of a server's response, sent before its body.
+
+    `multi` holds the headers sent more than once, each with all its values
+    in order (Set-Cookie); a name is in `headers` or in `multi`, not both.
+    """
 
     status_code: int
     headers: dict[str, bytes]
+    multi: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
+
+    def lines(self) -> list[tuple[str, bytes]]:
+        """Every header line, one per value."""
+        return [*self.headers.items(), *((k, v) for k, values in self.multi.items() for v in values)]
 
 
 def is_hop_by_hop(name: str) -> bool:
@@ -156,10 +183,15 @@ def head_size(method: str, uri: str, headers: Mapping[str, bytes]) -> int:
 
 def encode_requests(requests: Iterable[RelayRequest]) -> bytes:
     """Encode a listen answer."""
-    packed: bytes = msgpack.packb([
-        {"id": r.id, "req": {"method": r.method, "uri": r.uri, "headers": r.headers}}
-        for r in requests
-    ])
+    items = []
+    for r in requests:
+        item: dict[str, Any] = {"id": r.id, "req": {"method": r.method, "uri": r.uri, "headers": r.headers}}
+        if r.body is not None:
+            item["body"] = r.body
+        if r.upgrade is not None:
+            item["upgrade"] = r.upgrade
+        items.append(item)
+    packed: bytes = msgpack.packb(items)
     return packed
 
 
@@ -180,13 +212,20 @@ def decode_requests(data: bytes) -> list[RelayRequest]:
             raise ProtocolError("listen answer item has a malformed id or method")
         if not uri.startswith("/") or _BAD_VALUE_RE.search(uri.encode("utf-8", "replace")):
             raise ProtocolError("listen answer item has a bad uri")
-        out.append(RelayRequest(rid, method, uri, _check_headers(req.get("headers"))))
+        body, upgrade = item.get("body"), item.get("upgrade")
+        if body is not None and (isinstance(body, bool) or not isinstance(body, int)
+                                 or body < BODY_LENGTH_UNKNOWN):
+            raise ProtocolError("listen answer item has a bad body length")
+        if upgrade is not None and upgrade != "websocket":
+            raise ProtocolError("listen answer item has an unknown upgrade")
+        out.append(RelayRequest(rid, method, uri, _check_headers(req.get("headers")), body, upgrade))
     return out
 
 
 def encode_response_head(head: ServerResponseHead) -> str:
-    """Encode a response head for the X-PTTH-2LJYXWC4 header."""
-    packed = msgpack.packb({"status_code": head.status_code, "headers": head.headers})
+    """Encode a response head for the X-PTTH-2LJYXWC4 header (multi values as MsgPack lists)."""
+    headers: dict[str, bytes | list[bytes]] = {**head.headers, **{k: list(v) for k, v in head.multi.items()}}
+    packed = msgpack.packb({"status_code": head.status_code, "headers": headers})
     return base64.b64encode(packed).decode("ascii")
 
 
@@ -204,13 +243,18 @@ def decode_response_head(value: str | None) -> ServerResponseHead:
     if not isinstance(obj, dict):
         raise ProtocolError("response head is not a map")
     status = obj.get("status_code")
-    if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
+    if isinstance(status, bool) or not isinstance(status, int) or not (200 <= status <= 599 or status == 101):
         raise ProtocolError("response head has no valid integer status_code")
-    headers = _check_headers(obj.get("headers"))
+    raw = obj.get("headers")
+    lists = {k: v for k, v in raw.items() if isinstance(v, list)} if isinstance(raw, Mapping) else {}
+    headers = _check_headers({k: v for k, v in raw.items() if k not in lists} if lists and raw else raw)
+    multi = {k: tuple(_check_headers({k: value})[k] for value in values) for k, values in lists.items()}
+    if "content-length" in multi or any(not values for values in multi.values()):
+        raise ProtocolError("response head has an empty list of values, or several content-lengths")
     length = headers.get("content-length")
     if length is not None and not _LENGTH_RE.match(length):
         raise ProtocolError(f"content-length {length[:40]!r} is not a number")
-    return ServerResponseHead(status, headers)
+    return ServerResponseHead(status, headers, multi)
 
 
 def _unpack(data: bytes, limit: int) -> Any:
