@@ -129,13 +129,14 @@ class HandServer:
         box: dict[str, requests.Response] = {}
         listener = threading.Thread(target=lambda: box.update(r=self.listen()), daemon=True)
         listener.start()
-        wait_until(lambda: metric_total(self.relay, "ptth_listeners_waiting") >= 1, "a parked listen",
-                   self.relay.proc, 10)
+        # A listen answered at once (a request left over in the queue) fails below, without waiting.
+        wait_until(lambda: "r" in box or metric_total(self.relay, "ptth_listeners_waiting") >= 1,
+                   "a parked listen", self.relay.proc, 10)
         call = ClientCall(f"{self.relay.url}/frontend/servers/{self.name}{path}", **client_kwargs)
         listener.join(15)
         assert "r" in box and box["r"].status_code == 200, box
         items = msgpack.unpackb(box["r"].content, raw=False)
-        assert [item["req"]["uri"] for item in items] == [path]
+        assert [item["req"]["uri"] for item in items] == [path], "the listen took another request"
         return call, items[0]["id"]
 
     def respond(self, rid: str, status: int = 200, headers: dict[str, bytes] | None = None,
@@ -315,9 +316,11 @@ def test_response_head_at_the_limit_is_accepted(hand: HandRelay) -> None:
     assert resp.status_code == 200 and resp.content == b"ok"
 
 
+# Not starting with U+00A0: requests refuses to send a value that starts with whitespace, and
+# an example that raises before its POST leaves its request unanswered for the next examples.
 _HEAD_TEXT = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0xFF,
                                             blacklist_characters="\x7f", blacklist_categories=("Cc",)),
-                     min_size=1, max_size=300)
+                     min_size=1, max_size=300).filter(lambda s: not s[0].isspace())
 # Header values without control characters: those are test_control_characters_in_head_values'.
 _PLAIN_VALUES = st.binary(max_size=60).map(lambda b: bytes(c for c in b if c >= 0x20 and c != 0x7F))
 
