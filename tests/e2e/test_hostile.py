@@ -46,6 +46,12 @@ from ptth_lib.wire.envelope import MAX_RESPONSE_HEAD_BYTES, decode_requests, dec
 LISTEN = "/7ZSFUKGV/http_listen/"
 RESPOND = "/7ZSFUKGV/http_response/"
 HEAD_HEADER = "X-PTTH-2LJYXWC4"
+# A listen's wishes (PROTOCOL.md): how many requests it takes at most, whether it may be parked.
+MAX_REQUESTS_HEADER = "X-PTTH-Max-Requests"
+WAIT_HEADER = "X-PTTH-Wait-Secs"
+# How long the fake relay parks a listen with nothing to send: past ptth_server's 1 s
+# (PARKED_CUT_SECS), below which it takes a 204 as a relay answering at once.
+PARK_SECS = 1.5
 # "At once": answered without waiting for any timeout. The timeouts these must
 # beat are 5 s or more; 2 s leaves room for a busy 2-core machine.
 AT_ONCE_SECS = 2.0
@@ -629,10 +635,17 @@ class Post:
 class FakeRelay:
     """A malicious relay: answers ptth_server's listens with crafted bodies and records its POSTs.
 
-    Each scripted answer goes to one listen; the next listen on the same
-    connection gets a 204, which the server counts as a success, so the
-    listen thread's backoff starts again from 0.5 s. With the script done,
-    listens get a 204 after 0.1 s.
+    Apart from what it sends, it answers listens as the relay does, so that
+    ptth_server's pace depends on the script alone: a listen asking for no
+    requests (a server at capacity) gets a 204 at once and nothing scripted;
+    one asking not to wait gets the next scripted answer or a 204 at once;
+    any other is parked until a scripted answer is there, or for PARK_SECS
+    and then gets a 204 (a 204 sooner would make the server back off, as it
+    does from a relay that answers parked listens at once). Each scripted
+    answer goes to one listen; the next listen on the same connection gets a
+    204, which the server counts as a success, so a run of malformed answers
+    does not grow its backoff. `idle_listens` counts the 204s to listens
+    that asked for requests.
     """
 
     name: str
@@ -686,17 +699,32 @@ class FakeRelay:
             _send(h, 404, b"no\n")
             return
         peer = cast(tuple[str, int], h.client_address)
+        if h.headers.get(MAX_REQUESTS_HEADER) == "0":
+            _send(h, 204, b"")
+            return
+        parks = h.headers.get(WAIT_HEADER) != "0"
+        park_until = time.monotonic() + PARK_SECS
         with self.lock:
             answer: Answer | None = None
-            if peer in self._crafted_last or not self.script:
-                self._crafted_last.discard(peer)
-                if not self.script:
-                    self.idle_listens += 1
-            else:
-                answer = self.script.popleft()
-                self._crafted_last.add(peer)
+            crafted_last = peer in self._crafted_last
+            self._crafted_last.discard(peer)
+            while not crafted_last and answer is None:
+                if self.script:
+                    answer = self.script.popleft()
+                    self._crafted_last.add(peer)
+                elif not parks or time.monotonic() >= park_until:
+                    break
+                else:
+                    self.lock.release()
+                    try:
+                        time.sleep(0.02)
+                    finally:
+                        self.lock.acquire()
+            if answer is None:
+                self.idle_listens += 1
         if answer is None:
-            time.sleep(0.1)
+            if parks:
+                time.sleep(max(0.0, park_until - time.monotonic()))
             _send(h, 204, b"")
         elif isinstance(answer, bytes):
             _send(h, 200, answer, "application/msgpack")
