@@ -177,6 +177,7 @@ def test_client_headers_too_big_for_a_listen_answer_are_refused(cluster: Cluster
         f"{carried / MIB:.2f} MiB (PROTOCOL.md: at most 4 MiB)")
 
 
+@pytest.mark.alone
 def test_a_huge_header_block_does_not_stall_the_relay(cluster: Cluster) -> None:
     """100 header lines of 60 KiB are within gunicorn's limits here; other clients must not wait on them."""
     relay = cluster.relay({}, extra="")
@@ -360,6 +361,7 @@ gevent.killall(greenlets)
 '''
 
 
+@pytest.mark.alone
 @pytest.mark.slow
 def test_1000_idle_servers_cost_little_and_slow_nothing(cluster: Cluster, tmp_path: Path) -> None:
     pytest.importorskip("gevent")
