@@ -186,66 +186,15 @@ def _raw_map(entries: int, entry: bytes) -> bytes:
     return b"\xde" + entries.to_bytes(2, "big") + entry * entries
 
 
-def _head_with_raw_headers(raw_headers: bytes) -> str:
-    return b64(b"\x82" + msgpack.packb("status_code") + msgpack.packb(200) + msgpack.packb("headers")
-               + raw_headers)
-
-
-_VALID = msgpack.packb({"status_code": 200, "headers": {"x-a": b"1"}})
-
+# The whole table of malformed heads is tests/unit/test_relay.py's BAD_HEADS, in-process. These go
+# through gunicorn: no header, a header in Latin-1, CR/LF inside, and one just under gunicorn's limit.
 BAD_HEADS: list[tuple[str, str | None]] = [
     ("missing", None),
-    ("empty", ""),
-    ("base64-punctuation", "not base64!"),
-    ("base64-padding-inside", "AAAA=AAA"),
-    ("base64-truncated", b64(_VALID)[:-2]),
-    ("base64-urlsafe-alphabet", base64.urlsafe_b64encode(
-        msgpack.packb({"status_code": 200, "headers": {"x-a": b"\xfb\xef\xbe"}})).decode()),
     ("latin-1-text", "\u00e9t\u00e9\u00e9t\u00e9"),
-    ("msgpack-reserved-byte", b64(b"\xc1")),
-    ("msgpack-truncated", b64(_VALID[:-3])),
-    ("msgpack-extra-data", b64(_VALID + b"\xc0")),
-    ("msgpack-deeply-nested", b64(b"\x91" * 10_000 + b"\x90")),
-    ("msgpack-huge-declared-array", b64(b"\xdd\xff\xff\xff\xff")),
-    ("msgpack-huge-declared-bin", b64(b"\xc6\xff\xff\xff\xff" + b"x" * 100)),
-    ("top-level-array", packed_head([200, {}])),
-    ("top-level-string", packed_head("200")),
-    ("top-level-nil", packed_head(None)),
-    ("headers-missing", packed_head({"status_code": 200})),
-    ("headers-a-list", packed_head({"status_code": 200, "headers": [["x-a", b"1"]]})),
-    ("headers-nil", packed_head({"status_code": 200, "headers": None})),
-    ("value-str", packed_head({"status_code": 200, "headers": {"content-type": "text/plain"}})),
-    ("value-int", packed_head({"status_code": 200, "headers": {"content-length": 5}})),
-    ("value-nil", packed_head({"status_code": 200, "headers": {"x-a": None}})),
-    ("value-bool", packed_head({"status_code": 200, "headers": {"x-a": True}})),
-    ("value-list", packed_head({"status_code": 200, "headers": {"x-a": [b"1"]}})),
-    ("value-map", packed_head({"status_code": 200, "headers": {"x-a": {"b": b"1"}}})),
-    ("name-bytes", packed_head({"status_code": 200, "headers": {b"x-a": b"1"}})),
-    ("name-int", _head_with_raw_headers(b"\x81\x07\xc4\x011")),
     ("name-CRLF", packed_head({"status_code": 200, "headers": {"x-a\r\nset-cookie": b"pwned=1"}})),
-    ("name-LF", packed_head({"status_code": 200, "headers": {"x-a\nset-cookie": b"pwned=1"}})),
-    ("name-CR", packed_head({"status_code": 200, "headers": {"x-a\rset-cookie": b"pwned=1"}})),
-    ("name-NUL", packed_head({"status_code": 200, "headers": {"x-a\x00": b"1"}})),
-    ("name-uppercase", packed_head({"status_code": 200, "headers": {"Set-Cookie": b"pwned=1"}})),
-    ("name-space", packed_head({"status_code": 200, "headers": {"set-cookie ": b"pwned=1"}})),
-    ("name-colon", packed_head({"status_code": 200, "headers": {"set-cookie:": b"pwned=1"}})),
-    ("name-empty", packed_head({"status_code": 200, "headers": {"": b"1"}})),
-    ("value-CRLF", packed_head({"status_code": 200, "headers": {"x-a": b"ok\r\nSet-Cookie: pwned=1"}})),
-    ("value-LF", packed_head({"status_code": 200, "headers": {"x-a": b"ok\nSet-Cookie: pwned=1"}})),
-    ("value-CR", packed_head({"status_code": 200, "headers": {"x-a": b"ok\rSet-Cookie: pwned=1"}})),
-    ("value-NUL", packed_head({"status_code": 200, "headers": {"x-a": b"ok\x00pwned"}})),
-    ("status-99", packed_head({"status_code": 99, "headers": {}})),
-    ("status-100", packed_head({"status_code": 100, "headers": {}})),
-    ("status-199", packed_head({"status_code": 199, "headers": {}})),
-    ("status-600", packed_head({"status_code": 600, "headers": {}})),
-    ("status--1", packed_head({"status_code": -1, "headers": {}})),
-    ("status-str", packed_head({"status_code": "200", "headers": {}})),
-    ("status-float", packed_head({"status_code": 200.0, "headers": {}})),
-    ("status-true", packed_head({"status_code": True, "headers": {}})),
-    ("status-2**64-1", packed_head({"status_code": 2**64 - 1, "headers": {}})),
-    ("status-missing", packed_head({"headers": {}})),
     # 2,000 pairs with a repeated name, every value nil: just under the 16 KiB limit in base64.
-    ("huge-map-2000-pairs", _head_with_raw_headers(_raw_map(2_000, b"\xa1x\xc0"))),
+    ("huge-map-2000-pairs", b64(b"\x82" + msgpack.packb("status_code") + msgpack.packb(200)
+                                + msgpack.packb("headers") + _raw_map(2_000, b"\xa1x\xc0"))),
 ]
 
 
