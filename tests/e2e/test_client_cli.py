@@ -193,26 +193,8 @@ def test_no_forward(key_file: Path) -> None:
     assert "--forward" in line and "LOCALPORT:SERVER:PORTNAME" in line
 
 
-@pytest.mark.parametrize("spec", [
-    "",
-    "2200",
-    "2200:alpha",
-    "2200:alpha:echo:extra",
-    ":alpha:echo",
-    "x22:alpha:echo",
-    "70000:alpha:echo",
-    "65536:alpha:echo",
-    "2200::echo",
-    "2200:a b:echo",
-    "2200:al/pha:echo",
-    "2200:-alpha:echo",
-    "2200:" + "a" * 65 + ":echo",
-    "2200:alpha:",
-    "2200:alpha:e.cho",
-    "2200:alpha:e cho",
-    "2200:alpha:*",
-    "2200:alpha:" + "p" * 65,
-], ids=lambda s: repr(s)[:40])
+# The whole table is tests/unit/test_client_config.py's, in-process; here, one of each through the program.
+@pytest.mark.parametrize("spec", ["2200:alpha", "70000:alpha:echo"])
 def test_malformed_forward(key_file: Path, spec: str) -> None:
     result = client("--relay-url", f"http://127.0.0.1:{free_port()}", "--api-key-file", str(key_file),
                     f"--forward={spec}")
@@ -221,11 +203,7 @@ def test_malformed_forward(key_file: Path, spec: str) -> None:
     assert "LOCALPORT:SERVER:PORTNAME" in line
 
 
-@pytest.mark.parametrize("specs", [
-    ["2200:alpha:echo", "2200:alpha:ssh"],
-    ["2200:alpha:echo", "2201:beta:echo", "2200:beta:ssh"],
-    ["2200:alpha:echo", "02200:alpha:ssh"],
-])
+@pytest.mark.parametrize("specs", [["2200:alpha:echo", "02200:alpha:ssh"]])
 def test_same_local_port_twice(key_file: Path, specs: list[str]) -> None:
     args = ["--relay-url", f"http://127.0.0.1:{free_port()}", "--api-key-file", str(key_file)]
     for spec in specs:
@@ -385,23 +363,12 @@ def test_config_file_not_utf8(tmp_path: Path, key_file: Path) -> None:
     assert str(path) in line
 
 
+# The whole table is tests/unit/test_client_config.py's, in-process; here, two through the program.
 @pytest.mark.parametrize(("text", "words"), [
     ('relay_url = "http://127.0.0.1:4000"\nbnd = "127.0.0.1"\n', ["bnd", "unknown", "bind"]),
-    ('relay_url = "http://127.0.0.1:4000"\nforwards = ["0:alpha:echo"]\n', ["forwards", "unknown"]),
     ('relay_url = "http://127.0.0.1:4000"\napi_key = "do-not-put-keys-here-0123456789"\n',
      ["api_key", "unknown"]),
-    ('relay_url = "http://127.0.0.1:4000"\nforward = "0:alpha:echo"\n', ["forward", "list"]),
-    ('relay_url = "http://127.0.0.1:4000"\nforward = [2200]\n', ["forward", "2200"]),
-    ('relay_url = "http://127.0.0.1:4000"\nforward = ["2200:alpha"]\n', ["forward", "'2200:alpha'"]),
-    ('relay_url = "http://127.0.0.1:4000"\nforward = []\n', ["nothing to forward"]),
-    ('relay_url = 4000\nforward = ["0:alpha:echo"]\n', ["relay_url", "string"]),
-    ('relay_url = "ftp://127.0.0.1:4000"\nforward = ["0:alpha:echo"]\n', ["relay_url", "http://"]),
-    ('relay_url = "http://127.0.0.1:4000"\nbind = 127\nforward = ["0:alpha:echo"]\n', ["bind", "string"]),
-    ('relay_url = "http://127.0.0.1:4000"\napi_key_file = 5\nforward = ["0:alpha:echo"]\n',
-     ["api_key_file", "string"]),
-    ('forward = ["0:alpha:echo"]\n', ["relay URL"]),
-], ids=["typo", "forwards", "api_key", "forward-string", "forward-number", "forward-short", "forward-empty",
-        "url-number", "url-ftp", "bind-number", "key-file-number", "no-url"])
+], ids=["typo", "api_key"])
 def test_bad_config_file(tmp_path: Path, text: str, words: list[str]) -> None:
     path = tmp_path / "client.toml"
     path.write_text(text)
@@ -498,11 +465,13 @@ def test_connect_never_follows_a_redirect(tmp_path: Path, key_file: Path, key: s
                  "--forward", "0:alpha:echo"], tmp_path / "client.log")
     try:
         port = forwarded_port(proc)
-        with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_SECS) as sock:
-            try:
+        try:
+            # The reset ptth_client gives a refused connection may come before connect() returns:
+            # with a timeout set, connect() polls, then reads SO_ERROR, which by then holds it.
+            with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_SECS) as sock:
                 assert sock.recv(100) == b"", "nothing comes through"
-            except ConnectionResetError:
-                pass  # the reset ptth_client gives a refused connection
+        except ConnectionResetError:
+            pass
         refused = proc.wait_for_output(r"-> alpha:echo refused: (.*)")
     finally:
         proc.kill()
