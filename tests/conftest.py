@@ -12,6 +12,9 @@ none starts beside it. The turnstile lock gives it priority: it holds the
 turnstile while it waits, and a test must pass through the turnstile before
 taking its shared lock, so the workers do not keep the lock shared forever.
 Without xdist (one process) nothing is locked.
+
+Under xdist the files that take longest start first (LONGEST_FILES), so that
+the run does not end with one worker busy on a long file and the rest idle.
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ import pytest
 
 _LOCK_DIR_KEY = "ptth_alone_lock_dir"
 
+# The files that take longest (30 s or more in one process), longest first: under xdist they
+# are handed out first. Only the order depends on this list; a stale one costs time, nothing else.
+LONGEST_FILES = ("test_reliability.py", "test_quic_forwarding.py", "test_forwarding_faults.py",
+                 "test_backend_api.py", "test_forwarding_api.py", "test_operations.py", "test_load.py",
+                 "test_hostile.py", "test_cli.py", "test_faults.py")
+
 
 def pytest_configure(config: pytest.Config) -> None:
     if not hasattr(config, "workerinput") and config.pluginmanager.hasplugin("xdist"):
@@ -37,6 +46,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     folder = getattr(config, "_ptth_lock_dir", None)
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):
+        return
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
 
 
 @pytest.hookimpl(optionalhook=True)
