@@ -13,10 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ptth_lib.errors import ProtocolError
+from ptth_lib.server import file_server
 from ptth_lib.server.file_server import (
     CHUNK_BYTES,
     UNSATISFIABLE,
@@ -25,6 +28,7 @@ from ptth_lib.server.file_server import (
     parse_range,
     serve,
 )
+from ptth_lib.wire.envelope import decode_requests
 
 SECRET = b"TOP-SECRET-5f1b7c0e-must-never-be-served"
 
@@ -675,3 +679,47 @@ def test_listing_shows_sizes_as_people_read_them(tmp_path: Path) -> None:
     text = body.decode()
     assert '<td title="1536 bytes">1.5 KiB</td>' in text
     assert '<td title="10485760 bytes">10.0 MiB</td>' in text
+
+
+# ---- whatever a relay sends, the file server stays inside its root (from tests/e2e/test_hostile.py) ----
+
+
+def _item(rid: str, uri: str, method: str = "GET", headers: dict[str, bytes] | None = None) -> dict[str, object]:
+    """One request of a listen answer, built by hand."""
+    return {"id": rid, "req": {"method": method, "uri": uri, "headers": headers or {}}}
+
+
+_URI_PIECES = ["..", "%2e%2e", "%2E%2e", ".", "%2f", "%5c", "%00", "", "secret.txt", "root", "files",
+               "ok.txt", "link-out", "%252e", "\u2025", "/"]
+
+
+@pytest.fixture(scope="module")
+def pure_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("pure")
+    (tmp / "secret.txt").write_bytes(SECRET)
+    root = tmp / "root"
+    root.mkdir()
+    (root / "ok.txt").write_bytes(b"fine\n")
+    (root / "link-out").symlink_to(tmp / "secret.txt")
+    return root
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.builds(_item, st.text(max_size=5),
+                          st.lists(st.sampled_from(_URI_PIECES), max_size=10).map(lambda p: "/" + "/".join(p)),
+                          st.sampled_from(["GET", "HEAD", "get", ""]),
+                          st.dictionaries(st.sampled_from(["range", "if-range", "if-none-match"]),
+                                          st.binary(max_size=20))),
+                max_size=5))
+def test_any_decodable_listen_answer_is_served_inside_the_root(pure_root: Path, items: list[object]) -> None:
+    """The server's P3 and P4 without sockets: decode a listen answer, serve each request."""
+    try:
+        batch = decode_requests(msgpack.packb(items))
+    except ProtocolError:
+        return
+    for req in batch:
+        headers = {k: v.decode("latin-1") for k, v in req.headers.items()}
+        answer = file_server.serve(pure_root, req.method, req.uri, headers)
+        body = b"".join(answer.body)
+        assert SECRET not in body
+        assert answer.status in (200, 206, 302, 304, 403, 404, 405, 416)
