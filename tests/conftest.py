@@ -13,8 +13,11 @@ turnstile while it waits, and a test must pass through the turnstile before
 taking its shared lock, so the workers do not keep the lock shared forever.
 Without xdist (one process) nothing is locked.
 
-Under xdist the files that take longest start first (LONGEST_FILES), so that
-the run does not end with one worker busy on a long file and the rest idle.
+Under xdist the `alone` tests run first: the files that hold them are handed
+out first, each with its `alone` tests at its head, so they run one after the
+other at the start, and no worker drains its running test for one of them
+later. Then come the files that take longest (LONGEST_FILES), so that the run
+does not end with one worker busy on a long file and the rest idle.
 """
 
 from __future__ import annotations
@@ -52,11 +55,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not hasattr(config, "workerinput"):
         return
 
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+    with_alone = {item.path for item in items if item.get_closest_marker("alone")}
 
-    items.sort(key=rank)  # stable: each file keeps its own order
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        name = item.path.name
+        if item.path in with_alone:
+            return 0, 0 if item.get_closest_marker("alone") else 1
+        return 1 + (LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)), 0
+
+    items.sort(key=rank)  # stable: otherwise each file keeps its own order
 
 
 @pytest.hookimpl(optionalhook=True)

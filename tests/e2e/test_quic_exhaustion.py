@@ -229,7 +229,6 @@ def test_an_initial_without_a_token_gets_a_retry_and_nothing_else(fw: QuicForwar
     assert types == [QuicPacketType.RETRY] * 3, types
 
 
-@pytest.mark.alone
 def test_an_initial_flood_leaves_honest_proxies_prompt(fw: QuicForwarding) -> None:
     pid = fw.relay_proc.pid
     alone = [honest_hello_secs(fw.relay_port, fw.fingerprint, laptop_hello(fw)) for _ in range(5)]
