@@ -38,9 +38,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check --quiet .
 	$(VENV)/bin/mypy
 
+# pytest-xdist workers for `make test`: the tests mostly wait on sockets and timeouts, so four
+# share 2 cores well; tests marked `alone` still run with nothing beside them (tests/conftest.py).
+# --dist loadfile keeps each file in one worker, so its module-scoped processes start once.
+# PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 4
+
 # pytest exits 5 when it collected no test; say so, since a silent exit 5 looks like a crash.
 test: $(STAMP) debian-deps lint
-	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests: that is a failure" >&2; fi; \
 	  exit $$rc
 

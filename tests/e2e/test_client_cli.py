@@ -33,7 +33,6 @@ from redirect_peers import HostileRelay, Reply, Seen, Trap, redirect
 from tcp_peers import EchoServer
 
 from ptth_lib.config import parse_relay_config
-from ptth_lib.errors import ConfigError
 
 pytestmark = pytest.mark.process
 
@@ -193,26 +192,8 @@ def test_no_forward(key_file: Path) -> None:
     assert "--forward" in line and "LOCALPORT:SERVER:PORTNAME" in line
 
 
-@pytest.mark.parametrize("spec", [
-    "",
-    "2200",
-    "2200:alpha",
-    "2200:alpha:echo:extra",
-    ":alpha:echo",
-    "x22:alpha:echo",
-    "70000:alpha:echo",
-    "65536:alpha:echo",
-    "2200::echo",
-    "2200:a b:echo",
-    "2200:al/pha:echo",
-    "2200:-alpha:echo",
-    "2200:" + "a" * 65 + ":echo",
-    "2200:alpha:",
-    "2200:alpha:e.cho",
-    "2200:alpha:e cho",
-    "2200:alpha:*",
-    "2200:alpha:" + "p" * 65,
-], ids=lambda s: repr(s)[:40])
+# The whole table is tests/unit/test_client_config.py's, in-process; here, one of each through the program.
+@pytest.mark.parametrize("spec", ["2200:alpha", "70000:alpha:echo"])
 def test_malformed_forward(key_file: Path, spec: str) -> None:
     result = client("--relay-url", f"http://127.0.0.1:{free_port()}", "--api-key-file", str(key_file),
                     f"--forward={spec}")
@@ -221,11 +202,7 @@ def test_malformed_forward(key_file: Path, spec: str) -> None:
     assert "LOCALPORT:SERVER:PORTNAME" in line
 
 
-@pytest.mark.parametrize("specs", [
-    ["2200:alpha:echo", "2200:alpha:ssh"],
-    ["2200:alpha:echo", "2201:beta:echo", "2200:beta:ssh"],
-    ["2200:alpha:echo", "02200:alpha:ssh"],
-])
+@pytest.mark.parametrize("specs", [["2200:alpha:echo", "02200:alpha:ssh"]])
 def test_same_local_port_twice(key_file: Path, specs: list[str]) -> None:
     args = ["--relay-url", f"http://127.0.0.1:{free_port()}", "--api-key-file", str(key_file)]
     for spec in specs:
@@ -385,23 +362,12 @@ def test_config_file_not_utf8(tmp_path: Path, key_file: Path) -> None:
     assert str(path) in line
 
 
+# The whole table is tests/unit/test_client_config.py's, in-process; here, two through the program.
 @pytest.mark.parametrize(("text", "words"), [
     ('relay_url = "http://127.0.0.1:4000"\nbnd = "127.0.0.1"\n', ["bnd", "unknown", "bind"]),
-    ('relay_url = "http://127.0.0.1:4000"\nforwards = ["0:alpha:echo"]\n', ["forwards", "unknown"]),
     ('relay_url = "http://127.0.0.1:4000"\napi_key = "do-not-put-keys-here-0123456789"\n',
      ["api_key", "unknown"]),
-    ('relay_url = "http://127.0.0.1:4000"\nforward = "0:alpha:echo"\n', ["forward", "list"]),
-    ('relay_url = "http://127.0.0.1:4000"\nforward = [2200]\n', ["forward", "2200"]),
-    ('relay_url = "http://127.0.0.1:4000"\nforward = ["2200:alpha"]\n', ["forward", "'2200:alpha'"]),
-    ('relay_url = "http://127.0.0.1:4000"\nforward = []\n', ["nothing to forward"]),
-    ('relay_url = 4000\nforward = ["0:alpha:echo"]\n', ["relay_url", "string"]),
-    ('relay_url = "ftp://127.0.0.1:4000"\nforward = ["0:alpha:echo"]\n', ["relay_url", "http://"]),
-    ('relay_url = "http://127.0.0.1:4000"\nbind = 127\nforward = ["0:alpha:echo"]\n', ["bind", "string"]),
-    ('relay_url = "http://127.0.0.1:4000"\napi_key_file = 5\nforward = ["0:alpha:echo"]\n',
-     ["api_key_file", "string"]),
-    ('forward = ["0:alpha:echo"]\n', ["relay URL"]),
-], ids=["typo", "forwards", "api_key", "forward-string", "forward-number", "forward-short", "forward-empty",
-        "url-number", "url-ftp", "bind-number", "key-file-number", "no-url"])
+], ids=["typo", "api_key"])
 def test_bad_config_file(tmp_path: Path, text: str, words: list[str]) -> None:
     path = tmp_path / "client.toml"
     path.write_text(text)
@@ -498,11 +464,13 @@ def test_connect_never_follows_a_redirect(tmp_path: Path, key_file: Path, key: s
                  "--forward", "0:alpha:echo"], tmp_path / "client.log")
     try:
         port = forwarded_port(proc)
-        with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_SECS) as sock:
-            try:
+        try:
+            # The reset ptth_client gives a refused connection may come before connect() returns:
+            # with a timeout set, connect() polls, then reads SO_ERROR, which by then holds it.
+            with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_SECS) as sock:
                 assert sock.recv(100) == b"", "nothing comes through"
-            except ConnectionResetError:
-                pass  # the reset ptth_client gives a refused connection
+        except ConnectionResetError:
+            pass
         refused = proc.wait_for_output(r"-> alpha:echo refused: (.*)")
     finally:
         proc.kill()
@@ -754,55 +722,6 @@ def test_server_bad_forwarded_ports(tmp_path: Path, table: str, words: list[str]
 # ---- the relay: [[clients]] ----------------------------------------------------
 
 CODE_A = tripcode_of("client-a-key-0123456789abcdef")
-CODE_B = tripcode_of("client-b-key-0123456789abcdef")
-
-BAD_CLIENTS = [
-    ("missing allow", [{"name": "laptop", "tripcode": CODE_A}], ["[[clients]] #1", "allow", "missing"]),
-    ("missing tripcode", [{"name": "laptop", "allow": ["srv:ssh"]}], ["tripcode", "missing"]),
-    ("missing name", [{"tripcode": CODE_A, "allow": ["srv:ssh"]}], ["name", "missing"]),
-    ("allow without port", [{"name": "laptop", "tripcode": CODE_A, "allow": ["srv"]}],
-     ["allow", "'srv'", "SERVER:PORTNAME"]),
-    ("allow empty port", [{"name": "laptop", "tripcode": CODE_A, "allow": ["srv:"]}], ["allow", "'srv:'"]),
-    ("allow bad port", [{"name": "laptop", "tripcode": CODE_A, "allow": ["srv:a.b"]}], ["allow", "'srv:a.b'"]),
-    ("allow bad server", [{"name": "laptop", "tripcode": CODE_A, "allow": ["a b:ssh"]}], ["allow", "'a b:ssh'"]),
-    ("allow all servers", [{"name": "laptop", "tripcode": CODE_A, "allow": ["*:ssh"]}], ["allow", "'*:ssh'"]),
-    ("allow not a list", [{"name": "laptop", "tripcode": CODE_A, "allow": "srv:ssh"}], ["allow", "list"]),
-    ("allow entry not a string", [{"name": "laptop", "tripcode": CODE_A, "allow": [5]}], ["allow", "5"]),
-    ("duplicate name", [{"name": "laptop", "tripcode": CODE_A, "allow": []},
-                        {"name": "laptop", "tripcode": CODE_B, "allow": []}], ["'laptop'", "twice"]),
-    ("same tripcode", [{"name": "laptop", "tripcode": CODE_A, "allow": []},
-                       {"name": "phone", "tripcode": CODE_A, "allow": []}], ["'phone'", "tripcode", "own key"]),
-    ("unknown key", [{"name": "laptop", "tripcode": CODE_A, "allow": [], "alow": ["srv:ssh"]}],
-     ["[[clients]] #1", "'alow'", "unknown"]),
-    ("bad tripcode", [{"name": "laptop", "tripcode": "not-a-tripcode", "allow": []}], ["tripcode"]),
-    ("bad name", [{"name": "my laptop", "tripcode": CODE_A, "allow": []}], ["name"]),
-    ("not a table", ["laptop"], ["clients", "table"]),
-    ("second entry bad", [{"name": "laptop", "tripcode": CODE_A, "allow": []},
-                          {"name": "phone", "tripcode": CODE_B}], ["[[clients]] #2", "allow"]),
-]
-
-
-@pytest.mark.parametrize(("clients", "words"), [(c, w) for _, c, w in BAD_CLIENTS],
-                         ids=[i for i, _, _ in BAD_CLIENTS])
-def test_bad_clients_table(clients: list[object], words: list[str]) -> None:
-    with pytest.raises(ConfigError) as info:
-        parse_relay_config({"clients": clients}, "relay.toml")
-    message = str(info.value)
-    assert message.startswith("relay.toml: ")
-    assert "\n" not in message
-    for word in words:
-        assert word in message, (word, message)
-
-
-def test_good_clients_table() -> None:
-    """The counterpart of the cases above: each bad one differs from a table that works."""
-    clients = [{"name": "laptop", "tripcode": CODE_A, "allow": ["srv:ssh", "srv2:*"]},
-               {"name": "phone", "tripcode": CODE_B, "allow": []}]
-    cfg = parse_relay_config({"clients": clients}, "relay.toml")
-    assert cfg.clients["laptop"].may_reach("srv", "ssh")
-    assert cfg.clients["laptop"].may_reach("srv2", "anything")
-    assert not cfg.clients["laptop"].may_reach("srv", "http")
-    assert not cfg.clients["phone"].may_reach("srv", "ssh")
 
 
 @pytest.mark.parametrize(("table", "words"), [

@@ -56,6 +56,7 @@ def honest_latencies(port: int, path: str, source: str, count: int) -> list[floa
     return out
 
 
+@pytest.mark.alone
 def test_stalled_downloads_from_one_address_leave_honest_clients_their_latency(cluster: Cluster,
                                                                                  tmp_path: Path) -> None:
     key = new_key("alpha")

@@ -156,7 +156,13 @@ class Forwarding:
 
     def assert_refused(self) -> None:
         """A new connection is cut (reset, or closed) at once, without a byte: not left hanging."""
-        with self.connect() as sock:
+        try:
+            sock = self.connect()
+        except ConnectionResetError:
+            # Accepted and reset before connect() looked: with a timeout set, Python's connect()
+            # polls and then reads SO_ERROR, which by then holds the reset.
+            return
+        with sock:
             try:
                 sock.sendall(b"anyone there?\n")
             except ConnectionError:
@@ -457,7 +463,8 @@ def test_relay_closes_idle_connections_and_only_those(make_forwarding: Callable[
     with idle.sock, up.sock, down.sock:
         start = time.monotonic()
         idle_cut = None
-        while idle_cut is None or time.monotonic() - start < 16:
+        # Until the idle one is cut, and 2 s past the 10 s the others would have had, idle.
+        while idle_cut is None or time.monotonic() - start < 12:
             assert time.monotonic() - start < 30, "the idle connection is still open after 30 s"
             for c in (up, down):
                 assert not c.peer.ended.is_set(), f"a connection in use was closed ({c.peer.how})"
@@ -470,7 +477,7 @@ def test_relay_closes_idle_connections_and_only_those(make_forwarding: Callable[
             time.sleep(2)
         assert idle_cut == ("reset", b"")
         assert idle.peer.wait_ended(CUT_SECS) == "reset"
-        # Both others lived past 15 s, whichever way their bytes went.
+        # Both others lived past 12 s, whichever way their bytes went.
         for c in (up, down):
             assert not c.peer.ended.is_set(), c.peer.how
             c.sock.sendall(b"still there?")

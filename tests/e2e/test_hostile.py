@@ -40,12 +40,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ptth_lib.errors import ProtocolError
-from ptth_lib.server import file_server
-from ptth_lib.wire.envelope import MAX_RESPONSE_HEAD_BYTES, decode_requests, decode_response_head
+from ptth_lib.wire.envelope import MAX_RESPONSE_HEAD_BYTES, decode_response_head
 
 LISTEN = "/7ZSFUKGV/http_listen/"
 RESPOND = "/7ZSFUKGV/http_response/"
 HEAD_HEADER = "X-PTTH-2LJYXWC4"
+# A listen's wishes (PROTOCOL.md): how many requests it takes at most, whether it may be parked.
+MAX_REQUESTS_HEADER = "X-PTTH-Max-Requests"
+WAIT_HEADER = "X-PTTH-Wait-Secs"
+# How long the fake relay parks a listen with nothing to send: past ptth_server's 1 s
+# (PARKED_CUT_SECS), below which it takes a 204 as a relay answering at once.
+PARK_SECS = 1.5
 # "At once": answered without waiting for any timeout. The timeouts these must
 # beat are 5 s or more; 2 s leaves room for a busy 2-core machine.
 AT_ONCE_SECS = 2.0
@@ -129,13 +134,14 @@ class HandServer:
         box: dict[str, requests.Response] = {}
         listener = threading.Thread(target=lambda: box.update(r=self.listen()), daemon=True)
         listener.start()
-        wait_until(lambda: metric_total(self.relay, "ptth_listeners_waiting") >= 1, "a parked listen",
-                   self.relay.proc, 10)
+        # A listen answered at once (a request left over in the queue) fails below, without waiting.
+        wait_until(lambda: "r" in box or metric_total(self.relay, "ptth_listeners_waiting") >= 1,
+                   "a parked listen", self.relay.proc, 10)
         call = ClientCall(f"{self.relay.url}/frontend/servers/{self.name}{path}", **client_kwargs)
         listener.join(15)
         assert "r" in box and box["r"].status_code == 200, box
         items = msgpack.unpackb(box["r"].content, raw=False)
-        assert [item["req"]["uri"] for item in items] == [path]
+        assert [item["req"]["uri"] for item in items] == [path], "the listen took another request"
         return call, items[0]["id"]
 
     def respond(self, rid: str, status: int = 200, headers: dict[str, bytes] | None = None,
@@ -179,66 +185,15 @@ def _raw_map(entries: int, entry: bytes) -> bytes:
     return b"\xde" + entries.to_bytes(2, "big") + entry * entries
 
 
-def _head_with_raw_headers(raw_headers: bytes) -> str:
-    return b64(b"\x82" + msgpack.packb("status_code") + msgpack.packb(200) + msgpack.packb("headers")
-               + raw_headers)
-
-
-_VALID = msgpack.packb({"status_code": 200, "headers": {"x-a": b"1"}})
-
+# The whole table of malformed heads is tests/unit/test_relay.py's BAD_HEADS, in-process. These go
+# through gunicorn: no header, a header in Latin-1, CR/LF inside, and one just under gunicorn's limit.
 BAD_HEADS: list[tuple[str, str | None]] = [
     ("missing", None),
-    ("empty", ""),
-    ("base64-punctuation", "not base64!"),
-    ("base64-padding-inside", "AAAA=AAA"),
-    ("base64-truncated", b64(_VALID)[:-2]),
-    ("base64-urlsafe-alphabet", base64.urlsafe_b64encode(
-        msgpack.packb({"status_code": 200, "headers": {"x-a": b"\xfb\xef\xbe"}})).decode()),
     ("latin-1-text", "\u00e9t\u00e9\u00e9t\u00e9"),
-    ("msgpack-reserved-byte", b64(b"\xc1")),
-    ("msgpack-truncated", b64(_VALID[:-3])),
-    ("msgpack-extra-data", b64(_VALID + b"\xc0")),
-    ("msgpack-deeply-nested", b64(b"\x91" * 10_000 + b"\x90")),
-    ("msgpack-huge-declared-array", b64(b"\xdd\xff\xff\xff\xff")),
-    ("msgpack-huge-declared-bin", b64(b"\xc6\xff\xff\xff\xff" + b"x" * 100)),
-    ("top-level-array", packed_head([200, {}])),
-    ("top-level-string", packed_head("200")),
-    ("top-level-nil", packed_head(None)),
-    ("headers-missing", packed_head({"status_code": 200})),
-    ("headers-a-list", packed_head({"status_code": 200, "headers": [["x-a", b"1"]]})),
-    ("headers-nil", packed_head({"status_code": 200, "headers": None})),
-    ("value-str", packed_head({"status_code": 200, "headers": {"content-type": "text/plain"}})),
-    ("value-int", packed_head({"status_code": 200, "headers": {"content-length": 5}})),
-    ("value-nil", packed_head({"status_code": 200, "headers": {"x-a": None}})),
-    ("value-bool", packed_head({"status_code": 200, "headers": {"x-a": True}})),
-    ("value-list", packed_head({"status_code": 200, "headers": {"x-a": [b"1"]}})),
-    ("value-map", packed_head({"status_code": 200, "headers": {"x-a": {"b": b"1"}}})),
-    ("name-bytes", packed_head({"status_code": 200, "headers": {b"x-a": b"1"}})),
-    ("name-int", _head_with_raw_headers(b"\x81\x07\xc4\x011")),
     ("name-CRLF", packed_head({"status_code": 200, "headers": {"x-a\r\nset-cookie": b"pwned=1"}})),
-    ("name-LF", packed_head({"status_code": 200, "headers": {"x-a\nset-cookie": b"pwned=1"}})),
-    ("name-CR", packed_head({"status_code": 200, "headers": {"x-a\rset-cookie": b"pwned=1"}})),
-    ("name-NUL", packed_head({"status_code": 200, "headers": {"x-a\x00": b"1"}})),
-    ("name-uppercase", packed_head({"status_code": 200, "headers": {"Set-Cookie": b"pwned=1"}})),
-    ("name-space", packed_head({"status_code": 200, "headers": {"set-cookie ": b"pwned=1"}})),
-    ("name-colon", packed_head({"status_code": 200, "headers": {"set-cookie:": b"pwned=1"}})),
-    ("name-empty", packed_head({"status_code": 200, "headers": {"": b"1"}})),
-    ("value-CRLF", packed_head({"status_code": 200, "headers": {"x-a": b"ok\r\nSet-Cookie: pwned=1"}})),
-    ("value-LF", packed_head({"status_code": 200, "headers": {"x-a": b"ok\nSet-Cookie: pwned=1"}})),
-    ("value-CR", packed_head({"status_code": 200, "headers": {"x-a": b"ok\rSet-Cookie: pwned=1"}})),
-    ("value-NUL", packed_head({"status_code": 200, "headers": {"x-a": b"ok\x00pwned"}})),
-    ("status-99", packed_head({"status_code": 99, "headers": {}})),
-    ("status-100", packed_head({"status_code": 100, "headers": {}})),
-    ("status-199", packed_head({"status_code": 199, "headers": {}})),
-    ("status-600", packed_head({"status_code": 600, "headers": {}})),
-    ("status--1", packed_head({"status_code": -1, "headers": {}})),
-    ("status-str", packed_head({"status_code": "200", "headers": {}})),
-    ("status-float", packed_head({"status_code": 200.0, "headers": {}})),
-    ("status-true", packed_head({"status_code": True, "headers": {}})),
-    ("status-2**64-1", packed_head({"status_code": 2**64 - 1, "headers": {}})),
-    ("status-missing", packed_head({"headers": {}})),
     # 2,000 pairs with a repeated name, every value nil: just under the 16 KiB limit in base64.
-    ("huge-map-2000-pairs", _head_with_raw_headers(_raw_map(2_000, b"\xa1x\xc0"))),
+    ("huge-map-2000-pairs", b64(b"\x82" + msgpack.packb("status_code") + msgpack.packb(200)
+                                + msgpack.packb("headers") + _raw_map(2_000, b"\xa1x\xc0"))),
 ]
 
 
@@ -315,9 +270,11 @@ def test_response_head_at_the_limit_is_accepted(hand: HandRelay) -> None:
     assert resp.status_code == 200 and resp.content == b"ok"
 
 
+# Not starting with U+00A0: requests refuses to send a value that starts with whitespace, and
+# an example that raises before its POST leaves its request unanswered for the next examples.
 _HEAD_TEXT = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0xFF,
                                             blacklist_characters="\x7f", blacklist_categories=("Cc",)),
-                     min_size=1, max_size=300)
+                     min_size=1, max_size=300).filter(lambda s: not s[0].isspace())
 # Header values without control characters: those are test_control_characters_in_head_values'.
 _PLAIN_VALUES = st.binary(max_size=60).map(lambda b: bytes(c for c in b if c >= 0x20 and c != 0x7F))
 
@@ -626,10 +583,17 @@ class Post:
 class FakeRelay:
     """A malicious relay: answers ptth_server's listens with crafted bodies and records its POSTs.
 
-    Each scripted answer goes to one listen; the next listen on the same
-    connection gets a 204, which the server counts as a success, so the
-    listen thread's backoff starts again from 0.5 s. With the script done,
-    listens get a 204 after 0.1 s.
+    Apart from what it sends, it answers listens as the relay does, so that
+    ptth_server's pace depends on the script alone: a listen asking for no
+    requests (a server at capacity) gets a 204 at once and nothing scripted;
+    one asking not to wait gets the next scripted answer or a 204 at once;
+    any other is parked until a scripted answer is there, or for PARK_SECS
+    and then gets a 204 (a 204 sooner would make the server back off, as it
+    does from a relay that answers parked listens at once). Each scripted
+    answer goes to one listen; the next listen on the same connection gets a
+    204, which the server counts as a success, so a run of malformed answers
+    does not grow its backoff. `idle_listens` counts the 204s to listens
+    that asked for requests.
     """
 
     name: str
@@ -683,17 +647,32 @@ class FakeRelay:
             _send(h, 404, b"no\n")
             return
         peer = cast(tuple[str, int], h.client_address)
+        if h.headers.get(MAX_REQUESTS_HEADER) == "0":
+            _send(h, 204, b"")
+            return
+        parks = h.headers.get(WAIT_HEADER) != "0"
+        park_until = time.monotonic() + PARK_SECS
         with self.lock:
             answer: Answer | None = None
-            if peer in self._crafted_last or not self.script:
-                self._crafted_last.discard(peer)
-                if not self.script:
-                    self.idle_listens += 1
-            else:
-                answer = self.script.popleft()
-                self._crafted_last.add(peer)
+            crafted_last = peer in self._crafted_last
+            self._crafted_last.discard(peer)
+            while not crafted_last and answer is None:
+                if self.script:
+                    answer = self.script.popleft()
+                    self._crafted_last.add(peer)
+                elif not parks or time.monotonic() >= park_until:
+                    break
+                else:
+                    self.lock.release()
+                    try:
+                        time.sleep(0.02)
+                    finally:
+                        self.lock.acquire()
+            if answer is None:
+                self.idle_listens += 1
         if answer is None:
-            time.sleep(0.1)
+            if parks:
+                time.sleep(max(0.0, park_until - time.monotonic()))
             _send(h, 204, b"")
         elif isinstance(answer, bytes):
             _send(h, 200, answer, "application/msgpack")
@@ -1137,42 +1116,3 @@ def test_scraper_key_is_not_relayed_to_the_server(cluster: Cluster) -> None:
     assert scraper_key.encode() not in box["r"].content, (
         f"the relay passed the client's scraper key to server 'raw' in its request headers "
         f"({sorted(headers)})")
-
-
-# ---- pure: whatever a relay sends, the file server stays inside its root --------
-
-
-_URI_PIECES = ["..", "%2e%2e", "%2E%2e", ".", "%2f", "%5c", "%00", "", "secret.txt", "root", "files",
-               "ok.txt", "link-out", "%252e", "\u2025", "/"]
-
-
-@pytest.fixture(scope="module")
-def pure_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("pure")
-    (tmp / "secret.txt").write_bytes(SECRET)
-    root = tmp / "root"
-    root.mkdir()
-    (root / "ok.txt").write_bytes(b"fine\n")
-    (root / "link-out").symlink_to(tmp / "secret.txt")
-    return root
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.builds(_item, st.text(max_size=5),
-                          st.lists(st.sampled_from(_URI_PIECES), max_size=10).map(lambda p: "/" + "/".join(p)),
-                          st.sampled_from(["GET", "HEAD", "get", ""]),
-                          st.dictionaries(st.sampled_from(["range", "if-range", "if-none-match"]),
-                                          st.binary(max_size=20))),
-                max_size=5))
-def test_any_decodable_listen_answer_is_served_inside_the_root(pure_root: Path, items: list[object]) -> None:
-    """The server's P3 and P4 without sockets: decode a listen answer, serve each request."""
-    try:
-        batch = decode_requests(msgpack.packb(items))
-    except ProtocolError:
-        return
-    for req in batch:
-        headers = {k: v.decode("latin-1") for k, v in req.headers.items()}
-        answer = file_server.serve(pure_root, req.method, req.uri, headers)
-        body = b"".join(answer.body)
-        assert SECRET not in body
-        assert answer.status in (200, 206, 302, 304, 403, 404, 405, 416)

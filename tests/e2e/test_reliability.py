@@ -454,6 +454,7 @@ def test_middlebox_cutting_idle_listens_loses_no_request(cluster: Cluster, tmp_p
     assert not problems, "; ".join(problems) + f"\nserver log:\n{log[-2000:]}"
 
 
+@pytest.mark.alone
 def test_request_arriving_as_the_middlebox_cuts_the_listen_is_not_lost(
         cluster: Cluster, tmp_path: Path) -> None:
     """A request that meets a listen in the instant the middlebox cuts it must not be lost.

@@ -121,3 +121,80 @@ def test_the_end_server_needs_quic_and_forwarded_ports(tmp_path: Path) -> None:
     config = load_quic_end_server_config(str(path))
     assert config.quic == QuicRelayTarget("127.0.0.1", 30380, FINGERPRINT, None)
     assert dict(config.forwarded_ports) == {"ssh": ("127.0.0.1", 22)}
+
+
+# ---- mistakes in --forward and in the config file (one-line errors; tests/e2e/test_client_cli.py runs
+# ---- ptth_client.py on one of each, for the exit code and the line on stderr) -------------------------
+
+MALFORMED_FORWARDS = ["", "2200", "2200:alpha", "2200:alpha:echo:extra", ":alpha:echo", "x22:alpha:echo",
+                      "70000:alpha:echo", "65536:alpha:echo", "2200::echo", "2200:a b:echo", "2200:al/pha:echo",
+                      "2200:-alpha:echo", "2200:" + "a" * 65 + ":echo", "2200:alpha:", "2200:alpha:e.cho",
+                      "2200:alpha:e cho", "2200:alpha:*", "2200:alpha:" + "p" * 65]
+
+
+def one_line(caught: pytest.ExceptionInfo[ConfigError]) -> str:
+    """The error as ptth_client prints it: one line, short enough to read."""
+    line = f"ptth_client: {caught.value}"
+    assert "\n" not in line and "\r" not in line and len(line) < 400, line
+    return line
+
+
+@pytest.mark.parametrize("spec", MALFORMED_FORWARDS, ids=lambda s: repr(s)[:40])
+def test_malformed_forward(spec: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_client_config(None, flags(relay_url="http://127.0.0.1:4000", forward=[spec]))
+    line = one_line(caught)
+    assert repr(spec) in line, "the message names the bad entry"
+    assert "LOCALPORT:SERVER:PORTNAME" in line
+
+
+@pytest.mark.parametrize("specs", [
+    ["2200:alpha:echo", "2200:alpha:ssh"],
+    ["2200:alpha:echo", "2201:beta:echo", "2200:beta:ssh"],
+    ["2200:alpha:echo", "02200:alpha:ssh"],
+])
+def test_same_local_port_twice(specs: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_client_config(None, flags(relay_url="http://127.0.0.1:4000", forward=specs))
+    assert "twice" in one_line(caught)
+
+
+def test_port_zero_twice_is_fine() -> None:
+    """0 means any free port, so it may appear more than once."""
+    config = load_client_config(None, flags(relay_url="http://127.0.0.1:4000", forward=["0:alpha:echo",
+                                                                                      "0:alpha:ssh"]))
+    assert [(f.local_port, f.port) for f in config.forwards] == [(0, "echo"), (0, "ssh")]
+
+
+BAD_CONFIG_FILES = [
+    ('relay_url = "http://127.0.0.1:4000"\nbnd = "127.0.0.1"\n', ["bnd", "unknown", "bind"]),
+    ('relay_url = "http://127.0.0.1:4000"\nforwards = ["0:alpha:echo"]\n', ["forwards", "unknown"]),
+    ('relay_url = "http://127.0.0.1:4000"\napi_key = "do-not-put-keys-here-0123456789"\n',
+     ["api_key", "unknown"]),
+    ('relay_url = "http://127.0.0.1:4000"\nforward = "0:alpha:echo"\n', ["forward", "list"]),
+    ('relay_url = "http://127.0.0.1:4000"\nforward = [2200]\n', ["forward", "2200"]),
+    ('relay_url = "http://127.0.0.1:4000"\nforward = ["2200:alpha"]\n', ["forward", "'2200:alpha'"]),
+    ('relay_url = "http://127.0.0.1:4000"\nforward = []\n', ["nothing to forward"]),
+    ('relay_url = 4000\nforward = ["0:alpha:echo"]\n', ["relay_url", "string"]),
+    ('relay_url = "ftp://127.0.0.1:4000"\nforward = ["0:alpha:echo"]\n', ["relay_url", "http://"]),
+    ('relay_url = "http://127.0.0.1:4000"\nbind = 127\nforward = ["0:alpha:echo"]\n', ["bind", "string"]),
+    ('relay_url = "http://127.0.0.1:4000"\napi_key_file = 5\nforward = ["0:alpha:echo"]\n',
+     ["api_key_file", "string"]),
+    ('forward = ["0:alpha:echo"]\n', ["relay URL"]),
+]
+BAD_CONFIG_IDS = ["typo", "forwards", "api_key", "forward-string", "forward-number", "forward-short",
+                  "forward-empty", "url-number", "url-ftp", "bind-number", "key-file-number", "no-url"]
+
+
+@pytest.mark.parametrize(("text", "words"), BAD_CONFIG_FILES, ids=BAD_CONFIG_IDS)
+def test_bad_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, words: list[str]) -> None:
+    monkeypatch.delenv("PTTH_CLIENT_API_KEY")  # as run from a shell without a key: the file is at fault
+    path = tmp_path / "client.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_client_config(str(path), flags())
+    line = one_line(caught)
+    assert str(path) in line
+    assert "do-not-put-keys-here-0123456789" not in line, "the key must never be printed"
+    for word in words:
+        assert word in line, (word, line)

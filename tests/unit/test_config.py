@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import stat
 import tomllib
 from pathlib import Path
 
+import blake3
 import pytest
 
 from ptth_lib.config import (
@@ -541,3 +543,63 @@ def test_unwritable_audit_log_is_a_config_error(tmp_path: Path) -> None:
         load_relay_config(path)
     path.write_text(f'audit_log = "{tmp_path}/audit.jsonl"\n')
     assert load_relay_config(path).audit_log == f"{tmp_path}/audit.jsonl"
+
+
+# ---- the relay's [[clients]] table (from tests/e2e/test_client_cli.py, where the relay refusing to start
+# ---- with a bad one is checked through gunicorn) ----------------------------------------------------------
+
+def _tripcode(key: str) -> str:
+    """Independent of ptth_lib on purpose: base64 of BLAKE3 of the UTF-8 key."""
+    return base64.b64encode(blake3.blake3(key.encode()).digest()).decode()
+
+
+CODE_A = _tripcode("client-a-key-0123456789abcdef")
+CODE_B = _tripcode("client-b-key-0123456789abcdef")
+
+BAD_CLIENTS = [
+    ("missing allow", [{"name": "laptop", "tripcode": CODE_A}], ["[[clients]] #1", "allow", "missing"]),
+    ("missing tripcode", [{"name": "laptop", "allow": ["srv:ssh"]}], ["tripcode", "missing"]),
+    ("missing name", [{"tripcode": CODE_A, "allow": ["srv:ssh"]}], ["name", "missing"]),
+    ("allow without port", [{"name": "laptop", "tripcode": CODE_A, "allow": ["srv"]}],
+     ["allow", "'srv'", "SERVER:PORTNAME"]),
+    ("allow empty port", [{"name": "laptop", "tripcode": CODE_A, "allow": ["srv:"]}], ["allow", "'srv:'"]),
+    ("allow bad port", [{"name": "laptop", "tripcode": CODE_A, "allow": ["srv:a.b"]}], ["allow", "'srv:a.b'"]),
+    ("allow bad server", [{"name": "laptop", "tripcode": CODE_A, "allow": ["a b:ssh"]}], ["allow", "'a b:ssh'"]),
+    ("allow all servers", [{"name": "laptop", "tripcode": CODE_A, "allow": ["*:ssh"]}], ["allow", "'*:ssh'"]),
+    ("allow not a list", [{"name": "laptop", "tripcode": CODE_A, "allow": "srv:ssh"}], ["allow", "list"]),
+    ("allow entry not a string", [{"name": "laptop", "tripcode": CODE_A, "allow": [5]}], ["allow", "5"]),
+    ("duplicate name", [{"name": "laptop", "tripcode": CODE_A, "allow": []},
+                        {"name": "laptop", "tripcode": CODE_B, "allow": []}], ["'laptop'", "twice"]),
+    ("same tripcode", [{"name": "laptop", "tripcode": CODE_A, "allow": []},
+                       {"name": "phone", "tripcode": CODE_A, "allow": []}], ["'phone'", "tripcode", "own key"]),
+    ("unknown key", [{"name": "laptop", "tripcode": CODE_A, "allow": [], "alow": ["srv:ssh"]}],
+     ["[[clients]] #1", "'alow'", "unknown"]),
+    ("bad tripcode", [{"name": "laptop", "tripcode": "not-a-tripcode", "allow": []}], ["tripcode"]),
+    ("bad name", [{"name": "my laptop", "tripcode": CODE_A, "allow": []}], ["name"]),
+    ("not a table", ["laptop"], ["clients", "table"]),
+    ("second entry bad", [{"name": "laptop", "tripcode": CODE_A, "allow": []},
+                          {"name": "phone", "tripcode": CODE_B}], ["[[clients]] #2", "allow"]),
+]
+
+
+@pytest.mark.parametrize(("clients", "words"), [(c, w) for _, c, w in BAD_CLIENTS],
+                         ids=[i for i, _, _ in BAD_CLIENTS])
+def test_bad_clients_table(clients: list[object], words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_relay_config({"clients": clients}, "relay.toml")
+    message = str(info.value)
+    assert message.startswith("relay.toml: ")
+    assert "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_good_clients_table() -> None:
+    """The counterpart of the cases above: each bad one differs from a table that works."""
+    clients = [{"name": "laptop", "tripcode": CODE_A, "allow": ["srv:ssh", "srv2:*"]},
+               {"name": "phone", "tripcode": CODE_B, "allow": []}]
+    cfg = parse_relay_config({"clients": clients}, "relay.toml")
+    assert cfg.clients["laptop"].may_reach("srv", "ssh")
+    assert cfg.clients["laptop"].may_reach("srv2", "anything")
+    assert not cfg.clients["laptop"].may_reach("srv", "http")
+    assert not cfg.clients["phone"].may_reach("srv", "ssh")

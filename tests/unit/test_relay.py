@@ -202,6 +202,102 @@ def test_a_malformed_head_is_400_to_the_server_and_502_to_the_client(tunnel: Tun
     assert tunnel.respond(item["id"], 200).status_code == 404  # used up
 
 
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _packed(obj: object) -> str:
+    """A hand-built X-PTTH-2LJYXWC4 value of any shape: base64 of MsgPack."""
+    return b64(msgpack.packb(obj))
+
+
+def _raw_map(entries: int, entry: bytes) -> bytes:
+    """A MsgPack map header for `entries` pairs, then the same raw pair repeated."""
+    return b"\xde" + entries.to_bytes(2, "big") + entry * entries
+
+
+def _head_with_raw_headers(raw_headers: bytes) -> str:
+    return b64(b"\x82" + msgpack.packb("status_code") + msgpack.packb(200) + msgpack.packb("headers")
+               + raw_headers)
+
+
+_VALID = msgpack.packb({"status_code": 200, "headers": {"x-a": b"1"}})
+
+# Every malformed head a server might send (value of X-PTTH-2LJYXWC4, None for none), built by hand.
+# tests/e2e/test_hostile.py sends a few of them through gunicorn.
+BAD_HEADS: list[tuple[str, str | None]] = [
+    ("missing", None),
+    ("empty", ""),
+    ("base64-punctuation", "not base64!"),
+    ("base64-padding-inside", "AAAA=AAA"),
+    ("base64-truncated", b64(_VALID)[:-2]),
+    ("base64-urlsafe-alphabet", base64.urlsafe_b64encode(
+        msgpack.packb({"status_code": 200, "headers": {"x-a": b"\xfb\xef\xbe"}})).decode()),
+    ("latin-1-text", "\u00e9t\u00e9\u00e9t\u00e9"),
+    ("msgpack-reserved-byte", b64(b"\xc1")),
+    ("msgpack-truncated", b64(_VALID[:-3])),
+    ("msgpack-extra-data", b64(_VALID + b"\xc0")),
+    ("msgpack-deeply-nested", b64(b"\x91" * 10_000 + b"\x90")),
+    ("msgpack-huge-declared-array", b64(b"\xdd\xff\xff\xff\xff")),
+    ("msgpack-huge-declared-bin", b64(b"\xc6\xff\xff\xff\xff" + b"x" * 100)),
+    ("top-level-array", _packed([200, {}])),
+    ("top-level-string", _packed("200")),
+    ("top-level-nil", _packed(None)),
+    ("headers-missing", _packed({"status_code": 200})),
+    ("headers-a-list", _packed({"status_code": 200, "headers": [["x-a", b"1"]]})),
+    ("headers-nil", _packed({"status_code": 200, "headers": None})),
+    ("value-str", _packed({"status_code": 200, "headers": {"content-type": "text/plain"}})),
+    ("value-int", _packed({"status_code": 200, "headers": {"content-length": 5}})),
+    ("value-nil", _packed({"status_code": 200, "headers": {"x-a": None}})),
+    ("value-bool", _packed({"status_code": 200, "headers": {"x-a": True}})),
+    ("value-list", _packed({"status_code": 200, "headers": {"x-a": [b"1"]}})),
+    ("value-map", _packed({"status_code": 200, "headers": {"x-a": {"b": b"1"}}})),
+    ("name-bytes", _packed({"status_code": 200, "headers": {b"x-a": b"1"}})),
+    ("name-int", _head_with_raw_headers(b"\x81\x07\xc4\x011")),
+    ("name-CRLF", _packed({"status_code": 200, "headers": {"x-a\r\nset-cookie": b"pwned=1"}})),
+    ("name-LF", _packed({"status_code": 200, "headers": {"x-a\nset-cookie": b"pwned=1"}})),
+    ("name-CR", _packed({"status_code": 200, "headers": {"x-a\rset-cookie": b"pwned=1"}})),
+    ("name-NUL", _packed({"status_code": 200, "headers": {"x-a\x00": b"1"}})),
+    ("name-uppercase", _packed({"status_code": 200, "headers": {"Set-Cookie": b"pwned=1"}})),
+    ("name-space", _packed({"status_code": 200, "headers": {"set-cookie ": b"pwned=1"}})),
+    ("name-colon", _packed({"status_code": 200, "headers": {"set-cookie:": b"pwned=1"}})),
+    ("name-empty", _packed({"status_code": 200, "headers": {"": b"1"}})),
+    ("value-CRLF", _packed({"status_code": 200, "headers": {"x-a": b"ok\r\nSet-Cookie: pwned=1"}})),
+    ("value-LF", _packed({"status_code": 200, "headers": {"x-a": b"ok\nSet-Cookie: pwned=1"}})),
+    ("value-CR", _packed({"status_code": 200, "headers": {"x-a": b"ok\rSet-Cookie: pwned=1"}})),
+    ("value-NUL", _packed({"status_code": 200, "headers": {"x-a": b"ok\x00pwned"}})),
+    ("status-99", _packed({"status_code": 99, "headers": {}})),
+    ("status-100", _packed({"status_code": 100, "headers": {}})),
+    ("status-199", _packed({"status_code": 199, "headers": {}})),
+    ("status-600", _packed({"status_code": 600, "headers": {}})),
+    ("status--1", _packed({"status_code": -1, "headers": {}})),
+    ("status-str", _packed({"status_code": "200", "headers": {}})),
+    ("status-float", _packed({"status_code": 200.0, "headers": {}})),
+    ("status-true", _packed({"status_code": True, "headers": {}})),
+    ("status-2**64-1", _packed({"status_code": 2**64 - 1, "headers": {}})),
+    ("status-missing", _packed({"headers": {}})),
+    # 2,000 pairs with a repeated name, every value nil: just under the 16 KiB limit in base64.
+    ("huge-map-2000-pairs", _head_with_raw_headers(_raw_map(2_000, b"\xa1x\xc0"))),
+]
+
+
+@pytest.mark.parametrize("value", [v for _, v in BAD_HEADS], ids=[i for i, _ in BAD_HEADS])
+def test_a_bad_response_head_is_400_to_the_server_and_502_to_the_client_at_once(tunnel: Tunnel,
+                                                                                value: str | None) -> None:
+    call, item = tunnel.take("/files/bad-head")
+    headers = {"X-ApiKey": KEYS["alpha"]} if value is None else {"X-ApiKey": KEYS["alpha"], HEAD_HEADER: value}
+    with gevent.Timeout(1):  # at once: not after request_timeout_secs
+        answer = tunnel.client.post(RESPOND + item["id"], data=b"BODY-THAT-MUST-NOT-REACH-THE-CLIENT",
+                                    headers=headers)
+        resp = call.get()
+    assert answer.status_code == 400, answer.text
+    assert resp.status_code == 502, resp.text
+    assert b"BODY-THAT-MUST-NOT" not in resp.data
+    assert "pwned" not in str(resp.headers).lower()
+    # The id is used up: no second try with a good head gets through.
+    assert tunnel.respond(item["id"], 200, {}, b"late").status_code == 404
+
+
 # ---- servers: keys, ids, bounds ---------------------------------------------------------------------
 
 
@@ -301,6 +397,29 @@ def test_a_path_names_one_server_or_is_answered_at_once(tunnel: Tunnel, path: st
         resp = tunnel.client.get(path)
     assert resp.status_code == status, resp.text
     assert resp.headers.get("Location") == location
+
+
+@pytest.mark.parametrize("path", [
+    "/frontend/servers/alpha%2F..%2Fbeta/files/secret.txt",
+    "/frontend/servers/beta%2F..%2Falpha/files/secret.txt",
+    "/frontend/servers/alpha%2f..%2fbeta/files/secret.txt",
+    "/frontend/servers/alpha/%2e%2e/beta/files/secret.txt",
+    "/frontend/servers/alpha/../beta/files/secret.txt",
+    "/frontend/servers/beta\\..\\alpha/files/secret.txt",
+    "/frontend/servers/beta%5C..%5Calpha/files/secret.txt",
+    "/frontend/servers/be%00ta/files/secret.txt",
+    "/servers/beta%2F..%2Falpha/files/secret.txt",
+    "/scraper/v1/server/beta%2F..%2Falpha/files/secret.txt",
+])
+def test_a_path_that_could_be_read_two_ways_is_refused(tunnel: Tunnel, path: str) -> None:
+    """tests/e2e/test_edge.py sends two of these raw through gunicorn (curl --path-as-is)."""
+    tunnel.be_online("alpha")
+    tunnel.be_online("beta")
+    with gevent.Timeout(1):
+        resp = tunnel.client.get(path)
+    # The scraper API is off here: its 404 comes first.
+    assert resp.status_code == (404 if path.startswith("/scraper/") else 400), (path, resp.status_code)
+    assert not tunnel.relay.rendezvous.pending, "a request reached a server's queue"
 
 
 def test_a_path_starting_with_two_slashes_is_refused(tunnel: Tunnel) -> None:
