@@ -91,5 +91,7 @@ class _RendezvousCollector(Collector):
         yield GaugeMetricFamily("ptth_tcp_connections_open", "Forwarded TCP connections open now",
                                 self._fw.count_open())
         # Walks the heap: fine at scrape intervals, and the way to see leaked greenlets.
+        # type(), not isinstance(): the heap holds weak proxies, and isinstance() on a dead
+        # one raises ReferenceError.
         yield GaugeMetricFamily("ptth_greenlets", "Greenlets alive in the relay worker",
-                                sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet)))
+                                sum(1 for o in gc.get_objects() if issubclass(type(o), greenlet.greenlet)))

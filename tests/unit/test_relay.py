@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,7 +251,11 @@ BAD_HEADS: list[tuple[str, str | None]] = [
     ("value-int", _packed({"status_code": 200, "headers": {"content-length": 5}})),
     ("value-nil", _packed({"status_code": 200, "headers": {"x-a": None}})),
     ("value-bool", _packed({"status_code": 200, "headers": {"x-a": True}})),
-    ("value-list", _packed({"status_code": 200, "headers": {"x-a": [b"1"]}})),
+    # Lists of values are the header-lists extension (PROTOCOL.md); each value obeys the same rules.
+    ("value-list-int", _packed({"status_code": 200, "headers": {"x-a": [b"1", 2]}})),
+    ("value-list-empty", _packed({"status_code": 200, "headers": {"x-a": []}})),
+    ("value-list-CRLF", _packed({"status_code": 200, "headers": {"x-a": [b"1\r\nset-cookie: pwned=1"]}})),
+    ("content-length-list", _packed({"status_code": 200, "headers": {"content-length": [b"5"]}})),
     ("value-map", _packed({"status_code": 200, "headers": {"x-a": {"b": b"1"}}})),
     ("name-bytes", _packed({"status_code": 200, "headers": {b"x-a": b"1"}})),
     ("name-int", _head_with_raw_headers(b"\x81\x07\xc4\x011")),
@@ -299,6 +304,17 @@ def test_a_bad_response_head_is_400_to_the_server_and_502_to_the_client_at_once(
 
 
 # ---- servers: keys, ids, bounds ---------------------------------------------------------------------
+
+
+def test_metrics_scrape_with_dead_weak_proxies_on_the_heap(tunnel: Tunnel) -> None:
+    class Referent:
+        pass
+    referent = Referent()
+    dead = [weakref.proxy(referent)]  # kept on the heap after its referent dies
+    del referent
+    resp = tunnel.client.get("/metrics")
+    assert resp.status_code == 200 and b"ptth_greenlets" in resp.data, resp.text
+    assert dead
 
 
 def test_a_refused_listen_is_counted_audited_and_shown(tunnel: Tunnel) -> None:
