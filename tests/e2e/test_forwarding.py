@@ -138,12 +138,15 @@ def test_curl_fetches_through_the_forward(fwd: Forwarding, tmp_path: Path) -> No
 
 
 def refused(fwd: Forwarding, name: str) -> None:
-    """The TCP connection is reset (or closed) without a byte; nothing else is affected."""
-    with connect(fwd, name) as sock:
-        try:
+    """The TCP connection is reset (or closed) without a byte; nothing else is affected.
+
+    On a busy machine the reset can come before connect() returns: that is the refusal too.
+    """
+    try:
+        with connect(fwd, name) as sock:
             assert sock.recv(1) == b""
-        except ConnectionResetError:
-            pass
+    except ConnectionResetError:
+        pass
 
 
 def test_local_port_with_nothing_listening_is_refused(fwd: Forwarding) -> None:
