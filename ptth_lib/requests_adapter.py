@@ -50,10 +50,14 @@ def new_session(proxies: Mapping[str, str], user_agent: str) -> requests.Session
 
 
 def closed_without_answer(e: BaseException) -> bool:
-    """Tell whether a request failed because its connection ended before any answer came back."""
+    """Tell whether a request failed because its connection ended (closed or reset) before any answer.
+
+    The caller knows whether the whole request had been sent; a reset is
+    what a middlebox gives when it closes a connection with our bytes unread.
+    """
     cause: BaseException | None = e
     while cause is not None:
-        if isinstance(cause, http.client.RemoteDisconnected):
+        if isinstance(cause, (http.client.RemoteDisconnected, ConnectionResetError)):
             return True
         cause = cause.__cause__ or cause.__context__ or (cause.args[1] if len(cause.args) > 1
                                                          and isinstance(cause.args[1], BaseException) else None)

@@ -141,7 +141,14 @@ class Splice:
     def _pieces(self, source: End, a_to_b: bool) -> Iterator[bytes]:
         """The source's pieces as they come; a piece is counted once the sink has taken it."""
         while True:
-            data = source.read()
+            try:
+                data = source.read()
+            except CutError as e:
+                # Keep this reason before the sink sees the exception: a sink that is an upload
+                # ends its request as the exception passes, and the far side's answer to that
+                # (a cut of the other stream) could otherwise be recorded first.
+                self.abort(str(e))
+                raise
             if not data:
                 if self.reason:  # woken by abort(), not by the far side's end
                     raise CutError(self.reason)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator
 
@@ -167,9 +168,12 @@ def test_redirects_are_never_followed() -> None:
     assert r.status_code == 307, f"{VERSIONS}: the session followed a redirect"
 
 
-def test_a_connection_closed_with_nothing_answered_is_told_apart() -> None:
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+def test_a_connection_closed_with_nothing_answered_is_told_apart(reset: bool) -> None:
     def act(conn: socket.socket, head: bytes) -> None:
-        read_sized_body(conn, head)  # the whole request, then close without a word
+        read_sized_body(conn, head)  # the whole request, then close (or reset) without a word
+        if reset:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     peer = Peer(act)
     try:
@@ -179,7 +183,7 @@ def test_a_connection_closed_with_nothing_answered_is_told_apart() -> None:
         peer.close()
     assert closed_without_answer(closed.value), (
         f"{VERSIONS}: a connection closed without an answer no longer raises http.client's "
-        f"RemoteDisconnected inside what requests raises: {closed.value!r}")
+        f"RemoteDisconnected (or a reset) inside what requests raises: {closed.value!r}")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

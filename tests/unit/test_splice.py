@@ -249,6 +249,28 @@ def test_the_first_reason_is_kept(fakes: Any, mode: Mode) -> None:
     assert result(WAIT_SECS) == "a: first"
 
 
+def test_a_read_failure_stays_the_reason_when_the_sink_makes_the_far_side_cut_first(mode: Mode) -> None:
+    """An upload sink ends its request as a read failure passes through it; the far side then cuts
+    the other direction, which a busy machine may notice first. The read failure is the reason."""
+    a = FakeEnd(mode, "a")
+    splice: Splice | None = None
+
+    class UploadEnd(FakeEnd):
+        def pour(self, pieces: Any) -> None:
+            try:
+                super().pour(pieces)
+            except CutError:
+                self.feed(CutError("b: the far side cut the other stream"))
+                wait_until(lambda: splice is not None and splice.aborted and a.aborted is not None, mode)
+                raise
+
+    b = UploadEnd(mode, "b")
+    splice = Splice(a, b, mode.runner)
+    result = mode.start(splice.run)
+    a.feed(CutError("a: reset by peer"))
+    assert result(WAIT_SECS) == "a: reset by peer"
+
+
 def test_an_end_that_ends_after_an_abort_is_still_cut(fakes: Any, mode: Mode) -> None:
     """A read that returns b"" after abort() (a shut-down socket does) is not the far side's end."""
     a, b, splice, result = fakes
