@@ -28,7 +28,7 @@ from pathlib import Path
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from conftest import REPO, Proc, new_key, tripcode_of
-from tcp_peers import EchoServer, TcpServer, recv_all
+from tcp_peers import EchoServer, TcpServer, recv_all, unused_port_socket
 
 from ptth_lib.forward.quic import cert, driver
 from ptth_lib.forward.quic.driver import QuicPeer
@@ -219,7 +219,13 @@ class QuicForwarding:
     # ---- the end client ------------------------------------------------------------------
 
     def connect(self, name: str = "echo") -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.ports[name]), timeout=SOCKET_TIMEOUT_SECS)
+        sock = unused_port_socket()
+        try:
+            sock.settimeout(SOCKET_TIMEOUT_SECS)
+            sock.connect(("127.0.0.1", self.ports[name]))
+        except BaseException:
+            sock.close()
+            raise
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 

@@ -92,3 +92,21 @@ def recv_all(sock: socket.socket) -> bytes:
     while data := sock.recv(65536):
         parts.append(data)
     return b"".join(parts)
+
+
+# Local ports already used by this process's end clients. The proxies name a connection by
+# its end client's port in their logs, and the tests find a connection's lines by it: a port
+# the OS hands out again (a busy suite cycles through them) would match an older connection.
+_PORTS_USED: set[int] = set()
+
+
+def unused_port_socket() -> socket.socket:
+    """A TCP socket bound to a loopback port no earlier end client of this process had."""
+    while True:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        if port not in _PORTS_USED:
+            _PORTS_USED.add(port)
+            return sock
+        sock.close()

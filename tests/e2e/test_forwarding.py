@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import Cluster, Proc, Relay, free_port, new_key, tripcode_of
-from tcp_peers import DigestServer, EchoServer, recv_all, recv_exactly
+from tcp_peers import DigestServer, EchoServer, recv_all, recv_exactly, unused_port_socket
 
 # Long enough for a busy 2-core machine; a stalled byte would never arrive at all.
 SOCKET_TIMEOUT_SECS = 20.0
@@ -76,7 +76,14 @@ def fwd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Forwarding]:
 
 
 def connect(fwd: Forwarding, name: str) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", fwd.ports[name]), timeout=SOCKET_TIMEOUT_SECS)
+    """A connection to the client proxy from a port no earlier one had: the logs name it by its port."""
+    sock = unused_port_socket()
+    try:
+        sock.settimeout(SOCKET_TIMEOUT_SECS)
+        sock.connect(("127.0.0.1", fwd.ports[name]))
+    except BaseException:
+        sock.close()
+        raise
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 

@@ -57,7 +57,7 @@ from quic_cluster import (
     wait_count,
     wait_exit,
 )
-from tcp_peers import DigestServer, recv_all, recv_exactly
+from tcp_peers import DigestServer, recv_all, recv_exactly, unused_port_socket
 from test_forwarding_faults import RssWatch, send_pattern
 
 pytestmark = pytest.mark.process
@@ -184,8 +184,7 @@ def assert_refused(fw: QuicForwarding, name: str = "echo") -> int:
     The reset may come so soon that connect() itself reports it: the port is bound first, so
     the logs can still be matched.
     """
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+    with unused_port_socket() as sock:
         port = sock.getsockname()[1]
         sock.settimeout(PROMPT_SECS)
         try:
