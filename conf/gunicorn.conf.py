@@ -91,3 +91,15 @@ def post_worker_init(worker):
     relay = relay_of(worker_app(worker))
     if relay is not None:
         call_when_worker_stops(worker, relay.close)
+
+
+def pre_request(worker, req):
+    """Leave `Expect: 100-continue` to the relay, which answers it when the server fetches the body.
+
+    gunicorn would send 100 Continue before the relay even sees the request,
+    and the client would upload a body that a 401, 413 or 405 then wastes.
+    (gunicorn's request internals are reached through ptth_lib/wsgi.py.)
+    """
+    from ptth_lib.wsgi import defer_continue
+
+    defer_continue(req)
