@@ -48,6 +48,11 @@ limit_request_fields = 50
 # if it is missing, rather than running slow.
 http_parser = "fast"
 
+# Trust no peer's X-Forwarded-Proto (gunicorn's default trusts this machine's):
+# the relay believes proxies only through trusted_proxies in its own config,
+# and tells servers the scheme itself (X-Forwarded-Proto, Forwarded).
+forwarded_allow_ips = ""
+
 # Never preload: gevent must monkey-patch in the worker before the app loads.
 preload_app = False
 
