@@ -470,3 +470,10 @@ def test_hash_password_asks_twice_on_the_terminal_and_prints_an_entry() -> None:
     parse_relay_config({"servers": [server_entry("alpha", basic_auth=[entry])]}, "relay.toml")
     code, out = run("alice", "one", "two")
     assert code == 2 and "differ" in out.strip().splitlines()[-1]
+
+
+def test_a_101_to_a_request_that_is_no_websocket_handshake_never_reaches_its_client(tunnel: Tunnel) -> None:
+    call, item = take(tunnel, "/frontend/servers/alpha/x", headers={"Upgrade": "websocket"})  # no Connection
+    answer = tunnel.respond(item["id"], 101, {"upgrade": b"websocket", "connection": b"upgrade"})
+    assert answer.status_code == 400 and "101" in answer.text
+    assert call.get(timeout=WAIT_SECS).status_code == 502
