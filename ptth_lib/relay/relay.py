@@ -13,9 +13,13 @@ Its methods are what the relay does for each request of the backend API
 (`listen`, `respond`, `leave`) and of the frontend (`client_request`,
 `scraper_request`, `alias_request`): a werkzeug `Request` in, a `Response`
 out, no Flask routing. What happens after a listen's answer and during a
-response POST is in delivery.py. app.py wires a Relay to Flask; hot_paths.py sends the three
-paths every relayed request takes straight to it; a test builds one and
-drives it directly.
+response POST is in delivery.py; a request body's fetch in request_body.py;
+a WebSocket in upgrade.py. app.py wires a Relay to Flask; hot_paths.py sends
+the paths every relayed request takes straight to it (and, with host
+routing, every path on a server's host); a test builds one and drives it
+directly. About 550 lines: `_relay` holds the one sequence every client
+request goes through (login, body, upgrade, headers, queue, head), which
+reads best whole.
 
 The relay's state lives in this process, so it runs as exactly one gevent
 worker (see conf/gunicorn.conf.py).
