@@ -145,7 +145,9 @@ def relay_config(servers: dict[str, str], code: Path) -> str:
     of a server; the suite measures what the tunnel costs, so it lifts the
     policy (in revisions that have it).
     """
-    knows_shares = "requests_per_address" in (code / "ptth_lib" / "config.py").read_text()
+    # The relay's keys are in ptth_lib/config.py in older revisions, ptth_lib/config/ now.
+    sources = [code / "ptth_lib" / "config.py", *(code / "ptth_lib" / "config").glob("*.py")]
+    knows_shares = any("requests_per_address" in f.read_text() for f in sources if f.is_file())
     return procs.relay_config(servers, "requests_per_address = 10000\n" if knows_shares else "")
 
 
