@@ -61,6 +61,8 @@ class ChunkedDecoder:
                 raise ChunkedError("a chunked body's line is too long")
             self._line += data[i:stop]
             i = stop
+            if self._state == _DATA_END and not (b"\r\n".startswith(self._line) or self._line == b"\n"):
+                raise ChunkedError("chunk data is not followed by CRLF")
             if end >= 0:
                 line = bytes(self._line)
                 self._line.clear()

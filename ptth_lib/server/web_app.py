@@ -131,6 +131,10 @@ class _Exchange:
     sock: socket.socket
     response: http.client.HTTPResponse
 
+    def close(self) -> None:
+        self.response.close()
+        self.conn.close()
+
 
 # Post a response to the relay without retrying: (request id, head, body pieces, length or None).
 Post = Callable[[str, ServerResponseHead, Iterator[bytes], "int | None"], None]
@@ -178,7 +182,7 @@ class WebApp:
             try:
                 self._answer(req, client, exchange)
             finally:
-                exchange.conn.close()
+                exchange.close()
 
     # ---- the exchange with the app --------------------------------------
 
@@ -332,7 +336,8 @@ class WebApp:
             pending = _take_buffered(response, sock)
         except OSError as e:
             raise AppCutError(f"the web app's body broke off: {root_cause(e)}") from None
-        response.close()  # its buffer is empty now; the socket stays open (the connection holds it)
+        # The response stays open to the end: it holds the socket if http.client has closed
+        # the connection already (the app said Connection: close).
         quiet_since = time.monotonic()
         while True:
             if not pending:
@@ -392,19 +397,20 @@ class WebApp:
                 try:
                     self._answer(req, client, exchange)
                 finally:
-                    exchange.conn.close()
+                    exchange.close()
                 return
             head = self._head(req, 101, exchange.response.getheaders())
             head.headers.update({"upgrade": b"websocket", "connection": b"Upgrade"})
             try:
                 leftover = _take_buffered(exchange.response, exchange.sock)
             except OSError as e:
-                exchange.conn.close()
+                exchange.close()
                 logger.info("request %s from %s: WebSocket %s: the web app closed it at once: %s", req.id,
                             client, req.uri, root_cause(e))
                 self._fail(req.id, 502, _UNREACHABLE_TEXT)
                 return
-            exchange.conn.sock = None  # the socket is the splice's now
+            exchange.conn.sock = None  # the socket is the splice's now (TcpEnd closes it)
+            exchange.response.close()  # its file on the socket; the socket stays open
             logger.info("request %s from %s: WebSocket %s open (web app)", req.id, client, req.uri)
             threading.Thread(target=self._splice, args=(req, client, exchange.sock, leftover, head),
                              name=f"ptth-websocket-{req.id[:8]}", daemon=True).start()
