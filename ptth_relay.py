@@ -67,12 +67,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="print a new scraper API key and the [[scraper_keys]] snippet for it, and exit")
     parser.add_argument("--valid-days", type=int, default=30, metavar="N",
                         help="with --new-scraper-key: days until the key expires (default 30)")
+    parser.add_argument("--hash-password", action="store_true",
+                        help="ask for a user name and password and print a basic_auth entry for them, and exit")
     from ptth_lib.cli import add_logging_flags
 
     add_logging_flags(parser)
     args = parser.parse_args(argv)
     if args.new_scraper_key is not None:
         return _print_new_scraper_key(args.new_scraper_key, args.valid_days)
+    if args.hash_password:
+        return _print_password_entry()
 
     from gevent import monkey
 
@@ -119,6 +123,23 @@ def _print_new_scraper_key(name: str, days: int) -> int:
     key, snippet = new_key_snippet(name, days)
     print(f"New scraper API key (shown only now; the relay keeps only its hash):\n\n    {key}\n\n"
           f"Add this to the relay config; the relay picks it up within seconds:\n\n{snippet}")
+    return 0
+
+
+def _print_password_entry() -> int:
+    from ptth_lib.errors import ConfigError
+    from ptth_lib.relay.basic_auth import prompt_entry
+
+    try:
+        entry = prompt_entry()
+    except ConfigError as e:
+        print(f"ptth_relay: {e}", file=sys.stderr)
+        return 2
+    except (EOFError, KeyboardInterrupt):
+        print("\nptth_relay: --hash-password: no password given; nothing was made", file=sys.stderr)
+        return 2
+    print("Add this entry to the server's basic_auth list in its [[servers]] table:", file=sys.stderr)
+    print(f'"{entry}"')
     return 0
 
 

@@ -48,6 +48,11 @@ limit_request_fields = 50
 # if it is missing, rather than running slow.
 http_parser = "fast"
 
+# Trust no peer's X-Forwarded-Proto (gunicorn's default trusts this machine's):
+# the relay believes proxies only through trusted_proxies in its own config,
+# and tells servers the scheme itself (X-Forwarded-Proto, Forwarded).
+forwarded_allow_ips = ""
+
 # Never preload: gevent must monkey-patch in the worker before the app loads.
 preload_app = False
 
@@ -91,3 +96,15 @@ def post_worker_init(worker):
     relay = relay_of(worker_app(worker))
     if relay is not None:
         call_when_worker_stops(worker, relay.close)
+
+
+def pre_request(worker, req):
+    """Leave `Expect: 100-continue` to the relay, which answers it when the server fetches the body.
+
+    gunicorn would send 100 Continue before the relay even sees the request,
+    and the client would upload a body that a 401, 413 or 405 then wastes.
+    (gunicorn's request internals are reached through ptth_lib/wsgi.py.)
+    """
+    from ptth_lib.wsgi import defer_continue
+
+    defer_continue(req)

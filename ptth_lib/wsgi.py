@@ -28,11 +28,28 @@ body, one chunk at a time from gunicorn's chunk parser, keeping the readers'
 bookkeeping right so gunicorn can still reuse or close the connection.
 Anything else falls back to `read(n)`.
 
-The socket: the relay needs the raw connection in three cases the WSGI
+The socket: the relay needs the raw connection in cases the WSGI
 interface does not cover: to cut a response visibly (a shut-down socket,
-never a clean end), to stop reading a body it has refused, and to notice a
+never a clean end), to stop reading a body it has refused, to notice a
 peer hanging up while a long-poll is parked (nothing is read or written
-meanwhile).
+meanwhile) or while its request body waits unread, and to carry a WebSocket.
+
+Web apps (PROTOCOL.md "Web apps"), under gunicorn only:
+
+- `Expect: 100-continue`: gunicorn answers it in `wsgi.create`, before the
+  app runs, from `req._expected_100_continue`. conf/gunicorn.conf.py's
+  `pre_request` calls `defer_continue`, which clears that flag and
+  remembers the debt by socket; the relay pays it (`send_continue`) when
+  the server starts fetching the body, and a client answered without it
+  never uploads.
+- A WebSocket: after `HTTP/1.1 101` the connection is no longer HTTP.
+  `take_over` hands the relay the socket and the bytes gunicorn read ahead
+  (`Unreader.take_buffered`); the app then returns gunicorn's
+  `ALREADY_HANDLED` (`handled`), so gunicorn writes nothing more and, finding
+  the socket shut, closes it.
+- The access log: gunicorn's `%(h)s` is `REMOTE_ADDR`, which
+  `show_client_address` sets to the client's address (through trusted
+  proxies) once the relay has decided everything else.
 """
 
 from __future__ import annotations
@@ -40,14 +57,18 @@ from __future__ import annotations
 import errno
 import io
 import os
+import select
 import signal
 import socket
 import sys
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import gevent
+import gevent.monkey
 import gevent.socket
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
@@ -147,6 +168,128 @@ def wait_for_hangup(sock: socket.socket) -> bool:
         return True
     except ValueError:
         return False
+
+
+# select.poll as the standard library has it: gevent's patched poll knows
+# neither POLLRDHUP nor a zero timeout without a trip through the hub.
+_poll = gevent.monkey.get_original("select", "poll")
+_HANGUP_EVENTS = getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP | select.POLLERR
+
+
+def has_hung_up(sock: socket.socket) -> bool:
+    """Tell whether the peer has closed or reset the connection, even with bytes still unread.
+
+    For a client whose request body waits for the server to fetch it: the
+    socket is readable (the body), so a peek cannot tell an end from data;
+    Linux's POLLRDHUP can.
+    """
+    try:
+        poller = _poll()
+        poller.register(sock.fileno(), _HANGUP_EVENTS)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
+def close_after_answer(environ: dict[str, Any], linger_secs: float) -> None:
+    """End the connection once the answer is out, without reading a request body nobody wants.
+
+    Shuts our side for writing (the answer, then a FIN), reads and drops what
+    the client still sends for up to `linger_secs` so that closing does not
+    reset the connection under an answer it has not read yet (nginx's
+    lingering close), then shuts it down: the WSGI server finds it ended
+    instead of reading the rest of the body for the next request.
+    """
+    sock = connection_socket(environ)
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + linger_secs
+        while (left := deadline - time.monotonic()) > 0:
+            with gevent.Timeout(left, False):
+                if not sock.recv(65536):
+                    break
+                continue
+            break
+    except OSError:
+        pass
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def show_client_address(environ: dict[str, Any], address: str) -> None:
+    """Make the WSGI server's access log show `address` (gunicorn logs REMOTE_ADDR as %(h)s)."""
+    environ["ptth.peer"] = environ.get("REMOTE_ADDR")
+    environ["REMOTE_ADDR"] = address
+
+
+# ---- Expect: 100-continue, paid when the body is wanted ---------------------------
+
+# Connections whose current request expects a 100 Continue that gunicorn did
+# not send (defer_continue); by socket, forgotten with it.
+_CONTINUE_OWED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def defer_continue(req: Any) -> None:
+    """gunicorn's pre_request hook: keep gunicorn from answering Expect: 100-continue itself."""
+    sock = getattr(getattr(req, "unreader", None), "sock", None)
+    if sock is None:
+        return
+    if getattr(req, "_expected_100_continue", False):
+        req._expected_100_continue = False
+        _CONTINUE_OWED[sock] = True
+    else:
+        _CONTINUE_OWED.pop(sock, None)
+
+
+def owes_continue(environ: dict[str, Any]) -> bool:
+    """Tell whether this request expects a 100 Continue that nobody has sent yet."""
+    sock = connection_socket(environ)
+    return sock is not None and _CONTINUE_OWED.get(sock, False)
+
+
+def send_continue(environ: dict[str, Any]) -> None:
+    """Send the 100 Continue this request is owed, once (nothing if none is owed)."""
+    sock = connection_socket(environ)
+    if sock is not None and _CONTINUE_OWED.pop(sock, False):
+        sock.sendall(CONTINUE)
+
+
+def forget_continue(environ: dict[str, Any]) -> None:
+    """The request is answered without its body: no 100 Continue may follow."""
+    sock = connection_socket(environ)
+    if sock is not None:
+        _CONTINUE_OWED.pop(sock, None)
+
+
+# ---- taking a connection over (WebSocket) ----------------------------------------
+
+
+def can_take_over(environ: dict[str, Any]) -> bool:
+    """Tell whether `take_over` works here: under gunicorn, with a body reader we know."""
+    return environ.get("gunicorn.socket") is not None and hasattr(
+        getattr(getattr(environ.get("wsgi.input"), "reader", None), "unreader", None), "take_buffered")
+
+
+def take_over(environ: dict[str, Any]) -> tuple[socket.socket, bytes]:
+    """The client's connection, to carry other bytes than HTTP, and what gunicorn read ahead of them.
+
+    The app must then return `handled()`.
+    """
+    sock: socket.socket = environ["gunicorn.socket"]
+    ahead: bytes = environ["wsgi.input"].reader.unreader.take_buffered()
+    return sock, ahead
+
+
+def handled() -> Any:
+    """What the app returns to gunicorn for a connection it took over: gunicorn writes nothing."""
+    from gunicorn.workers.base_async import ALREADY_HANDLED  # type: ignore[import-untyped]
+
+    return ALREADY_HANDLED
 
 
 # ---- request bodies as they arrive (gunicorn's readers) ------------------------

@@ -108,6 +108,40 @@ def check_idle_timeout(value: float) -> str | None:
     return "must be 0 (never) or a number of seconds from 10 to 604800 (a week)"
 
 
+# A host name suffix for host routing: a dot, then DNS labels.
+_HOST_SUFFIX_RE = re.compile(r"^(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+\Z", re.IGNORECASE)
+# A password hash as werkzeug's generate_password_hash writes it: METHOD$SALT$HEX.
+_PASSWORD_HASH_RE = re.compile(r"^(scrypt(:[0-9]+){0,3}|pbkdf2:[a-z0-9]+(:[0-9]+)?)\$[^$\s]+\$[0-9a-f]+\Z")
+# Largest max_request_body_bytes: 1 TiB, far above anything useful, still a number nginx takes.
+_MAX_BODY_LIMIT_BYTES = 1 << 40
+
+
+def check_host_suffix(value: str) -> str | None:
+    if value == "" or (_HOST_SUFFIX_RE.match(value) and len(value) <= 200):
+        return None
+    return "must be empty (off) or a host name suffix starting with a dot, such as \".tunnel.example.com\""
+
+
+def check_body_limit(value: int) -> str | None:
+    if 0 <= value <= _MAX_BODY_LIMIT_BYTES:
+        return None
+    return "must be 0 (no limit) or a number of bytes up to 1099511627776 (1 TiB)"
+
+
+def check_basic_auth(value: list[Any]) -> str | None:
+    users: set[str] = set()
+    for entry in value:
+        user, sep, password_hash = entry.partition(":") if isinstance(entry, str) else ("", "", "")
+        if not sep or not user or not user.isprintable() or not _PASSWORD_HASH_RE.match(password_hash):
+            shown = entry.partition(":")[0] + ":..." if isinstance(entry, str) else repr(entry)
+            return (f"has {shown!r}: each entry must be \"USER:HASH\" with a hash from "
+                    "`python ptth_relay.py --hash-password` (werkzeug's format, e.g. \"scrypt:32768:8:1$...$...\")")
+        if user in users:
+            return f"lists user {user!r} twice"
+        users.add(user)
+    return None
+
+
 def check_port_name(value: str) -> str | None:
     if PORT_NAME_RE.match(value):
         return None

@@ -17,6 +17,9 @@ from ptth_lib.config.keys import (
     Key,
     apply_keys,
     check_allow,
+    check_basic_auth,
+    check_body_limit,
+    check_host_suffix,
     check_idle_timeout,
     check_label,
     check_listen_timeout,
@@ -60,6 +63,10 @@ RELAY_KEYS = (
     Key("tcp_idle_timeout_secs", (int, float), 3600,
          "a forwarded TCP connection with no bytes either way for this long is closed (0: never)",
          check_idle_timeout),
+    Key("server_host_suffix", str, "", "host routing: a request for NAME plus this suffix (\".tunnel.example.com\") "
+         "goes to server NAME at / (empty: off)", check_host_suffix),
+    Key("max_request_body_bytes", int, 0, "request bodies larger than this get 413 (0: no limit)",
+         check_body_limit),
 )
 
 
@@ -86,6 +93,8 @@ SERVER_ENTRY_KEYS = (
     Key("display_name", str, None, "a friendlier name for the server list"),
     Key("trusted", bool, False, "its pages run on the relay's origin, unsandboxed (only for servers "
          "you run yourself)"),
+    Key("basic_auth", list, [], "visitors must log in: \"USER:HASH\" entries, hashes from "
+         "ptth_relay.py --hash-password", check_basic_auth),
 )
 
 
@@ -106,6 +115,8 @@ class RegisteredServer:
     tripcode: str
     display_name: str
     trusted: bool = False  # its pages are not sandboxed (trust.SANDBOX_CSP)
+    # Visitors must log in (basic_auth.py): (user, werkzeug password hash) pairs.
+    basic_auth: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -134,6 +145,8 @@ class RelayConfig:
     quic_bind: str = "0.0.0.0:30380"
     quic_cert_file: str = "ptth_quic_relay.crt"
     quic_key_file: str = "ptth_quic_relay.key"
+    server_host_suffix: str = ""  # lowercase, with its leading dot; "" is off
+    max_request_body_bytes: int = 0  # 0: no limit
 
 
 def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
@@ -151,7 +164,15 @@ def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
         if e["name"] in servers:
             raise ConfigError(f"{where}: server {e['name']!r} is listed twice")
         servers[e["name"]] = RegisteredServer(e["name"], e["tripcode"], e["display_name"] or e["name"],
-                                              e["trusted"])
+                                              e["trusted"], tuple(_split_login(entry) for entry in e["basic_auth"]))
+    suffix = values["server_host_suffix"].lower()
+    if suffix:
+        seen: dict[str, str] = {}
+        for name in servers:
+            other = seen.setdefault(name.lower(), name)
+            if other != name:
+                raise ConfigError(f"{where}: servers {other!r} and {name!r} differ only in case: with "
+                                  "server_host_suffix, host names (which ignore case) could not tell them apart")
     scraper_keys = []
     for i, entry in enumerate(values["scraper_keys"]):
         if not isinstance(entry, dict):
@@ -187,7 +208,14 @@ def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
         quic_bind=values["quic_bind"],
         quic_cert_file=values["quic_cert_file"],
         quic_key_file=values["quic_key_file"],
+        server_host_suffix=suffix,
+        max_request_body_bytes=values["max_request_body_bytes"],
     )
+
+
+def _split_login(entry: str) -> tuple[str, str]:
+    user, _, password_hash = entry.partition(":")
+    return user, password_hash
 
 
 def _as_utc(value: datetime | date | None) -> datetime | None:

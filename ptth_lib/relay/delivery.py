@@ -21,11 +21,12 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 
 import gevent
 from werkzeug.wrappers import Request, Response
 
-from ptth_lib.errors import ProtocolError
+from ptth_lib.errors import HttpError, ProtocolError
 from ptth_lib.relay.rendezvous import (
     ACK_AFTER_CLOSE_SECS,
     LEASE_SECS,
@@ -34,7 +35,7 @@ from ptth_lib.relay.rendezvous import (
     Rendezvous,
 )
 from ptth_lib.relay.responses import text
-from ptth_lib.wire.envelope import RESPONSE_HEAD_HEADER, decode_response_head
+from ptth_lib.wire.envelope import RESPONSE_HEAD_HEADER, ServerResponseHead, decode_response_head
 from ptth_lib.wsgi import connection_ended, cut_connection, iter_body
 
 logger = logging.getLogger(__name__)
@@ -55,11 +56,14 @@ LISTEN_CLOSE_GRACE_SECS = 0.3
 SMALL_BODY_BYTES = 64 * 1024
 
 
-def deliver(rv: Rendezvous, p: PendingRequest, req: Request) -> Response:
+def deliver(rv: Rendezvous, p: PendingRequest, req: Request,
+            on_switch: Callable[[PendingRequest, ServerResponseHead, Request], Response] | None = None,
+            ) -> Response:
     """P5 to P7 for the response POST of `p`: hand the head to the client, copy the body.
 
     Answers 200 once the client has it all, 400 if the body broke off, 410
-    if the client left.
+    if the client left. A head 101 (only for a WebSocket handshake) goes to
+    `on_switch`, which answers the POST instead.
     """
     environ = req.environ
     try:
@@ -71,6 +75,15 @@ def deliver(rv: Rendezvous, p: PendingRequest, req: Request) -> Response:
                        p.server.registered.name, e)
         rv.fail(p, f"server {p.server.registered.name!r} sent a bad response: {e}")
         return refuse(400, f"bad response head: {e}", req)
+    if head.status_code == 101:
+        if on_switch is None:
+            rv.fail(p, "the relay cannot carry this WebSocket")
+            return refuse(501, "the relay cannot carry a WebSocket here", req)
+        try:
+            return on_switch(p, head, req)
+        except HttpError as e:
+            rv.fail(p, str(e), e.status)
+            return refuse(e.status, str(e), req)
     rv.start_response(p, head)
 
     declared = req.content_length

@@ -124,7 +124,7 @@ def register(app: Flask, relay: Relay) -> None:
         fw.accept(conn)
         metrics.tcp_connections.labels("accepted").inc()
         logger.info("connection %s open", conn.describe())
-        return _stream_out(fw, conn, conn.up, "accept")
+        return stream_out(fw, conn, conn.up, "accept", request.environ)
 
     @app.post(TCP_REFUSE_PATH.format(id="<conn_id>"))
     def _refuse(conn_id: str) -> Response:
@@ -143,7 +143,7 @@ def register(app: Flask, relay: Relay) -> None:
     @app.post(TCP_DOWNSTREAM_PATH.format(id="<conn_id>"))
     def _downstream(conn_id: str) -> Response:
         conn = fw.attach_downstream(fw.find_for_server(conn_id, server_is))
-        return _stream_in(fw, conn, conn.down, "downstream")
+        return stream_in(fw, conn, conn.down, "downstream", request.environ)
 
     @app.post(TCP_CHECK_PATH)
     def _check() -> Response:
@@ -166,14 +166,14 @@ def register(app: Flask, relay: Relay) -> None:
             outcome = "refused" if isinstance(e, RefusedError) else _OUTCOMES.get(e.status, "rejected")
             metrics.tcp_connections.labels(outcome).inc()
             raise
-        resp = _stream_out(fw, conn, conn.down, "connect")
+        resp = stream_out(fw, conn, conn.down, "connect", request.environ)
         resp.headers[CONNECTION_ID_HEADER] = conn.id
         return resp
 
     @app.post(TCP_UPSTREAM_PATH.format(id="<conn_id>"))
     def _upstream(conn_id: str) -> Response:
         conn = fw.attach_upstream(conn_id, client())
-        return _stream_in(fw, conn, conn.up, "upstream")
+        return stream_in(fw, conn, conn.up, "upstream", request.environ)
 
 
 def _check_port_name(port: str) -> None:
@@ -187,9 +187,12 @@ def _need_prompt_reads() -> None:
                         status=501)
 
 
-def _stream_out(fw: PortForwarding, conn: ForwardedConnection, pipe: Pipe, stream: str) -> Response:
-    """A response whose body is what `pipe` carries, chunk by chunk, as it arrives."""
-    environ = request.environ
+def stream_out(fw: PortForwarding, conn: ForwardedConnection, pipe: Pipe, stream: str,
+               environ: dict[str, Any]) -> Response:
+    """A response whose body is what `pipe` carries, chunk by chunk, as it arrives.
+
+    Also a WebSocket's bytes from the client to the server (upgrade.py).
+    """
     sock = connection_socket(environ)
     fw.add_socket(conn, stream, sock)
 
@@ -219,9 +222,12 @@ def _stream_out(fw: PortForwarding, conn: ForwardedConnection, pipe: Pipe, strea
     return Response(body(), 200, headers=_STREAM_HEADERS)
 
 
-def _stream_in(fw: PortForwarding, conn: ForwardedConnection, pipe: Pipe, stream: str) -> Response:
-    """Copy this request's body into `pipe`; its clean end ends the pipe (a half-close)."""
-    environ: dict[str, Any] = request.environ
+def stream_in(fw: PortForwarding, conn: ForwardedConnection, pipe: Pipe, stream: str,
+              environ: dict[str, Any]) -> Response:
+    """Copy this request's body into `pipe`; its clean end ends the pipe (a half-close).
+
+    Also a WebSocket's bytes from the server to the client (upgrade.py).
+    """
     fw.add_socket(conn, stream, connection_socket(environ))
     try:
         for piece in iter_body(environ, PIECE_BYTES):

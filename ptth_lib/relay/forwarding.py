@@ -103,6 +103,10 @@ _ABORT = object()  # pipe sentinel: the connection was aborted
 
 STREAMS = ("connect", "accept", "upstream", "downstream")
 
+# The port of a WebSocket carried as a forwarded connection (upgrade.py): never
+# a port name a server can listen on, so no TCP call reaches one.
+WEBSOCKET_PORT = "(websocket)"
+
 
 class PipeAbortedError(PtthError):
     """The connection this pipe belongs to was aborted."""
@@ -303,6 +307,23 @@ class PortForwarding:
             raise ForbiddenError(f"connection {conn_id[:8]} is not client {client.name!r}'s")
         return self._attach(conn, "upstream", after="connect")
 
+    def open_websocket(self, conn_id: str, client: str, server: str) -> ForwardedConnection:
+        """A WebSocket the app accepted, carried as a connection that is open at once (upgrade.py).
+
+        Its four streams: the client's connection written ("connect") and read
+        ("upstream"), the server's response POST ("downstream") and body GET
+        ("accept"). Counts toward the server's connections (503 past them).
+        """
+        if self.closing:
+            raise BadGatewayError("the relay is stopping")
+        if self._count(lambda c: c.server == server) >= MAX_CONNECTIONS_PER_SERVER:
+            raise QueueFullError(f"server {server!r} has {MAX_CONNECTIONS_PER_SERVER} connections open")
+        conn = ForwardedConnection(conn_id, client, server, WEBSOCKET_PORT)
+        conn.taken = conn.accepted = time.monotonic()
+        self.connections[conn.id] = conn
+        logger.info("websocket %s open", conn.describe())
+        return conn
+
     # ---- servers ---------------------------------------------------------
 
     def listen(self, server: str, port: str, timeout: float) -> ForwardedConnection | None:
@@ -405,7 +426,7 @@ class PortForwarding:
             for conn in list(self.connections.values()):
                 if conn.accepted is None:
                     continue  # connect() times the offer out itself
-                missing = {"upstream", "downstream"} - conn.attached
+                missing = set(STREAMS) - conn.attached
                 if missing and now - conn.accepted > ATTACH_WAIT_SECS:
                     self.abort(conn, f"{' and '.join(sorted(missing))} never came")
                 elif idle_limit and now - conn.last_active > idle_limit:
@@ -451,7 +472,7 @@ class PortForwarding:
 
     def _find(self, conn_id: str) -> ForwardedConnection:
         conn = self.connections.get(conn_id)
-        if conn is None or conn.aborted:
+        if conn is None or conn.aborted or conn.port == WEBSOCKET_PORT:  # a WebSocket is upgrade.py's
             raise UnknownRequestError(f"no connection {conn_id[:64]!r} (closed, timed out, or never made)")
         return conn
 

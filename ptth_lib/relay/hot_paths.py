@@ -1,10 +1,15 @@
 """Plain WSGI in front of Flask for the paths every relayed request takes.
 
-A listen, a response POST and a client request each cost a Flask request
-context, routing and signals, which profiling put at a third of the relay's
-CPU for small files (BENCHMARKS.md). `HotPaths` matches their prefixes and
-calls the `Relay` (relay.py) directly; every other path (pages, the scraper
-API, port forwarding, metrics) goes to Flask as usual.
+A listen, a response POST, a request body GET and a client request each
+cost a Flask request context, routing and signals, which profiling put at a
+third of the relay's CPU for small files (BENCHMARKS.md). `HotPaths` matches
+their prefixes and calls the `Relay` (relay.py) directly; every other path
+(pages, the scraper API, port forwarding, metrics) goes to Flask as usual.
+
+Host routing comes first: with `server_host_suffix` set, a request for a host
+NAME + suffix goes to server NAME whatever its path, so no path on a
+server's own host reaches the relay's pages or backend API (which live on
+the relay's host) and the operator's rules for those hosts stay whole.
 """
 
 from __future__ import annotations
@@ -14,13 +19,15 @@ from typing import Any
 from werkzeug.wrappers import Request, Response
 
 from ptth_lib.errors import HttpError
+from ptth_lib.relay import trust
 from ptth_lib.relay.relay import ALIAS_PREFIX, FRONTEND_PREFIX, Relay
 from ptth_lib.relay.responses import error_response, text
-from ptth_lib.wire.envelope import LISTEN_PATH, RESPONSE_PATH
+from ptth_lib.wire.envelope import LISTEN_PATH, REQUEST_BODY_PATH, RESPONSE_PATH
 
-# The backend API's two hot paths, up to the name or id that ends them.
+# The backend API's hot paths, up to the name or id that ends them.
 LISTEN_PREFIX = LISTEN_PATH.removesuffix("{name}")
 RESPONSE_PREFIX = RESPONSE_PATH.removesuffix("{id}")
+REQUEST_BODY_PREFIX = REQUEST_BODY_PATH.removesuffix("{id}")
 
 
 class HotPaths:
@@ -32,13 +39,18 @@ class HotPaths:
         self._backend = (
             (LISTEN_PREFIX, ("GET", "HEAD"), relay.listen),
             (RESPONSE_PREFIX, ("POST",), relay.respond),
+            (REQUEST_BODY_PREFIX, ("GET",), relay.request_body),
         )
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         path: str = environ.get("PATH_INFO", "")
-        if path.startswith("//"):
+        suffix = self._relay.config.server_host_suffix
+        host_name = trust.host_server_name(self._relay.request_host(environ), suffix) if suffix else None
+        if host_name is not None:
+            response: Response | None = self._relay.host_request(host_name, Request(environ))
+        elif path.startswith("//"):
             # werkzeug would route "//x" as "/x"; a proxy in front may not.
-            response: Response | None = text(400, "bad path: it starts with '//'")
+            response = text(400, "bad path: it starts with '//'")
         elif path.startswith(FRONTEND_PREFIX) and len(path) > len(FRONTEND_PREFIX):
             response = self._relay.client_request(Request(environ))
         elif path.startswith(ALIAS_PREFIX):
@@ -59,4 +71,4 @@ class HotPaths:
                 break
         if response is None:
             return self._flask_app(environ, start_response)
-        return response(environ, start_response)
+        return response(environ, start_response)  # a WebSocket's: gunicorn's ALREADY_HANDLED

@@ -34,32 +34,55 @@ from ptth_lib.config import RelayConfig
 from ptth_lib.errors import BadPathError, ForbiddenError, HttpError
 from ptth_lib.relay import trust
 from ptth_lib.relay.audit import AuditLog
+from ptth_lib.relay.basic_auth import Logins, challenge
 from ptth_lib.relay.body_stream import BodyStream
 from ptth_lib.relay.config_watch import ConfigWatcher
 from ptth_lib.relay.delivery import deliver, hold_lease, refuse, requeue_if_lost
-from ptth_lib.relay.forwarding import ForwardedConnection, PortForwarding
+from ptth_lib.relay.forwarding import WEBSOCKET_PORT, ForwardedConnection, PortForwarding
 from ptth_lib.relay.metrics import RelayMetrics
-from ptth_lib.relay.rendezvous import ListenEndedError, Rendezvous, ServerState
+from ptth_lib.relay.rendezvous import ListenEndedError, PendingRequest, Rendezvous, ServerState
+from ptth_lib.relay.request_body import DONE, FETCHING, LINGER_SECS, Upload, fetch, watch_client
 from ptth_lib.relay.responses import RelayedResponse, error_response, redirect, text
+from ptth_lib.relay.upgrade import (
+    WEBSOCKET,
+    SwitchedResponse,
+    server_reads,
+    server_switched,
+    wants_websocket,
+)
 from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import (
     ACK_HEADER,
     API_KEY_HEADER,
     BATCH_HEADER,
+    BODY_LENGTH_UNKNOWN,
     FEATURE_ACK,
+    FEATURE_BODIES,
+    FEATURE_HEADER_LISTS,
+    FEATURE_WEBSOCKET,
     FEATURES_HEADER,
     MAX_REQUESTS_HEADER,
     SERVER_HOST_HEADER,
     SERVER_VERSION_HEADER,
     WAIT_HEADER,
+    ServerResponseHead,
     clean_report,
     collect_headers,
     encode_requests,
-    is_hop_by_hop,
     is_request_id,
     parse_features,
 )
-from ptth_lib.wsgi import connection_socket, cut_connection, end_on_hangup, request_target
+from ptth_lib.wire.names import NAME_RE
+from ptth_lib.wsgi import (
+    can_take_over,
+    close_after_answer,
+    connection_socket,
+    cut_connection,
+    end_on_hangup,
+    forget_continue,
+    request_target,
+    show_client_address,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +109,15 @@ MAX_UNTRUSTED_PROXIES_WARNED = 64
 # The longest name or id from a path quoted in the audit log.
 MAX_AUDITED_NAME_CHARS = 64
 
+# What the relay takes and does, in its listen answers' X-PTTH-Features
+# (PROTOCOL.md "Web apps"): response heads with lists of values, and it
+# relays request bodies and WebSockets to servers that announce them.
+RELAY_FEATURES = f"{FEATURE_HEADER_LISTS}, {FEATURE_BODIES}, {FEATURE_WEBSOCKET}"
+
+# The server's body GET: bytes as they come, never buffered by a proxy on the way.
+_BODY_HEADERS = {"Content-Type": "application/octet-stream", "Cache-Control": "no-store",
+                 "X-Accel-Buffering": "no"}
+
 
 class Relay:
     """The relay: its state, its policy, and what each request does."""
@@ -103,6 +135,8 @@ class Relay:
                         if config_path is not None else None)
         self._untrusted_proxies_warned: set[str] = set()
         self._drops_logged: dict[tuple[str, str], float] = {}
+        self.logins = Logins()
+        self._host_names: tuple[object, dict[str, str]] = (None, {})  # (servers table, lowercase -> name)
 
     @property
     def config(self) -> RelayConfig:
@@ -206,7 +240,8 @@ class Relay:
         server = self.authenticate_server(name, req)
         server.version = clean_report(req.headers.get(SERVER_VERSION_HEADER)) or server.version
         server.host = clean_report(req.headers.get(SERVER_HOST_HEADER)) or server.host
-        acks = FEATURE_ACK in parse_features(req.headers.get(FEATURES_HEADER))
+        server.features = parse_features(req.headers.get(FEATURES_HEADER))
+        acks = FEATURE_ACK in server.features
         acked = req.headers.get(ACK_HEADER, "")
         if acks and is_request_id(acked):
             rv.ack(server, acked)  # before parking: a cut while parked must not lose it
@@ -222,11 +257,11 @@ class Relay:
             if watcher is not None:
                 watcher.kill()
         if not batch:
-            return Response(status=204)
+            return Response(status=204, headers={FEATURES_HEADER: RELAY_FEATURES})
         logger.debug("listen by %s takes %d requests", name, len(batch))
         body = encode_requests(p.request for p in batch)
         self.metrics.relayed_bytes.labels("to_server").inc(len(body))
-        resp = Response(body, 200, content_type="application/msgpack")
+        resp = Response(body, 200, content_type="application/msgpack", headers={FEATURES_HEADER: RELAY_FEATURES})
         if lease is not None:
             resp.headers[BATCH_HEADER] = lease.id
             lease.holder = gevent.spawn(hold_lease, rv, sock, lease)
@@ -243,7 +278,38 @@ class Relay:
             return refuse(e.status, str(e), req)
         except HttpError as e:
             return refuse(e.status, str(e), req)
-        return deliver(self.rendezvous, p, req)
+        return deliver(self.rendezvous, p, req, on_switch=self._switch)
+
+    def _switch(self, p: PendingRequest, head: ServerResponseHead, req: Request) -> Response:
+        """The app switched a WebSocket handshake's connection (101): carry it (upgrade.py)."""
+        return server_switched(self.forwarding, self.rendezvous, p, head, req.environ)
+
+    def request_body(self, request_id: str, req: Request) -> Response:
+        """The server fetches a request's body, or a WebSocket's bytes from the client (PROTOCOL.md)."""
+        key = req.headers.get(API_KEY_HEADER)
+        conn = self.forwarding.connections.get(request_id)
+        if conn is not None and conn.port == WEBSOCKET_PORT:
+            state = self.rendezvous.servers.get(conn.server)
+            if state is None or not tripcode.matches(key, state.registered.tripcode):
+                e = ForbiddenError("missing X-ApiKey header" if not key else
+                                   f"request {request_id!r} belongs to another server")
+                self._reject_backend_key(req, e, request=request_id[:MAX_AUDITED_NAME_CHARS])
+                return text(403, str(e))
+            return server_reads(self.forwarding, conn, req.environ)
+        try:
+            p = self.rendezvous.find_own(request_id, key)
+        except ForbiddenError as e:
+            self._reject_backend_key(req, e, request=request_id[:MAX_AUDITED_NAME_CHARS])
+            return text(403, str(e))
+        if p.request.upgrade is not None:  # the 101 may come after this GET
+            p.head_ready.wait(self.config.request_timeout_secs)
+            if p.tunnel is None:
+                return text(404, f"request {request_id[:64]!r} was not switched to a WebSocket")
+            return server_reads(self.forwarding, p.tunnel, req.environ)
+        upload = p.upload
+        if not isinstance(upload, Upload) or not upload.start():
+            return text(404, f"request {request_id[:64]!r} has no body to fetch (none, or fetched already)")
+        return Response(fetch(self.rendezvous, p, upload, req.environ), 200, headers=_BODY_HEADERS)
 
     def leave(self, name: str, req: Request) -> Response:
         """A process of server `name` is stopping: requests for it fail at once if no other listens."""
@@ -266,27 +332,55 @@ class Relay:
             return text(400, f"bad path: {e}")
         if target.target is None:
             return redirect(raw.partition("?")[0].rsplit("/", 1)[-1] + "/", 302)
-        started = time.monotonic()
-        self.metrics.client_requests_in_flight.inc()
-        try:
-            resp = self._relay(target, req)
-        except HttpError as e:
-            resp = error_response(e)
-        return self._measured(resp, started)
+        return self._serve(target, req, FRONTEND_PREFIX + target.name)
+
+    def host_request(self, host_name: str, req: Request) -> Response:
+        """P2 to P6 for any path on NAME + server_host_suffix: the server has that host to itself.
+
+        `host_name` is the host's part before the suffix, as sent (its case
+        does not matter). The whole target goes to the server as it is.
+        """
+        if not NAME_RE.match(host_name):
+            return text(400, f"bad host: {host_name[:64]!r} cannot be a server's name")
+        servers = self.config.servers
+        if self._host_names[0] is not servers:
+            self._host_names = (servers, {name.lower(): name for name in servers})
+        name = self._host_names[1].get(host_name.lower())
+        if name is None:
+            return text(404, f"no server named {host_name!r} is registered at this relay")
+        return self._serve(trust.ServerPath(name, request_target(req.environ)), req, "", host_mode=True)
+
+    def request_host(self, environ: dict[str, Any]) -> str:
+        """The host the client asked for: a trusted proxy's X-Forwarded-Host, else Host ("" if unusable)."""
+        forwarded = environ.get("HTTP_X_FORWARDED_HOST")
+        if forwarded and trust.is_in(str(environ.get("REMOTE_ADDR", "")), self.config.trusted_proxies):
+            return trust.clean_host(forwarded)
+        return trust.clean_host(environ.get("HTTP_HOST"))
 
     def scraper_request(self, req: Request) -> Response:
         """P2 to P6 for `/scraper/v1/server/NAME/...`, once the scraper key is checked."""
-        started = time.monotonic()
-        self.metrics.client_requests_in_flight.inc()
         try:
             target = trust.parse_server_path(request_target(req.environ), SCRAPER_PREFIX)
             if target.target is None:
                 raise BadPathError("no path after the server name")
-            resp = self._relay(target, req)
         except BadPathError as e:
-            resp = text(400, f"bad path: {e}")
+            return text(400, f"bad path: {e}")
+        return self._serve(target, req, SCRAPER_PREFIX + target.name, check_login=False)
+
+    def _serve(self, target: trust.ServerPath, req: Request, prefix: str, host_mode: bool = False,
+               check_login: bool = True) -> Response:
+        """Relay one client request, counted in the metrics; its connection ends with it if its body was not read."""
+        environ = req.environ
+        started = time.monotonic()
+        self.metrics.client_requests_in_flight.inc()
+        address = self.client_address(req)
+        try:
+            resp = self._relay(target, req, address, prefix, host_mode, check_login)
         except HttpError as e:
             resp = error_response(e)
+        if _body_length(environ) is not None:
+            resp.call_on_close(lambda: _end_unread_body(environ))
+        show_client_address(environ, address)
         return self._measured(resp, started)
 
     def alias_request(self, req: Request) -> Response:
@@ -318,49 +412,120 @@ class Relay:
         resp.call_on_close(finished)
         return resp
 
-    def _relay(self, target: trust.ServerPath, req: Request) -> Response:
-        """Queue the request, wait for the head, stream the body."""
+    def _relay(self, target: trust.ServerPath, req: Request, address: str, prefix: str, host_mode: bool,
+               check_login: bool) -> Response:
+        """Check the visitor, queue the request, wait for the head, stream the body."""
         rv = self.rendezvous
         environ = req.environ
-        share = trust.fairness_key(self.client_address(req))
-        if req.content_length or "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-            return text(501, "request bodies are not relayed through the tunnel")
         name, uri = target.name, target.target
         assert uri is not None  # the callers refuse or redirect ".../NAME"
-        forwarded = collect_headers(trust.client_headers_for_server(req.headers.items()))
-        sock = connection_socket(environ) if rv.must_wait_turn(name, share) else None
-        # Waiting for a turn may be long: stop if the client hangs up meanwhile.
-        watcher = (gevent.spawn(end_on_hangup, sock, gevent.getcurrent(), ListenEndedError)
-                   if sock is not None else None)
+        registered = self.config.servers.get(name)
+        login_needed = bool(registered and registered.basic_auth and check_login)
+        if login_needed and not self.logins.check(registered, environ.get("HTTP_AUTHORIZATION")):  # type: ignore[arg-type]
+            if environ.get("HTTP_AUTHORIZATION"):
+                self.audit.record("basic_auth_rejected", server=name, address=address)
+            resp = text(401, f"server {name!r} needs a user name and password")
+            resp.headers["WWW-Authenticate"] = challenge(name)
+            return resp
+        body = _body_length(environ)
+        limit = self.config.max_request_body_bytes
+        if body is not None and limit and body > limit:
+            return text(413, f"the request body of {body} bytes is over the relay's limit of {limit} "
+                             "(max_request_body_bytes)")
+        websocket = wants_websocket(environ)
+        if websocket and body is not None:
+            return text(400, "a WebSocket handshake has no body")
+        if websocket and not can_take_over(environ):
+            return text(501, "WebSocket needs the relay under gunicorn (conf/gunicorn.conf.py)")
+        headers = collect_headers(
+            trust.client_headers_for_server(req.headers.items(), host_mode=host_mode,
+                                            keep_authorization=not login_needed, websocket=websocket)
+            + trust.forwarded_headers(address, self._request_proto(environ), self.request_host(environ), prefix),
+            keep=("upgrade", "connection") if websocket else ())
+        upload = Upload(environ, None if body == BODY_LENGTH_UNKNOWN else body, limit) if body is not None else None
+        environ["ptth.upload"] = upload
+        share = trust.fairness_key(address)
+        sock = connection_socket(environ)
+        waiter = gevent.getcurrent()
+        # Waiting may be long: stop if the client hangs up meanwhile. Without a
+        # body, only while it waits for its turn (BodyStream notices later).
+        watcher = None
+        if sock is not None and upload is not None:
+            watcher = gevent.spawn(watch_client, upload, waiter)
+        elif sock is not None and rv.must_wait_turn(name, share):
+            watcher = gevent.spawn(end_on_hangup, sock, waiter, ListenEndedError)
         try:
-            p = rv.submit(name, req.method, uri, forwarded, client=share)
+            p = rv.submit(name, req.method, uri, headers, client=share, body=body,
+                          upgrade=WEBSOCKET if websocket else None)
+            p.upload = upload
+            if upload is None and watcher is not None:
+                watcher.kill()
+            logger.debug("request %s: %s %s for %s", p.request.id, req.method, uri, name)
+            head = rv.wait_for_head(p, (lambda: upload.last_active) if upload is not None else None)
         except ListenEndedError:
-            return text(499, "the client hung up while waiting for its turn")
+            return text(499, "the client hung up before the answer")
         finally:
             if watcher is not None:
                 watcher.kill()
+        if upload is not None:
+            upload.refuse()  # answered without its body: the connection ends after the answer
         try:
-            logger.debug("request %s: %s %s for %s", p.request.id, req.method, uri, name)
-            head = rv.wait_for_head(p)
-            passed, dropped = trust.server_headers_for_client(head.headers)
+            passed, dropped = trust.server_headers_for_client(head.lines(), host_mode=host_mode,
+                                                              upgrade=head.status_code == 101)
             if dropped:
                 self._log_dropped(name, dropped)
-            headers = [(_display_case(k), v.decode("latin-1")) for k, v in passed.items() if not is_hop_by_hop(k)]
-            trusted = p.server.registered.trusted
-            headers.extend(trust.TRUSTED_RELAYED_HEADERS if trusted else trust.RELAYED_HEADERS)
-            body: Any
+            headers_out = [(_display_case(k), v.decode("latin-1")) for k, v in passed]
+            if head.status_code == 101:  # deliver() let it through for a WebSocket handshake only
+                assert p.request.upgrade is not None and p.tunnel is not None
+                rv.forget(p)  # a WebSocket lasts: it holds no request slot of its client
+                switched = [(k, v) for k, v in headers_out if k.lower() not in ("upgrade", "connection")]
+                return SwitchedResponse(self.forwarding, p.tunnel, switched, lambda: None)
+            if not host_mode:
+                headers_out.extend(trust.TRUSTED_RELAYED_HEADERS if p.server.registered.trusted
+                                   else trust.RELAYED_HEADERS)
+            resp_body: Any
             if req.method == "HEAD" or head.status_code in (204, 304):
                 rv.skip_body(p)
-                body = []  # a list, not b"": werkzeug would reset Content-Length to 0
+                resp_body = []  # a list, not b"": werkzeug would reset Content-Length to 0
             else:
-                body = BodyStream(rv, p, lambda reason: cut_connection(environ))
-            resp = RelayedResponse(body, status=head.status_code, headers=headers)
+                resp_body = BodyStream(rv, p, lambda reason: cut_connection(environ))
+            resp = RelayedResponse(resp_body, status=head.status_code, headers=headers_out)
         except BaseException:
             rv.forget(p)
             raise
-        if "content-type" not in passed:
+        if not any(k == "content-type" for k, _ in passed):
             del resp.headers["Content-Type"]
         return resp
+
+    def _request_proto(self, environ: dict[str, Any]) -> str:
+        """The scheme the client used: a trusted proxy's X-Forwarded-Proto, else the relay's own."""
+        forwarded = str(environ.get("HTTP_X_FORWARDED_PROTO", "")).split(",")[0].strip().lower()
+        if forwarded in ("http", "https") and trust.is_in(str(environ.get("REMOTE_ADDR", "")),
+                                                          self.config.trusted_proxies):
+            return forwarded
+        return "https" if environ.get("wsgi.url_scheme") == "https" else "http"
+
+
+def _body_length(environ: dict[str, Any]) -> int | None:
+    """The client's request body: its length, BODY_LENGTH_UNKNOWN when chunked, None when it has none."""
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return BODY_LENGTH_UNKNOWN
+    length = environ.get("CONTENT_LENGTH")
+    if length and length.isdigit() and int(length) > 0:
+        return int(length)
+    return None
+
+
+def _end_unread_body(environ: dict[str, Any]) -> None:
+    """The answer is out: if the server did not take the whole body, the connection ends (PROTOCOL.md)."""
+    upload = environ.get("ptth.upload")
+    if isinstance(upload, Upload) and upload.state == DONE:
+        return
+    forget_continue(environ)
+    if isinstance(upload, Upload) and upload.state == FETCHING:
+        cut_connection(environ)  # the fetch is reading it: it sees the end and cuts the server's GET
+    else:
+        close_after_answer(environ, LINGER_SECS)
 
 
 def _number(value: str | None, low: int, high: int) -> int | None:

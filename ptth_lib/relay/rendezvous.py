@@ -36,6 +36,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import gevent
 import gevent.event
@@ -46,6 +47,7 @@ from ptth_lib.errors import (
     BadGatewayError,
     ForbiddenError,
     GatewayTimeoutError,
+    HttpError,
     PtthError,
     QueueFullError,
     RequestHeadTooLargeError,
@@ -56,6 +58,8 @@ from ptth_lib.errors import (
 from ptth_lib.relay.shares import FairShares, Share
 from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import (
+    FEATURE_BODIES,
+    FEATURE_WEBSOCKET,
     MAX_LISTEN_BODY_BYTES,
     MAX_REQUEST_HEAD_BYTES,
     RelayRequest,
@@ -163,6 +167,7 @@ class ServerState:
     taken: dict[str, PendingRequest] = field(default_factory=dict)
     room: gevent.event.Event = field(default_factory=gevent.event.Event)  # set when `taken` shrinks
     left_at: float | None = None  # when a process of this name last said it was leaving
+    features: frozenset[str] = frozenset()  # X-PTTH-Features of its latest listen (bodies, websocket)
 
     def wake_listeners(self) -> None:
         """End this server's parked listens now (they answer 204)."""
@@ -218,6 +223,11 @@ class PendingRequest:
     answered: bool = False
     client_gone: bool = False
     body_wanted: bool = True
+    failure_status: int = 502  # the client's answer when `failure` is set
+    # The client's request body, for the server to fetch (request_body.py); None: no body.
+    upload: Any = None
+    # A WebSocket once the app switched protocols (upgrade.py): its ForwardedConnection.
+    tunnel: Any = None
 
 
 @dataclass(eq=False)
@@ -361,14 +371,26 @@ class Rendezvous:
         p.server.touch()
         return p
 
+    def find_own(self, request_id: str, api_key: str | None) -> PendingRequest:
+        """A request in flight, for the server that took it (its body GET); 404 unknown, 403 not its own."""
+        if not api_key:
+            raise ForbiddenError("missing X-ApiKey header")
+        p = self.pending.get(request_id)
+        if p is None or p.cancelled:
+            raise UnknownRequestError(f"no request {request_id[:64]!r} is in flight")
+        if not tripcode.matches(api_key, p.server.registered.tripcode):
+            raise ForbiddenError(f"request {request_id!r} belongs to another server")
+        return p
+
     def start_response(self, p: PendingRequest, head: ServerResponseHead) -> None:
         """Hand the response head to the waiting client."""
         p.head = head
         p.head_ready.set()
 
-    def fail(self, p: PendingRequest, reason: str) -> None:
-        """The server's answer was unusable, or will not come: the client gets a 502 with `reason`."""
+    def fail(self, p: PendingRequest, reason: str, status: int = 502) -> None:
+        """The server's answer was unusable, or will not come: the client gets `status` (502) with `reason`."""
         p.failure = reason
+        p.failure_status = status
         p.picked_up.set()
         p.head_ready.set()
 
@@ -492,24 +514,33 @@ class Rendezvous:
     # ---- frontend side: clients ----------------------------------------
 
     def submit(self, name: str, method: str, uri: str, headers: dict[str, bytes],
-               client: str = "") -> PendingRequest:
+               client: str = "", body: int | None = None, upgrade: str | None = None) -> PendingRequest:
         """Queue a client request for server `name`.
 
         `client` names the client's share (trust.fairness_key of its address):
         while it has `requests_per_address` requests in flight at this server,
         this one waits its turn (shares.py: up to TURN_WAIT_SECS, then 503).
+        `body` (its length, or -1) and `upgrade` ("websocket") need a server
+        that announced it takes them; else 501.
         """
         server = self.servers.get(name)
         if server is None:
             raise UnknownServerError(f"no server named {name!r} is registered at this relay")
         if not server.is_online():
             raise BadGatewayError(f"server {name!r} is offline (not connected to the relay)")
+        if body is not None and FEATURE_BODIES not in server.features:
+            raise HttpError(f"server {name!r} does not take request bodies (it did not announce "
+                            f"'{FEATURE_BODIES}')", status=501)
+        if upgrade is not None and FEATURE_WEBSOCKET not in server.features:
+            raise HttpError(f"server {name!r} does not take WebSocket connections (it did not announce "
+                            f"'{FEATURE_WEBSOCKET}')", status=501)
         size = head_size(method, uri, headers)
         if size > MAX_REQUEST_HEAD_BYTES:
             raise RequestHeadTooLargeError(f"request head of {size} bytes is over the relay's limit of "
                                            f"{MAX_REQUEST_HEAD_BYTES}")
         share = self.shares.take((name, client)) if client else None
-        p = PendingRequest(RelayRequest(_new_id(), method, uri, headers), server, head_size=size, share=share)
+        p = PendingRequest(RelayRequest(_new_id(), method, uri, headers, body, upgrade), server, head_size=size,
+                           share=share)
         try:
             self._offer(server, p)
         except gevent.queue.Full:
@@ -527,17 +558,27 @@ class Rendezvous:
         if share is not None:
             self.shares.release(share)
 
-    def wait_for_head(self, p: PendingRequest) -> ServerResponseHead:
-        """Wait for the server to pick up the request, then for its response head."""
+    def wait_for_head(self, p: PendingRequest, last_active: Callable[[], float] | None = None,
+                      ) -> ServerResponseHead:
+        """Wait for the server to pick up the request, then for its response head.
+
+        `last_active()` says when the server last made progress otherwise
+        (fetching the request's body): the head's timeout counts from then.
+        """
         timeout = self.config.request_timeout_secs
         name = p.server.registered.name
         try:
             if not p.picked_up.wait(timeout):
                 raise BadGatewayError(f"server {name!r} did not pick up the request in {timeout:.0f} s")
-            if not p.head_ready.wait(timeout):
-                raise GatewayTimeoutError(f"server {name!r} did not answer in {timeout:.0f} s")
+            since = time.monotonic()
+            while not p.head_ready.wait(max(0.0, since + timeout - time.monotonic())):
+                active = last_active() if last_active is not None else since
+                if active <= since:
+                    raise GatewayTimeoutError(f"server {name!r} did not answer in {timeout:.0f} s")
+                since = active
             if p.failure is not None or p.head is None:
-                raise BadGatewayError(p.failure or f"server {name!r} sent no response")
+                reason = p.failure or f"server {name!r} sent no response"
+                raise BadGatewayError(reason) if p.failure_status == 502 else HttpError(reason, p.failure_status)
         except BaseException:
             self.forget(p)
             raise

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 from ptth_lib.errors import BadPathError
+from ptth_lib.wire.envelope import HOP_BY_HOP
 
 # Address blocks as the config lists them ("127.0.0.1/32", "::1/128").
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -41,6 +43,17 @@ _CLIENT_HEADERS_KEPT_FROM_SERVERS = frozenset({
     "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port",
     "x-forwarded-prefix", "x-real-ip",
 })
+
+# In host mode (a server on a host of its own) these client credentials are the
+# server's: the visitor's browser sent them to that host.
+_HOST_MODE_CREDENTIALS = frozenset({"cookie", "authorization"})
+
+# Client headers for the relay itself: it meets `Expect: 100-continue` when
+# the server starts fetching the body, so the app never sees the expectation.
+_CLIENT_HEADERS_RELAY_ANSWERS = frozenset({"expect"})
+
+# A WebSocket handshake's headers, hop-by-hop otherwise (with sec-websocket-*).
+_WEBSOCKET_HEADERS = frozenset({"upgrade", "connection"})
 
 # Headers from a server that act on the relay's edge or on its whole origin
 # rather than on the server's own response: the front proxy obeys X-Accel-*
@@ -57,6 +70,11 @@ _SERVER_HEADERS_DROPPED = frozenset({
     "x-content-type-options",  # replaced by ours
 })
 _SERVER_HEADER_PREFIXES_DROPPED = ("x-accel-",)
+# ...of which these act on an origin only: a server on a host of its own may send them.
+_HOST_MODE_SERVER_HEADERS = frozenset({
+    "set-cookie", "set-cookie2", "www-authenticate", "strict-transport-security", "clear-site-data",
+    "service-worker-allowed", "report-to", "reporting-endpoints", "nel", "x-content-type-options",
+})
 
 # What every relayed response gets unless its server is trusted: its own
 # opaque origin (no allow-same-origin), so its script can read neither the
@@ -79,6 +97,11 @@ RELAY_PAGE_HEADERS = (
 # trusted proxy they prove nothing, but they do show the request came through
 # a proxy: such a request is never taken for one made on the relay's machine.
 PROXY_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
+
+# A host as it may be passed on: a name or an address, maybe a port.
+_HOST_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{1,5})?\Z")
+# An RFC 7239 value that needs no quotes (a token).
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 
 # Longest address kept from a header: an IPv6 address with a zone fits.
 _MAX_ADDRESS_CHARS = 64
@@ -140,27 +163,131 @@ def _percent_decode(segment: str) -> bytes:
     return unquote_to_bytes(segment.encode("utf-8", "surrogateescape"))
 
 
-def client_headers_for_server(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The client's request headers a server may see (names as given)."""
-    return [(k, v) for k, v in pairs if k.lower() not in _CLIENT_HEADERS_KEPT_FROM_SERVERS]
+def client_headers_for_server(pairs: Iterable[tuple[str, str]], *, host_mode: bool = False,
+                              keep_authorization: bool = True, websocket: bool = False) -> list[tuple[str, str]]:
+    """The client's request headers a server may see (names as given).
+
+    Path mode (the default): credentials for the relay's origin and proxy
+    claims stay here. Host mode: the server has an origin of its own, so the
+    visitor's Cookie and Authorization are its (Authorization not when
+    `keep_authorization` is False: the relay's basic auth consumed it).
+    Hop-by-hop headers, and those the client's Connection header names, are
+    dropped (RFC 9110 7.6.1), except a WebSocket handshake's own.
+    """
+    pairs = list(pairs)
+    listed = connection_tokens(pairs)
+    kept = []
+    for k, v in pairs:
+        name = k.lower()
+        if websocket and (name in _WEBSOCKET_HEADERS or name.startswith("sec-websocket-")):
+            kept.append((k, "upgrade" if name == "connection" else v))
+        elif name in HOP_BY_HOP or name in listed or name in _CLIENT_HEADERS_RELAY_ANSWERS or name in _CLIENT_HEADERS_KEPT_FROM_SERVERS and not (
+                host_mode and name in _HOST_MODE_CREDENTIALS and (keep_authorization or name == "cookie")):
+            continue
+        else:
+            kept.append((k, v))
+    return kept
 
 
-def is_dropped_from_server(name: str) -> bool:
-    """Tell whether a response header from a server must not reach the client (lowercase name)."""
+def connection_tokens(pairs: Iterable[tuple[str, str | bytes]]) -> frozenset[str]:
+    """The header names a Connection header lists (lowercase): hop-by-hop for this message."""
+    tokens: set[str] = set()
+    for k, v in pairs:
+        if k.lower() == "connection":
+            text = v.decode("latin-1") if isinstance(v, bytes) else v
+            tokens.update(t.strip().lower() for t in text.split(",") if t.strip())
+    return frozenset(tokens)
+
+
+def is_dropped_from_server(name: str, host_mode: bool = False) -> bool:
+    """Tell whether a response header from a server must not reach the client (lowercase name).
+
+    In host mode the server's origin is its own, so what acts on an origin
+    (cookies, auth challenges, HSTS, reporting) is its business; what acts on
+    the relay's edge (nginx's X-Accel-* and X-Sendfile, Alt-Svc, the
+    relay's certificate) never is.
+    """
+    if host_mode and name in _HOST_MODE_SERVER_HEADERS:
+        return False
     return name in _SERVER_HEADERS_DROPPED or name.startswith(_SERVER_HEADER_PREFIXES_DROPPED)
 
 
-def server_headers_for_client(headers: Mapping[str, bytes]) -> tuple[dict[str, bytes], list[str]]:
-    """Split a server's response headers into those passed on and the names dropped."""
-    kept: dict[str, bytes] = {}
+def server_headers_for_client(headers: Mapping[str, bytes] | Iterable[tuple[str, bytes]], *,
+                              host_mode: bool = False, upgrade: bool = False,
+                              ) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """Split a server's response header lines into those passed on and the names dropped.
+
+    One pair per line (a header sent several times keeps each value, in
+    order). Hop-by-hop headers, and those the server's Connection header
+    names, go; for a switch to WebSocket (`upgrade`) the handshake's own stay.
+    """
+    lines = list(headers.items() if isinstance(headers, Mapping) else headers)
+    listed = connection_tokens(lines)
+    kept: list[tuple[str, bytes]] = []
     dropped: list[str] = []
-    for name, value in headers.items():
-        if is_dropped_from_server(name):
+    for name, value in lines:
+        if upgrade and (name in _WEBSOCKET_HEADERS or name.startswith("sec-websocket-")):
+            kept.append((name, value))
+        elif name in HOP_BY_HOP or name in listed:
+            continue
+        elif is_dropped_from_server(name, host_mode):
             if name != "x-content-type-options":
                 dropped.append(name)
+        elif host_mode and name in ("set-cookie", "set-cookie2"):
+            kept.append((name, _host_only_cookie(value)))
         else:
-            kept[name] = value
+            kept.append((name, value))
     return kept, dropped
+
+
+def _host_only_cookie(value: bytes) -> bytes:
+    """A Set-Cookie without its Domain attribute: the cookie stays on the server's own host.
+
+    A server's host is NAME.SUFFIX; `Domain=SUFFIX` would hand the cookie to
+    every other server's host (and to the relay's, if it is SUFFIX itself).
+    """
+    parts = value.split(b";")
+    kept = [parts[0]] + [p for p in parts[1:] if p.strip()[:7].lower() != b"domain="]
+    return b";".join(kept) if len(kept) != len(parts) else value
+
+
+def forwarded_headers(client: str, proto: str, host: str, prefix: str) -> list[tuple[str, str]]:
+    """What the relay tells a server about who asks: X-Forwarded-* and RFC 7239 Forwarded."""
+    shown_for = f'"[{client}]"' if ":" in client else client
+    shown_host = host if host and _TOKEN_RE.match(host) else '"' + host.replace("\\", "").replace('"', "") + '"'
+    return [
+        ("X-Forwarded-For", client),
+        ("X-Forwarded-Proto", proto),
+        ("X-Forwarded-Host", host),
+        ("X-Forwarded-Prefix", prefix),
+        ("Forwarded", f"for={shown_for};proto={proto};host={shown_host}"),
+    ]
+
+
+def clean_host(value: str | None) -> str:
+    """A Host (or X-Forwarded-Host) value fit to pass on, or "" : one name[:port], no spaces or commas."""
+    if not value:
+        return ""
+    value = value.split(",", 1)[0].strip()
+    return value if len(value) <= 255 and _HOST_RE.match(value) else ""
+
+
+def host_server_name(host: str, suffix: str) -> str | None:
+    """The server NAME a host NAME+suffix names (case as sent, port ignored); None if not one of ours.
+
+    "" for a host that is the suffix with nothing before it, or names
+    something that cannot be a server's name (the caller answers 400).
+    """
+    if not suffix:
+        return None
+    name = host.lower()
+    if name.startswith("["):
+        return None  # an IPv6 literal
+    name = name.rpartition(":")[0] if ":" in name else name
+    name = name.removesuffix(".")
+    if not name.endswith(suffix):
+        return None
+    return name[:-len(suffix)]
 
 
 def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,12 +164,12 @@ def clean_report(value: str | None) -> str | None:
     return kept or None
 
 
-def collect_headers(pairs: Iterable[tuple[str, str | bytes]]) -> dict[str, bytes]:
-    """Lowercase names, drop hop-by-hop headers, join repeats with ", "."""
+def collect_headers(pairs: Iterable[tuple[str, str | bytes]], keep: Collection[str] = ()) -> dict[str, bytes]:
+    """Lowercase names, drop hop-by-hop headers (but those in `keep`), join repeats with ", "."""
     out: dict[str, bytes] = {}
     for name, value in pairs:
         key = name.lower()
-        if key in HOP_BY_HOP:
+        if key in HOP_BY_HOP and key not in keep:
             continue
         raw = value if isinstance(value, bytes) else value.encode("latin-1")
         out[key] = out[key] + b", " + raw if key in out else raw

@@ -116,10 +116,10 @@ def test_headers_acting_on_the_relay_edge_are_dropped() -> None:
         "x-content-type-options": b"sniff-please",
     }
     kept, dropped = trust.server_headers_for_client(head)
-    assert set(kept) == {"content-type", "content-length", "etag", "cache-control",
-                         "content-security-policy", "location"}
+    assert {name for name, _ in kept} == {"content-type", "content-length", "etag", "cache-control",
+                                          "content-security-policy", "location"}
     assert "x-content-type-options" not in dropped  # replaced by the relay's own, not worth a log line
-    assert set(dropped) == set(head) - set(kept) - {"x-content-type-options"}
+    assert set(dropped) == set(head) - {name for name, _ in kept} - {"x-content-type-options"}
 
 
 def test_relayed_content_is_sandboxed_without_the_relay_origin() -> None:

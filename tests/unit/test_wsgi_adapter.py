@@ -45,7 +45,7 @@ GUNICORN = f"gunicorn {gunicorn.__version__}"
 GEVENT = f"gevent {gevent.__version__}"
 CONF = Path(__file__).resolve().parents[2] / "conf" / "gunicorn.conf.py"
 # The settings of conf/gunicorn.conf.py that change how gunicorn parses a request.
-PARSER_SETTINGS = ("http_parser", "limit_request_field_size", "limit_request_fields")
+PARSER_SETTINGS = ("http_parser", "limit_request_field_size", "limit_request_fields", "forwarded_allow_ips")
 
 
 def changed(library: str, what: str) -> str:
