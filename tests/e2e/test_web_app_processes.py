@@ -356,15 +356,11 @@ def test_websocket_ping_gets_a_pong(web: WebTunnel) -> None:
         sock.sendall(ws.send(Ping(payload=b"are you there")))
         assert until(Pong).payload == b"are you there"  # type: ignore[attr-defined]
         sock.sendall(ws.send(CloseConnection(code=1000, reason="done")))
-        # The app's close frame, unmasked: FIN + close, 6 bytes, code 1000, "done". (werkzeug's
-        # development server then writes an HTTP response on the connection, which wsproto would
-        # report as a protocol error: so the frame is checked as bytes.)
-        data = b""
-        while len(data) < 8:
-            more = sock.recv(65536)
-            assert more, f"connection ended after {data!r}"
-            data += more
-        assert data.startswith(b"\x88\x06\x03\xe8done"), data
+        # The app ends the connection: its end reaches the client. (Its close frame is not
+        # checked: simple-websocket sends it from another thread than the one whose return
+        # makes werkzeug close the socket, and now and then that comes first, with no tunnel.)
+        while sock.recv(65536):
+            pass
 
 
 def test_many_websockets_at_once(web: WebTunnel) -> None:
