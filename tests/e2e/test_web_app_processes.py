@@ -376,3 +376,94 @@ def test_many_websockets_at_once(web: WebTunnel) -> None:
         for ws in sockets:
             if ws.connected:
                 ws.close()
+
+
+# ---- memory and resources ------------------------------------------------------------
+
+
+def _peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+
+def _rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0])
+
+
+def _reset_peak_rss(pid: int) -> None:
+    """Writing 5 to clear_refs resets VmHWM to the current RSS (Linux 4.0+)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+@pytest.mark.alone
+def test_one_gib_upload_arrives_whole_with_bounded_memory(web: WebTunnel) -> None:
+    """1 GiB, chunked, client -> relay -> server -> app: hash-checked, and neither the relay's
+    worker nor the server grows by more than a few MiB (each holds a piece or two in hand)."""
+    total = 1 << 30
+    worker, server = web.relay.worker_pid(), web.server.proc.pid
+    requests.post(web.base + "/upload", data=b"warm up", timeout=TIMEOUT_SECS).raise_for_status()
+    for pid in (worker, server):
+        _reset_peak_rss(pid)
+    before = {pid: _peak_rss_kib(pid) for pid in (worker, server)}
+    started = time.monotonic()
+    r = requests.post(web.base + "/upload", data=_random_chunks(total, b"gib"), timeout=600)
+    took = time.monotonic() - started
+    assert r.status_code == 200, r.text
+    assert r.json() == {"sha256": _sha_of_chunks(total, b"gib"), "bytes": total}
+    for pid, name in ((worker, "relay worker"), (server, "server")):
+        growth_mib = (_peak_rss_kib(pid) - before[pid]) / 1024
+        assert growth_mib < 16, f"{name} peak RSS grew {growth_mib:.1f} MiB during a 1 GiB upload ({took:.1f} s)"
+
+
+def test_client_leaving_an_event_stream_frees_the_app(web: WebTunnel) -> None:
+    """A client that goes away mid-stream frees the server's thread and the app's connection:
+    the relay finds the client gone when it passes on the next event and answers the POST,
+    and the server, which looks for that answer between events and every WATCH_SECS while
+    the app is quiet, stops. (The relay does not notice the client's end while nothing
+    flows, hence an event every 2 s here.)"""
+    with requests.get(web.base + "/sse?n=1000&interval=2", stream=True, timeout=TIMEOUT_SECS) as r:
+        assert r.status_code == 200
+        next(r.iter_lines(chunk_size=None))
+    request_id_lines = lambda: [line for line in web.server.proc.output().splitlines()
+                                if "GET /sse?n=1000&interval=2" in line]
+    wait_until(lambda: request_id_lines(), "the server's line for the stream", web.server.proc)
+    request_id = request_id_lines()[-1].split("request ")[1].split()[0]
+    wait_until(lambda: f"response {request_id} cut off" in web.server.proc.output()
+               or f"response {request_id}: the client left" in web.server.proc.output(),
+               "the server to notice that the client left", web.server.proc, deadline=15)
+
+
+@pytest.mark.slow
+def test_a_thousand_idle_websockets_are_held(web: WebTunnel) -> None:
+    """1,000 WebSockets open at once, idle: all still echo afterwards, and the server holds them
+    outside its request pool (a plain request is answered meanwhile) in bounded memory."""
+    import base64
+
+    parts = urlsplit(web.base)
+    server = web.server.proc.pid
+    before = _rss_kib(server)
+    sockets: list[socket.socket] = []
+    try:
+        for i in range(1000):
+            s = socket.create_connection((parts.hostname or "", parts.port or 80), timeout=TIMEOUT_SECS)
+            sockets.append(s)
+            key = base64.b64encode(os.urandom(16)).decode()
+            s.sendall(f"GET {parts.path}/ws HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                      .encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                more = s.recv(4096)
+                assert more, f"WebSocket {i} closed during its handshake: {head!r}"
+                head += more
+            assert head.startswith(b"HTTP/1.1 101"), (i, head)
+        assert get(web.base + "/target").status_code == 200, "the request pool is not taken by WebSockets"
+        held_mib = (_rss_kib(server) - before) / 1024
+        for s in sockets[::50]:
+            s.sendall(b"\x81\x82" + b"\x00\x00\x00\x00" + b"hi")  # a masked text frame, mask 0
+            assert s.recv(16) == b"\x81\x02hi"
+        assert held_mib < 150, f"the server grew {held_mib:.0f} MiB holding 1,000 idle WebSockets"
+    finally:
+        for s in sockets:
+            s.close()
