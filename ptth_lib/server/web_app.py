@@ -339,7 +339,7 @@ class WebApp:
         # The response stays open to the end: it holds the socket if http.client has closed
         # the connection already (the app said Connection: close).
         quiet_since = time.monotonic()
-        while True:
+        while left != 0:
             if not pending:
                 try:
                     if not _wait_readable(sock):
@@ -424,6 +424,7 @@ class WebApp:
         """Copy bytes both ways until both sides end, or one is cut and both are."""
         try:
             session = self._new_session()
+            session.proxies.clear()  # straight to the relay, as RelayStreams' POST goes
             url = self._body_url.format(id=quote(req.id, safe=""))
 
             def open_incoming() -> requests.Response:

@@ -288,6 +288,22 @@ def test_upload_64_mib_arrives_whole(web: WebTunnel, framing: str) -> None:
     assert r.json() == {"sha256": _sha_of_chunks(total, framing.encode()), "bytes": total}
 
 
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_download_64_mib_arrives_whole(web: WebTunnel, framing: str) -> None:
+    total = 64 * 1024 * 1024
+    digest = hashlib.sha256()
+    size = 0
+    with requests.get(web.base + f"/download?bytes={total}&seed={framing}&framing={framing}", stream=True,
+                      timeout=TIMEOUT_SECS) as r:
+        assert r.status_code == 200
+        assert r.headers.get("Content-Length") == (str(total) if framing == "length" else None)
+        for piece in r.iter_content(1 << 20):
+            digest.update(piece)
+            size += len(piece)
+    assert size == total
+    assert digest.hexdigest() == _sha_of_chunks(total, framing.encode())
+
+
 def test_client_abort_mid_upload_is_an_incomplete_body_at_the_app(web: WebTunnel) -> None:
     """The client sends half of a declared length and goes: the app's read fails, never a short success."""
     before = len(get(web.base + "/uploads").json())

@@ -15,6 +15,8 @@ Routes:
   piece at a time (never whole); `/uploads` lists every upload's outcome
   (complete or not, bytes seen, the error), so a test can tell that an
   upload cut mid-way was seen as cut.
+- `/download?bytes=N&seed=S&framing=length|chunked`: N bytes made as they are
+  sent (the same blocks as the tests' uploads).
 - `/redirect/absolute`, `/redirect/path`, `/redirect/relative`: 302 to
   `/target`, as an absolute URL on the app's own origin (built from Host),
   as a path, and as a relative reference.
@@ -111,6 +113,23 @@ def upload() -> Response:
         with _uploads_lock:
             _uploads.append(outcome)
     return jsonify({"sha256": digest.hexdigest(), "bytes": seen})
+
+
+@app.route("/download")
+def download() -> Response:
+    """`bytes` bytes of a repeated SHA-256 block, made as they are sent; with Content-Length or chunked."""
+    total = int(request.args.get("bytes", "0"))
+    block = hashlib.sha256(request.args.get("seed", "").encode()).digest() * (1024 * 1024 // 32)
+
+    def body() -> Iterator[bytes]:
+        sent = 0
+        while sent < total:
+            piece = block[: min(len(block), total - sent)]
+            sent += len(piece)
+            yield piece
+
+    headers = {"Content-Length": str(total)} if request.args.get("framing") == "length" else {}
+    return Response(body(), mimetype="application/octet-stream", headers=headers)
 
 
 @app.route("/uploads")
