@@ -45,7 +45,7 @@ class HotPaths:
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         path: str = environ.get("PATH_INFO", "")
         suffix = self._relay.config.server_host_suffix
-        host_name = trust.host_server_name(self._relay.request_host(environ), suffix) if suffix else None
+        host_name = trust.host_server_name(self._relay.request_host(environ, raw=True), suffix) if suffix else None
         if host_name is not None:
             response: Response | None = self._relay.host_request(host_name, Request(environ))
         elif path.startswith("//"):

@@ -350,12 +350,17 @@ class Relay:
             return text(404, f"no server named {host_name!r} is registered at this relay")
         return self._serve(trust.ServerPath(name, request_target(req.environ)), req, "", host_mode=True)
 
-    def request_host(self, environ: dict[str, Any]) -> str:
-        """The host the client asked for: a trusted proxy's X-Forwarded-Host, else Host ("" if unusable)."""
+    def request_host(self, environ: dict[str, Any], raw: bool = False) -> str:
+        """The host the client asked for: a trusted proxy's X-Forwarded-Host, else Host.
+
+        "" if it is not a host name with maybe a port, unless `raw` (for host
+        routing, which answers a malformed name under its suffix itself).
+        """
+        value = str(environ.get("HTTP_HOST", ""))
         forwarded = environ.get("HTTP_X_FORWARDED_HOST")
         if forwarded and trust.is_in(str(environ.get("REMOTE_ADDR", "")), self.config.trusted_proxies):
-            return trust.clean_host(forwarded)
-        return trust.clean_host(environ.get("HTTP_HOST"))
+            value = str(forwarded).split(",", 1)[0].strip()
+        return value if raw else trust.clean_host(value)
 
     def scraper_request(self, req: Request) -> Response:
         """P2 to P6 for `/scraper/v1/server/NAME/...`, once the scraper key is checked."""
@@ -435,7 +440,8 @@ class Relay:
         websocket = wants_websocket(environ)
         if websocket and body is not None:
             return text(400, "a WebSocket handshake has no body")
-        if websocket and not can_take_over(environ):
+        state = rv.servers.get(name)
+        if websocket and state is not None and FEATURE_WEBSOCKET in state.features and not can_take_over(environ):
             return text(501, "WebSocket needs the relay under gunicorn (conf/gunicorn.conf.py)")
         headers = collect_headers(
             trust.client_headers_for_server(req.headers.items(), host_mode=host_mode,

@@ -181,12 +181,23 @@ def client_headers_for_server(pairs: Iterable[tuple[str, str]], *, host_mode: bo
         name = k.lower()
         if websocket and (name in _WEBSOCKET_HEADERS or name.startswith("sec-websocket-")):
             kept.append((k, "upgrade" if name == "connection" else v))
-        elif name in HOP_BY_HOP or name in listed or name in _CLIENT_HEADERS_RELAY_ANSWERS or name in _CLIENT_HEADERS_KEPT_FROM_SERVERS and not (
-                host_mode and name in _HOST_MODE_CREDENTIALS and (keep_authorization or name == "cookie")):
-            continue
-        else:
+        elif not _stays_at_relay(name, listed, host_mode, keep_authorization):
             kept.append((k, v))
     return kept
+
+
+def _stays_at_relay(name: str, listed: frozenset[str], host_mode: bool, keep_authorization: bool) -> bool:
+    """Tell whether a client's request header (lowercase name) stops at the relay."""
+    if _is_hop_by_hop(name, listed) or name in _CLIENT_HEADERS_RELAY_ANSWERS:
+        return True
+    if host_mode and name in _HOST_MODE_CREDENTIALS:
+        return name == "authorization" and not keep_authorization
+    return name in _CLIENT_HEADERS_KEPT_FROM_SERVERS
+
+
+def _is_hop_by_hop(name: str, listed: frozenset[str]) -> bool:
+    """RFC 9110 7.6.1: the hop-by-hop headers, any Proxy-*, and those Connection names."""
+    return name in HOP_BY_HOP or name.startswith("proxy-") or name in listed
 
 
 def connection_tokens(pairs: Iterable[tuple[str, str | bytes]]) -> frozenset[str]:
@@ -228,7 +239,7 @@ def server_headers_for_client(headers: Mapping[str, bytes] | Iterable[tuple[str,
     for name, value in lines:
         if upgrade and (name in _WEBSOCKET_HEADERS or name.startswith("sec-websocket-")):
             kept.append((name, value))
-        elif name in HOP_BY_HOP or name in listed:
+        elif _is_hop_by_hop(name, listed):
             continue
         elif is_dropped_from_server(name, host_mode):
             if name != "x-content-type-options":

@@ -195,8 +195,9 @@ def test_visitors_credentials_never_reach_a_server(edge: Edge) -> None:
                           "X-Forwarded-For": "6.6.6.6", "X-Real-IP": "6.6.6.6", "Forwarded": "for=6.6.6.6",
                           "Range": "bytes=0-3"})
     (_, headers), = [s for s in edge.evil.seen[before:] if s[0] == "/creds"]
-    assert set(headers) & {"cookie", "authorization", "x-apikey", "x-forwarded-for", "x-real-ip",
-                           "forwarded"} == set()
+    assert set(headers) & {"cookie", "authorization", "x-apikey", "x-real-ip"} == set()
+    # The client's claims about itself are replaced by the relay's own (PROTOCOL.md "Who is asking").
+    assert headers["x-forwarded-for"] == b"127.0.0.1" and headers["forwarded"].startswith(b"for=127.0.0.1;")
     assert headers["range"] == b"bytes=0-3"  # the rest still crosses
 
 

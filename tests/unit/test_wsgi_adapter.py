@@ -59,6 +59,7 @@ class FakeSocket:
     def __init__(self, *pieces: bytes) -> None:
         self.pieces = list(pieces)
         self.recv_sizes: list[int] = []
+        self.sent: list[bytes] = []
 
     def recv(self, size: int) -> bytes:
         self.recv_sizes.append(size)
@@ -72,6 +73,7 @@ class FakeSocket:
         return piece
 
     def send(self, data: bytes) -> int:
+        self.sent.append(bytes(data))
         return len(data)
 
     sendall = send
@@ -226,6 +228,89 @@ def test_a_body_already_read_from_falls_back_to_read() -> None:
     assert b"".join(wsgi.iter_body(environ, 2)) == b"cdef"
 
 
+# ---- gunicorn: web apps (Expect, taking a connection over, the access log) ------------------
+
+
+def test_expect_100_continue_is_left_to_the_relay() -> None:
+    conf = runpy.run_path(str(CONF))
+    assert callable(conf.get("pre_request")), "conf/gunicorn.conf.py no longer defers Expect: 100-continue"
+    sock = FakeSocket(head("/frontend/servers/a/up", "Content-Length: 4", "Expect: 100-continue") + b"body")
+    cfg = gunicorn_config()
+    req = next(RequestParser(cfg, sock, ("127.0.0.1", 40000)))
+    assert req._expected_100_continue is True, changed(
+        GUNICORN, "a request with Expect: 100-continue no longer sets Request._expected_100_continue")
+    conf["pre_request"](None, req)
+    _, environ = gunicorn_wsgi.create(req, sock, ("127.0.0.1", 40000), ("127.0.0.1", 4000), cfg)
+    assert sock.sent == [], changed(GUNICORN, "wsgi.create sends 100 Continue although pre_request cleared "
+                                              "_expected_100_continue: clients upload bodies nobody wants")
+    assert environ["HTTP_EXPECT"] == "100-continue"
+    assert wsgi.owes_continue(environ)
+    wsgi.send_continue(environ)
+    wsgi.send_continue(environ)
+    assert sock.sent == [wsgi.CONTINUE]  # once
+    assert not wsgi.owes_continue(environ)
+
+
+def test_without_expect_nothing_is_owed() -> None:
+    sock = FakeSocket(head("/x", "Content-Length: 0"))
+    cfg = gunicorn_config()
+    req = next(RequestParser(cfg, sock, ("127.0.0.1", 40000)))
+    wsgi.defer_continue(req)
+    _, environ = gunicorn_wsgi.create(req, sock, ("127.0.0.1", 40000), ("127.0.0.1", 4000), cfg)
+    assert not wsgi.owes_continue(environ) and sock.sent == []
+
+
+def test_a_loopback_peer_cannot_set_the_scheme() -> None:
+    sock = FakeSocket(head("/x", "Content-Length: 0", "X-Forwarded-Proto: https"))
+    _, environ = gunicorn_request(sock)
+    assert environ["wsgi.url_scheme"] == "http", changed(
+        GUNICORN, "forwarded_allow_ips = \"\" no longer keeps a peer's X-Forwarded-Proto from wsgi.url_scheme")
+
+
+def test_a_connection_taken_over_gets_what_gunicorn_read_ahead(worker: Worker) -> None:
+    sock = FakeSocket(b"GET /ws HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+                      b"\x81\x05hello")
+    from gunicorn.glogging import Logger
+
+    cfg = gunicorn_config()
+    worker.cfg = cfg
+    worker.log = Logger(cfg)
+    req = next(RequestParser(cfg, sock, ("127.0.0.1", 40000)))
+    taken: list[tuple[Any, bytes]] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        assert wsgi.can_take_over(environ), changed(GUNICORN, "a GET's wsgi.input has no reader.unreader "
+                                                              "with take_buffered: WebSockets cannot be carried")
+        taken.append(wsgi.take_over(environ))
+        return wsgi.handled()
+
+    worker.wsgi = app
+    worker.alive = True
+    worker.handle_request(("127.0.0.1", 4000), req, sock, ("127.0.0.1", 40000))
+    assert taken == [(sock, b"\x81\x05hello")]
+    assert sock.sent == [], changed(GUNICORN, "the worker wrote to a connection the app took over "
+                                              "(ALREADY_HANDLED): it would corrupt the WebSocket")
+
+
+def test_the_access_log_shows_the_client_address() -> None:
+    from datetime import timedelta
+
+    from gunicorn.glogging import Logger
+
+    sock = FakeSocket(head("/x", "Content-Length: 0"))
+    _, environ = gunicorn_request(sock)
+    wsgi.show_client_address(environ, "198.51.100.7")
+
+    class Resp:
+        status = "200 OK"
+        sent = 0
+        headers = ()
+
+    atoms = Logger(gunicorn_config()).atoms(Resp(), [], environ, timedelta(0))
+    assert atoms["h"] == "198.51.100.7", changed(GUNICORN, "the access log's %(h)s is no longer REMOTE_ADDR")
+    assert environ["ptth.peer"] == "127.0.0.1"
+
+
 # ---- gunicorn: the gevent worker, for conf/gunicorn.conf.py ------------------------------------
 
 
@@ -314,6 +399,15 @@ def test_a_hang_up_ends_the_waiting_greenlet(pair: tuple[Any, Any]) -> None:
     waiter.join(timeout=2)
     watcher.join(timeout=2)
     assert isinstance(waiter.exception, ListenEndedError)
+
+
+def test_a_hang_up_is_seen_with_bytes_still_unread(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    b.sendall(b"a request body nobody has read yet")
+    assert not wsgi.has_hung_up(a)
+    b.shutdown(socket.SHUT_WR)
+    assert wsgi.has_hung_up(a), "POLLRDHUP is not seen through the standard library's poll"
+    assert a.recv(100).startswith(b"a request body")
 
 
 # ---- gevent: pywsgi, for python ptth_relay.py and ptth_file_server.py -------------------------
