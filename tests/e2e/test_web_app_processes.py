@@ -288,6 +288,25 @@ def test_upload_64_mib_arrives_whole(web: WebTunnel, framing: str) -> None:
     assert r.json() == {"sha256": _sha_of_chunks(total, framing.encode()), "bytes": total}
 
 
+@pytest.mark.parametrize("size", [1000, 8 * 1024 * 1024])
+def test_an_app_answering_before_reading_the_upload_is_heard(web: WebTunnel, size: int) -> None:
+    """The app's 413 reaches the client; the server stops copying the body (it does not wait for all of it)."""
+    parts = urlsplit(web.base)
+    with socket.create_connection((parts.hostname or "", parts.port or 80), timeout=TIMEOUT_SECS) as sock:
+        sock.sendall(f"POST {parts.path}/refuse HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Length: {size}\r\n"
+                     "Content-Type: application/octet-stream\r\n\r\n".encode())
+        try:
+            sock.sendall(b"x" * size)
+        except OSError:
+            pass  # the relay may close its side once the answer is out: the answer is still there to read
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            more = sock.recv(65536)
+            assert more, f"no answer: {answer!r}"
+            answer += more
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 def test_download_64_mib_arrives_whole(web: WebTunnel, framing: str) -> None:
     total = 64 * 1024 * 1024

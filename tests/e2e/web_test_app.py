@@ -17,6 +17,7 @@ Routes:
   upload cut mid-way was seen as cut.
 - `/download?bytes=N&seed=S&framing=length|chunked`: N bytes made as they are
   sent (the same blocks as the tests' uploads).
+- `/refuse`: 413 without reading the request body.
 - `/redirect/absolute`, `/redirect/path`, `/redirect/relative`: 302 to
   `/target`, as an absolute URL on the app's own origin (built from Host),
   as a path, and as a relative reference.
@@ -130,6 +131,12 @@ def download() -> Response:
 
     headers = {"Content-Length": str(total)} if request.args.get("framing") == "length" else {}
     return Response(body(), mimetype="application/octet-stream", headers=headers)
+
+
+@app.route("/refuse", methods=["POST", "PUT"])
+def refuse() -> Response:
+    """Answers 413 without reading the body (as an app with an upload limit does)."""
+    return Response("too large for this app\n", status=413, mimetype="text/plain")
 
 
 @app.route("/uploads")
