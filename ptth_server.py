@@ -1,8 +1,9 @@
-"""ptth_server: serve a folder through a PTTH relay, from behind a firewall.
+"""ptth_server: serve a folder or a local web app through a PTTH relay, from behind a firewall.
 
 `python ptth_server.py [--config PATH] [--print-tripcode] [--name N]
-[--relay-url URL] [--file-server-root DIR]`; flags override the config file
-(default ./ptth_server.toml), and the API key may come from $PTTH_API_KEY.
+[--relay-url URL] [--file-server-root DIR] [--web-app-url URL]`; flags
+override the config file (default ./ptth_server.toml), and the API key may
+come from $PTTH_API_KEY.
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="name to register under (overrides the config)")
     parser.add_argument("--relay-url", help="relay base URL, e.g. http://127.0.0.1:4000")
     parser.add_argument("--file-server-root", help="folder to serve under /files/")
+    parser.add_argument("--web-app-url", help="local web app to serve (every path but /files/ when a "
+                        "folder is served too), e.g. http://127.0.0.1:8080")
     add_logging_flags(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic's own lines, when [quic] is set
 
-    overrides = {"name": args.name, "relay_url": args.relay_url, "file_server_root": args.file_server_root}
+    overrides = {"name": args.name, "relay_url": args.relay_url, "file_server_root": args.file_server_root,
+                 "web_app_url": args.web_app_url}
     try:
         config, key_source = load_server_config(args.config, overrides)
     except ConfigError as e:
@@ -58,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     loop = ServerLoop(config)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: loop.stop())
-    logger.info("serving %s as %r through %s (tripcode %s)",
-                config.file_server_root, config.name, config.relay_url, code)
+    serving = " and ".join(([f"web app {config.web_app_url}"] if config.web_app_url else [])
+                           + ([f"folder {config.file_server_root} under /files/"] if config.file_server_root
+                              else []))
+    logger.info("serving %s as %r through %s (tripcode %s)", serving, config.name, config.relay_url, code)
     return loop.run()
 
 

@@ -67,6 +67,22 @@ def check_url(value: str) -> str | None:
     return "must be an http:// or https:// URL such as http://127.0.0.1:4000"
 
 
+def check_web_app_url(value: str) -> str | None:
+    """An app's origin, with an optional path prefix; nothing a request could not be built on."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        parts = None
+    if (parts is not None and parts.scheme in ("http", "https") and parts.hostname
+            and not (parts.query or parts.fragment or parts.username or parts.password or "?" in value
+                     or "#" in value)
+            and all(" " < c < "\x7f" for c in value)):
+        return None
+    return ("must be an http:// or https:// URL with an optional path, such as http://127.0.0.1:8080 "
+            "(no query, fragment, user:password@ or spaces)")
+
+
 def check_tripcode(value: str) -> str | None:
     if tripcode.is_valid(value):
         return None

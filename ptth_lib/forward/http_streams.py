@@ -8,7 +8,8 @@ server), a generator that urllib3 pulls each piece from and sends as one
 chunk at once. `RelayStreams` is the two as one end for `splice.Splice`:
 
 - `read()`: the response's next chunk; b"" at its last chunk, the far side's
-  half-close;
+  half-close (a web app's WebSocket opens that response at the first read,
+  so that the POST does not wait for it: `incoming` may be a function);
 - `pour(pieces)`: the POST; the generator's end is the body's last chunk (our
   half-close), and the relay must then answer 200; a piece that cannot be had
   (the splice is being cut) cuts the body off, which the relay takes as a cut;
@@ -21,7 +22,7 @@ chunk at once. `RelayStreams` is the two as one end for `splice.Splice`:
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 import certifi
@@ -43,20 +44,39 @@ _TCP_ESTABLISHED = 1
 class RelayStreams:
     """The response carrying the far side's bytes and the POST carrying ours, as one splice end."""
 
-    def __init__(self, incoming: requests.Response, post_url: str, headers: Mapping[str, str]) -> None:
-        self._incoming = incoming
-        self._chunks = incoming.iter_content(None)  # each chunk as it arrives, never a sized read
+    def __init__(self, incoming: requests.Response | Callable[[], requests.Response], post_url: str,
+                 headers: Mapping[str, str]) -> None:
+        """`incoming` is the response, or a function that opens it (raising HTTP_ERRORS or CutError)."""
         self._post_url = post_url
         self._headers = dict(headers)
         # The relay's connections that should be open: watched while the TCP peer is quiet,
         # shut down by abort(). The response's leaves at its clean end, the POST's with its body.
         self._open: dict[str, socket.socket] = {}
+        self._aborted = ""
+        self._incoming: requests.Response | None = None
+        self._chunks: Iterator[bytes] = iter(())
+        self._open_incoming: Callable[[], requests.Response] | None = None
+        if callable(incoming):
+            self._open_incoming = incoming
+        else:
+            self._use(incoming)
+
+    def _use(self, incoming: requests.Response) -> None:
+        self._incoming = incoming
+        self._chunks = incoming.iter_content(None)  # each chunk as it arrives, never a sized read
         in_sock = _response_socket(incoming)
         if in_sock is not None:
             self._open["incoming"] = in_sock
-        self._aborted = ""
+            if self._aborted:  # cut while it was being opened
+                self.abort(self._aborted)
 
     def read(self) -> bytes:
+        if self._open_incoming is not None:
+            opener, self._open_incoming = self._open_incoming, None
+            try:
+                self._use(opener())
+            except HTTP_ERRORS as e:
+                raise CutError(f"relay stream: {root_cause(e)}") from None
         while True:
             try:
                 chunk: bytes | None = next(self._chunks, None)
@@ -92,7 +112,8 @@ class RelayStreams:
                 pass
 
     def close(self) -> None:
-        self._incoming.close()
+        if self._incoming is not None:
+            self._incoming.close()
 
     def _post(self, pieces: Iterable[bytes]) -> tuple[int, Mapping[str, str], bytes]:
         """POST the pieces as a chunked body; return the relay's status, headers and answer.

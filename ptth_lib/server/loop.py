@@ -20,11 +20,19 @@ stops the loop, because retrying with a key the relay refuses cannot succeed.
 
 When the config has `[forwarded_ports]`, TCP port forwarding runs beside the
 listen loop (forward_server.py) and stops with it.
+
+With `web_app_url`, listens also announce `bodies` and `websocket` (PROTOCOL.md
+"Web apps"), and the relay's own features, in its answers, are kept for the
+responder (a relay with `header-lists` gets repeated headers as lists). A
+WebSocket leaves the pool once the app has said 101: it runs in threads of
+its own, at most web_app.MAX_WEBSOCKETS, so idle ones never hold the pool's
+room (MAX_CONCURRENT_REQUESTS bounds requests being answered).
 """
 
 from __future__ import annotations
 
 import logging
+import resource
 import socket
 import threading
 import time
@@ -49,6 +57,8 @@ from ptth_lib.wire.envelope import (
     API_KEY_HEADER,
     BATCH_HEADER,
     FEATURE_ACK,
+    FEATURE_BODIES,
+    FEATURE_WEBSOCKET,
     FEATURES_HEADER,
     LEAVE_PATH,
     LISTEN_PATH,
@@ -60,6 +70,7 @@ from ptth_lib.wire.envelope import (
     RelayRequest,
     decode_requests,
     is_request_id,
+    parse_features,
 )
 
 logger = logging.getLogger(__name__)
@@ -123,6 +134,10 @@ class ServerLoop:
         self._state = ""  # "connected" or the last problem, for _report
         self._forwarding = PortForwardServer(config, self._new_session, self._stop)
         self._responder = Responder(config, self._new_session, self._abort)
+        self._features = FEATURE_ACK
+        if config.web_app_url is not None:
+            self._features = f"{FEATURE_ACK}, {FEATURE_BODIES}, {FEATURE_WEBSOCKET}"
+            _raise_open_files_limit()
 
     # ---- lifecycle ------------------------------------------------------
 
@@ -146,6 +161,8 @@ class ServerLoop:
             quic_stop[0]()  # close the QUIC connection: its streams and TCP connections are cut
             quic_thread.join(QUIC_STOP_SECS)
         self._forwarding.stop()
+        if self._responder.web_app is not None:
+            self._responder.web_app.stop()
         with self._lock:
             running = set(self._in_flight)
         if running:
@@ -171,7 +188,7 @@ class ServerLoop:
             "User-Agent": f"ptth_server/{__version__}",
             SERVER_VERSION_HEADER: f"ptth_server/{__version__} (Python)",
             SERVER_HOST_HEADER: socket.gethostname(),
-            FEATURES_HEADER: FEATURE_ACK,
+            FEATURES_HEADER: self._features,
         })
         failures = 0
         ack = ""        # the batch the last answer brought, acknowledged by the next listen
@@ -197,6 +214,8 @@ class ServerLoop:
                     # Read at most one byte past the limit: a hostile relay cannot make us read more.
                     data = r.raw.read(MAX_LISTEN_BODY_BYTES + 1, decode_content=True)
                 ack = ""  # the relay answered, so it has read our acknowledgement
+                if r.status_code in (200, 204):
+                    self._responder.relay_features = parse_features(r.headers.get(FEATURES_HEADER))
                 if r.status_code == 200:
                     batch = decode_requests(data)  # a relay may ignore our limit: serve them all
                     ack = r.headers.get(BATCH_HEADER, "") if is_request_id(r.headers.get(BATCH_HEADER, "")) else ""
@@ -324,6 +343,17 @@ class ServerLoop:
     def _new_session(self) -> requests.Session:
         """A Session for one thread (requests_adapter.new_session: no redirects, early answers seen)."""
         return new_session(self._proxies, f"ptth_server/{__version__}")
+
+
+def _raise_open_files_limit() -> None:
+    """Let this process open as many files as the system allows it: each WebSocket takes three sockets."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as e:
+        logger.info("could not raise the open-files limit: %s", e)
 
 
 def _run_quic_end_server(config: ServerConfig, stop: list[Callable[[], None]],

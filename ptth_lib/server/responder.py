@@ -1,11 +1,13 @@
-"""How ptth_server answers one request: run the file server, POST the response back, streamed.
+"""How ptth_server answers one request: run the file server or ask the web app, POST the response back.
 
 A pool thread of `ServerLoop` calls `Responder.respond` for each request the
-relay handed over (P4, P5): the file server's answer goes to the relay as a
-POST, the head in the X-PTTH-2LJYXWC4 header and the body as the upload,
-which the relay answers once the client has it all (P7). The upload stops
-at once when the relay answers early (the client left), and at shutdown
-when the grace period is over. Each pool thread keeps its own Session.
+relay handed over (P4, P5). Paths under /files/ go to the file server when
+`file_server_root` is set, everything else to the web app when `web_app_url`
+is (web_app.py); the answer goes to the relay as a POST, the head in the
+X-PTTH-2LJYXWC4 header and the body as the upload, which the relay answers
+once the client has it all (P7). The upload stops at once when the relay
+answers early (the client left), and at shutdown when the grace period is
+over. Each pool thread keeps its own Session.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from ptth_lib.config import ServerConfig
 from ptth_lib.errors import PtthError, describe_answer, root_cause
 from ptth_lib.requests_adapter import SizedBody, closed_without_answer, is_answered_early
 from ptth_lib.server import file_server
+from ptth_lib.server.proxy_headers import client_address
+from ptth_lib.server.web_app import AppCutError, WebApp
 from ptth_lib.wire.envelope import (
     API_KEY_HEADER,
     MAX_RESPONSE_HEAD_BYTES,
@@ -70,8 +74,29 @@ class Responder:
         self._new_session = new_session
         self._abort = abort
         self._local = threading.local()
+        # What the relay takes (X-PTTH-Features of its latest listen answer), set by the loop.
+        self.relay_features: frozenset[str] = frozenset()
+        self.web_app = (WebApp(config, self.post_once, self._session, new_session, abort,
+                               lambda: self.relay_features) if config.web_app_url else None)
 
     def respond(self, req: RelayRequest) -> None:
+        """Answer one request: from the file server for /files/ (if it has a root), else from the web app."""
+        client = client_address(req.headers)
+        if self.web_app is not None and (self._root is None or not _is_file_path(req.uri)):
+            self.web_app.forward(req, client)
+        else:
+            self._serve_file(req, client)
+
+    def post_once(self, request_id: str, head: ServerResponseHead, chunks: Iterator[bytes],
+                  length: int | None) -> None:
+        """POST a response once, never again on a new connection (a web app's answer cannot be made twice)."""
+        body = _CountingBody(chunks, self._abort, length)
+        try:
+            self._post(request_id, head, body, last_try=True)
+        finally:
+            body.close()
+
+    def _serve_file(self, req: RelayRequest, client: str) -> None:
         """Answer one request, on a second connection if the first was closed with nothing answered.
 
         A kept-alive connection may be closed by a proxy or NAT box in the
@@ -82,11 +107,13 @@ class Responder:
         nothing is answered twice. A POST cut before its body was all out
         (the relay cut it: the client left) is not tried again.
         """
+        assert self._root is not None
         headers = {k: v.decode("latin-1") for k, v in req.headers.items()}
         for attempt in (1, 2):
             answer = file_server.serve(self._root, req.method, req.uri, headers)
             head = ServerResponseHead(answer.status, collect_headers(answer.headers))
-            logger.debug("request %s: %s %s -> %d", req.id, req.method, req.uri, answer.status)
+            if attempt == 1:
+                logger.info("request %s from %s: %s %s -> %d", req.id, client, req.method, req.uri, answer.status)
             has_body = req.method != "HEAD" and answer.status not in (204, 304)
             length = head.headers.get("content-length") if has_body else b"0"
             body = _CountingBody(answer.body, self._abort, int(length) if length is not None else None)
@@ -112,6 +139,10 @@ class Responder:
                 answer = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
         except _AbortedError:
             logger.info("response %s abandoned at shutdown after %d bytes", request_id, body.sent)
+            return True
+        except AppCutError as e:
+            logger.info("response %s cut off after %d bytes: %s", request_id, body.sent, e)
+            self._local.session = None  # closed mid-body: not reusable
             return True
         except _AnsweredEarlyError:
             logger.info("response %s cut off after %d bytes: the client left (the relay answered early)",
@@ -141,6 +172,12 @@ class Responder:
             session = self._new_session()
             self._local.session = session
         return session
+
+
+def _is_file_path(uri: str) -> bool:
+    """Tell whether a request target is the file server's: /files and below."""
+    path = uri.partition("?")[0]
+    return path == "/files" or path.startswith("/files/")
 
 
 class _CountingBody:

@@ -53,7 +53,7 @@ class Server:
     proc: Proc
     name: str
     key: str
-    root: Path
+    root: Path | None
     config: Path
 
 
@@ -82,9 +82,12 @@ class Cluster:
         self.procs.append(proc)
         return Relay(proc, port, config)
 
-    def server(self, relay: Relay, name: str, key: str, root: Path, wait: bool = True,
+    def server(self, relay: Relay, name: str, key: str, root: Path | None, wait: bool = True,
                extra_args: list[str] | None = None, extra_config: str = "") -> Server:
-        """Start ptth_server and (unless wait=False) wait until the relay has it online."""
+        """Start ptth_server and (unless wait=False) wait until the relay has it online.
+
+        `root` None serves no folder (then `extra_config` sets web_app_url).
+        """
         config = procs.write_server_config(self.tmp / f"server-{name}-{self.counter}.toml", name, key,
                                            relay.url, root, extra_config)
         proc = procs.start_server(config, self._log(f"server-{name}"), extra_args or [])
@@ -119,6 +122,12 @@ class Cluster:
             m = proc.wait_for_output(rf"forwarding 127\.0\.0\.1:(\d+) to {re.escape(server)}:{re.escape(port)}\b")
             ports.append(int(m.group(1)))
         return proc, ports
+
+    def web_app(self, port: int = 0) -> tuple[Proc, str]:
+        """Start tests/e2e/web_test_app.py; returns it and its base URL."""
+        proc, url = procs.start_web_app(self._log("web-app"), port)
+        self.procs.append(proc)
+        return proc, url
 
     def file_server(self, root: Path) -> tuple[Proc, str]:
         """Start ptth_file_server on `root`; returns it and its base URL."""

@@ -204,11 +204,11 @@ def gunicorn_worker(relay: Proc) -> int:
     return workers[0]
 
 
-def write_server_config(path: Path, name: str, key: str, relay_url: str, root: Path,
+def write_server_config(path: Path, name: str, key: str, relay_url: str, root: Path | None,
                         extra: str = "") -> Path:
-    """ptth_server's config (mode 0600: it holds a key), serving `root`; `extra` TOML appended."""
-    path.write_text(f'name = "{name}"\napi_key = "{key}"\nrelay_url = "{relay_url}/"\n'
-                    f'file_server_root = "{root}"\n{extra}\n')
+    """ptth_server's config (mode 0600: it holds a key), serving `root` (if any); `extra` TOML appended."""
+    served = f'file_server_root = "{root}"\n' if root is not None else ""
+    path.write_text(f'name = "{name}"\napi_key = "{key}"\nrelay_url = "{relay_url}/"\n{served}{extra}\n')
     path.chmod(0o600)
     return path
 
@@ -223,6 +223,18 @@ def wait_for_server(relay_url: str, name: str, proc: Proc | None = None,
     """Wait until the relay has server `name` online (its root answers 200)."""
     wait_until(lambda: http_status(f"{relay_url}/frontend/servers/{name}/") == 200,
                f"server {name} online", proc, deadline)
+
+
+def start_web_app(log: Path, port: int = 0, cwd: Path = REPO,
+                  deadline: float = STARTUP_DEADLINE_SECS) -> tuple[Proc, str]:
+    """Start tests/e2e/web_test_app.py (werkzeug, threaded); returns it and its base URL once it listens."""
+    proc = Proc([sys.executable, "tests/e2e/web_test_app.py", "--port", str(port)], log, cwd=cwd)
+    try:
+        url = proc.wait_for_output(r"listening on (http://127\.0\.0\.1:\d+)", deadline).group(1)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url
 
 
 def start_file_server(root: Path, log: Path, cwd: Path = REPO,

@@ -567,3 +567,26 @@ def test_gunicorn_conf_relay_serves(cluster: Cluster) -> None:
     assert r.status_code == 200 and "Relay is up" in r.text
     assert relay.proc.stop(signal.SIGTERM, timeout=60) == 0
     assert_clean(relay.proc.output())
+
+
+def test_server_with_nothing_to_serve_refuses_to_start(tmp_path: Path) -> None:
+    """No file_server_root (it has no default now) and no web_app_url: one line naming both."""
+    key = new_key("alpha")
+    config = tmp_path / "ptth_server.toml"
+    config.write_text(f'name = "alpha"\nrelay_url = "http://127.0.0.1:4000/"\napi_key = "{key}"\n')
+    config.chmod(0o600)
+    line = assert_one_line_error(server("--config", str(config)), "ptth_server", key=key)
+    assert "file_server_root" in line and "web_app_url" in line
+
+
+def test_web_app_url_flag_is_checked(tmp_path: Path) -> None:
+    key = new_key("alpha")
+    config = tmp_path / "ptth_server.toml"
+    config.write_text(f'name = "alpha"\nrelay_url = "http://127.0.0.1:4000/"\napi_key = "{key}"\n')
+    config.chmod(0o600)
+    line = assert_one_line_error(server("--config", str(config), "--web-app-url", "localhost:8080"), "ptth_server",
+                                 key=key)
+    assert "'web_app_url' must be an http:// or https:// URL" in line
+    result = server("--config", str(config), "--web-app-url", "http://127.0.0.1:8080", "--print-tripcode")
+    assert result.returncode == 0, result
+    assert result.stdout == tripcode_of(key) + "\n"

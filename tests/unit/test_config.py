@@ -326,7 +326,8 @@ def test_display_name_defaults_to_name() -> None:
 
 def test_server_defaults() -> None:
     cfg = parse_server_config(_server_raw(file_server_root=_DELETE, api_key=_DELETE), "s")
-    assert cfg.file_server_root == "./data"
+    assert cfg.file_server_root is None, "no default folder: a server may serve a web app alone"
+    assert cfg.web_app_url is None
     assert cfg.api_key is None
 
 
