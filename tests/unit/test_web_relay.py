@@ -3,7 +3,7 @@
 As tests/unit/test_relay.py: no processes, servers and clients played in
 greenlets against `app_for(relay)`. The edge cases of features, request
 bodies and their GET, header lists, hop-by-hop headers, X-Forwarded-*,
-host routing, basic auth and `--hash-password`; tests/e2e/test_web_relay.py
+host routing, basic auth and `--hash-password`; tests/e2e/test_web_relay_processes.py
 checks the user-visible behaviour through the real relay under gunicorn.
 """
 
