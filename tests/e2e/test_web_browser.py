@@ -14,7 +14,8 @@ apps, and everything works there. Path mode (`/frontend/servers/NAME/`)
 sandboxes the page (CSP `sandbox` without `allow-same-origin`), so its
 origin is opaque: a form submission and a WebSocket still work, but
 fetch and EventSource are cross-origin requests (CORS) whose answers the
-page may not read (`test_path_mode_*` pins exactly that).
+page may not read (`test_path_mode_*` pins exactly that). A server marked
+`trusted = true` is not sandboxed, and its page works in path mode too.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import procs
 import pytest
 import requests
-from conftest import Cluster, Relay, new_key
+from conftest import Cluster, Relay, new_key, tripcode_of
 from devtools import Browser, decode_png
 from web_test_app import BROWSER_UPLOAD_BYTES
 
@@ -58,6 +60,11 @@ class Tunnel:
         return f"{self.relay.url}/frontend/servers/webapp/browser"
 
     @property
+    def trusted_path_mode_page(self) -> str:
+        """The same app through server `mine`, marked `trusted = true` (not sandboxed)."""
+        return f"{self.relay.url}/frontend/servers/mine/browser"
+
+    @property
     def host_mode_origin(self) -> str:
         return f"http://webapp{HOST_SUFFIX}:{self.relay.port}"
 
@@ -73,9 +80,13 @@ def tunnel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tunnel]:
     c = Cluster(tmp)
     try:
         _, app_url = c.web_app()
-        key = new_key("webapp")
-        relay = c.relay({"webapp": key}, extra=f'server_host_suffix = "{HOST_SUFFIX}"')
+        key, trusted_key = new_key("webapp"), new_key("mine")
+        config = tmp / "relay.toml"
+        config.write_text(procs.relay_config({"webapp": key}, f'server_host_suffix = "{HOST_SUFFIX}"')
+                          + f'[[servers]]\nname = "mine"\ntripcode = "{tripcode_of(trusted_key)}"\ntrusted = true\n')
+        relay = c.start_relay(config)
         c.server(relay, "webapp", key, None, extra_config=f'web_app_url = "{app_url}"')
+        c.server(relay, "mine", trusted_key, None, extra_config=f'web_app_url = "{app_url}"')
         yield Tunnel(relay, app_url)
     finally:
         c.close()
@@ -223,3 +234,16 @@ def test_path_mode_page_is_sandboxed_so_fetch_and_eventsource_are_cross_origin(t
     assert upload["origin"] == "null"
 
     check_screenshot(run, RED)
+
+
+def test_path_mode_page_of_a_trusted_server_does_everything(tunnel: Tunnel, tmp_path: Path) -> None:
+    """`trusted = true`: no sandbox, the page shares the relay's origin, and every step works in path mode."""
+    before = len(tunnel.uploads())
+    run = run_page(tunnel.trusted_path_mode_page, tmp_path, "trusted-path-mode")
+    assert run.title == "ALL OK", (run.title, run.results)
+    assert run.results["origin"] == tunnel.relay.url
+    check_form_answer(run.results["form_answer"])
+    upload, = tunnel.uploads()[before:]
+    assert upload["sha256"] == run.results["upload_own_sha256"] == hashlib.sha256(browser_upload_bytes()).hexdigest()
+    assert run.results["websocket_close"] == {"code": 4000, "reason": "all echoed"}
+    check_screenshot(run, GREEN)
