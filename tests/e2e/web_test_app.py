@@ -386,7 +386,10 @@ def websocket(ws) -> None:  # type: ignore[no-untyped-def]
         # Under werkzeug's server, flask-sock's route answers the request once this returns, and
         # werkzeug writes an "HTTP/1.1 200 OK" head on the socket after the close frame: Chromium
         # takes that for an invalid frame and reports 1006, not the close code (flask-sock issues
-        # #20 and #77). Ending our sending side here keeps the stream a clean WebSocket one.
+        # #20 and #77). Ending our sending side here keeps the stream a clean WebSocket one, once
+        # simple-websocket's reading thread is done: it sends the reply to a client's close frame
+        # just after waking us, and the peer's reply to ours ends it.
+        ws.thread.join(5)
         try:
             ws.sock.shutdown(socket.SHUT_WR)
         except OSError:
