@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from ptth_lib.errors import ConfigError
 from ptth_lib.relay import trust
@@ -56,25 +56,26 @@ def check_label(value: str) -> str | None:
     return "must be 1-64 printable characters"
 
 
-def check_url(value: str) -> str | None:
+def _http_url(value: str) -> SplitResult | None:
+    """`value` split, if it is an http:// or https:// URL with a host and a valid port."""
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError:
-        parts = None
-    if parts is not None and parts.scheme in ("http", "https") and parts.hostname:
+        return None
+    return parts if parts.scheme in ("http", "https") and parts.hostname else None
+
+
+def check_url(value: str) -> str | None:
+    if _http_url(value) is not None:
         return None
     return "must be an http:// or https:// URL such as http://127.0.0.1:4000"
 
 
 def check_web_app_url(value: str) -> str | None:
     """An app's origin, with an optional path prefix; nothing a request could not be built on."""
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port out of range
-    except ValueError:
-        parts = None
-    if (parts is not None and parts.scheme in ("http", "https") and parts.hostname
+    parts = _http_url(value)
+    if (parts is not None
             and not (parts.query or parts.fragment or parts.username or parts.password or "?" in value
                      or "#" in value)
             and all(" " < c < "\x7f" for c in value)):

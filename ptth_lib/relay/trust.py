@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 from ptth_lib.errors import BadPathError
-from ptth_lib.wire.envelope import HOP_BY_HOP
+from ptth_lib.wire.envelope import HOP_BY_HOP, connection_listed
 
 # Address blocks as the config lists them ("127.0.0.1/32", "::1/128").
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -175,7 +175,7 @@ def client_headers_for_server(pairs: Iterable[tuple[str, str]], *, host_mode: bo
     dropped (RFC 9110 7.6.1), except a WebSocket handshake's own.
     """
     pairs = list(pairs)
-    listed = connection_tokens(pairs)
+    listed = connection_listed(pairs)
     kept = []
     for k, v in pairs:
         name = k.lower()
@@ -198,16 +198,6 @@ def _stays_at_relay(name: str, listed: frozenset[str], host_mode: bool, keep_aut
 def _is_hop_by_hop(name: str, listed: frozenset[str]) -> bool:
     """RFC 9110 7.6.1: the hop-by-hop headers, any Proxy-*, and those Connection names."""
     return name in HOP_BY_HOP or name.startswith("proxy-") or name in listed
-
-
-def connection_tokens(pairs: Iterable[tuple[str, str | bytes]]) -> frozenset[str]:
-    """The header names a Connection header lists (lowercase): hop-by-hop for this message."""
-    tokens: set[str] = set()
-    for k, v in pairs:
-        if k.lower() == "connection":
-            text = v.decode("latin-1") if isinstance(v, bytes) else v
-            tokens.update(t.strip().lower() for t in text.split(",") if t.strip())
-    return frozenset(tokens)
 
 
 def is_dropped_from_server(name: str, host_mode: bool = False) -> bool:
@@ -233,7 +223,7 @@ def server_headers_for_client(headers: Mapping[str, bytes] | Iterable[tuple[str,
     names, go; for a switch to WebSocket (`upgrade`) the handshake's own stay.
     """
     lines = list(headers.items() if isinstance(headers, Mapping) else headers)
-    listed = connection_tokens(lines)
+    listed = connection_listed(lines)
     kept: list[tuple[str, bytes]] = []
     dropped: list[str] = []
     for name, value in lines:

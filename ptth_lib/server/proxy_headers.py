@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
-from ptth_lib.wire.envelope import BODY_LENGTH_UNKNOWN, HOP_BY_HOP
+from ptth_lib.wire.envelope import BODY_LENGTH_UNKNOWN, HOP_BY_HOP, connection_listed
 
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 # An obsolete line folding (RFC 9112 5.2): a recipient replaces it with a space.
@@ -55,16 +55,6 @@ class PublicUrl:
 
     base: str | None
     prefix: str
-
-
-def connection_listed(pairs: Iterable[tuple[str, str | bytes]]) -> frozenset[str]:
-    """The lowercase names every `Connection` header lists: hop-by-hop for this message."""
-    names: set[str] = set()
-    for name, value in pairs:
-        if name.lower() == "connection":
-            text = value.decode("latin-1") if isinstance(value, bytes) else value
-            names.update(t.strip().lower() for t in text.split(",") if t.strip())
-    return frozenset(names)
 
 
 def end_to_end(pairs: Iterable[tuple[str, str | bytes]]) -> list[tuple[str, bytes]]:

@@ -144,6 +144,16 @@ def is_hop_by_hop(name: str) -> bool:
     return name.lower() in HOP_BY_HOP
 
 
+def connection_listed(pairs: Iterable[tuple[str, str | bytes]]) -> frozenset[str]:
+    """The lowercase names every `Connection` header lists: hop-by-hop for this message (RFC 9110 7.6.1)."""
+    names: set[str] = set()
+    for name, value in pairs:
+        if name.lower() == "connection":
+            text = value.decode("latin-1") if isinstance(value, bytes) else value
+            names.update(t.strip().lower() for t in text.split(",") if t.strip())
+    return frozenset(names)
+
+
 def parse_features(value: str | None) -> frozenset[str]:
     """The tokens of an X-PTTH-Features header, lowercase; unknown ones are kept and ignored."""
     if not value:

@@ -18,12 +18,12 @@ from ptth_lib.server.proxy_headers import (
     PublicUrl,
     client_address,
     collect_response_headers,
-    connection_listed,
     end_to_end,
     public_url,
     request_headers,
     rewrite_location,
 )
+from ptth_lib.wire.envelope import connection_listed
 
 STRONG_KEY = "a-strong-test-key-0123456789abcdef"
 

@@ -30,6 +30,7 @@ from ptth_lib.relay import basic_auth, trust
 from ptth_lib.relay.app import app_for
 from ptth_lib.relay.relay import Relay
 from ptth_lib.wire import tripcode
+from ptth_lib.wire.envelope import connection_listed
 
 REPO = Path(__file__).resolve().parents[2]
 BODY = "/7ZSFUKGV/http_request_body/"
@@ -98,7 +99,7 @@ def login(user: str, password: str) -> str:
 def test_listen_answers_name_the_relays_features_and_the_server_s_are_remembered(tunnel: Tunnel) -> None:
     answer = tunnel.listen(**{"X-PTTH-Wait-Secs": "0", "X-PTTH-Features": "Bodies, websocket, future"})
     assert answer.status_code == 204
-    assert "header-lists" in trust.connection_tokens([("connection", answer.headers["X-PTTH-Features"])])
+    assert "header-lists" in connection_listed([("connection", answer.headers["X-PTTH-Features"])])
     assert tunnel.relay.rendezvous.servers["alpha"].features == {"bodies", "websocket", "future"}
     call, item = take(tunnel, "/frontend/servers/alpha/x")
     tunnel.respond(item["id"], 204)
