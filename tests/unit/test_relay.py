@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import logging
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from werkzeug.wrappers import Request
 
 from ptth_lib.config import RelayConfig, load_relay_config, parse_relay_config
 from ptth_lib.relay import rendezvous
-from ptth_lib.relay.app import app_for, create_app, relay_of
+from ptth_lib.relay.app import create_app, relay_of
 from ptth_lib.relay.body_stream import BodyCutError
 from ptth_lib.relay.relay import Relay
 from ptth_lib.wire import tripcode
@@ -89,33 +88,8 @@ class Tunnel:
         assert self.listen(name, **{"X-PTTH-Wait-Secs": "0"}).status_code == 204
 
 
-@pytest.fixture(autouse=True)
-def bounded() -> Iterator[None]:
-    """No test waits longer than this: a deadlock fails in seconds, not at pytest-timeout's 120 s."""
-    timeout = gevent.Timeout(20)
-    timeout.start()
-    yield
-    timeout.close()
-
-
-@pytest.fixture
-def make_tunnel() -> Iterator[Any]:
-    made: list[Relay] = []
-
-    def make(**extra: Any) -> Tunnel:
-        relay = Relay(relay_config(**extra))
-        made.append(relay)
-        return Tunnel(relay, app_for(relay).test_client())
-
-    yield make
-    for relay in made:
-        relay.close()
-
-
-@pytest.fixture
-def tunnel(make_tunnel: Any) -> Tunnel:
-    t: Tunnel = make_tunnel()
-    return t
+# The fixtures (bounded, make_tunnel, tunnel) are in conftest.py, shared with test_web_relay.py.
+pytestmark = pytest.mark.usefixtures("bounded")
 
 
 def samples(t: Tunnel) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

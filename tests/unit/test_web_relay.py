@@ -27,8 +27,6 @@ from werkzeug.security import generate_password_hash
 from ptth_lib.config import parse_relay_config
 from ptth_lib.errors import ConfigError
 from ptth_lib.relay import basic_auth, trust
-from ptth_lib.relay.app import app_for
-from ptth_lib.relay.relay import Relay
 from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import connection_listed
 
@@ -39,34 +37,7 @@ SUFFIX = ".tunnel.test"
 PASSWORD_HASH = generate_password_hash("open sesame")
 
 
-@pytest.fixture(autouse=True)
-def bounded() -> Iterator[None]:
-    timeout = gevent.Timeout(20)
-    timeout.start()
-    yield
-    timeout.close()
-
-
-@pytest.fixture
-def make_tunnel() -> Iterator[Any]:
-    made: list[Relay] = []
-
-    def make(servers: list[dict[str, Any]] | None = None, **extra: Any) -> Tunnel:
-        if servers is not None:
-            extra["servers"] = servers
-        relay = Relay(relay_config(**extra))
-        made.append(relay)
-        return Tunnel(relay, app_for(relay).test_client(use_cookies=False))
-
-    yield make
-    for relay in made:
-        relay.close()
-
-
-@pytest.fixture
-def tunnel(make_tunnel: Any) -> Tunnel:
-    t: Tunnel = make_tunnel()
-    return t
+pytestmark = pytest.mark.usefixtures("bounded")  # fixtures: conftest.py
 
 
 def server_entry(name: str, **extra: Any) -> dict[str, Any]:
