@@ -30,6 +30,11 @@ to the relay as a response POST (responder.py), streamed:
   APP_HEAD_TIMEOUT_SECS is longer than any the relay allows. Nothing is
   tried twice: an app's request is not known to be idempotent.
 
+About 525 lines, over the house's 450: one exchange with the app, from its
+head through both bodies to a WebSocket's hand-off, shares the connection
+and its failure rules, and reads best in one place; the header rules
+(proxy_headers.py) and chunked decoding (chunked.py) live apart.
+
 Why http.client rather than requests or urllib3: the proxy needs the raw
 HTTP exchange, which the standard library's client gives without working
 around anything. It sends a request head and then whatever bytes we frame
