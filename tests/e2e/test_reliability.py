@@ -537,7 +537,8 @@ def test_two_servers_share_a_name_and_survive_losing_one(cluster: Cluster, tmp_p
 
     for i in range(40):
         assert get(f"a{i}") == (200, b"twins\n")
-    served = {name: len(re.findall(r"request \S+: GET /files/small\.txt\?n=a\d+ -> 200", s.proc.output()))
+    served = {name: len(re.findall(r"request \S+ from \S+: GET /files/small\.txt\?n=a\d+ -> 200",
+                                   s.proc.output()))
               for name, s in (("a", a), ("b", b))}
     assert served["a"] + served["b"] == 40, served
     assert served["a"] > 0 and served["b"] > 0, f"one server did all the work: {served}"
