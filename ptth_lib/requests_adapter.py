@@ -32,6 +32,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from ptth_lib.keepalive import KEEPALIVE_OPTIONS
+
 
 def new_session(proxies: Mapping[str, str], user_agent: str) -> requests.Session:
     """A Session for one thread: these proxies (read once), no redirects, uploads that see early answers.
@@ -107,6 +109,8 @@ class _WatchedAdapter(HTTPAdapter):
     """requests' adapter with connections that let an upload see an early answer."""
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        # TCP keepalive (keepalive.py): streams of forwarded connections and WebSockets may idle for hours.
+        kwargs.setdefault("socket_options", [*HTTPConnection.default_socket_options, *KEEPALIVE_OPTIONS])
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
 

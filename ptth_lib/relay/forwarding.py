@@ -48,6 +48,7 @@ from ptth_lib.errors import (
     TooManyListenersError,
     UnknownRequestError,
 )
+from ptth_lib.keepalive import keep_alive
 from ptth_lib.relay.rendezvous import ListenEndedError
 from ptth_lib.wire import tripcode
 
@@ -390,8 +391,9 @@ class PortForwarding:
     # ---- both --------------------------------------------------------------
 
     def add_socket(self, conn: ForwardedConnection, stream: str, sock: socket.socket | None) -> None:
-        """Shut `sock` down if the connection is aborted while `stream` runs on it."""
+        """Shut `sock` down if the connection is aborted while `stream` runs on it; keep it alive while idle."""
         if sock is not None:
+            keep_alive(sock)
             conn._sockets[stream] = sock
             if conn.aborted:
                 _shut(sock)

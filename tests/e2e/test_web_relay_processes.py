@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 import pytest
 import requests
-from conftest import Cluster, Relay, new_key
+from conftest import Cluster, Relay, new_key, wait_until
 
 pytestmark = pytest.mark.process
 
@@ -204,6 +204,13 @@ def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
     return head, rest
 
 
+def sockets_between(local_port: int, peer_port: int) -> str:
+    """What `ss` shows of the established TCP sockets from `local_port` to `peer_port`, timers included."""
+    which = f"( sport = :{local_port} and dport = :{peer_port} )"
+    return subprocess.run(["ss", "-tno", "state", "established", which], capture_output=True, text=True,
+                          check=True).stdout
+
+
 def test_a_websocket_carries_bytes_both_ways_and_closes_through_the_real_relay(
         relay_and_key: tuple[Relay, str]) -> None:
     relay, key = relay_and_key
@@ -248,6 +255,10 @@ def test_a_websocket_carries_bytes_both_ways_and_closes_through_the_real_relay(
         assert next(pieces) == b"\x81\x05hello"
         to_client.put(b"\x81\x05world")
         assert client.recv(100) == b"\x81\x05world"
+        # The relay keeps its end alive while idle (keepalive.py): the kernel shows its timer.
+        # (Once the bytes just sent are acknowledged: until then the timer shown is the retransmission's.)
+        wait_until(lambda: "timer:(keepalive" in sockets_between(relay.port, client.getsockname()[1]),
+                   "a keepalive timer on the relay's end", deadline=3)
         client.shutdown(socket.SHUT_WR)  # the client's half-close ends the server's GET cleanly
         assert list(pieces) == []
     to_client.put(b"\x88\x00")  # the app's close frame, then its half-close

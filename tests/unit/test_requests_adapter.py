@@ -21,6 +21,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.poolmanager import PoolManager
 
+from ptth_lib.keepalive import KEEPALIVE_OPTIONS
 from ptth_lib.requests_adapter import (
     SizedBody,
     closed_without_answer,
@@ -190,3 +191,20 @@ def test_a_connection_closed_with_nothing_answered_is_told_apart(reset: bool) ->
     with pytest.raises(requests.RequestException) as refused:
         new_session({}, "test").post(f"http://127.0.0.1:{port}/", data=b"x", timeout=10)
     assert not closed_without_answer(refused.value)
+
+
+def test_connections_to_the_relay_keep_alive_while_idle() -> None:
+    """Streams of forwarded connections and WebSockets idle for hours: NAT boxes must not forget them."""
+    def act(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    peer = Peer(act)
+    try:
+        with new_session({}, "test").get(peer.url, stream=True, timeout=10) as r:
+            sock = r.raw.connection.sock
+            options = {(level, option): sock.getsockopt(level, option) for level, option, _ in KEEPALIVE_OPTIONS}
+            assert r.content == b"ok"
+    finally:
+        peer.close()
+    assert options == {(level, option): value for level, option, value in KEEPALIVE_OPTIONS}, (
+        f"{VERSIONS}: the socket_options given to the pool manager no longer reach the connections")
