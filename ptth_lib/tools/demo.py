@@ -26,7 +26,7 @@ import tomlkit
 
 from ptth_lib.wire import tripcode
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # ptth_lib/tools/demo.py -> the repository
 DEMO_DIR = REPO_ROOT / "demo"
 FILES_DIR = DEMO_DIR / "files"
 SERVER_CONFIG = DEMO_DIR / "ptth_server.toml"

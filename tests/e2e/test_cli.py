@@ -355,6 +355,25 @@ def test_demo_on_a_busy_port_names_the_make_variable() -> None:
     assert "make demo PORT=" in line and "--port" not in line
 
 
+def test_demo_serves_its_files_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    """What `make demo` runs: the relay and a server up, a file by curl's URL, a clean stop."""
+    port = free_port()
+    proc = Proc([sys.executable, "-m", "ptth_lib.tools.demo", "--port", str(port)], tmp_path / "demo.log",
+                cwd=REPO)
+    try:
+        files = proc.wait_for_output(r"Browse the files:\s+(\S+)", deadline=60).group(1)
+        assert files == f"http://127.0.0.1:{port}/frontend/servers/demo/files/"
+        listing = requests.get(files, timeout=10)
+        assert listing.status_code == 200 and "random-10MiB.bin" in listing.text
+        big = requests.get(files + "random-10MiB.bin", timeout=30)
+        assert big.status_code == 200 and len(big.content) == 10 * 1024 * 1024
+        proc.popen.send_signal(signal.SIGINT)
+        assert proc.popen.wait(30) == 0
+    finally:
+        proc.kill()
+    assert "stopping the demo" in proc.output() and "Traceback" not in proc.output()
+
+
 # ---- ptth_server.py: running against a relay ---------------------------------
 
 
