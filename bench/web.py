@@ -442,11 +442,11 @@ def run(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
     if args.profile:
         small = min(args.bytes, 256 * MIB)
         small_sha = expected_sha256(small)
-        profile(setup, "upload", 10, lambda b: upload(b, small, small_sha))
-        profile(setup, "ws-1", 10, lambda b: ws_single(b, 500, 0))
-        profile(setup, f"ws-{args.sockets}", 10,
+        profile(setup, "upload", args.profile_secs, lambda b: upload(b, small, small_sha))
+        profile(setup, "ws-1", args.profile_secs, lambda b: ws_single(b, 500, 0))
+        profile(setup, f"ws-{args.sockets}", args.profile_secs,
                 lambda b: ws_concurrent(b, args.sockets, per_socket // 2 or 1, args.ws_interval_ms))
-        profile(setup, "sse", 10, lambda b: sse(b, 200, args.sse_interval_ms))
+        profile(setup, "sse", args.profile_secs, lambda b: sse(b, 200, args.sse_interval_ms))
     return results
 
 
@@ -546,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sse-events", type=int, help="events per SSE run (default 500)")
     parser.add_argument("--sse-interval-ms", type=float, default=10.0, help="between events (default 10)")
     parser.add_argument("--profile", action="store_true", help="then py-spy each scenario through the tunnel")
+    parser.add_argument("--profile-secs", type=float, help="py-spy time per scenario (default 10; --quick 3)")
     parser.add_argument("--json", type=Path, default=BENCH / "web-results.json")
     parser.add_argument("--markdown", type=Path, default=BENCH / "web-results.md")
     args = parser.parse_args(argv)
@@ -559,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     args.idle = args.idle if args.idle is not None else (100 if q else 1000)
     args.idle_secs = args.idle_secs if args.idle_secs is not None else (2 if q else 30)
     args.sse_events = args.sse_events or (60 if q else 500)
+    args.profile_secs = args.profile_secs or (3 if q else 10)
     raise_nofile()  # 1,000 WebSockets: our sockets, and the relay's and server's (they inherit it)
     work = Path(tempfile.mkdtemp(prefix="ptth-bench-web-"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop what we started
