@@ -326,7 +326,7 @@ def alternate(args: argparse.Namespace, setup: Setup, label: str,
         for path in order:
             quiet = None if args.quick else wait_for_quiet(f"{label}, {path}")
             progress(f"{label}: run {i + 1}/{args.runs}, {path}")
-            with Watch(setup.pids, ("relay", "server", "app")) as watch:
+            with Watch({**setup.pids, "client": os.getpid()}, ("relay", "server", "app")) as watch:
                 figures = one(setup.bases[path])
             runs[path].append({**figures, **watch.result, "others_before_pct": quiet})
     return runs
@@ -335,6 +335,7 @@ def alternate(args: argparse.Namespace, setup: Setup, label: str,
 def median_of(runs: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {k: round(statistics.median(r[k] for r in runs), 3) for k in keys}
     out["peak_rss_mib"] = {w: max(r["peak_rss_mib"][w] for r in runs) for w in runs[0]["peak_rss_mib"]}
+    out["client_cpu_pct"] = round(statistics.median(100 * r["cpu_secs"]["client"] / r["wall_secs"] for r in runs))
     out["others_cpu_pct"] = max(round(100 * r["cpu_secs"]["others"] / r["wall_secs"]) for r in runs)
     cpu = {w: statistics.median(100 * r["cpu_secs"][w] / r["wall_secs"] for r in runs)
            for w in ("relay", "server", "app")}
@@ -368,7 +369,9 @@ def idle(setup: Setup, count: int, hold_secs: float) -> dict[str, Any]:
     finally:
         for ws in sockets:
             ws.close()
-    return {"sockets": count, "open_secs": round(opened_secs, 1), "hold_secs": hold_secs,
+    per_socket_kib = {w: round(1024 * (held[w] - before[w]) / count, 1) for w in pids}
+    return {"sockets": count, "open_secs": round(opened_secs, 1), "kib_per_socket": per_socket_kib,
+            "hold_secs": hold_secs,
             "rss_before_mib": before, "rss_held_mib": held, "peak_rss_mib": peak,
             "cpu_pct_while_idle": cpu_held, "echoed_after": echoed, "echo_failures": failures[:5]}
 
@@ -510,6 +513,8 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
     rows.append(f"| 3. {i['sockets']:,} idle WebSockets held {i['hold_secs']:g} s: RSS MiB | relay "
                 f"{i['rss_held_mib']['relay']:.0f} (before {i['rss_before_mib']['relay']:.0f}), server "
                 f"{i['rss_held_mib']['server']:.0f} (before {i['rss_before_mib']['server']:.0f}) | - | - | - |")
+    rows.append(f"| 3. ... RSS per idle WebSocket, KiB | relay {i['kib_per_socket']['relay']:.0f}, "
+                f"server {i['kib_per_socket']['server']:.0f} | - | - | - |")
     rows.append(f"| 3. ... then echoing, each once | {i['echoed_after']:,} of {i['sockets']:,} | - | - | - |")
     s = results["sse"]
     for q in ("p50_ms", "p99_ms"):
