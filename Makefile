@@ -64,7 +64,7 @@ bench: $(STAMP)
 bench-forward: $(STAMP)
 	$(VENV)/bin/python bench/forward.py $(BENCH_ARGS)
 
-# A web app through the tunnel against direct: 1 GiB upload, WebSocket echo and idle sockets, SSE (about 5 minutes).
+# A web app through the tunnel against direct: 1 GiB upload, WebSocket echo and idle sockets, SSE (about 5 minutes; 6 with --profile).
 bench-web: $(STAMP)
 	$(VENV)/bin/python bench/web.py $(BENCH_ARGS)
 
