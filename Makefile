@@ -7,7 +7,7 @@ VENV := .venv
 STAMP := $(VENV)/.requirements.stamp
 PORT ?= 4000
 
-.PHONY: demo test test-all lint bench bench-forward bench-heads bench-compare clean debian-deps
+.PHONY: demo test test-all lint bench bench-forward bench-web bench-heads bench-compare clean debian-deps
 
 # One venv for demo and tests: requirements-dev.txt includes requirements.txt.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -63,6 +63,10 @@ bench: $(STAMP)
 # TCP port forwarding over HTTP and QUIC: round trip and bulk vs direct TCP (about 2.5 minutes).
 bench-forward: $(STAMP)
 	$(VENV)/bin/python bench/forward.py $(BENCH_ARGS)
+
+# A web app through the tunnel against direct: 1 GiB upload, WebSocket echo and idle sockets, SSE (about 5 minutes; 6 with --profile).
+bench-web: $(STAMP)
+	$(VENV)/bin/python bench/web.py $(BENCH_ARGS)
 
 # Two revisions side by side, CPU and time per small request: BENCH_ARGS="--rev OLD" (a minute).
 bench-compare: $(STAMP)
