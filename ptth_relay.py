@@ -12,12 +12,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
-from typing import Any
+import tempfile
+from pathlib import Path
+from typing import Any, NoReturn
 
 CONFIG_ENV = "PTTH_RELAY_CONFIG"
 DEFAULT_CONFIG = "./ptth_relay.toml"
 DEFAULT_BIND = "127.0.0.1:4000"
+# Workers told to stop for asking too many (see _refuse_many_workers) wait this
+# long at most for the master's SIGTERM; it comes within a second.
+REFUSAL_WAIT_SECS = 30.0
 
 _app: Any = None
 
@@ -37,6 +43,7 @@ def _load_app_for_gunicorn() -> Any:
     from ptth_lib.config import load_relay_config
     from ptth_lib.errors import ConfigError
     from ptth_lib.relay.app import create_app
+    from ptth_lib.wsgi import gunicorn_workers
 
     path = os.environ.get(CONFIG_ENV, DEFAULT_CONFIG)
     try:
@@ -44,6 +51,9 @@ def _load_app_for_gunicorn() -> Any:
     except ConfigError as e:
         print(f"ptth_relay: {e}", file=sys.stderr, flush=True)
         sys.exit(3)  # gunicorn's "worker failed to boot": the master stops instead of retrying
+    workers = gunicorn_workers()
+    if workers is not None and workers > 1:
+        _refuse_many_workers(workers)
     # The relay's own lines go through gunicorn's error log, or as JSON if asked.
     gunicorn_log = logging.getLogger("gunicorn.error")
     lib_log = logging.getLogger("ptth_lib")
@@ -56,6 +66,32 @@ def _load_app_for_gunicorn() -> Any:
         lib_log.propagate = False
     lib_log.info("ptth_relay: %d servers registered (config %s)", len(config.servers), path)
     return create_app(config, config_path=path)
+
+
+def _refuse_many_workers(workers: int) -> NoReturn:
+    """Stop gunicorn with one line: it was asked for `workers` > 1.
+
+    Every worker gets here. The first to create a marker file named after
+    their master says why and exits as a worker that failed to boot, which
+    makes the master stop; the others wait for the master's SIGTERM and exit
+    quietly (a second failed boot while the master stops makes it print a
+    traceback). The marker stays: a 0-byte file in the temporary folder.
+    """
+    marker = Path(tempfile.gettempdir()) / f"ptth_relay-{os.getppid()}-refused"
+    try:
+        marker.touch(exist_ok=False)
+    except FileExistsError:
+        # Wait in the kernel, not in gevent's loop (which would not run a Python handler meanwhile).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        signal.sigtimedwait({signal.SIGTERM}, REFUSAL_WAIT_SECS)
+        os._exit(0)
+    except OSError:
+        pass  # no marker here: each worker says it
+    print(f"ptth_relay: gunicorn was asked for {workers} workers, but the relay keeps its state (parked "
+          "listens, queued requests, bodies in flight) in one process, and a second worker would answer "
+          "half of the requests wrong: run exactly one (-w 1, as conf/gunicorn.conf.py sets)",
+          file=sys.stderr, flush=True)
+    sys.exit(3)  # gunicorn's "worker failed to boot": the master stops instead of retrying
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     from gevent import monkey
 
     monkey.patch_all()
-
-    import signal
 
     import gevent
 

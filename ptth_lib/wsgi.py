@@ -7,9 +7,10 @@ here and only here:
 - gunicorn: the client socket (`environ["gunicorn.socket"]`) and the raw
   request target (`environ["RAW_URI"]`); its body readers (`LengthReader`,
   `ChunkedReader`, their `unreader` and `parser`, `Unreader.take_buffered`)
-  to hand on each piece of a POST body as it arrives; and its worker's
+  to hand on each piece of a POST body as it arrives; its worker's
   `wsgi` (the app it loaded) and `alive` (False once it starts to stop), for
-  conf/gunicorn.conf.py;
+  conf/gunicorn.conf.py; and its config parser (`WSGIApplication().cfg`), to
+  read in a worker how many workers the master was asked for;
 - gevent: a gevent socket's `_sock` (to peek without waiting beside the
   worker's own reader), and pywsgi's `WSGIHandler` (`get_environ`, `path`,
   `socket`, `handle`) for `python ptth_relay.py` and `ptth_file_server.py`.
@@ -428,6 +429,26 @@ def run(app: Any, host: str, port: int, name: str, on_stop: Callable[[], None] |
 
 # How often a watcher looks whether the worker has started to stop.
 WORKER_CHECK_SECS = 0.5
+
+
+def gunicorn_workers() -> int | None:
+    """How many workers the gunicorn running this process was told to start; None if not under gunicorn.
+
+    Read again in the worker as gunicorn's master read it, with gunicorn's own
+    parser: the command line (inherited by the forked worker), the -c file,
+    $GUNICORN_CMD_ARGS and $WEB_CONCURRENCY. A plain
+    `gunicorn -w 4 -k gevent ptth_relay:app` runs no hook of ours, so the
+    worker is the one place that sees every way of asking for more.
+    """
+    if "gunicorn.arbiter" not in sys.modules:
+        return None
+    from gunicorn.app.wsgiapp import WSGIApplication  # type: ignore[import-untyped]
+
+    try:
+        workers = WSGIApplication().cfg.workers
+    except (Exception, SystemExit):  # noqa: BLE001 - gunicorn reports its own errors; then we cannot tell
+        return None
+    return int(workers) if isinstance(workers, int) else None
 
 
 def worker_app(worker: Any) -> Any:

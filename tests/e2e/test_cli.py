@@ -556,6 +556,26 @@ def test_gunicorn_plain_with_invalid_value(tmp_path: Path) -> None:
     _gunicorn_fails(["-k", "gevent", "--no-control-socket", "--bind", "127.0.0.1:0", "ptth_relay:app"], bad)
 
 
+@pytest.mark.parametrize(("args", "env", "workers"), [
+    (["-w", "2"], {}, 2),  # what anyone who knows gunicorn types first
+    (["-c", "conf/gunicorn.conf.py", "-w", "4"], {}, 4),  # the flag beats the file's workers = 1
+    ([], {"WEB_CONCURRENCY": "3"}, 3),  # set by some hosting platforms
+], ids=["flag", "conf-and-flag", "WEB_CONCURRENCY"])
+def test_gunicorn_with_more_than_one_worker_stops_with_one_line(tmp_path: Path, args: list[str],
+                                                                 env: dict[str, str], workers: int) -> None:
+    """A second worker would see half of the relay's state: refused, never half-served."""
+    good = tmp_path / "good.toml"
+    good.write_text(f'[[servers]]\nname = "alpha"\ntripcode = "{tripcode_of(new_key("alpha"))}"\n')
+    result = run([sys.executable, "-m", "gunicorn", "-k", "gevent", "--no-control-socket", "--bind",
+                  "127.0.0.1:0", *args, "ptth_relay:app"], env={"PTTH_RELAY_CONFIG": str(good), **env},
+                 timeout=GUNICORN_FAIL_SECS)
+    assert result.returncode == 3, result
+    assert_clean(result.output)
+    ours = [line for line in result.output.splitlines() if line.startswith("ptth_relay:")]
+    assert len(ours) == 1, result.output
+    assert f"asked for {workers} workers" in ours[0] and "run exactly one" in ours[0]
+
+
 def test_gunicorn_plain_with_good_config(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text(f'[[servers]]\nname = "alpha"\ntripcode = "{tripcode_of(new_key("alpha"))}"\n')

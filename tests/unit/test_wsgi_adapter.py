@@ -21,6 +21,7 @@ import os
 import runpy
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -443,3 +444,24 @@ def test_gevent_wsgi_server_gives_the_raw_target_and_the_socket() -> None:
         GEVENT, "WSGIHandler.socket is no longer the client connection")
     assert seen["nodelay"], changed(GEVENT, "WSGIHandler.handle runs before the connection's socket is set: "
                                             "TCP_NODELAY is off (a 40 ms wait per response)")
+
+
+@pytest.mark.parametrize(("argv", "env", "workers"), [
+    (["gunicorn", "-w", "3", "ptth_relay:app"], {}, 3),
+    (["gunicorn", "-c", str(CONF), "ptth_relay:app"], {}, 1),
+    (["gunicorn", "-c", str(CONF), "--workers=4", "ptth_relay:app"], {}, 4),
+    # ($WEB_CONCURRENCY is read when gunicorn.config is imported: tests/e2e/test_cli.py runs that case.)
+    (["gunicorn", "ptth_relay:app"], {"GUNICORN_CMD_ARGS": "-w 6"}, 6),
+])
+def test_the_worker_count_is_read_as_gunicorn_reads_it(monkeypatch: pytest.MonkeyPatch, argv: list[str],
+                                                        env: dict[str, str], workers: int) -> None:
+    """gunicorn_workers() re-reads the master's settings in the worker (the relay refuses more than one)."""
+    import gunicorn.arbiter  # noqa: F401 - what tells gunicorn_workers() it runs under gunicorn
+
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.delenv("GUNICORN_CMD_ARGS", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(CONF.parents[1])
+    assert wsgi.gunicorn_workers() == workers, changed(GUNICORN, "its config no longer reads the worker count "
+                                                       "from argv, -c or $GUNICORN_CMD_ARGS")
