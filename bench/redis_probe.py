@@ -448,9 +448,16 @@ def main() -> None:
          "bulk-source": role_bulk_source}[args.role](args)
         return
 
-    import redis
-
-    info = redis.Redis.from_url(args.url).info("server")
+    try:
+        import redis
+    except ImportError:
+        sys.exit("redis_probe: needs the redis client, not yet a PTTH dependency: "
+                 ".venv/bin/pip install redis==8.2.0 (the version CLUSTER.md's figures used)")
+    try:
+        info = redis.Redis.from_url(args.url).info("server")
+    except redis.RedisError as e:
+        sys.exit(f"redis_probe: no redis-server at {args.url}: {e} (start one: redis-server --port "
+                 f"{args.port} --save '' --daemonize yes)")
     redis_pid = int(info["process_id"])
     only = set(filter(None, args.only.split(","))) or {"command", *HANDOFFS, *BULKS}
     levels = [int(c) for c in args.concurrency.split(",")]
