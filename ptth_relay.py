@@ -21,9 +21,6 @@ from typing import Any, NoReturn
 CONFIG_ENV = "PTTH_RELAY_CONFIG"
 DEFAULT_CONFIG = "./ptth_relay.toml"
 DEFAULT_BIND = "127.0.0.1:4000"
-# Workers told to stop for asking too many (see _refuse_many_workers) wait this
-# long at most for the master's SIGTERM; it comes within a second.
-REFUSAL_WAIT_SECS = 30.0
 
 _app: Any = None
 
@@ -73,18 +70,16 @@ def _refuse_many_workers(workers: int) -> NoReturn:
 
     Every worker gets here. The first to create a marker file named after
     their master says why and exits as a worker that failed to boot, which
-    makes the master stop; the others wait for the master's SIGTERM and exit
-    quietly (a second failed boot while the master stops makes it print a
-    traceback). The marker stays: a 0-byte file in the temporary folder.
+    makes the master stop; the others exit quietly with 0 (a second failed
+    boot while the master stops makes it print a traceback; until the first
+    one's exit is seen, the master may start a replacement or two, which exit
+    the same way). The marker stays: a 0-byte file in the temporary folder.
     """
     marker = Path(tempfile.gettempdir()) / f"ptth_relay-{os.getppid()}-refused"
     try:
         marker.touch(exist_ok=False)
     except FileExistsError:
-        # Wait in the kernel, not in gevent's loop (which would not run a Python handler meanwhile).
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        signal.sigtimedwait({signal.SIGTERM}, REFUSAL_WAIT_SECS)
-        os._exit(0)
+        os._exit(0)  # a sibling says it; a clean exit makes no second "failed to boot"
     except OSError:
         pass  # no marker here: each worker says it
     print(f"ptth_relay: gunicorn was asked for {workers} workers, but the relay keeps its state (parked "
