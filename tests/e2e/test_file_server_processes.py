@@ -25,49 +25,10 @@ from urllib.parse import urljoin
 import pytest
 import requests
 from conftest import Cluster, new_key
-
-from ptth_lib.server.file_server import (
-    FileResponse,
-    serve,
-)
+from file_server_helpers import SECRET, fetch, header, hrefs, open_fds, served_root  # noqa: F401 - served_root: the root fixture
 
 REPO = Path(__file__).resolve().parents[2]
-SECRET = b"TOP-SECRET-5f1b7c0e-must-never-be-served"
 STARTUP_SECONDS = 15.0
-
-
-def fetch(root: Path, uri: str, method: str = "GET", **headers: str) -> tuple[FileResponse, bytes]:
-    """Serve one request and drain its body (which closes the file)."""
-    response = serve(
-        root, method, uri, {name.replace("_", "-"): value for name, value in headers.items()}
-    )
-    return response, b"".join(response.body)
-
-
-def header(response: FileResponse, name: str) -> str | None:
-    values = [value for key, value in response.headers if key == name]
-    assert len(values) <= 1, f"duplicate header {name}"
-    return values[0] if values else None
-
-
-def hrefs(page: bytes) -> list[str]:
-    return re.findall(r'href="([^"]*)"', page.decode("utf-8"))
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    """A served root with a secret file next to it (outside)."""
-    (tmp_path / "secret.txt").write_bytes(SECRET)
-    served = tmp_path / "root"
-    served.mkdir()
-    (served / "a.txt").write_bytes(b"alpha\n")
-    (served / "sub").mkdir()
-    (served / "sub" / "inner.txt").write_bytes(b"inner\n")
-    return served
 
 
 def _make_links(folder: Path) -> None:
