@@ -39,6 +39,20 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def make_links(folder: Path) -> None:
+    """Links of every kind in `folder` (inside a served root whose parent holds secret.txt)."""
+    (folder / "sub").mkdir()
+    (folder / "inside.txt").write_bytes(b"inside\n")
+    (folder / "link-in.txt").symlink_to("inside.txt")
+    (folder / "link-in-dir").symlink_to("sub")
+    (folder / "link-out.txt").symlink_to(folder.parent.parent / "secret.txt")  # outside the root
+    (folder / "link-out-dir").symlink_to(folder.parent.parent)
+    (folder / "broken").symlink_to("nowhere")
+    (folder / "loop").symlink_to("loop")
+    (folder / "sub" / "up").symlink_to("../../..")  # out of the root, through a subfolder
+    (folder / "back\\slash.txt").write_bytes(b"no URL reaches this name\n")
+
+
 @pytest.fixture(name="root")
 def served_root(tmp_path: Path) -> Path:
     """A served root with a secret file next to it (outside)."""

@@ -25,24 +25,10 @@ from urllib.parse import urljoin
 import pytest
 import requests
 from conftest import Cluster, new_key
-from file_server_helpers import SECRET, fetch, header, hrefs, open_fds, served_root  # noqa: F401 - served_root: the root fixture
+from file_server_helpers import SECRET, fetch, header, hrefs, make_links, open_fds, served_root  # noqa: F401 - served_root: the root fixture
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_SECONDS = 15.0
-
-
-def _make_links(folder: Path) -> None:
-    """Links of every kind in `folder` (inside a served root whose parent holds secret.txt)."""
-    (folder / "sub").mkdir()
-    (folder / "inside.txt").write_bytes(b"inside\n")
-    (folder / "link-in.txt").symlink_to("inside.txt")
-    (folder / "link-in-dir").symlink_to("sub")
-    (folder / "link-out.txt").symlink_to(folder.parent.parent / "secret.txt")  # outside the root
-    (folder / "link-out-dir").symlink_to(folder.parent.parent)
-    (folder / "broken").symlink_to("nowhere")
-    (folder / "loop").symlink_to("loop")
-    (folder / "sub" / "up").symlink_to("../../..")  # out of the root, through a subfolder
-    (folder / "back\\slash.txt").write_bytes(b"no URL reaches this name\n")
 
 
 LISTED_LINKS = ["link-in-dir/", "sub/", "inside.txt", "link-in.txt"]
@@ -195,7 +181,7 @@ def test_process_lists_only_what_it_serves(both_servers: tuple[Path, dict[str, s
     served, urls = both_servers
     folder = served / f"links-{program}"
     folder.mkdir()
-    _make_links(folder)
+    make_links(folder)
     base = f"{urls[program]}links-{program}/"
     listing = requests.get(base, timeout=10)
     assert listing.status_code == 200

@@ -15,7 +15,7 @@ from urllib.parse import urljoin, urlsplit
 
 import msgpack
 import pytest
-from file_server_helpers import SECRET, fetch, header, hrefs, open_fds, served_root  # noqa: F401 - served_root: the root fixture
+from file_server_helpers import SECRET, fetch, header, hrefs, make_links, open_fds, served_root  # noqa: F401 - served_root: the root fixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -452,20 +452,6 @@ def test_symlinks_inside_the_root_are_served(root: Path) -> None:
     assert response.status == 200 and "inner.txt" in hrefs(body)
 
 
-def _make_links(folder: Path) -> None:
-    """Links of every kind in `folder` (inside a served root whose parent holds secret.txt)."""
-    (folder / "sub").mkdir()
-    (folder / "inside.txt").write_bytes(b"inside\n")
-    (folder / "link-in.txt").symlink_to("inside.txt")
-    (folder / "link-in-dir").symlink_to("sub")
-    (folder / "link-out.txt").symlink_to(folder.parent.parent / "secret.txt")  # outside the root
-    (folder / "link-out-dir").symlink_to(folder.parent.parent)
-    (folder / "broken").symlink_to("nowhere")
-    (folder / "loop").symlink_to("loop")
-    (folder / "sub" / "up").symlink_to("../../..")  # out of the root, through a subfolder
-    (folder / "back\\slash.txt").write_bytes(b"no URL reaches this name\n")
-
-
 LISTED_LINKS = ["link-in-dir/", "sub/", "inside.txt", "link-in.txt"]
 
 
@@ -473,7 +459,7 @@ def test_listing_shows_only_what_can_be_served(root: Path) -> None:
     """A symlink leading out of the root is served as 404, so it is not listed either (nor its
     target's size); nor is a broken symlink, a loop, or a name no URL can reach."""
     (root / "links").mkdir()
-    _make_links(root / "links")
+    make_links(root / "links")
     response, body = fetch(root, "/files/links/")
     assert response.status == 200
     assert hrefs(body) == ["../", *LISTED_LINKS]
