@@ -22,6 +22,7 @@ from urllib.parse import urljoin, urlsplit
 import pytest
 import requests
 from conftest import Cluster, Proc, Relay, Server, free_port, new_key, wait_until
+from hand_websocket import HandWebSocket
 
 pytestmark = pytest.mark.process
 
@@ -370,31 +371,17 @@ def test_websocket_echo_text_binary_and_close_code(web: WebTunnel) -> None:
 
 def test_websocket_ping_gets_a_pong(web: WebTunnel) -> None:
     """A ping from the client crosses both hops and the app's pong comes back (wsproto by hand)."""
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request
+    from wsproto.events import CloseConnection, Ping, Pong
 
     parts = urlsplit(web.base)
-    with socket.create_connection((parts.hostname or "", parts.port or 80), timeout=TIMEOUT_SECS) as sock:
-        ws = WSConnection(ConnectionType.CLIENT)
-        sock.sendall(ws.send(Request(host=parts.netloc, target=f"{parts.path}/ws")))
-        events: list[object] = []
-
-        def until(kind: type) -> object:
-            while not any(isinstance(e, kind) for e in events):
-                data = sock.recv(65536)
-                assert data, f"connection ended before {kind.__name__}"
-                ws.receive_data(data)
-                events.extend(ws.events())
-            return next(e for e in events if isinstance(e, kind))
-
-        until(AcceptConnection)
-        sock.sendall(ws.send(Ping(payload=b"are you there")))
-        assert until(Pong).payload == b"are you there"  # type: ignore[attr-defined]
-        sock.sendall(ws.send(CloseConnection(code=1000, reason="done")))
+    with HandWebSocket(parts.port or 80, parts.netloc, f"{parts.path}/ws", TIMEOUT_SECS) as ws:
+        ws.send(Ping(payload=b"are you there"))
+        assert ws.until(Pong).payload == b"are you there"
+        ws.send(CloseConnection(code=1000, reason="done"))
         # The app ends the connection: its end reaches the client. (Its close frame is not
         # checked: simple-websocket sends it from another thread than the one whose return
         # makes werkzeug close the socket, and now and then that comes first, with no tunnel.)
-        while sock.recv(65536):
+        while ws.sock.recv(65536):
             pass
 
 

@@ -16,7 +16,6 @@ import hashlib
 import http.client
 import json
 import re
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import Cluster, new_key, wait_until
+from hand_websocket import HandWebSocket
 from nginx import TRUSTED_PROXIES, Nginx, readme_site_config, start_nginx
 from procs import http_status
 from werkzeug.security import generate_password_hash
@@ -148,31 +148,14 @@ def test_server_sent_events_are_not_buffered_by_nginx(front: Front) -> None:
 
 
 def test_a_websocket_through_nginx(front: Front) -> None:
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, BytesMessage, Request, TextMessage
+    from wsproto.events import BytesMessage, TextMessage
 
-    with socket.create_connection(("127.0.0.1", front.nginx.port), timeout=TIMEOUT_SECS) as sock:
-        ws = WSConnection(ConnectionType.CLIENT)
-        sock.sendall(ws.send(Request(host=f"open{SUFFIX}", target="/ws")))
-        events: list[object] = []
-
-        def until(kind: type) -> object:
-            while not any(isinstance(e, kind) for e in events):
-                data = sock.recv(65536)
-                assert data, f"connection ended before {kind.__name__}"
-                ws.receive_data(data)
-                events.extend(ws.events())
-            found = next(e for e in events if isinstance(e, kind))
-            events.remove(found)
-            return found
-
-        until(AcceptConnection)
-        sock.sendall(ws.send(TextMessage(data="through nginx")))
-        assert until(TextMessage).data == "through nginx"  # type: ignore[attr-defined]
+    with HandWebSocket(front.nginx.port, f"open{SUFFIX}", "/ws", TIMEOUT_SECS) as ws:
+        ws.send(TextMessage(data="through nginx"))
+        assert ws.until(TextMessage).data == "through nginx"
         blob = base64.b64encode(b"\x00\xff" * 50_000)
-        sock.sendall(ws.send(BytesMessage(data=blob)))
+        ws.send(BytesMessage(data=blob))
         got = b""
         while len(got) < len(blob):
-            got += until(BytesMessage).data  # type: ignore[attr-defined]
+            got += ws.until(BytesMessage).data
         assert got == blob
-
