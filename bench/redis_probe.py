@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 # Size of a small hand-off message: a typical request head in its envelope.
 SMALL_MESSAGE_BYTES = 1024
@@ -198,19 +199,27 @@ def role_ping(args: argparse.Namespace) -> None:
         gevent.spawn(dispatch)
         gevent.sleep(0.2)
     gs = [gevent.spawn(pinger, i) for i in range(args.concurrency)]
+    elapsed = _measured_window(args.seconds, measuring, stop, gs)
+    rtts.sort()
+    _say(round_trips=counts[0], secs=elapsed, p50_ms=1000 * rtts[len(rtts) // 2] if rtts else None,
+         p99_ms=1000 * rtts[int(len(rtts) * 0.99)] if rtts else None)
+
+
+def _measured_window(seconds: float, measuring: list[bool], stop: list[bool], greenlets: list[Any]) -> float:
+    """Warm up, tell the parent the window starts, count for `seconds`, tell it the window ended, stop."""
+    import gevent
+
     gevent.sleep(WARMUP_SECS)
     _say(start=True)
     measuring[0] = True
     t0 = time.perf_counter()
-    gevent.sleep(args.seconds)
+    gevent.sleep(seconds)
     measuring[0] = False
     elapsed = time.perf_counter() - t0
     _say(stop=True)
     stop[0] = True
-    gevent.joinall(gs, timeout=2)
-    rtts.sort()
-    _say(round_trips=counts[0], secs=elapsed, p50_ms=1000 * rtts[len(rtts) // 2] if rtts else None,
-         p99_ms=1000 * rtts[int(len(rtts) * 0.99)] if rtts else None)
+    gevent.joinall(greenlets, timeout=2)
+    return elapsed
 
 
 def role_command(args: argparse.Namespace) -> None:
@@ -237,16 +246,7 @@ def role_command(args: argparse.Namespace) -> None:
                 counts[0] += 1
 
     gs = [gevent.spawn(worker, i) for i in range(args.concurrency)]
-    gevent.sleep(WARMUP_SECS)
-    _say(start=True)
-    measuring[0] = True
-    t0 = time.perf_counter()
-    gevent.sleep(args.seconds)
-    measuring[0] = False
-    elapsed = time.perf_counter() - t0
-    _say(stop=True)
-    stop[0] = True
-    gevent.joinall(gs, timeout=2)
+    elapsed = _measured_window(args.seconds, measuring, stop, gs)
     _say(round_trips=counts[0], secs=elapsed)
 
 
