@@ -304,13 +304,20 @@ def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
 
 def is_in(address: str, networks: Iterable[Network]) -> bool:
     """Tell whether `address` (an IP as text) lies in one of `networks`; False if it is no IP."""
+    ip = _parse_ip(address)
+    return ip is not None and any(ip in net for net in networks)
+
+
+@functools.lru_cache(maxsize=4096)  # asked several times per request (who is asking, which scheme, which host)
+def _parse_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`address` as an IP (an IPv4-mapped IPv6 one as IPv4, a zone dropped); None if it is none."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+        return ip.ipv4_mapped
+    return ip
 
 
 def client_address(peer: str, forwarded_for: str | None, trusted_proxies: tuple[Network, ...]) -> str:
