@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import subprocess
+import sys
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -590,3 +592,27 @@ def test_port_forwarding_needs_a_server_that_reads_promptly(make_tunnel: Any) ->
     assert resp.status_code == 501 and "gunicorn" in resp.text
     assert t.client.post("/frontend/tcp/connect/alpha/bad%20name", headers={"X-ApiKey": client_key}) \
         .status_code == 400
+
+
+# ---- cluster mode stays out of the single-process relay ---------------------------------------
+
+
+def test_the_single_process_relay_never_imports_redis() -> None:
+    """Without redis_url nothing of cluster mode loads (CLUSTER.md section 7): a fresh interpreter
+    builds a Relay and its app and serves a request, and the redis client is not among its modules.
+    (In this process another test may have imported it.)
+    """
+    script = f"""
+import sys
+from ptth_lib.config import parse_relay_config
+from ptth_lib.relay.app import create_app, relay_of
+app = create_app(parse_relay_config({{"servers": [{{"name": "alpha", "tripcode": {tripcode.derive(KEYS["alpha"])!r}}}]}},
+                                    "test"))
+assert app.test_client().get("/frontend/relay_up_check").status_code == 200
+relay_of(app).close()
+print(sorted(m for m in sys.modules if m == "redis" or m.startswith(("redis.", "ptth_lib.relay.cluster"))))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
