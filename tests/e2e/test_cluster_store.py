@@ -254,24 +254,30 @@ def test_withdraw_says_whether_the_head_was_still_queued(store: Store, raw: redi
 
 
 def test_requests_and_listens_arriving_together_never_miss_each_other(store: Store, raw: redis.Redis) -> None:
-    """Offers and parks race from many threads (each its own connection); after every round:
-    never a head queued while a listen is parked, and every head exactly once in a queue, a
-    listen's answer or an inbox.
+    """Offers, parks and unparks race from many threads (each its own connection); after every
+    round: never a head queued while a listen is parked, every head exactly once in a queue, a
+    listen's answer or an inbox, and every listen parked either still there, handed a head, or
+    ended by an unpark that found it.
     """
     rng = random.Random(14)
+    seen_outcomes: Counter[str] = Counter()
     for round_ in range(25):
         server = f"race{round_}"
         online(store, server)
         offers = [head(f"R{round_}x{i}") for i in range(rng.randrange(10, 60))]
         parks = [(f"NODE{i % 4}", rng.randrange(1, 4)) for i in range(rng.randrange(5, 30))]
-        calls = [("offer", h) for h in offers] + [("park", p) for p in parks]
+        unparks = [f"NODE{rng.randrange(4)}" for _ in range(rng.randrange(0, 10))]
+        calls = [("offer", h) for h in offers] + [("park", p) for p in parks] + [("unpark", n) for n in unparks]
         rng.shuffle(calls)
         start = threading.Barrier(len(calls))
 
         def run(call: tuple[str, object], server: str = server,
-                start: threading.Barrier = start) -> OfferResult | ParkResult:
+                start: threading.Barrier = start) -> OfferResult | ParkResult | bool:
             kind, arg = call
             start.wait(10)
+            if kind == "unpark":
+                assert isinstance(arg, str)
+                return store.unpark(server, arg)
             if kind == "offer":
                 assert isinstance(arg, QueuedHead)
                 return store.offer(server, arg)
@@ -291,12 +297,21 @@ def test_requests_and_listens_arriving_together_never_miss_each_other(store: Sto
         assert set(everywhere) == {h.request_id for h in offers}, f"round {round_}: a head was lost"
         assert max(everywhere.values()) == 1, f"round {round_}: a head was handed out twice"
         # Each listen either took heads, or parked and then was either handed one head or is still parked.
-        outcomes = Counter(r.outcome for r in results)
+        outcomes = Counter(r.outcome for r in results if not isinstance(r, bool))
         handed = [r for r in results if isinstance(r, OfferResult) and r.outcome == "handed"]
-        assert outcomes["parked"] == len(handed) + len(parked)
+        for node in {n for n, _ in parks}:
+            parked_here = sum(r == ParkResult("parked") for (kind, arg), r in zip(calls, results, strict=True)
+                              if kind == "park" and arg[0] == node)  # type: ignore[index]
+            ended = sum(r is True for (kind, arg), r in zip(calls, results, strict=True)
+                        if kind == "unpark" and arg == node)
+            assert parked_here == sum(r.node == node for r in handed) + ended + parked.count(node.encode())
+        assert outcomes["parked"] == len(handed) + len(parked) + sum(r is True for r in results)
         assert len(inboxes) == len(handed)
         assert outcomes["offline"] == outcomes["full"] == outcomes["too many"] == 0
+        seen_outcomes.update(outcomes)
         raw.delete(*[f"ptth:inbox:NODE{i}" for i in range(4)])
+    # Both orders happened: listens that found heads queued, and heads that found listens parked.
+    assert min(seen_outcomes[o] for o in ("handed", "queued", "took", "parked")) > 20, seen_outcomes
 
 
 # ---- Redis failing ------------------------------------------------------------------

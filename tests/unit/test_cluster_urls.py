@@ -42,7 +42,8 @@ def test_no_password_survives_redaction(password: str) -> None:
 
 
 @pytest.mark.parametrize("url", ["http://:secret@127.0.0.1/", "127.0.0.1:6379", "redis://:secret@h/cache",
-                                 "redis://:secret@h:port/0", "redis://:secret@h/0?socket_timeout=x"])
+                                 "redis://:secret@h:port/0", "redis://:secret@h/0?socket_timeout=x",
+                                 "redis://:secret@[::1/0", "redis://:secret@/0"])
 def test_a_url_redis_cannot_use_is_a_config_error_without_the_password(url: str) -> None:
     with pytest.raises(ConfigError) as refused:
         Store.from_url(url)

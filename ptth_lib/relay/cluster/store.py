@@ -196,12 +196,16 @@ class Store:
 
         Raises ConfigError for a URL redis-py cannot use.
         """
-        scheme = urlsplit(url).scheme if "://" in url else ""
-        if scheme not in SCHEMES:
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # an unbalanced [ in the host
+            parts = urlsplit("")
+        scheme = parts.scheme if "://" in url else ""
+        if scheme not in SCHEMES or (scheme != "unix" and not parts.hostname):
             raise ConfigError(f"redis_url {redacted(url)!r}: expected a redis://, rediss:// or unix:// URL, "
                               "e.g. redis://127.0.0.1:6379/0")
-        path = urlsplit(url).path
-        if scheme != "unix" and not (path in ("", "/") or (path[1:].isdigit() and path[1:].isascii())):
+        if scheme != "unix" and not (parts.path in ("", "/") or (parts.path[1:].isdigit()
+                                                                 and parts.path[1:].isascii())):
             # redis-py would quietly use database 0 for a path such as /cache.
             raise ConfigError(f"redis_url {redacted(url)!r}: the path must be a database number, "
                               "e.g. redis://127.0.0.1:6379/0")
@@ -211,6 +215,7 @@ class Store:
                 # No retries: a script whose answer was lost may have run (OFFER queued its head).
                 retry=Retry(NoBackoff(), 0))
         except ValueError as e:
+            # Not chained: redis-py's message is quoted (scrubbed); its exception might quote the URL.
             raise ConfigError(f"redis_url {redacted(url)!r}: {_scrub(str(e), _password_of(url))}") from None
         return cls(client, url, prefix)
 
