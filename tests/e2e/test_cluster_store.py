@@ -66,9 +66,14 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def socket(self) -> Path:
+        return self.folder / "redis.sock"
+
     def start(self) -> None:
         self.proc = Proc(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                          "--appendonly", "no", "--dir", str(self.folder), *self.extra],
+                          "--appendonly", "no", "--dir", str(self.folder), "--unixsocket", str(self.socket),
+                          "--unixsocketperm", "700", *self.extra],
                          self.folder / "redis.log")
         try:
             self.proc.wait_for_output(r"Ready to accept connections", STARTUP_DEADLINE_SECS)
@@ -125,6 +130,16 @@ def online(store: Store, server: str = S) -> None:
 def redis_now_ms(raw: redis.Redis) -> int:
     seconds, micros = raw.time()
     return int(seconds) * 1000 + int(micros) // 1000
+
+
+def test_a_unix_socket_url_works_like_a_tcp_one(store: Store, redis_server: RedisServer) -> None:
+    over_unix = Store.from_url(f"unix://{redis_server.socket}?db=0")
+    try:
+        online(over_unix)
+        assert store.offer(S, head("R1")) == OfferResult("queued")  # the same Redis, seen through TCP
+        assert over_unix.withdraw(S, "R1") is True
+    finally:
+        over_unix.close()
 
 
 # ---- each answer of each script ------------------------------------------------
