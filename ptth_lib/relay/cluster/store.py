@@ -127,7 +127,9 @@ class QueuedHead:
     head: bytes
 
     def encode(self) -> bytes:
-        """The queue entry: the id, a space, the head (ids never hold a space)."""
+        """The queue entry: the id, a space, the head (ids are A-Z a-z 0-9 _ -: never a space)."""
+        if not self.request_id.isascii() or " " in self.request_id or not self.request_id:
+            raise ValueError(f"request id {self.request_id[:64]!r} cannot name a queue entry")
         return self.request_id.encode("ascii") + b" " + self.head
 
     @classmethod

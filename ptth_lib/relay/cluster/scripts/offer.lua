@@ -10,6 +10,8 @@
 -- ARGV[7] "front" to queue ahead of the others (a head handed back), else "back"
 --
 -- Answers {"handed", node} (the head is in that node's inbox), {"queued"}, {"full"} or {"offline"}.
+-- The inbox message is "head", a space, S, a space, the entry (server names hold no space;
+-- store.py Store.take_inbox reads it).
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
