@@ -421,6 +421,7 @@ def test_the_password_never_shows_in_a_log_line_or_an_error(tmp_path: Path,
             wrong = Store.from_url(url)
             with pytest.raises(ClusterUnavailableError) as failed:
                 wrong.offer(S, head("R2"))
+            wrong.close()
             errors.append(failed.value)
         for url in (f"redis://:{PASSWORD}@127.0.0.1:{server.port}/notadb", f"http://:{PASSWORD}@127.0.0.1/",
                     f"redis://:{PASSWORD}@127.0.0.1:notaport/0", f"redis://:{PASSWORD}@127.0.0.1/0?socket_timeout=x"):
@@ -435,6 +436,7 @@ def test_the_password_never_shows_in_a_log_line_or_an_error(tmp_path: Path,
         server.kill()
     with pytest.raises(ClusterUnavailableError) as gone:
         good.ping()
+    good.close()
     errors.append(gone.value)
     seen = [r.getMessage() for r in caplog.records] + [str(e) for e in errors]
     seen += [str(e.__cause__) for e in errors if e.__cause__ is not None]
