@@ -362,6 +362,7 @@ def test_a_paused_redis_fails_calls_quickly_and_recovers(store: Store, redis_ser
             assert took < store_module.REDIS_COMMAND_TIMEOUT_SECS + FAIL_SLACK_SECS, took
             assert failed.value.status == 503
             assert "cannot be reached" in str(failed.value) and "Traceback" not in str(failed.value)
+            assert "127.0.0.1" not in str(failed.value), "a client's 503 names no internal address"
             assert store.is_down
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)

@@ -331,7 +331,8 @@ class Store:
             reachable = not isinstance(e, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError))
             self._went_down(e)
             what = "refused a command" if reachable else "cannot be reached"
-            raise ClusterUnavailableError(f"the relay's Redis at {self.url} {what}; try again shortly") from e
+            # The client's line names no internal address; the log line (_went_down) does.
+            raise ClusterUnavailableError(f"the relay's shared state (Redis) {what}; try again shortly") from e
         if self._down:
             self._came_back()
         return result
@@ -354,7 +355,7 @@ class Store:
     def _unexpected(self, what: str, answer: str) -> ClusterUnavailableError:
         """An answer no script gives: our bug (a script out of step with this module)."""
         logger.error("unexpected answer %r from %s at redis %s", answer[:64], what, self.url)
-        return ClusterUnavailableError(f"the relay's Redis at {self.url} gave an unexpected answer; "
+        return ClusterUnavailableError("the relay's shared state (Redis) gave an unexpected answer; "
                                        "try again shortly")
 
 
