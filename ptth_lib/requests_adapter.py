@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import http.client
 import select
+import socket
 import ssl
 import threading
 from collections.abc import Iterator, Mapping
@@ -49,6 +50,12 @@ def new_session(proxies: Mapping[str, str], user_agent: str) -> requests.Session
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+def response_socket(r: requests.Response) -> socket.socket | None:
+    """The socket under a streaming response (urllib3 2's `HTTPResponse.connection`), or None."""
+    sock = getattr(getattr(r.raw, "connection", None), "sock", None)
+    return sock if isinstance(sock, socket.socket) else None
 
 
 def closed_without_answer(e: BaseException) -> bool:

@@ -33,6 +33,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from ptth_lib.errors import describe_answer, root_cause
 from ptth_lib.forward.limits import MAX_ANSWER_BYTES, RELAY_CONNECT_TIMEOUT_SECS
 from ptth_lib.forward.splice import CutError
+from ptth_lib.requests_adapter import response_socket
 
 # Errors of the HTTP side that mean "the stream broke" rather than a bug.
 HTTP_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
@@ -64,7 +65,7 @@ class RelayStreams:
     def _use(self, incoming: requests.Response) -> None:
         self._incoming = incoming
         self._chunks = incoming.iter_content(None)  # each chunk as it arrives, never a sized read
-        in_sock = _response_socket(incoming)
+        in_sock = response_socket(incoming)
         if in_sock is not None:
             self._open["incoming"] = in_sock
             if self._aborted:  # cut while it was being opened
@@ -146,13 +147,6 @@ class RelayStreams:
         finally:
             self._open.pop("outgoing", None)
             conn.close()
-
-
-def _response_socket(r: requests.Response) -> socket.socket | None:
-    """The socket under a streaming response (urllib3 2's public `connection`)."""
-    conn = getattr(r.raw, "connection", None)
-    sock = getattr(conn, "sock", None)
-    return sock if isinstance(sock, socket.socket) else None
 
 
 def _is_established(sock: socket.socket) -> bool:

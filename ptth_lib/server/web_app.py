@@ -69,7 +69,7 @@ from ptth_lib.errors import PtthError, describe_answer, root_cause
 from ptth_lib.forward.http_streams import RelayStreams
 from ptth_lib.forward.limits import PIECE_BYTES, WATCH_SECS
 from ptth_lib.forward.splice import OpenSplices, Splice, TcpEnd, in_threads, reset
-from ptth_lib.requests_adapter import is_answered_early
+from ptth_lib.requests_adapter import is_answered_early, response_socket
 from ptth_lib.server.chunked import ChunkedDecoder, ChunkedError
 from ptth_lib.server.proxy_headers import (
     PublicUrl,
@@ -440,7 +440,9 @@ class WebApp:
                     r.close()
                     raise requests.ConnectionError(
                         f"relay answered {describe_answer(r.status_code, r.headers, answer)} to the body fetch")
-                _set_response_timeout(r, None)  # a WebSocket may be quiet for hours
+                sock = response_socket(r)
+                if sock is not None:
+                    sock.settimeout(None)  # a WebSocket may be quiet for hours
                 return r
 
             streams = RelayStreams(open_incoming, self._response_url.format(id=quote(req.id, safe="")),
@@ -521,10 +523,3 @@ def _is_readable(sock: socket.socket) -> bool:
     except (OSError, ValueError):
         return True
     return bool(readable)
-
-
-def _set_response_timeout(r: requests.Response, timeout: float | None) -> None:
-    """Set the read timeout of a streaming response's socket (urllib3 2's public `connection`)."""
-    sock = getattr(getattr(r.raw, "connection", None), "sock", None)
-    if isinstance(sock, socket.socket):
-        sock.settimeout(timeout)

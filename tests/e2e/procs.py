@@ -228,20 +228,20 @@ def wait_for_server(relay_url: str, name: str, proc: Proc | None = None,
 def start_web_app(log: Path, port: int = 0, cwd: Path = REPO,
                   deadline: float = STARTUP_DEADLINE_SECS) -> tuple[Proc, str]:
     """Start tests/e2e/web_test_app.py (werkzeug, threaded); returns it and its base URL once it listens."""
-    proc = Proc([sys.executable, "tests/e2e/web_test_app.py", "--port", str(port)], log, cwd=cwd)
-    try:
-        url = proc.wait_for_output(r"listening on (http://127\.0\.0\.1:\d+)", deadline).group(1)
-    except BaseException:
-        proc.kill()
-        raise
-    return proc, url
+    return _start_listening([sys.executable, "tests/e2e/web_test_app.py", "--port", str(port)], log, cwd,
+                            deadline)
 
 
 def start_file_server(root: Path, log: Path, cwd: Path = REPO,
                       deadline: float = STARTUP_DEADLINE_SECS) -> tuple[Proc, str]:
     """Start ptth_file_server on `root`; returns it and its base URL once it listens."""
-    proc = Proc([sys.executable, "ptth_file_server.py", "--root", str(root), "--bind", "127.0.0.1:0"],
-                log, cwd=cwd)
+    return _start_listening([sys.executable, "ptth_file_server.py", "--root", str(root), "--bind", "127.0.0.1:0"],
+                            log, cwd, deadline)
+
+
+def _start_listening(args: list[str], log: Path, cwd: Path, deadline: float) -> tuple[Proc, str]:
+    """Start a program that logs "listening on URL"; returns it and the URL once it does (else kills it)."""
+    proc = Proc(args, log, cwd=cwd)
     try:
         url = proc.wait_for_output(r"listening on (http://127\.0\.0\.1:\d+)", deadline).group(1)
     except BaseException:

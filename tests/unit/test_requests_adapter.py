@@ -27,6 +27,7 @@ from ptth_lib.requests_adapter import (
     closed_without_answer,
     is_answered_early,
     new_session,
+    response_socket,
 )
 
 VERSIONS = f"requests {requests.__version__} / urllib3 {urllib3.__version__}"
@@ -201,7 +202,8 @@ def test_connections_to_the_relay_keep_alive_while_idle() -> None:
     peer = Peer(act)
     try:
         with new_session({}, "test").get(peer.url, stream=True, timeout=10) as r:
-            sock = r.raw.connection.sock
+            sock = response_socket(r)
+            assert sock is not None, f"{VERSIONS}: no socket under a streaming response"
             options = {(level, option): sock.getsockopt(level, option) for level, option, _ in KEEPALIVE_OPTIONS}
             assert r.content == b"ok"
     finally:
