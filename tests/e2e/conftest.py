@@ -25,12 +25,29 @@ from procs import (
     Proc,
     free_port,
     new_key,
+    refusing_port,
+    refusing_socket,
     tripcode_of,
     wait_until,
 )
 
-__all__ = ["REPO", "STARTUP_DEADLINE_SECS", "Cluster", "Proc", "Relay", "Server", "Tunnel", "free_port",
-           "make_tree", "new_key", "tripcode_of", "wait_for_online", "wait_until"]
+__all__ = [
+    "REPO",
+    "STARTUP_DEADLINE_SECS",
+    "Cluster",
+    "Proc",
+    "Relay",
+    "Server",
+    "Tunnel",
+    "free_port",
+    "make_tree",
+    "new_key",
+    "refusing_port",
+    "refusing_socket",
+    "tripcode_of",
+    "wait_for_online",
+    "wait_until",
+]
 
 
 @dataclass

@@ -25,7 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import blake3
@@ -52,6 +52,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def refusing_socket() -> socket.socket:
+    """A socket bound to a loopback port without listening: connections to the port are refused.
+
+    While it stays open, no test running in parallel can be handed the port and start answering
+    on it, as can happen to a port `free_port` merely picked. Close it when done.
+    """
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port that refuses connections for as long as the block runs."""
+    with refusing_socket() as s:
+        yield int(s.getsockname()[1])
 
 
 def new_key(name: str) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, Cluster, Proc, free_port, new_key, tripcode_of, wait_until
+from conftest import REPO, Cluster, Proc, free_port, new_key, refusing_port, tripcode_of, wait_until
 
 pytestmark = pytest.mark.process
 
@@ -379,9 +379,13 @@ def test_demo_serves_its_files_and_stops_on_ctrl_c(tmp_path: Path) -> None:
 
 def test_unreachable_relay_warns_once_and_stops_on_sigterm(tmp_path: Path, root: Path) -> None:
     key = new_key("alpha")
-    port = free_port()
-    config = write_server_config(tmp_path / "s.toml", root, key, relay_url=f"http://127.0.0.1:{port}/")
-    proc = Proc([sys.executable, "ptth_server.py", "--config", str(config)], tmp_path / "server.log")
+    with refusing_port() as port:
+        config = write_server_config(tmp_path / "s.toml", root, key, relay_url=f"http://127.0.0.1:{port}/")
+        proc = Proc([sys.executable, "ptth_server.py", "--config", str(config)], tmp_path / "server.log")
+        _warns_once_and_stops(proc, key)
+
+
+def _warns_once_and_stops(proc: Proc, key: str) -> None:
     try:
         proc.wait_for_output(r"cannot reach the relay", deadline=3.0)
         time.sleep(3.0)  # several retries happen in this time (backoff starts at 0.5 s)
@@ -400,13 +404,13 @@ def test_unreachable_relay_warns_once_and_stops_on_sigterm(tmp_path: Path, root:
 def test_unreachable_relay_warning_names_the_cause(tmp_path: Path, root: Path) -> None:
     """The warning says why (connection refused), not urllib3's retry summary."""
     key = new_key("alpha")
-    port = free_port()
-    config = write_server_config(tmp_path / "s.toml", root, key, relay_url=f"http://127.0.0.1:{port}/")
-    proc = Proc([sys.executable, "ptth_server.py", "--config", str(config)], tmp_path / "server.log")
-    try:
-        line = proc.wait_for_output(r".*cannot reach the relay.*", deadline=3.0).group(0)
-    finally:
-        proc.kill()
+    with refusing_port() as port:
+        config = write_server_config(tmp_path / "s.toml", root, key, relay_url=f"http://127.0.0.1:{port}/")
+        proc = Proc([sys.executable, "ptth_server.py", "--config", str(config)], tmp_path / "server.log")
+        try:
+            line = proc.wait_for_output(r".*cannot reach the relay.*", deadline=3.0).group(0)
+        finally:
+            proc.kill()
     assert "refused" in line.lower(), line
     assert "Max retries" not in line, line
     assert "HTTPConnectionPool" not in line, line

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from procs import STARTUP_DEADLINE_SECS, Proc, free_port
+from procs import STARTUP_DEADLINE_SECS, Proc, free_port, refusing_port
 
 from ptth_lib.relay.cluster import store as store_module
 from ptth_lib.relay.cluster.store import (
@@ -415,15 +415,16 @@ def test_the_password_never_shows_in_a_log_line_or_an_error(tmp_path: Path,
         assert good.offer(S, head("R1")) == OfferResult("offline")
         online(good)
         assert good.offer(S, head("R1")) == OfferResult("queued")
-        for url in (f"redis://:{PASSWORD}x@127.0.0.1:{server.port}/0",  # a wrong password
-                    f"redis://default:{PASSWORD}x@127.0.0.1:{server.port}/0",
-                    f"redis://127.0.0.1:{server.port}/0?password={PASSWORD}x",
-                    f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"):  # nobody there
-            wrong = Store.from_url(url)
-            with pytest.raises(ClusterUnavailableError) as failed:
-                wrong.offer(S, head("R2"))
-            wrong.close()
-            errors.append(failed.value)
+        with refusing_port() as nobody:
+            for url in (f"redis://:{PASSWORD}x@127.0.0.1:{server.port}/0",  # a wrong password
+                        f"redis://default:{PASSWORD}x@127.0.0.1:{server.port}/0",
+                        f"redis://127.0.0.1:{server.port}/0?password={PASSWORD}x",
+                        f"redis://:{PASSWORD}@127.0.0.1:{nobody}/0"):  # nobody there
+                wrong = Store.from_url(url)
+                with pytest.raises(ClusterUnavailableError) as failed:
+                    wrong.offer(S, head("R2"))
+                wrong.close()
+                errors.append(failed.value)
         for url in (f"redis://:{PASSWORD}@127.0.0.1:{server.port}/notadb", f"http://:{PASSWORD}@127.0.0.1/",
                     f"redis://:{PASSWORD}@127.0.0.1:notaport/0", f"redis://:{PASSWORD}@127.0.0.1/0?socket_timeout=x"):
             with pytest.raises(ValueError) as refused:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import Cluster, Proc, Relay, free_port, new_key, tripcode_of
+from conftest import Cluster, Proc, Relay, new_key, refusing_socket, tripcode_of
 from tcp_peers import DigestServer, EchoServer, recv_all, recv_exactly, unused_port_socket
 
 # Long enough for a busy 2-core machine; a stalled byte would never arrive at all.
@@ -63,8 +63,9 @@ def fwd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Forwarding]:
     relay = c.relay({"alpha": server_key}, extra=extra)
     root = tmp / "root"
     root.mkdir()
+    closed = refusing_socket()
     ports_table = (f'[forwarded_ports]\necho = "127.0.0.1:{echo.port}"\ndigest = "127.0.0.1:{digest.port}"\n'
-                   f'web = "127.0.0.1:{web_port}"\nclosed = "127.0.0.1:{free_port()}"\n'
+                   f'web = "127.0.0.1:{web_port}"\nclosed = "127.0.0.1:{closed.getsockname()[1]}"\n'
                    f'forbidden = "127.0.0.1:{echo.port}"\n')
     server = c.server(relay, "alpha", server_key, root, extra_config=ports_table)
     names = ["echo", "digest", "web", "closed", "nosuch", "forbidden"]
@@ -73,6 +74,7 @@ def fwd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Forwarding]:
     c.close()
     echo.close()
     digest.close()
+    closed.close()
 
 
 def connect(fwd: Forwarding, name: str) -> socket.socket:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import REPO, Cluster, free_port, new_key, tripcode_of, wait_until
+from conftest import REPO, Cluster, new_key, refusing_port, tripcode_of, wait_until
 
 pytestmark = pytest.mark.process
 
@@ -120,8 +120,9 @@ def test_relay_not_reachable(cluster: Cluster) -> None:
     [line] = problems(run_check("--relay", relay.url, "--server", "alpha"))
     assert line.startswith(f"{PREFIX}relay {relay.url} is not reachable: ")
 
-    url = f"http://127.0.0.1:{free_port()}"
-    [line] = problems(run_check("--relay", url + "/", "--server", "alpha", "--quiet"))
+    with refusing_port() as port:
+        url = f"http://127.0.0.1:{port}"
+        [line] = problems(run_check("--relay", url + "/", "--server", "alpha", "--quiet"))
     assert line == f"{PREFIX}relay {url} is not reachable: [Errno 111] Connection refused"
 
 

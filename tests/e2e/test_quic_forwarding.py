@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Proc, free_port, new_key
+from conftest import Proc, free_port, new_key, refusing_socket
 from fault_peers import HoldingServer, Peer, RecordingServer, reset_close, wait_cut
 from quic_cluster import (
     END_SERVER,
@@ -85,24 +85,28 @@ class Bundle:
     greet: GreetingServer  # "greet": speaks first, then echoes
     secret: RecordingServer  # "secret": forwarded by alpha, but laptop may not reach it
     hold: HoldingServer  # "hold": reads nothing until released
+    dead: socket.socket  # "dead": bound, not listening: connections are refused
 
     def close(self) -> None:
         self.fw.close()
         self.hold.release.set()
         for server in (self.echo, self.digest, self.greet, self.secret, self.hold):
             server.close()
+        self.dead.close()
 
 
 def new_bundle(tmp: Path, kind: str = END_SERVER, server: bool = True, client: bool = True) -> Bundle:
     tmp.mkdir(parents=True, exist_ok=True)
     echo, digest, greet, secret, hold = (RecordingServer(), DigestServer(), GreetingServer(), RecordingServer(),
                                          HoldingServer())
+    dead = refusing_socket()
     targets = {"echo": echo.port, "digest": digest.port, "greet": greet.port, "secret": secret.port,
-               "hold": hold.port, "dead": free_port()}
+               "hold": hold.port, "dead": dead.getsockname()[1]}
     # laptop may reach "nosuch", which alpha does not forward, but not "secret", which it does.
     allow = ["alpha:echo", "alpha:digest", "alpha:greet", "alpha:hold", "alpha:dead", "alpha:nosuch"]
     forwards = ["echo", "digest", "greet", "secret", "hold", "dead", "nosuch"]
-    b = Bundle(QuicForwarding(tmp, targets, allow, forwards, server_kind=kind), echo, digest, greet, secret, hold)
+    b = Bundle(QuicForwarding(tmp, targets, allow, forwards, server_kind=kind), echo, digest, greet, secret, hold,
+               dead)
     try:
         b.fw.start_relay()
         if server:
