@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import gevent
 from werkzeug.wrappers import Request, Response
@@ -85,15 +85,27 @@ def deliver(rv: Rendezvous, p: PendingRequest, req: Request,
             rv.fail(p, str(e), e.status)
             return refuse(e.status, str(e), req)
     rv.start_response(p, head)
+    status, message = copy_body(rv, p, iter_body(environ, RELAY_CHUNK_BYTES), req.content_length)
+    if status != 200:
+        cut_connection(environ)
+    return text(status, message)
 
-    declared = req.content_length
+
+def copy_body(rv: Rendezvous, p: PendingRequest, pieces: Iterator[bytes], declared: int | None,
+              ) -> tuple[int, str]:
+    """Copy a response body from `pieces` to the client of `p`; the answer for the server's POST.
+
+    200 once the client has it all; 410 as soon as the client is gone (the
+    caller cuts the upload: it need not read the rest); 400 if the body broke
+    off or came short of `declared`. `pieces` is the POST's own body, or, in a
+    cluster, the pieces another node reads from it (cluster/peering.py).
+    """
     received = 0
     complete = True
-    chunks = iter_body(environ, RELAY_CHUNK_BYTES)
     while True:
         try:
-            chunk = next(chunks, b"")
-        except Exception as e:  # noqa: BLE001 - the WSGI server's body reader: OSError or its parse errors
+            chunk = next(pieces, b"")
+        except Exception as e:  # noqa: BLE001 - the body's reader: OSError, the WSGI server's or a peer link's errors
             logger.warning("response body of request %s broke off: %s", p.request.id, type(e).__name__)
             complete = False
             break
@@ -102,18 +114,16 @@ def deliver(rv: Rendezvous, p: PendingRequest, req: Request,
         received += len(chunk)
         if not rv.put_chunk(p, chunk):
             logger.info("client of request %s is gone; stopping the server's upload", p.request.id)
-            cut_connection(environ)
-            return text(410, "the client is gone")
+            return 410, "the client is gone"
     if declared is not None and received != declared:
         complete = False
     delivered = rv.end_body(p, complete)
     if not complete:
-        cut_connection(environ)
-        return text(400, "response body broke off")
+        return 400, "response body broke off"
     if not delivered:
-        cut_connection(environ)
-        return text(410, "the client is gone")
-    return text(200, "delivered")
+        return 410, "the client is gone"
+    return 200, "delivered"
+
 
 def hold_lease(rv: Rendezvous, sock: socket.socket | None, lease: Lease) -> None:
     """Wait for the server to acknowledge a batch; without it, the batch goes back to the queue.
