@@ -38,7 +38,7 @@ def __getattr__(name: str) -> Any:
 def _load_app_for_gunicorn() -> Any:
     from ptth_lib.cli import LOG_FORMAT_ENV, make_handler
     from ptth_lib.config import load_relay_config
-    from ptth_lib.errors import ConfigError
+    from ptth_lib.errors import ConfigError, PtthError
     from ptth_lib.relay.app import create_app
     from ptth_lib.wsgi import gunicorn_workers
 
@@ -49,7 +49,7 @@ def _load_app_for_gunicorn() -> Any:
         print(f"ptth_relay: {e}", file=sys.stderr, flush=True)
         sys.exit(3)  # gunicorn's "worker failed to boot": the master stops instead of retrying
     workers = gunicorn_workers()
-    if workers is not None and workers > 1:
+    if workers is not None and workers > 1 and config.redis_url is None:
         _refuse_many_workers(workers)
     # The relay's own lines go through gunicorn's error log, or as JSON if asked.
     gunicorn_log = logging.getLogger("gunicorn.error")
@@ -62,7 +62,11 @@ def _load_app_for_gunicorn() -> Any:
         lib_log.setLevel(gunicorn_log.level)
         lib_log.propagate = False
     lib_log.info("ptth_relay: %d servers registered (config %s)", len(config.servers), path)
-    return create_app(config, config_path=path)
+    try:
+        return create_app(config, config_path=path)
+    except PtthError as e:  # cluster mode: a Redis URL it cannot use, a Redis it cannot reach
+        print(f"ptth_relay: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
 
 
 def _refuse_many_workers(workers: int) -> NoReturn:
@@ -82,9 +86,10 @@ def _refuse_many_workers(workers: int) -> NoReturn:
         os._exit(0)  # a sibling says it; a clean exit makes no second "failed to boot"
     except OSError:
         pass  # no marker here: each worker says it
-    print(f"ptth_relay: gunicorn was asked for {workers} workers, but the relay keeps its state (parked "
-          "listens, queued requests, bodies in flight) in one process, and a second worker would answer "
-          "half of the requests wrong: run exactly one (-w 1, as conf/gunicorn.conf.py sets)",
+    print(f"ptth_relay: gunicorn was asked for {workers} workers, but without redis_url the relay keeps its "
+          "state (parked listens, queued requests, bodies in flight) in one process, and a second worker "
+          "would answer half of the requests wrong: run exactly one (-w 1, as conf/gunicorn.conf.py sets), "
+          "or set redis_url in the relay config (or PTTH_REDIS_URL) to run a cluster (CLUSTER.md)",
           file=sys.stderr, flush=True)
     sys.exit(3)  # gunicorn's "worker failed to boot": the master stops instead of retrying
 

@@ -316,3 +316,14 @@ def must(value: Any) -> Any:
 def is_private(path: str | os.PathLike[str]) -> bool:
     """Tell whether a file is unreadable by group and others."""
     return (Path(path).stat().st_mode & 0o077) == 0
+
+
+def check_peer_bind(value: str) -> str | None:
+    """peer_bind: HOST:PORT or HOST:LOW-HIGH, ports 1-65535, LOW <= HIGH."""
+    host, _, ports = value.rpartition(":")
+    low, dash, high = ports.partition("-")
+    if host and low.isdigit() and (not dash or high.isdigit()):
+        first, last = int(low), int(high) if dash else int(low)
+        if 1 <= first <= last <= 65535:
+            return None
+    return "must be HOST:PORT or HOST:LOW-HIGH, e.g. 10.0.0.5:41000-41099"

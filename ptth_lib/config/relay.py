@@ -25,6 +25,7 @@ from ptth_lib.config.keys import (
     check_listen_timeout,
     check_name,
     check_networks,
+    check_peer_bind,
     check_requests_per_address,
     check_timeout,
     check_tripcode,
@@ -67,7 +68,14 @@ RELAY_KEYS = (
          "goes to server NAME at / (empty: off)", check_host_suffix),
     Key("max_request_body_bytes", int, 0, "request bodies larger than this get 413 (0: no limit)",
          check_body_limit),
+    Key("redis_url", str, None, "run as a cluster of workers and hosts sharing this Redis, e.g. "
+         "\"redis://:PASSWORD@10.0.0.2:6379/0\" (env PTTH_REDIS_URL wins; default: one process, no Redis)"),
+    Key("peer_bind", str, "127.0.0.1:41000-41099", "cluster mode: where each worker listens for the others, "
+         "HOST:PORT or HOST:LOW-HIGH (a worker takes the first free port)", check_peer_bind),
 )
+
+# The environment variable that overrides redis_url (so that a password can stay out of the file).
+REDIS_URL_ENV = "PTTH_REDIS_URL"
 
 
 CLIENT_ENTRY_KEYS = (
@@ -147,6 +155,8 @@ class RelayConfig:
     quic_key_file: str = "ptth_quic_relay.key"
     server_host_suffix: str = ""  # lowercase, with its leading dot; "" is off
     max_request_body_bytes: int = 0  # 0: no limit
+    redis_url: str | None = None  # cluster mode (CLUSTER.md); None: one process, no Redis
+    peer_bind: str = "127.0.0.1:41000-41099"
 
 
 def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
@@ -210,6 +220,8 @@ def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
         quic_key_file=values["quic_key_file"],
         server_host_suffix=suffix,
         max_request_body_bytes=values["max_request_body_bytes"],
+        redis_url=os.environ.get(REDIS_URL_ENV) or values["redis_url"],
+        peer_bind=values["peer_bind"],
     )
 
 

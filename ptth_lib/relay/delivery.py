@@ -67,14 +67,9 @@ def deliver(rv: Rendezvous, p: PendingRequest, req: Request,
     """
     environ = req.environ
     try:
-        head = decode_response_head(req.headers.get(RESPONSE_HEAD_HEADER))
-        if head.status_code == 101 and p.request.upgrade is None:
-            raise ProtocolError("status 101 answers only an upgrade request")
-    except ProtocolError as e:
-        logger.warning("bad response head for request %s from server %s: %s", p.request.id,
-                       p.server.registered.name, e)
-        rv.fail(p, f"server {p.server.registered.name!r} sent a bad response: {e}")
-        return refuse(400, f"bad response head: {e}", req)
+        head = read_head(rv, p, req.headers.get(RESPONSE_HEAD_HEADER))
+    except HttpError as e:
+        return refuse(e.status, str(e), req)
     if head.status_code == 101:
         if on_switch is None:
             rv.fail(p, "the relay cannot carry this WebSocket")
@@ -89,6 +84,20 @@ def deliver(rv: Rendezvous, p: PendingRequest, req: Request,
     if status != 200:
         cut_connection(environ)
     return text(status, message)
+
+
+def read_head(rv: Rendezvous, p: PendingRequest, header: str | None) -> ServerResponseHead:
+    """The response head a server's POST carries for `p`; a bad one fails `p` (502) and raises 400."""
+    try:
+        head = decode_response_head(header)
+        if head.status_code == 101 and p.request.upgrade is None:
+            raise ProtocolError("status 101 answers only an upgrade request")
+    except ProtocolError as e:
+        logger.warning("bad response head for request %s from server %s: %s", p.request.id,
+                       p.server.registered.name, e)
+        rv.fail(p, f"server {p.server.registered.name!r} sent a bad response: {e}")
+        raise HttpError(f"bad response head: {e}", 400) from None
+    return head
 
 
 def copy_body(rv: Rendezvous, p: PendingRequest, pieces: Iterator[bytes], declared: int | None,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from werkzeug.wrappers import Request, Response
@@ -88,6 +88,9 @@ from ptth_lib.wsgi import (
     show_client_address,
 )
 
+if TYPE_CHECKING:
+    from ptth_lib.relay.cluster.node import Node
+
 logger = logging.getLogger(__name__)
 
 # URL prefixes that name a server: the frontend's, the spec's older alias, the scraper API's.
@@ -132,7 +135,13 @@ class Relay:
         Nothing runs until `start()`.
         """
         self.audit = AuditLog(config.audit_log)
-        self.rendezvous = Rendezvous(config, on_event=self.audit.record)
+        self.node: Node | None = None  # cluster mode's node (cluster/node.py); None: one process
+        self.rendezvous: Rendezvous
+        if config.redis_url is not None:
+            from ptth_lib.relay.cluster import build  # imports redis: only in cluster mode
+            self.node, self.rendezvous = build(config, on_event=self.audit.record)
+        else:
+            self.rendezvous = Rendezvous(config, on_event=self.audit.record)
         self.forwarding = PortForwarding(config, on_closed=self._forwarded_connection_closed)
         self.metrics = RelayMetrics(self.rendezvous, self.forwarding)
         self.watcher = (ConfigWatcher(config_path, self.reconfigure, self._config_reload_reported)
@@ -157,6 +166,8 @@ class Relay:
         greenlets = [gevent.spawn(self.rendezvous.watch_presence), gevent.spawn(self.forwarding.sweep)]
         if self.watcher is not None:
             greenlets.append(gevent.spawn(self.watcher.run))
+        if self.node is not None:
+            greenlets.extend(self.node.start())
         return greenlets
 
     def close(self) -> None:
@@ -167,6 +178,8 @@ class Relay:
         """
         self.rendezvous.close()
         self.forwarding.close()
+        if self.node is not None:
+            self.node.close()
 
     def reconfigure(self, config: RelayConfig) -> None:
         """Apply a new config without dropping servers or connections that stay allowed."""
@@ -275,6 +288,8 @@ class Relay:
 
     def respond(self, request_id: str, req: Request) -> Response:
         """P5 and P7: a server's response POST; its answer says whether the client got it all."""
+        if self.node is not None and not request_id.startswith(self.node.id):
+            return self.node.forward_response(request_id, req)  # its client is on another node
         try:
             p = self.rendezvous.claim(request_id, req.headers.get(API_KEY_HEADER))
         except ForbiddenError as e:

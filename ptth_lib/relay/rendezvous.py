@@ -31,6 +31,7 @@ and the response body the client reads (body_stream.py).
 from __future__ import annotations
 
 import base64
+import hmac
 import logging
 import secrets
 import time
@@ -361,10 +362,17 @@ class Rendezvous:
         """Find the request a server answers; 404 if unknown or answered, 403 if not its own."""
         if not api_key:
             raise ForbiddenError("missing X-ApiKey header")
+        return self._claim(request_id, lambda code: tripcode.matches(api_key, code))
+
+    def claim_by_tripcode(self, request_id: str, code: str) -> PendingRequest:
+        """`claim` for an answer whose key another relay node checked: it passes the key's tripcode."""
+        return self._claim(request_id, lambda registered: hmac.compare_digest(code, registered))
+
+    def _claim(self, request_id: str, matches: Callable[[str], bool]) -> PendingRequest:
         p = self.pending.get(request_id)
         if p is None or p.answered or p.cancelled:
             raise UnknownRequestError(f"no request {request_id[:64]!r} is waiting for a response")
-        if not tripcode.matches(api_key, p.server.registered.tripcode):
+        if not matches(p.server.registered.tripcode):
             raise ForbiddenError(f"request {request_id!r} belongs to another server")
         p.answered = True
         self._untake(p)

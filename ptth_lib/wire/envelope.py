@@ -193,16 +193,23 @@ def head_size(method: str, uri: str, headers: Mapping[str, bytes]) -> int:
 
 def encode_requests(requests: Iterable[RelayRequest]) -> bytes:
     """Encode a listen answer."""
-    items = []
-    for r in requests:
-        item: dict[str, Any] = {"id": r.id, "req": {"method": r.method, "uri": r.uri, "headers": r.headers}}
-        if r.body is not None:
-            item["body"] = r.body
-        if r.upgrade is not None:
-            item["upgrade"] = r.upgrade
-        items.append(item)
-    packed: bytes = msgpack.packb(items)
+    packed: bytes = msgpack.packb([_request_item(r) for r in requests])
     return packed
+
+
+def encode_request_item(request: RelayRequest) -> bytes:
+    """One request as an item of a listen answer, encoded alone (a cluster queues heads so)."""
+    packed: bytes = msgpack.packb(_request_item(request))
+    return packed
+
+
+def _request_item(r: RelayRequest) -> dict[str, Any]:
+    item: dict[str, Any] = {"id": r.id, "req": {"method": r.method, "uri": r.uri, "headers": r.headers}}
+    if r.body is not None:
+        item["body"] = r.body
+    if r.upgrade is not None:
+        item["upgrade"] = r.upgrade
+    return item
 
 
 def decode_requests(data: bytes) -> list[RelayRequest]:
@@ -210,26 +217,32 @@ def decode_requests(data: bytes) -> list[RelayRequest]:
     items = _unpack(data, MAX_LISTEN_BODY_BYTES)
     if not isinstance(items, list):
         raise ProtocolError("listen answer is not an array")
-    out = []
-    for item in items:
-        req = item.get("req") if isinstance(item, dict) else None
-        if not isinstance(req, dict):
-            raise ProtocolError("listen answer item lacks 'req'")
-        rid, method, uri = item.get("id"), req.get("method"), req.get("uri")
-        if not (isinstance(rid, str) and isinstance(method, str) and isinstance(uri, str)):
-            raise ProtocolError("listen answer item has a bad id, method or uri")
-        if not ID_RE.match(rid) or not _TOKEN_RE.match(method.lower().encode("utf-8", "replace")):
-            raise ProtocolError("listen answer item has a malformed id or method")
-        if not uri.startswith("/") or _BAD_VALUE_RE.search(uri.encode("utf-8", "replace")):
-            raise ProtocolError("listen answer item has a bad uri")
-        body, upgrade = item.get("body"), item.get("upgrade")
-        if body is not None and (isinstance(body, bool) or not isinstance(body, int)
-                                 or body < BODY_LENGTH_UNKNOWN):
-            raise ProtocolError("listen answer item has a bad body length")
-        if upgrade is not None and upgrade != "websocket":
-            raise ProtocolError("listen answer item has an unknown upgrade")
-        out.append(RelayRequest(rid, method, uri, _check_headers(req.get("headers")), body, upgrade))
-    return out
+    return [_decode_item(item) for item in items]
+
+
+def decode_request_item(data: bytes) -> RelayRequest:
+    """Decode what encode_request_item made; raise ProtocolError if it is not that."""
+    return _decode_item(_unpack(data, MAX_LISTEN_BODY_BYTES))
+
+
+def _decode_item(item: Any) -> RelayRequest:
+    req = item.get("req") if isinstance(item, dict) else None
+    if not isinstance(req, dict):
+        raise ProtocolError("listen answer item lacks 'req'")
+    rid, method, uri = item.get("id"), req.get("method"), req.get("uri")
+    if not (isinstance(rid, str) and isinstance(method, str) and isinstance(uri, str)):
+        raise ProtocolError("listen answer item has a bad id, method or uri")
+    if not ID_RE.match(rid) or not _TOKEN_RE.match(method.lower().encode("utf-8", "replace")):
+        raise ProtocolError("listen answer item has a malformed id or method")
+    if not uri.startswith("/") or _BAD_VALUE_RE.search(uri.encode("utf-8", "replace")):
+        raise ProtocolError("listen answer item has a bad uri")
+    body, upgrade = item.get("body"), item.get("upgrade")
+    if body is not None and (isinstance(body, bool) or not isinstance(body, int)
+                             or body < BODY_LENGTH_UNKNOWN):
+        raise ProtocolError("listen answer item has a bad body length")
+    if upgrade is not None and upgrade != "websocket":
+        raise ProtocolError("listen answer item has an unknown upgrade")
+    return RelayRequest(rid, method, uri, _check_headers(req.get("headers")), body, upgrade)
 
 
 def encode_response_head(head: ServerResponseHead) -> str:

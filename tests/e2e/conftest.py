@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,15 +87,16 @@ class Cluster:
         return self.tmp / f"{self.counter:02d}-{what}.log"
 
     def relay(self, servers: dict[str, str], port: int = 0, extra: str = "",
-              env: dict[str, str] | None = None) -> Relay:
+              env: dict[str, str] | None = None, gunicorn_args: Sequence[str] = ()) -> Relay:
         """Start the relay under gunicorn; `servers` maps names to API keys."""
         config = self.tmp / f"relay-{self.counter}.toml"
         config.write_text(procs.relay_config(servers, extra))
-        return self.start_relay(config, port, env)
+        return self.start_relay(config, port, env, gunicorn_args)
 
-    def start_relay(self, config: Path, port: int = 0, env: dict[str, str] | None = None) -> Relay:
+    def start_relay(self, config: Path, port: int = 0, env: dict[str, str] | None = None,
+                    gunicorn_args: Sequence[str] = ()) -> Relay:
         """Start the relay under gunicorn with `config`; wait until it answers."""
-        proc, port = procs.start_relay(config, self._log("relay"), port, env)
+        proc, port = procs.start_relay(config, self._log("relay"), port, env, gunicorn_args=gunicorn_args)
         self.procs.append(proc)
         return Relay(proc, port, config)
 

@@ -578,6 +578,7 @@ def test_gunicorn_with_more_than_one_worker_stops_with_one_line(tmp_path: Path, 
     ours = [line for line in result.output.splitlines() if line.startswith("ptth_relay:")]
     assert len(ours) == 1, result.output
     assert f"asked for {workers} workers" in ours[0] and "run exactly one" in ours[0]
+    assert "set redis_url" in ours[0] and "PTTH_REDIS_URL" in ours[0]  # the way to run many
 
 
 def test_gunicorn_plain_with_good_config(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ presence; per node (one relay worker) an inbox. Each change to that shared
 state is one Lua script, atomic in redis-server, that applies the rules of
 rendezvous.py across nodes. Bodies never go through Redis.
 
-What exists so far:
+Modules:
 
 - `store.py`: the Redis boundary. `Store.from_url` (redis://, rediss://,
   unix://; `redacted(url)` hides the password in every message), short
@@ -17,13 +17,35 @@ What exists so far:
 - `scripts/`: OFFER (a request meets a parked listen, or queues), PARK (a
   listen takes queued heads, or parks), UNPARK (a listen ends unserved),
   WITHDRAW (at its timeout, was the request picked up?).
+- `rendezvous.py`: `ClusterRendezvous`, the rendezvous the `Relay` calls,
+  with its meeting point in Redis.
+- `node.py`: this worker's id, heartbeat, table of peers and inbox
+  dispatcher; it carries a response POST to the node holding its client.
+- `peering.py`: the peer links that carry bodies between nodes.
 
-What comes next (CLUSTER.md section 7), none of it wired into the relay yet:
-the remaining scripts (fair shares and the unanswered count in OFFER and
-SETTLE, leases and acknowledgements, PRESENCE, LEAVE, SWEEP, FAILED, heads'
-deadlines, the TCP pair); `node.py` (node id, heartbeat, epoch watch, the
-inbox dispatcher, the sweeper); `rendezvous.py` (`ClusterRendezvous`, with
-the methods the `Relay` calls); `peering.py` (peer links carrying bodies to
-the node that owns a request); `forwarding.py`; `metrics.py`; and
-`build(config)`, which `relay/app.py` will call when `redis_url` is set.
+`build(config)` makes the three for a relay with `redis_url`. What the
+cluster does not do yet is listed in rendezvous.py's docstring.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ptth_lib.config import RelayConfig
+from ptth_lib.relay.cluster.node import Node
+from ptth_lib.relay.cluster.rendezvous import ClusterRendezvous
+from ptth_lib.relay.cluster.store import Store
+
+
+def build(config: RelayConfig, on_event: Callable[..., None]) -> tuple[Node, ClusterRendezvous]:
+    """This worker's node and rendezvous for `config` (which has a `redis_url`).
+
+    Raises ConfigError for a Redis URL that cannot be used, and
+    ClusterUnavailableError if Redis cannot be reached now.
+    """
+    assert config.redis_url is not None
+    store = Store.from_url(config.redis_url)
+    node = Node(store, config.peer_bind)
+    rendezvous = ClusterRendezvous(config, store, node.id, on_event=on_event)
+    node.attach(rendezvous)
+    return node, rendezvous

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -53,6 +54,9 @@ REDIS_CONNECT_TIMEOUT_SECS = 1.0
 # paused or partitioned Redis: the client gets 503 in 2 s rather than hanging. redis-py then
 # drops that connection, so a late reply is never read as the answer to another command.
 REDIS_COMMAND_TIMEOUT_SECS = 2.0
+# A node's dispatcher waits this long for its inbox in one call (BLMPOP), well inside the
+# command timeout: idle, a node makes one Redis call a second for it.
+INBOX_WAIT_SECS = 1.0
 
 SCHEMES = ("redis", "rediss", "unix")
 
@@ -285,14 +289,90 @@ class Store:
     def take_inbox(self, node: str, count: int = 128) -> list[InboxHead]:
         """Up to `count` heads waiting in `node`'s inbox, oldest first, without waiting."""
         entries = cast("list[bytes] | None", self._call(lambda: self._client.lpop(self._key(f"inbox:{node}"), count)))
+        return self._read_inbox(entries or [])
+
+    def _read_inbox(self, entries: list[bytes]) -> list[InboxHead]:
         taken = []
-        for message in entries or []:
+        for message in entries:
             kind, _, rest = message.partition(b" ")
             if kind != b"head":
                 raise self._unexpected("the inbox", kind.decode("ascii", "replace"))
             server, _, entry = rest.partition(b" ")
             taken.append(InboxHead(server.decode("utf-8"), QueuedHead.decode(entry)))
         return taken
+
+    def wait_inbox(self, node: str, timeout_secs: float = INBOX_WAIT_SECS, count: int = 128) -> list[InboxHead]:
+        """Like take_inbox, but waits up to `timeout_secs` for a first message (BLMPOP)."""
+        key = self._key(f"inbox:{node}")
+        answer = self._call(lambda: self._client.blmpop(timeout_secs, 1, key, direction="LEFT", count=count))
+        return self._read_inbox(cast("list[Any]", answer)[1] if answer else [])
+
+    # ---- nodes (node.py) ----
+
+    def register_node(self, node: str, address: str, ttl_secs: float, new: bool = False) -> bool:
+        """Record `node` as alive at peer `address` for `ttl_secs`.
+
+        `new`: claim the id (False if another node has it); else renew it
+        (False if it had expired: the node was taken for dead and must take a new id).
+        """
+        key = self._key(f"node:{node}")
+        ttl = round(ttl_secs * 1000)
+
+        def run() -> bool:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(key, address, px=ttl, nx=new, xx=not new)
+            pipe.sadd(self._key("nodes"), node)
+            done = pipe.execute()[0]
+            return bool(done)
+        return self._call(run)
+
+    def live_nodes(self) -> dict[str, str]:
+        """Every live node's peer address, by node id; forgets the ids that expired."""
+        ids = sorted(_text(n) for n in cast("set[bytes]", self._call(
+            lambda: self._client.smembers(self._key("nodes")))))
+        if not ids:
+            return {}
+        addresses = cast("list[bytes | None]", self._call(
+            lambda: self._client.mget([self._key(f"node:{n}") for n in ids])))
+        gone = [n for n, a in zip(ids, addresses, strict=True) if a is None]
+        if gone:
+            self._call(lambda: self._client.srem(self._key("nodes"), *gone))
+        return {n: _text(a) for n, a in zip(ids, addresses, strict=True) if a is not None}
+
+    def drop_node(self, node: str) -> None:
+        """`node` is stopping: it is no longer alive."""
+        self._call(lambda: self._client.delete(self._key(f"node:{node}")))
+
+    def cluster_secret(self) -> bytes:
+        """The secret that peer links prove they know; the first node to ask makes it."""
+        key = self._key("peer_secret")
+        fresh = secrets.token_bytes(32)
+
+        def run() -> bytes:
+            self._client.set(key, fresh, nx=True)
+            return cast("bytes", self._client.get(key))
+        return self._call(run)
+
+    def presence(self, servers: Sequence[str]) -> dict[str, tuple[float | None, bool]]:
+        """Per server: when it was last seen (seconds since the epoch) and whether it is online now."""
+        def run() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.time()
+            for server in servers:
+                pipe.hget(self._key(f"srv:{server}"), "seen")
+                pipe.llen(self._key(f"parked:{server}"))
+            answers: list[Any] = pipe.execute()
+            return answers
+        answers = self._call(run)
+        seconds, micros = answers[0]
+        now_ms = seconds * 1000 + micros // 1000
+        out: dict[str, tuple[float | None, bool]] = {}
+        for i, server in enumerate(servers):
+            seen, parked = answers[1 + 2 * i], answers[2 + 2 * i]
+            seen_ms = int(seen) if seen is not None else None
+            online = parked > 0 or (seen_ms is not None and now_ms - seen_ms <= OFFLINE_AFTER_SECS * 1000)
+            out[server] = (now_ms / 1000 if parked > 0 else seen_ms / 1000 if seen_ms is not None else None, online)
+        return out
 
     # ---- the boundary ----
 
