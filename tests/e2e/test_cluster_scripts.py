@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -241,8 +242,11 @@ def test_a_lease_is_recorded_until_a_later_listen_acknowledges_it(store: Store, 
 def test_nodes_register_once_share_epoch_and_secret_and_are_listed(store: Store, raw: redis.Redis) -> None:
     raw.flushall()
     ids = {new_node_id() for _ in range(50)}
-    assert all(len(n) == NODE_ID_CHARS and n.isalnum() and n.isupper() or n.isdigit() for n in ids)
+    assert all(len(n) == NODE_ID_CHARS and set(n) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") for n in ids)
     assert len(ids) == 50
+    # The scripts tell an id's owner by the same length.
+    lib = (Path(store_module.__file__).parent / "scripts" / "_lib.lua").read_text()
+    assert f"local NODE_ID_CHARS = {NODE_ID_CHARS}\n" in lib
     first = store.register(node_info("NODE1111"))
     second = store.register(node_info("NODE2222", config_hash="beef"))
     assert (first.outcome, second.outcome) == ("registered", "registered")
