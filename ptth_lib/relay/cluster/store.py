@@ -3,7 +3,11 @@
 Every Redis call the cluster makes goes through a `Store`. Each step of the
 rendezvous that changes shared state is one Lua script in `scripts/`, run
 atomically by redis-server in one round trip (CLUSTER.md sections 1 and 2);
-this module loads them by SHA and gives each a typed Python wrapper.
+this module loads them by SHA and gives each a typed Python wrapper. Each
+script is sent with `scripts/_lib.lua` in front of it: the helpers every
+script shares (handing a head over, settling what a node held, presence),
+whose header also lists every key. The few steps that need no script (a
+lease record, the operators' pages) are one command or one MULTI each.
 
 Failures: any Redis error becomes a `ClusterUnavailableError` (503, a plain
 message naming Redis by its URL without the password), and the node logs one
