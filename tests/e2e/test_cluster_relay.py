@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import REPO, Cluster, new_key, refusing_port
-from test_cluster_store import RedisServer, start_redis
+from redis_harness import RedisServer, start_redis
 
-from ptth_lib.relay.cluster.node import NODE_ID_CHARS
+from ptth_lib.relay.cluster.store import NODE_ID_CHARS
 
 pytestmark = [pytest.mark.process,
               pytest.mark.skipif(shutil.which("redis-server") is None,

@@ -16,14 +16,26 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
-from procs import STARTUP_DEADLINE_SECS, Proc, free_port, refusing_port
+from procs import refusing_port
+from redis_harness import (
+    NODES,
+    RedisServer,
+    S,
+    empty_client,
+    head,
+    join,
+    node_info,
+    online,
+    redis_now_ms,
+    serve_redis,
+    start_redis,
+    store_on,
+)
 
 from ptth_lib.relay.cluster import store as store_module
 from ptth_lib.relay.cluster.store import (
@@ -46,90 +58,14 @@ pytestmark = [pytest.mark.process,
               pytest.mark.skipif(shutil.which("redis-server") is None,
                                  reason="needs Debian's redis-server (make debian-deps installs it)")]
 
-S = "alpha"
 PASSWORD = "s3cret-Pw-7"
 # A call to a paused Redis fails after REDIS_COMMAND_TIMEOUT_SECS; this much more is slack
 # for a busy 2-core machine.
 FAIL_SLACK_SECS = 1.5
 
-
-@dataclass
-class RedisServer:
-    """A redis-server on 127.0.0.1:`port`, restartable on the same port."""
-
-    port: int
-    folder: Path
-    extra: tuple[str, ...] = ()
-    proc: Proc | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def socket(self) -> Path:
-        return self.folder / "redis.sock"
-
-    def start(self) -> None:
-        self.proc = Proc(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                          "--appendonly", "no", "--dir", str(self.folder), "--unixsocket", str(self.socket),
-                          "--unixsocketperm", "700", *self.extra],
-                         self.folder / "redis.log")
-        try:
-            self.proc.wait_for_output(r"Ready to accept connections", STARTUP_DEADLINE_SECS)
-        except BaseException:
-            self.proc.kill()
-            raise
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGCONT)  # a stopped process would not die of SIGTERM
-            self.proc.kill()
-
-
-def start_redis(folder: Path, *extra: str) -> RedisServer:
-    server = RedisServer(free_port(), folder, extra)
-    server.start()
-    return server
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    """A plain client on the test's Redis, emptied before each test."""
-    client = redis.Redis.from_url(redis_server.url, socket_timeout=5)
-    client.flushall()
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def store(redis_server: RedisServer, raw: redis.Redis) -> Iterator[Store]:
-    s = Store.from_url(redis_server.url)
-    yield s
-    s.close()
-
-
-def head(request_id: str, size: int = 20) -> QueuedHead:
-    """A head of `size` bytes, starting with random bytes (spaces and NULs among them)."""
-    start = bytes(random.randrange(256) for _ in range(min(size, 64)))
-    return QueuedHead(request_id, start + b"h" * (size - len(start)))
-
-
-def online(store: Store, server: str = S) -> None:
-    """The server says it is still there (a listen for 0 requests): online for OFFLINE_AFTER_SECS."""
-    assert store.park(server, "NODEZERO", max_requests=0) == ParkResult("took")
-
-
-def redis_now_ms(raw: redis.Redis) -> int:
-    seconds, micros = raw.time()
-    return int(seconds) * 1000 + int(micros) // 1000
+redis_server = pytest.fixture(scope="module")(serve_redis)
+raw = pytest.fixture(empty_client)
+store = pytest.fixture(store_on)
 
 
 def test_a_unix_socket_url_works_like_a_tcp_one(store: Store, redis_server: RedisServer) -> None:
@@ -169,14 +105,14 @@ def test_after_a_leave_the_name_stays_online_only_for_its_grace(store: Store, ra
 
 
 def test_offer_hands_the_head_to_the_oldest_parked_listen(store: Store, raw: redis.Redis) -> None:
-    assert store.park(S, "NODEA", 10) == ParkResult("parked")
-    assert store.park(S, "NODEB", 10) == ParkResult("parked")
+    assert store.park(S, "NODEAAAA", 10) == ParkResult("parked")
+    assert store.park(S, "NODEBBBB", 10) == ParkResult("parked")
     first, second = head("R1", 300), head("R2")
-    assert store.offer(S, first) == OfferResult("handed", "NODEA")
-    assert store.offer(S, second) == OfferResult("handed", "NODEB")
-    assert store.take_inbox("NODEA") == [InboxHead(S, first)]
-    assert store.take_inbox("NODEB") == [InboxHead(S, second)]
-    assert store.take_inbox("NODEB") == []
+    assert store.offer(S, first) == OfferResult("handed", "NODEAAAA")
+    assert store.offer(S, second) == OfferResult("handed", "NODEBBBB")
+    assert store.take_inbox("NODEAAAA") == [InboxHead(S, first)]
+    assert store.take_inbox("NODEBBBB") == [InboxHead(S, second)]
+    assert store.take_inbox("NODEBBBB") == []
     # No listen is parked now, but one was a moment ago: the server is online, the head queues.
     assert store.offer(S, head("R3")) == OfferResult("queued")
     assert raw.llen(f"ptth:parked:{S}") == 0
@@ -187,7 +123,7 @@ def test_offer_queues_up_to_the_bound_then_answers_full(store: Store, raw: redis
     for i in range(MAX_QUEUED_PER_SERVER):
         assert store.offer(S, head(f"R{i}")) == OfferResult("queued")
     assert store.offer(S, head("ONEMORE")) == OfferResult("full")
-    assert store.offer(S, head("FRONT"), front=True) == OfferResult("full")
+    assert store.offer_again(S, head("R0")) == OfferResult("full")  # handed back, but no room
     assert raw.llen(f"ptth:q:{S}") == MAX_QUEUED_PER_SERVER
 
 
@@ -196,12 +132,12 @@ def test_park_takes_queued_heads_oldest_first_up_to_max_requests(store: Store, r
     heads = [head(f"R{i}") for i in range(5)]
     for h in heads:
         assert store.offer(S, h) == OfferResult("queued")
-    back = head("BACK")
-    assert store.offer(S, back, front=True) == OfferResult("queued")  # handed back: first in line
-    assert store.park(S, "NODEA", 3) == ParkResult("took", (back, heads[0], heads[1]))
-    assert store.park(S, "NODEA") == ParkResult("took", tuple(heads[2:]))
-    assert store.park(S, "NODEA") == ParkResult("parked")
-    assert raw.lrange(f"ptth:parked:{S}", 0, -1) == [b"NODEA"]
+    assert store.park(S, "NODEAAAA", 1) == ParkResult("took", (heads[0],))
+    assert store.offer_again(S, heads[0]) == OfferResult("queued")  # handed back: first in line
+    assert store.park(S, "NODEAAAA", 3) == ParkResult("took", tuple(heads[:3]))
+    assert store.park(S, "NODEAAAA") == ParkResult("took", tuple(heads[3:]))
+    assert store.park(S, "NODEAAAA") == ParkResult("parked")
+    assert raw.lrange(f"ptth:parked:{S}", 0, -1) == [b"NODEAAAA"]
 
 
 def test_park_takes_no_more_heads_than_fit_in_one_answer(store: Store) -> None:
@@ -210,45 +146,45 @@ def test_park_takes_no_more_heads_than_fit_in_one_answer(store: Store) -> None:
     big = [head(f"BIG{i}", MAX_REQUEST_HEAD_BYTES - 10) for i in range(per_answer + 1)]
     for h in big:
         assert store.offer(S, h) == OfferResult("queued")
-    assert store.park(S, "NODEA") == ParkResult("took", tuple(big[:per_answer]))
-    assert store.park(S, "NODEA") == ParkResult("took", (big[-1],))
+    assert store.park(S, "NODEAAAA") == ParkResult("took", tuple(big[:per_answer]))
+    assert store.park(S, "NODEAAAA") == ParkResult("took", (big[-1],))
 
 
 def test_park_for_no_requests_only_says_the_server_is_there(store: Store, raw: redis.Redis) -> None:
     assert store.offer(S, head("R0")) == OfferResult("offline")
     online(store)
     assert store.offer(S, head("R1")) == OfferResult("queued")
-    assert store.park(S, "NODEA", max_requests=0) == ParkResult("took")
+    assert store.park(S, "NODEAAAA", max_requests=0) == ParkResult("took")
     assert raw.llen(f"ptth:q:{S}") == 1
     assert raw.llen(f"ptth:parked:{S}") == 0
 
 
 def test_park_refuses_past_the_bound_of_listens(store: Store, raw: redis.Redis) -> None:
     for i in range(MAX_LISTENERS_PER_SERVER):
-        assert store.park(S, f"NODE{i % 3}", 1, features=["bodies"]) == ParkResult("parked")
-    assert store.park(S, "NODEX", 1) == ParkResult("too many")
+        assert store.park(S, NODES[1 + i % 3], 1, features=["bodies"]) == ParkResult("parked")
+    assert store.park(S, "NODEXXXX", 1) == ParkResult("too many")
     assert raw.llen(f"ptth:parked:{S}") == MAX_LISTENERS_PER_SERVER
     assert raw.hget(f"ptth:srv:{S}", "features") == b"bodies"
 
 
 def test_unpark_removes_one_entry_and_says_whether_it_was_there(store: Store, raw: redis.Redis) -> None:
-    assert store.park(S, "NODEA", 1) == ParkResult("parked")
-    assert store.park(S, "NODEA", 1) == ParkResult("parked")
-    assert store.unpark(S, "NODEA") is True
-    assert raw.lrange(f"ptth:parked:{S}", 0, -1) == [b"NODEA"]
-    assert store.unpark(S, "NODEB") is False
+    assert store.park(S, "NODEAAAA", 1) == ParkResult("parked")
+    assert store.park(S, "NODEAAAA", 1) == ParkResult("parked")
+    assert store.unpark(S, "NODEAAAA") is True
+    assert raw.lrange(f"ptth:parked:{S}", 0, -1) == [b"NODEAAAA"]
+    assert store.unpark(S, "NODEBBBB") is False
     # A listen ending in the instant a head is handed to it: the head is on its way to the inbox.
     h = head("R1")
-    assert store.offer(S, h) == OfferResult("handed", "NODEA")
-    assert store.unpark(S, "NODEA") is False
-    assert store.take_inbox("NODEA") == [InboxHead(S, h)]
+    assert store.offer(S, h) == OfferResult("handed", "NODEAAAA")
+    assert store.unpark(S, "NODEAAAA") is False
+    assert store.take_inbox("NODEAAAA") == [InboxHead(S, h)]
 
 
 def test_unpark_stamps_seen_unless_the_server_left(store: Store, raw: redis.Redis) -> None:
     raw.hset(f"ptth:srv:{S}", "seen", 1)
-    assert store.unpark(S, "NODEA", seen=False) is False
+    assert store.unpark(S, "NODEAAAA", seen=False) is False
     assert raw.hget(f"ptth:srv:{S}", "seen") == b"1"
-    assert store.unpark(S, "NODEA") is False
+    assert store.unpark(S, "NODEAAAA") is False
     assert int(raw.hget(f"ptth:srv:{S}", "seen") or 0) >= redis_now_ms(raw) - 1000
 
 
@@ -259,7 +195,7 @@ def test_withdraw_says_whether_the_head_was_still_queued(store: Store, raw: redi
     assert store.withdraw(S, "R1") is True  # not R10, which starts the same
     assert [QueuedHead.decode(e).request_id for e in raw.lrange(f"ptth:q:{S}", 0, -1)] == ["R10", "R2"]
     assert store.withdraw(S, "R1") is False
-    assert store.park(S, "NODEA", 1).outcome == "took"  # R10 picked up
+    assert store.park(S, "NODEAAAA", 1).outcome == "took"  # R10 picked up
     assert store.withdraw(S, "R10") is False
     assert store.withdraw(S, "R2") is True
     assert store.withdraw("nobody", "R2") is False
@@ -280,8 +216,8 @@ def test_requests_and_listens_arriving_together_never_miss_each_other(store: Sto
         server = f"race{round_}"
         online(store, server)
         offers = [head(f"R{round_}x{i}") for i in range(rng.randrange(10, 60))]
-        parks = [(f"NODE{i % 4}", rng.randrange(1, 4)) for i in range(rng.randrange(5, 30))]
-        unparks = [f"NODE{rng.randrange(4)}" for _ in range(rng.randrange(0, 10))]
+        parks = [(NODES[1 + i % 4], rng.randrange(1, 4)) for i in range(rng.randrange(5, 30))]
+        unparks = [NODES[1 + rng.randrange(4)] for _ in range(rng.randrange(0, 10))]
         calls = [("offer", h) for h in offers] + [("park", p) for p in parks] + [("unpark", n) for n in unparks]
         rng.shuffle(calls)
         start = threading.Barrier(len(calls))
@@ -324,7 +260,7 @@ def test_requests_and_listens_arriving_together_never_miss_each_other(store: Sto
         assert len(inboxes) == len(handed)
         assert outcomes["offline"] == outcomes["full"] == outcomes["too many"] == 0
         seen_outcomes.update(outcomes)
-        raw.delete(*[f"ptth:inbox:NODE{i}" for i in range(4)])
+        raw.delete(*[f"ptth:inbox:{node}" for node in NODES])
     # Both orders happened: listens that found heads queued, and heads that found listens parked.
     assert min(seen_outcomes[o] for o in ("handed", "queued", "took", "parked")) > 20, seen_outcomes
 
@@ -353,7 +289,7 @@ def test_a_paused_redis_fails_calls_quickly_and_recovers(store: Store, redis_ser
     caplog.set_level(logging.INFO, logger=store_module.__name__)
     redis_server.proc.send_signal(signal.SIGSTOP)
     try:
-        for call in (lambda: store.offer(S, head("GHOST")), lambda: store.park(S, "NODEA"),
+        for call in (lambda: store.offer(S, head("GHOST")), lambda: store.park(S, "NODEAAAA"),
                      lambda: store.withdraw(S, "BEFORE")):
             started = time.monotonic()
             with pytest.raises(ClusterUnavailableError) as failed:
@@ -371,7 +307,7 @@ def test_a_paused_redis_fails_calls_quickly_and_recovers(store: Store, redis_ser
     # Replies that arrived late were never read as the answers to later calls.
     assert store.withdraw(S, "NOSUCH") is False
     assert store.withdraw(S, "BEFORE") is True
-    assert store.park(S, "NODEA", 0) == ParkResult("took")
+    assert store.park(S, "NODEAAAA", 0) == ParkResult("took")
     messages = [r.getMessage() for r in caplog.records if r.name == store_module.__name__]
     assert sum(m.startswith("redis down") for m in messages) == 1, messages
     assert sum(m.startswith("redis back") for m in messages) == 1, messages
@@ -380,6 +316,7 @@ def test_a_paused_redis_fails_calls_quickly_and_recovers(store: Store, redis_ser
 
 def test_a_restarted_redis_gets_the_scripts_again(store: Store, redis_server: RedisServer,
                                                   caplog: pytest.LogCaptureFixture) -> None:
+    epoch = join(store, "NODEZERO")  # already registered: the epoch only
     online(store)
     assert store.offer(S, head("BEFORE")) == OfferResult("queued")  # the scripts are loaded
     caplog.set_level(logging.INFO, logger=store_module.__name__)
@@ -389,15 +326,20 @@ def test_a_restarted_redis_gets_the_scripts_again(store: Store, redis_server: Re
         store.offer(S, head("DURING"))
     assert time.monotonic() - started < store_module.REDIS_CONNECT_TIMEOUT_SECS + FAIL_SLACK_SECS
     with pytest.raises(ClusterUnavailableError):
-        store.park(S, "NODEA")
+        store.park(S, "NODEAAAA")
     redis_server.start()
     _wait_until_working(store, 5)
-    # Everything was lost with the restart: the server has not been seen, the scripts are not loaded.
+    # Everything was lost with the restart: the server has not been seen, the scripts are not loaded,
+    # the nodes are not registered; a node learns it from its heartbeat and registers again.
     assert store.offer(S, head("AFTER")) == OfferResult("offline")
+    assert store.park(S, "NODEZERO", 0) == ParkResult("unknown node")
+    assert store.heartbeat(node_info("NODEZERO"), epoch) == "restarted"
+    assert join(store, "NODEZERO") != epoch
+    assert store.heartbeat(node_info("NODEZERO"), epoch) == "restarted"
     online(store)
     assert store.offer(S, head("AFTER")) == OfferResult("queued")
     assert store.withdraw(S, "AFTER") is True
-    assert store.unpark(S, "NODEA") is False
+    assert store.unpark(S, "NODEAAAA") is False
     messages = [r.getMessage() for r in caplog.records if r.name == store_module.__name__]
     assert sum(m.startswith("redis down") for m in messages) == 1, messages
     assert sum(m.startswith("redis back") for m in messages) == 1, messages
@@ -413,6 +355,7 @@ def test_the_password_never_shows_in_a_log_line_or_an_error(tmp_path: Path,
         good = Store.from_url(f"redis://:{PASSWORD}@127.0.0.1:{server.port}/0")
         assert good.url == f"redis://:***@127.0.0.1:{server.port}/0"
         assert good.offer(S, head("R1")) == OfferResult("offline")
+        join(good, "NODEZERO")
         online(good)
         assert good.offer(S, head("R1")) == OfferResult("queued")
         with refusing_port() as nobody:
@@ -432,7 +375,7 @@ def test_the_password_never_shows_in_a_log_line_or_an_error(tmp_path: Path,
             errors.append(refused.value)
         server.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
         with pytest.raises(ClusterUnavailableError) as paused:
-            good.park(S, "NODEA")
+            good.park(S, "NODEAAAA")
         errors.append(paused.value)
     finally:
         server.kill()

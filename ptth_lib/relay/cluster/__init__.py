@@ -29,6 +29,7 @@ cluster does not do yet is listed in rendezvous.py's docstring.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 from ptth_lib.config import RelayConfig
@@ -45,7 +46,7 @@ def build(config: RelayConfig, on_event: Callable[..., None]) -> tuple[Node, Clu
     """
     assert config.redis_url is not None
     store = Store.from_url(config.redis_url)
-    node = Node(store, config.peer_bind)
+    node = Node(store, config.peer_bind, hashlib.sha256(repr(config).encode()).hexdigest())
     rendezvous = ClusterRendezvous(config, store, node.id, on_event=on_event)
     node.attach(rendezvous)
     return node, rendezvous

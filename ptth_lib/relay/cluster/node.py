@@ -13,17 +13,17 @@ got the POST, `_serve_response` on the owner, which runs the single
 process's delivery (delivery.py) with the body coming from the link.
 
 A node whose registration expired (Redis restarted, or the node was paused
-past `NODE_TTL_SECS`) has lost its parked entries with it: it ends its
-parked listens (204), the servers listen again at once, and presence is
-rebuilt by their new listens.
+past `NODE_TTL_SECS`) has lost its parked entries with it: it registers
+again, ends its parked listens (204), the servers listen again at once, and
+presence is rebuilt by their new listens. Once a second each node offers to
+run PRESENCE (servers coming and going, audited once for the cluster) and
+SWEEP (cleaning up after dead nodes); one node a second wins each.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
-import secrets
 import socket
 from typing import Any
 
@@ -33,7 +33,18 @@ from werkzeug.wrappers import Request, Response
 from ptth_lib.errors import ForbiddenError, HttpError
 from ptth_lib.relay.cluster.peering import PeerCutError, PeerLink, PeerPool, PeerServer
 from ptth_lib.relay.cluster.rendezvous import ClusterRendezvous
-from ptth_lib.relay.cluster.store import ClusterUnavailableError, Store
+from ptth_lib.relay.cluster.store import (
+    NODE_ID_CHARS,
+    ClusterUnavailableError,
+    InboxHead,
+    InboxLeave,
+    InboxMessage,
+    InboxOffline,
+    InboxRequeue,
+    NodeInfo,
+    Store,
+    new_node_id,
+)
 from ptth_lib.relay.delivery import RELAY_CHUNK_BYTES, copy_body, read_head, refuse
 from ptth_lib.relay.responses import text
 from ptth_lib.wire import tripcode
@@ -42,91 +53,110 @@ from ptth_lib.wsgi import cut_connection, iter_body
 
 logger = logging.getLogger(__name__)
 
-# Characters of a node id: 40 random bits of base32, claimed with SET NX, so unique among
-# live nodes; request ids then have 8 + 16 characters, inside the protocol's 64.
-NODE_ID_CHARS = 8
-
-# A node renews its registration this often; one not renewed for NODE_TTL_SECS is dead
-# (its POSTs answer 404), so a node may miss two beats (a long GC pause, a slow Redis).
+# A node renews its registration this often; one not renewed for NODE_TTL_SECS (store.py)
+# is dead, so a node may miss two beats (a long GC pause, a slow Redis).
 HEARTBEAT_SECS = 2.0
-NODE_TTL_SECS = 6.0
 
-# After a Redis error, the dispatcher and the heartbeat wait this long before trying again.
+# How often each node offers to run PRESENCE and SWEEP (one node a second wins each).
+TICK_SECS = 1.0
+
+# After a Redis error, the dispatcher waits this long before trying again.
 RETRY_SECS = 1.0
-
-# The owner's answer to a forwarded POST comes once the client has the whole body, which
-# can take as long as a slow client takes; the link carries the body meanwhile.
-ANSWER_WAIT_SECS = 600.0
-
-
-def new_node_id() -> str:
-    """A fresh node id: 8 characters of base32."""
-    return base64.b32encode(secrets.token_bytes(5)).decode("ascii")
 
 
 class Node:
     """This worker's place in the cluster: its id, its peers, its inbox."""
 
-    def __init__(self, store: Store, peer_bind: str) -> None:
+    def __init__(self, store: Store, peer_bind: str, config_hash: str) -> None:
+        """Register a new node in Redis (ClusterUnavailableError if Redis cannot be reached)."""
         self.store = store
-        self.id = self._claim_id(store)
+        self.config_hash = config_hash
+        self.peer_address = ""
+        self.id = new_node_id()
+        self.epoch, secret = self._register()
         self.rendezvous: ClusterRendezvous | None = None
-        self.pool = PeerPool(store.cluster_secret())
-        self.peers = PeerServer(peer_bind, store.cluster_secret(), {"respond": self._serve_response})
+        self.pool = PeerPool(secret)
+        self.peers = PeerServer(peer_bind, secret, {"respond": self._serve_response})
         self.table: dict[str, str] = {}  # node id -> peer address, refreshed by the heartbeat
         self.label = f"{socket.gethostname()}/{os.getpid()}/{self.id}"
 
-    @staticmethod
-    def _claim_id(store: Store) -> str:
+    def info(self) -> NodeInfo:
+        return NodeInfo(self.id, self.peer_address, self.config_hash, socket.gethostname(), os.getpid())
+
+    def _register(self) -> tuple[str, bytes]:
+        """Register this node, keeping its id if it is free (its requests in flight stay reachable)."""
         while True:
-            node_id = new_node_id()
-            if store.register_node(node_id, "", NODE_TTL_SECS, new=True):
-                return node_id
+            registered = self.store.register(self.info())
+            if registered.outcome == "registered":
+                return registered.epoch, bytes.fromhex(registered.secret)
+            self.id = new_node_id()
 
     def attach(self, rendezvous: ClusterRendezvous) -> None:
         """Serve `rendezvous`: the dispatcher hands it heads, the peer listener its POSTs."""
         self.rendezvous = rendezvous
 
     def start(self) -> list[gevent.Greenlet]:
-        """Listen for peers, register, and run the heartbeat and the dispatcher."""
+        """Listen for peers, publish where, and run the heartbeat, the dispatcher and the ticks."""
         self.peers.start()
-        self.store.register_node(self.id, self.peers.address, NODE_TTL_SECS)
-        self.table = self.store.live_nodes()
+        self.peer_address = self.peers.address
+        self.store.heartbeat(self.info(), self.epoch)
+        self._refresh_table()
         logger.info("relay node %s up, peer links on %s, %d nodes in the cluster", self.label,
-                    self.peers.address, len(self.table))
-        return [gevent.spawn(self._heartbeat), gevent.spawn(self._dispatch)]
+                    self.peer_address, len(self.table))
+        return [gevent.spawn(self._heartbeat), gevent.spawn(self._dispatch), gevent.spawn(self._ticks)]
 
     def close(self) -> None:
         """This node is stopping: it is no longer alive for the others."""
         self.peers.close()
         self.pool.close()
         try:
-            self.store.drop_node(self.id)
+            self.store.deregister(self.id)
         except ClusterUnavailableError:
             pass
 
     # ---- the greenlets -------------------------------------------------------------
 
+    def _refresh_table(self) -> None:
+        self.table = {n.node: n.peer for n in self.store.live_nodes() if n.peer}
+
     def _heartbeat(self) -> None:
         while True:
             gevent.sleep(HEARTBEAT_SECS)
             try:
-                if not self.store.register_node(self.id, self.peers.address, NODE_TTL_SECS):
-                    self._lost_registration()
-                self.table = self.store.live_nodes()
+                outcome = self.store.heartbeat(self.info(), self.epoch)
+                if outcome != "alive":
+                    self._rejoin(outcome)
+                self._refresh_table()
             except ClusterUnavailableError:
                 continue  # store.py logged it once; the next beat tries again
 
-    def _lost_registration(self) -> None:
-        """Our registration expired: Redis restarted or we were paused. Our parked entries are gone too."""
-        logger.warning("relay node %s: its registration in Redis was lost (Redis restarted, or this worker "
-                       "was paused); registering again and ending its parked listens", self.label)
-        if not self.store.register_node(self.id, self.peers.address, NODE_TTL_SECS, new=True):
-            logger.error("relay node %s: its id was taken by another node meanwhile", self.label)
+    def _rejoin(self, why: str) -> None:
+        """Our registration is gone (swept after a pause, or Redis restarted), and our parked entries with it."""
+        logger.warning("relay node %s: %s; registering again and ending its parked listens", self.label,
+                       "Redis restarted" if why == "restarted" else "it was taken for dead (paused too long)")
+        self.epoch, _ = self._register()
+        self.label = f"{socket.gethostname()}/{os.getpid()}/{self.id}"
         rv = self.rendezvous
         if rv is not None:
-            for server in rv.servers.values():
-                server.wake_listeners()
+            for name in list(rv.servers):
+                rv.end_listens(name)
+
+    def _ticks(self) -> None:
+        """Offer to run PRESENCE and SWEEP each second; the node that wins the second runs them."""
+        while True:
+            gevent.sleep(TICK_SECS)
+            try:
+                presence = self.store.presence(self.id)
+                rv = self.rendezvous
+                if rv is not None:
+                    for event in presence.events:
+                        rv.announce(event.server, event.online, event.host, event.version)
+                swept = self.store.sweep(self.id)
+                if swept.swept:
+                    logger.info("relay nodes %s stopped answering; their share of the work was taken back",
+                                ", ".join(swept.swept))
+            except ClusterUnavailableError:
+                continue
 
     def _dispatch(self) -> None:
         while True:
@@ -135,10 +165,26 @@ class Node:
             except ClusterUnavailableError:
                 gevent.sleep(RETRY_SECS)
                 continue
-            rv = self.rendezvous
             for message in messages:
-                if rv is not None:
-                    rv.hand_over(message)
+                try:
+                    self._handle(message)
+                except ClusterUnavailableError:
+                    pass  # logged once by store.py; the message's request ends at its timeout
+
+    def _handle(self, message: InboxMessage) -> None:
+        rv = self.rendezvous
+        if rv is None:
+            return
+        if isinstance(message, InboxHead):
+            rv.hand_over(message)
+        elif isinstance(message, InboxOffline):
+            rv.fail_offline(message.request_id, message.server)
+        elif isinstance(message, InboxRequeue):
+            rv.offer_again(message.request_id, message.server)
+        elif isinstance(message, InboxLeave):
+            rv.end_listens(message.server)
+        # InboxAck, InboxTurn, InboxConnection: leases, fair shares and TCP forwarding across
+        # nodes are not built yet (rendezvous.py); nothing sends them to this node meanwhile.
 
     # ---- response POSTs for another node's requests -------------------------------
 

@@ -14,13 +14,16 @@ share goes through `store.py`, one script per step:
 - `wait_for_head` asks at the request's timeout whether it was ever picked up
   (WITHDRAW): 502 if not, else 504 as today.
 
-Everything after the hand-over (the response head, the body's queue, the
-client's share) is the single-process code, inherited. What the cluster does
-not do yet (CLUSTER.md sections 2, 4 and 5): acknowledged delivery across
-nodes (a listen's answer lost on the way is not taken back), fair shares and
-the unanswered count across nodes (each node keeps its own), request bodies,
-WebSocket and TCP forwarding (501: "not in cluster mode yet"), and presence
-events for the audit log.
+Everything after the hand-over (the response head, the body's queue) is the
+single-process code, inherited. A request ends with a SETTLE, which frees its
+place in Redis's counts; the node batches the settles of many requests into
+one round trip (`_settle_ended`).
+
+What the cluster does not do yet (CLUSTER.md sections 2, 4 and 5):
+acknowledged delivery across nodes (a listen's answer lost on the way is not
+taken back: the client gets 504), fair shares across nodes (each node keeps
+its own, so a client may have `requests_per_address` in flight per worker),
+request bodies, WebSocket and TCP forwarding (501).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
+import time
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -67,6 +71,12 @@ logger = logging.getLogger(__name__)
 # The random part of a cluster request id, after the node id: 80 bits, as single-process ids.
 _ID_BYTES = 10
 
+# Ended requests settled in one SETTLE: under load, many end between two round trips.
+SETTLE_BATCH = 256
+# Ended requests waiting for their SETTLE while Redis is away: past this, the oldest are
+# dropped (their places in Redis's counts then wait for this node's sweep after it stops).
+MAX_UNSETTLED = 100_000
+
 
 class TakenHead:
     """A request head a listen took from Redis: its client is held by the node its id names.
@@ -90,6 +100,11 @@ class ClusterRendezvous(Rendezvous):
         self.node_id = node_id
         # Parked listens of this node waiting for a head, per server, oldest first.
         self.waiters: defaultdict[str, list[gevent.event.AsyncResult]] = defaultdict(list)
+        # The heads of this node's requests offered to Redis and not yet settled, by id (to offer again).
+        self.offered: dict[str, QueuedHead] = {}
+        # Ids of requests that ended, for the next SETTLE (bounded: see _settle_ended).
+        self._ended: list[str] = []
+        self._ended_ready = gevent.event.Event()
 
     # ---- ids ---------------------------------------------------------------
 
@@ -113,6 +128,8 @@ class ClusterRendezvous(Rendezvous):
         parked = self.store.park(name, self.node_id, max_requests, sorted(server.features))
         if parked.outcome == "too many":
             raise TooManyListenersError(f"server {name!r} already has listens parked on every side")
+        if parked.outcome == "unknown node":  # swept or Redis restarted: the heartbeat registers it again
+            raise ClusterUnavailableError("this relay worker is rejoining the cluster; try again shortly")
         if parked.outcome == "took":
             return [self._taken(h) for h in parked.heads], None  # type: ignore[misc]  # only .request is read
         head = self._wait(server, name, timeout)
@@ -165,7 +182,7 @@ class ClusterRendezvous(Rendezvous):
                 waiter.set(message.head)
                 return
         try:
-            self.store.offer(message.server, message.head, front=True)
+            self.store.offer_again(message.server, message.head, front=True)
         except ClusterUnavailableError:
             logger.warning("request %s for server %s lost with Redis: its client gets 502 at its timeout",
                            message.head.request_id, message.server)
@@ -178,22 +195,44 @@ class ClusterRendezvous(Rendezvous):
         return 0
 
     def leave(self, server: ServerState) -> None:
-        """A process of this server is stopping: end its listens parked on this node."""
+        """A process of this server is stopping: every node ends its listens parked for it (LEAVE)."""
         super().leave(server)
+        self.store.leave(server.registered.name)
 
-    def close(self) -> None:
-        """This node is stopping: end its parked listens (204), each giving its place back."""
-        super().close()
+    def end_listens(self, name: str) -> None:
+        """End this node's parked listens of server `name` (204): it left, or Redis lost them."""
+        state = self.servers.get(name)
+        if state is not None:
+            state.wake_listeners()
+
+    def fail_offline(self, request_id: str, server: str) -> None:
+        """PRESENCE took this node's request out of the queue of a server gone offline: 502 now."""
+        p = self.pending.get(request_id)
+        if p is not None and not p.answered:
+            self.fail(p, f"server {server!r} did not pick up the request: it went offline")
+
+    def offer_again(self, request_id: str, server: str) -> None:
+        """The listen that took this request died unacknowledged: offer it again if still unanswered."""
+        p = self.pending.get(request_id)
+        head = self.offered.get(request_id)
+        if p is None or head is None or p.answered or p.head_ready.is_set():
+            return
+        if self.store.offer_again(server, head, front=True).outcome == "offline":
+            self.fail(p, f"server {server!r} went offline before it answered")
 
     def watch_presence(self, interval_secs: float = 1.0) -> None:
-        """Presence events are not gathered across nodes yet: nothing to watch here."""
-        while True:
-            gevent.sleep(3600)
+        """Presence is the cluster's (node.py runs PRESENCE); this node only settles ended requests."""
+        self._settle_ended()
+
+    def announce(self, name: str, online: bool, host: str | None, version: str | None) -> None:
+        """PRESENCE saw server `name` come or go, once for the whole cluster: audit it."""
+        logger.info("server %s is %s", name, "online" if online else "offline")
+        self._on_event("server_online" if online else "server_offline", server=name, host=host, version=version)
 
     def describe_servers(self) -> list[dict[str, object]]:
         """Every registered server as the JSON lists show it, online as the whole cluster sees it."""
         names = sorted(self.servers)
-        presence = self.store.presence(names)
+        presence = self.store.server_presence(names)
         out = []
         for name in names:
             state = self.servers[name]
@@ -226,19 +265,46 @@ class ClusterRendezvous(Rendezvous):
         share = self.shares.take((name, client)) if client else None
         request = RelayRequest(self.new_id(), method, uri, headers)
         p = PendingRequest(request, server, head_size=size, share=share)
+        deadline_ms = int((time.time() + self.config.request_timeout_secs) * 1000)
+        head = QueuedHead(request.id, encode_request_item(request), deadline_ms)
         self.pending[request.id] = p
         try:
-            offered = self.store.offer(name, QueuedHead(request.id, encode_request_item(request)))
+            offered = self.store.offer(name, head)
         except BaseException:
             self.forget(p)
             raise
+        if offered.outcome in ("handed", "queued"):
+            self.offered[request.id] = head  # held in Redis from now until settled
+            return p
+        self.forget(p)
         if offered.outcome == "offline":
-            self.forget(p)
             raise BadGatewayError(f"server {name!r} is offline (not connected to the relay)")
         if offered.outcome == "full":
-            self.forget(p)
             raise QueueFullError(f"server {name!r} has too many requests waiting; try again later")
-        return p
+        raise HttpError(f"server {name!r} cannot take this request ({offered.outcome})", status=501)
+
+    def forget(self, p: PendingRequest) -> None:
+        """As in one process; and the request's places in Redis are freed by the next SETTLE."""
+        super().forget(p)
+        if self.offered.pop(p.request.id, None) is not None:
+            if len(self._ended) >= MAX_UNSETTLED:
+                logger.warning("%d ended requests not settled in Redis; dropping the oldest", len(self._ended))
+                del self._ended[: MAX_UNSETTLED // 2]
+            self._ended.append(p.request.id)
+            self._ended_ready.set()
+
+    def _settle_ended(self) -> None:
+        """Forever: settle the ids of ended requests, many in one round trip when many end together."""
+        while True:
+            self._ended_ready.wait()
+            self._ended_ready.clear()
+            while self._ended:
+                batch, self._ended = self._ended[:SETTLE_BATCH], self._ended[SETTLE_BATCH:]
+                try:
+                    self.store.settle(self.node_id, ended=batch)
+                except ClusterUnavailableError:
+                    self._ended[:0] = batch  # tried again when Redis is back
+                    gevent.sleep(1.0)
 
     def wait_for_head(self, p: PendingRequest, last_active: Callable[[], float] | None = None,
                       ) -> ServerResponseHead:
