@@ -130,6 +130,10 @@ def _environment() -> jinja2.Environment:
 
 
 ENVIRONMENT = _environment()
+# Compiled now, not at the first page: compiling imports codecs lazily, which fails in a process
+# that has since dropped its privileges and may no longer read Python's own files.
+for _name in ENVIRONMENT.list_templates():
+    ENVIRONMENT.get_template(_name)
 
 
 def render(template: str, **context: Any) -> str:

@@ -307,7 +307,7 @@ def test_curl_gets_bytes_and_one_line_errors(site: Site) -> None:
 
 
 def test_wget_mirrors_the_tree_and_nothing_else(site: Site, tmp_path: Path) -> None:
-    run = subprocess.run(["wget", "-r", "-np", "-nH", "--cut-dirs=3", "-q", "-e", "robots=off",
+    run = subprocess.run(["wget", "-r", "-np", "-nH", "--cut-dirs=3", "-q",
                           "-P", str(tmp_path / "mirror"), site.files],
                          capture_output=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
@@ -338,3 +338,56 @@ def test_folder_zip_unzips_to_the_same_bytes(site: Site) -> None:
     assert set(unzipped) == set(served)
     for name, path in served.items():
         assert hashlib.sha256(unzipped[name]).digest() == hashlib.sha256(path.read_bytes()).digest(), name
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def sha256_of(stream: Any) -> str:
+    digest = hashlib.sha256()
+    while chunk := stream.read(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+# What the relay and the server may grow by while a 2 GiB zip streams through them.
+ZIP_RSS_GROWTH_KIB = 8 * 1024
+
+
+@pytest.mark.slow
+def test_a_2_gib_folder_zips_through_the_relay_in_bounded_memory(cluster: Cluster, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "big" / "inner").mkdir(parents=True)
+    sparse(root / "big" / "disk.img", 1536 * 1024 * 1024)  # sparse: no disk, no page cache to speak of
+    sparse(root / "big" / "inner" / "tail.img", 512 * 1024 * 1024 - 12345)
+    for index in range(4):
+        (root / "big" / f"random-{index}.bin").write_bytes(os.urandom(3 * 1024 * 1024 + index))
+    key = new_key("zips")
+    relay = cluster.relay({"zips": key})
+    server = cluster.server(relay, "zips", key, root)
+    pids = {"relay worker": relay.worker_pid(), "server": server.proc.pid}
+    url = f"{relay.url}/frontend/servers/zips/files/big/?zip"
+    # A small zip first, so both have served a zip (imports, buffers) before the baseline.
+    requests.get(f"{relay.url}/frontend/servers/zips/files/big/inner/?zip", timeout=60).close()
+    before = {name: rss_kib(pid) for name, pid in pids.items()}
+    peak = dict(before)
+    zipped = tmp_path / "big.zip"
+    with requests.get(url, stream=True, timeout=120) as r, zipped.open("wb") as out:
+        assert r.status_code == 200
+        for index, chunk in enumerate(r.iter_content(1 << 20)):
+            out.write(chunk)
+            if index % 64 == 0:
+                peak = {name: max(peak[name], rss_kib(pid)) for name, pid in pids.items()}
+    growth = {name: peak[name] - before[name] for name in pids}
+    print(f"RSS growth while zipping 2 GiB, KiB: {growth}")
+    assert all(g < ZIP_RSS_GROWTH_KIB for g in growth.values()), growth
+    assert zipped.stat().st_size > 2 * 1024**3
+    with zipfile.ZipFile(zipped) as z:
+        for source in (root / "big").rglob("*"):
+            if source.is_file():
+                with z.open("big/" + str(source.relative_to(root / "big"))) as member, source.open("rb") as f:
+                    assert sha256_of(member) == sha256_of(f), source
