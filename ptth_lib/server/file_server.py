@@ -41,6 +41,7 @@ from ptth_lib.server.file_listing import (
     breadcrumbs,
     display,
     folder_query,
+    href,
     kind_of,
     landing,
     parse_sort,
@@ -191,7 +192,7 @@ def serve(
     name = _decode_segment(url_path.rsplit("/", 1)[-1])
     if stat.S_ISDIR(st.st_mode):
         if url_path and not url_path.endswith("/"):
-            return _redirect(_href(name) + "/" + folder_query(query), ask)
+            return _redirect(href(name) + "/" + folder_query(query), ask)
         folder_names = [_decode_segment(s) for s in url_path.split("/") if s]
         if "zip" in query:
             return _serve_zip(root, target, folder_names, ask)
@@ -416,7 +417,7 @@ def _listed_entries(root: str | os.PathLike[str], url_path: str,
     """
     listed = []
     for entry in entries:
-        real = _safe_path(root, url_path + _href(entry.name))
+        real = _safe_path(root, url_path + href(entry.name))
         if real is None:
             continue
         try:
@@ -435,12 +436,12 @@ def _serve_preview(root: str | os.PathLike[str], url_path: str, folder_names: li
     """The page showing the file `name` of a folder; a file with nothing to show goes to its bytes."""
     if not name or "/" in name:
         return _error(404, ask)
-    real = _safe_path(root, url_path + _href(name))
+    real = _safe_path(root, url_path + href(name))
     if real is None:
         return _error(404, ask)
     kind = kind_of(name)
     if kind not in PREVIEW_KINDS:
-        return _redirect(_href(name), ask)
+        return _redirect(href(name), ask)
     head = None
     try:
         with _open_regular(real) as file:
@@ -502,11 +503,6 @@ def _attachment(filename: str) -> str:
     shown = display(filename)
     fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in shown)
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(shown.encode('utf-8'), safe='')}"
-
-
-def _href(name: str) -> str:
-    # quote() leaves no quote or ampersand, so the result is safe in an attribute.
-    return quote(os.fsencode(name), safe="")
 
 
 def _html(page: str, is_head: bool, status: int = 200) -> FileResponse:
