@@ -1,6 +1,6 @@
 """ptth_file_server: serve one folder over plain HTTP, without a relay.
 
-    python ptth_file_server.py [--root DIR] [--bind HOST:PORT]
+    python ptth_file_server.py [--root DIR] [--bind HOST:PORT] [--name NAME]
 
 The same `ptth_lib.file_server` answers requests through the tunnel in
 ptth_server; this serves it directly, for testing and comparison. On start it
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".", help="folder to serve (default: the current one)")
     parser.add_argument("--bind", default=DEFAULT_BIND,
                         help=f"HOST:PORT to listen on, port 0 for any (default {DEFAULT_BIND})")
+    parser.add_argument("--name", help="the name the pages show first (default: the folder's name)")
     args = parser.parse_args(argv)
 
     from gevent import monkey
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ptth_lib.cli import parse_bind
     from ptth_lib.errors import ConfigError
+    from ptth_lib.server.file_pages import Site
     from ptth_lib.server.file_server import make_wsgi_app
     from ptth_lib.wsgi import ListenError, run
 
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ptth_file_server: {e}", file=sys.stderr)
         return 2
     try:
-        run(make_wsgi_app(args.root), host, port, "ptth_file_server")
+        name = args.name or os.path.basename(os.path.abspath(args.root)) or "PTTH file server"
+        run(make_wsgi_app(args.root, Site(name)), host, port, "ptth_file_server")
     except ListenError as e:
         print(f"ptth_file_server: {e}", file=sys.stderr)
         return 1

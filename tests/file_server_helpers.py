@@ -32,7 +32,8 @@ def header(response: FileResponse, name: str) -> str | None:
 
 
 def hrefs(page: bytes) -> list[str]:
-    return re.findall(r'href="([^"]*)"', page.decode("utf-8"))
+    """The entry links of a listing (class "entry"): the plain links a mirror follows, in order."""
+    return re.findall(r'<a class="entry[^"]*" href="([^"]*)"', page.decode("utf-8"))
 
 
 def open_fds() -> int:

@@ -43,6 +43,7 @@ SERVER_KEYS = (
     Key("name", str, REQUIRED, "the name this server registers under at the relay", check_name),
     Key("api_key", str, None, "secret key; only its tripcode goes in the relay config", check_key),
     Key("relay_url", str, REQUIRED, "base URL of the relay, e.g. http://127.0.0.1:4000", check_url),
+    Key("display_name", str, None, "the name the file browser's pages show (default: name)"),
     Key("file_server_root", str, None, "folder served under /files/ (this, web_app_url, or both)"),
     Key("web_app_url", str, None, "a local web app every other request goes to, e.g. http://127.0.0.1:8080",
         check_web_app_url),
@@ -69,6 +70,7 @@ class ServerConfig:
     name: str
     api_key: str | None
     relay_url: str
+    display_name: str | None = None  # for people, in the file browser's pages; `name` if unset
     # What the server serves: a folder under /files/, a web app, or both (then the app gets
     # every request outside /files/). load_server_config refuses neither.
     file_server_root: str | None = None

@@ -24,6 +24,7 @@ from ptth_lib.config import ServerConfig
 from ptth_lib.errors import PtthError, describe_answer, root_cause
 from ptth_lib.requests_adapter import SizedBody, closed_without_answer, is_answered_early
 from ptth_lib.server import file_server
+from ptth_lib.server.file_pages import Site
 from ptth_lib.server.proxy_headers import client_address
 from ptth_lib.server.web_app import AppCutError, WebApp
 from ptth_lib.wire.envelope import (
@@ -69,6 +70,7 @@ class Responder:
         """`new_session` makes a Session for a thread; `abort` set means abandon uploads now."""
         assert config.api_key is not None
         self._root = config.file_server_root
+        self._site = Site(config.display_name or config.name, via_relay=True)
         self._api_key: str = config.api_key
         self._response_url = config.relay_url.rstrip("/") + RESPONSE_PATH
         self._new_session = new_session
@@ -110,7 +112,7 @@ class Responder:
         assert self._root is not None
         headers = {k: v.decode("latin-1") for k, v in req.headers.items()}
         for attempt in (1, 2):
-            answer = file_server.serve(self._root, req.method, req.uri, headers)
+            answer = file_server.serve(self._root, req.method, req.uri, headers, self._site)
             head = ServerResponseHead(answer.status, collect_headers(answer.headers))
             if attempt == 1:
                 logger.info("request %s from %s: %s %s -> %d", req.id, client, req.method, req.uri, answer.status)
