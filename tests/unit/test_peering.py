@@ -208,6 +208,24 @@ def test_pieces_cross_both_ways_at_once_and_each_half_closes_on_its_own(server: 
     assert (server.links_accepted, pool.links_made) == (1, 1)  # both calls ended cleanly: one link
 
 
+def test_the_last_write_of_a_direction_can_carry_its_end(make_server: Callable[..., PeerServer],
+                                                        pool: PeerPool) -> None:
+    def short(head: dict[str, Any], link: PeerLink) -> None:
+        body = b"".join(link.pieces())
+        link.send_head({"status": 204, "got": len(body), "right": body == b"ping" * head["n"]}, end=True)
+
+    server = make_server({"short": short})
+    for n in (1, 0, peering.MAX_PIECE_BYTES // 2 + 1):  # one frame, none, several (over 1 MiB)
+        with pool.open(server.address, {"kind": "short", "n": n}) as link:
+            link.send(b"ping" * n, end=True)
+            assert link.read_head() == {"status": 204, "got": 4 * n, "right": True}
+            assert list(link.pieces()) == []
+            assert link.is_clean()
+            with pytest.raises(RuntimeError):
+                link.send(b"after the end")
+    assert (server.links_accepted, pool.links_made) == (1, 1)
+
+
 def test_a_piece_over_the_frame_limit_goes_as_several_frames(server: PeerServer, pool: PeerPool) -> None:
     big = os.urandom(peering.MAX_PIECE_BYTES * 2 + 3)
     assert call_body(pool, server.address, [big])[1] == big

@@ -36,9 +36,13 @@ MAX_PIECE_BYTES, a non-empty END or ABORT, an empty DATA or a frame out of
 order drops the link: the other side sees `PeerCutError`.
 
 **Flow.** TCP_NODELAY is on and a piece is sent as one frame the moment it is
-given, so keystrokes cross at once. Nothing is read ahead: `pieces()` reads
-the next frame when its consumer asks for it, so a consumer that stops
-reading stops the sender once the two sockets' buffers are full.
+given, so keystrokes cross at once. `pieces()` reads the next frame when its
+consumer asks for it, so a consumer that stops reading stops the sender once
+the two sockets' buffers are full; a link holds no more than the piece in
+hand and at most READ_AHEAD_BYTES read past it (which lets the small frames
+of a small call arrive in one system call). A direction's last write can
+carry its end (`send(piece, end=True)`, `send_head(head, end=True)`): a
+small call then costs three writes in all.
 
 **An early answer.** A server handler may answer (say `{"status": 410}` and
 END) without reading the opener's body to its end. The server then drops the
@@ -93,12 +97,16 @@ MAX_HANDSHAKING = 64
 
 FRAME = struct.Struct("!BI")
 HEAD, DATA, END, ABORT = 1, 2, 3, 4
+_END_FRAME = FRAME.pack(END, 0)
 _FRAME_NAMES = {HEAD: "head", DATA: "data", END: "end", ABORT: "abort"}
 # The largest payload of one frame. Pieces are 256 KiB in the relay
 # (PIECE_BYTES); a longer piece given to send() goes as several frames. The
 # reader refuses longer frames before reading them, so a frame costs at most
 # this much memory.
 MAX_PIECE_BYTES = 1 << 20
+# After a small frame, a read takes up to this much, so that the frames of a small
+# call arrive in one system call; a link holds at most this much read ahead.
+READ_AHEAD_BYTES = 16 * 1024
 # Payloads up to this size go out in one send() with their header (one copy);
 # longer ones go with sendmsg() from where they are, without a copy.
 _COPY_BELOW_BYTES = 64 * 1024
@@ -162,6 +170,11 @@ class PeerLink:
         self._pool = pool
         self._write_lock = threading.Lock()
         self._dead = False  # the socket is closed; nothing more goes through it
+        # Bytes read past the current frame: at most READ_AHEAD_BYTES, and only after a
+        # small frame (see _read), so a stream of big pieces is read straight into each piece.
+        self._ahead = b""
+        self._ahead_at = 0
+        self._read_ahead = True
         self._new_call()
 
     def _new_call(self) -> None:
@@ -174,27 +187,39 @@ class PeerLink:
 
     # ---- writing ----
 
-    def send_head(self, head: dict[str, Any]) -> None:
-        """Send this direction's head: once per call, before any data."""
+    def send_head(self, head: dict[str, Any], end: bool = False) -> None:
+        """Send this direction's head: once per call, before any data.
+
+        `end=True` ends this direction in the same write, as `end()` would
+        after it (a bodiless answer in one system call).
+        """
         if self._head_sent:
             raise RuntimeError("a peer link's head is sent once per call")
         payload = msgpack.packb(head)
         if len(payload) > MAX_PIECE_BYTES:
             raise ValueError(f"a peer link head of {len(payload)} bytes is over {MAX_PIECE_BYTES}")
-        self._write_frame(HEAD, payload)
+        self._write_frame(HEAD, payload, end)
         self._head_sent = True
+        self._out_ended = end
 
-    def send(self, piece: bytes) -> None:
+    def send(self, piece: bytes, end: bool = False) -> None:
         """Send `piece` as one data frame now (several if over MAX_PIECE_BYTES); b"" sends nothing.
 
         Blocks while the other side's buffers are full; raises PeerCutError
         once the link is cut (including after the other side answered early
-        and dropped it: its answer may still be read).
+        and dropped it: its answer may still be read). `end=True` ends this
+        direction in the same write, as `end()` would after it.
         """
         self._check_writable()
         view = memoryview(piece)
+        if not view:
+            if end:
+                self.end()
+            return
+        last = len(view) - 1
         for start in range(0, len(view), MAX_PIECE_BYTES):
-            self._write_frame(DATA, view[start:start + MAX_PIECE_BYTES])
+            self._write_frame(DATA, view[start:start + MAX_PIECE_BYTES], end and start + MAX_PIECE_BYTES > last)
+        self._out_ended = end
 
     def end(self) -> None:
         """End this direction of the call (a half-close); the other may go on. Twice is once."""
@@ -210,17 +235,19 @@ class PeerLink:
         if self._out_ended:
             raise RuntimeError("a peer link cannot send after its end")
 
-    def _write_frame(self, kind: int, payload: bytes | memoryview) -> None:
+    def _write_frame(self, kind: int, payload: bytes | memoryview, then_end: bool = False) -> None:
+        """One frame (and an end frame after it if `then_end`), in one system call when it is small."""
         if self._dead or self._out_torn:
             raise PeerCutError(f"peer link to {self.peer} is cut")
         header = FRAME.pack(kind, len(payload))
+        trailer = _END_FRAME if then_end else b""
         with self._write_lock:
             self._out_torn = True  # until the whole frame is out
             try:
                 if len(payload) < _COPY_BELOW_BYTES:
-                    self._sock.sendall(header + payload)
+                    _send_all(self._sock, header + payload + trailer)
                 else:
-                    _send_parts(self._sock, header, payload)
+                    _send_parts(self._sock, [header, payload, trailer])
             except OSError as e:
                 raise PeerCutError(f"peer link to {self.peer} cut while sending: {root_cause(e)}") from e
             self._out_torn = False
@@ -260,12 +287,13 @@ class PeerLink:
         if self._in_ended:
             raise RuntimeError("a peer link reads nothing after the other side's end")
         try:
-            kind, length = FRAME.unpack(_recv_exact(self._sock, FRAME.size))
+            kind, length = FRAME.unpack(self._read(FRAME.size))
             if kind not in _FRAME_NAMES or length > MAX_PIECE_BYTES:
                 self._bad_input(f"a frame of type {kind} and {length} bytes")
             if (kind in (END, ABORT) and length) or (kind == DATA and not length):
                 self._bad_input(f"a {_FRAME_NAMES[kind]} frame of {length} bytes")
-            payload = _recv_exact(self._sock, length) if length else b""
+            payload = self._read(length) if length else b""
+            self._read_ahead = length < READ_AHEAD_BYTES
         except (OSError, _Eof) as e:
             why = "closed" if isinstance(e, _Eof) else root_cause(e)
             self._cut_in(f"peer link to {self.peer} cut before its end: {why}", e)
@@ -278,6 +306,31 @@ class PeerLink:
         self._in_cut = why
         self.abort()
         raise PeerCutError(why) from cause
+
+    def _read(self, n: int) -> bytes:
+        """Exactly `n` bytes of the stream: what was read ahead, then the socket.
+
+        Small frames come in batches (a head, 1 KiB, an end), so after a small
+        frame one recv() of up to READ_AHEAD_BYTES takes the next ones too.
+        After a big frame the next header is read alone, so that a big piece
+        is received straight into its own bytes object, not copied twice.
+        """
+        ahead, at = self._ahead, self._ahead_at
+        if len(ahead) - at >= n:
+            self._ahead_at = at + n
+            return ahead[at:at + n]
+        got = ahead[at:]
+        self._ahead, self._ahead_at = b"", 0
+        if not self._read_ahead or n - len(got) >= READ_AHEAD_BYTES:
+            rest = _recv_exact(self._sock, n - len(got))
+            return got + rest if got else rest
+        while len(got) < n:
+            data = self._sock.recv(READ_AHEAD_BYTES)
+            if not data:
+                raise _Eof()
+            got += data
+        self._ahead, self._ahead_at = got, n
+        return got[:n]
 
     def _bad_input(self, what: str) -> NoReturn:
         why = f"peer link to {self.peer} dropped: it sent {what}"
@@ -345,7 +398,7 @@ class PeerLink:
 
     def _is_quiet(self) -> bool:
         """Whether an idle link is still open with nothing to read: the peer has not closed it."""
-        if self._dead:
+        if self._dead or self._ahead_at < len(self._ahead):
             return False
         self._sock.settimeout(0.0)
         try:
@@ -388,9 +441,16 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _send_parts(sock: socket.socket, header: bytes, payload: bytes | memoryview) -> None:
-    """Send header then payload with sendmsg, from where they lie (a piece is not copied)."""
-    views = [memoryview(header), memoryview(payload)]
+def _send_all(sock: socket.socket, data: bytes) -> None:
+    """sendall(), with its first try inline: gevent's sendall costs a few µs more than one send()."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
+def _send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
+    """Send the parts in order with sendmsg, from where they lie (a piece is not copied)."""
+    views = [memoryview(part) for part in parts if part]
     while views:
         sent = sock.sendmsg(views)
         while views and sent >= len(views[0]):
