@@ -226,6 +226,22 @@ def test_the_last_write_of_a_direction_can_carry_its_end(make_server: Callable[.
     assert (server.links_accepted, pool.links_made) == (1, 1)
 
 
+def test_a_handler_that_ignores_a_short_body_keeps_the_link(make_server: Callable[..., PeerServer],
+                                                            pool: PeerPool) -> None:
+    def head_only(head: dict[str, Any], link: PeerLink) -> None:
+        link.send_head({"status": 200}, end=True)  # never reads the body
+
+    server = make_server({"head-only": head_only})
+    for body in (b"", b"short"):
+        with pool.open(server.address, {"kind": "head-only"}) as link:
+            link.send(body)
+            link.end()
+            assert link.read_head() == {"status": 200}
+            assert list(link.pieces()) == []
+    wait_until(lambda: server._idle, "the server waits for the next call")
+    assert (server.links_accepted, pool.links_made) == (1, 1)
+
+
 def test_a_piece_over_the_frame_limit_goes_as_several_frames(server: PeerServer, pool: PeerPool) -> None:
     big = os.urandom(peering.MAX_PIECE_BYTES * 2 + 3)
     assert call_body(pool, server.address, [big])[1] == big

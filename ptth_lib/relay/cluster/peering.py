@@ -111,6 +111,13 @@ READ_AHEAD_BYTES = 16 * 1024
 # longer ones go with sendmsg() from where they are, without a copy.
 _COPY_BELOW_BYTES = 64 * 1024
 
+# A handler that returns without reading the rest of the body: the link is kept if
+# that rest ends within this many bytes and seconds (an empty body's end frame is
+# already there, or a LAN round trip away); else it is dropped, rather than read
+# in vain (an early answer to a long upload).
+SKIP_REST_BYTES = 64 * 1024
+SKIP_REST_SECS = 0.2
+
 # ---- links, pools, servers ----------------------------------------------------
 
 # A server may serve this many authenticated links at once (one thread, or
@@ -331,6 +338,35 @@ class PeerLink:
             got += data
         self._ahead, self._ahead_at = got, n
         return got[:n]
+
+    def _skip_rest(self) -> None:
+        """Read what is left of the other side's body, if it ends soon and is short.
+
+        A handler that answered without reading a body it did not need (often
+        just the end frame, on its way) leaves the link reusable; a long body
+        still coming (an early answer to an upload) leaves it unclean.
+        """
+        deadline = time.monotonic() + SKIP_REST_SECS
+        skipped = 0
+        try:
+            self.read_head()
+            while not self._in_ended and skipped <= SKIP_REST_BYTES:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._sock.settimeout(remaining)
+                kind, payload = self._read_frame()
+                if kind == END:
+                    self._in_ended = True
+                elif kind == DATA:
+                    skipped += len(payload)
+                else:
+                    self._bad_input("a second head in one call")
+        except PeerCutError:
+            return
+        finally:
+            if not self._dead:
+                self._sock.settimeout(None)
 
     def _bad_input(self, what: str) -> NoReturn:
         why = f"peer link to {self.peer} dropped: it sent {what}"
@@ -586,10 +622,12 @@ class PeerServer:
 
     `handlers` maps a call's `kind` to a function of (head, link): it reads
     the body with `link.pieces()` and answers with `send_head`, `send` and
-    `end`. If it returns with the call over both ways, the link waits for the
-    next call; if it returns with its answer ended but the body unread (an
-    early answer), the link is dropped; if it raises or returns with its
-    answer open, the link is aborted (and the exception logged once).
+    `end`; when it returns, it is done with the link. If the call is then over
+    both ways, the link waits for the next call. If its answer is ended but
+    the body is not read to its end, the rest is skipped if short and quick
+    (SKIP_REST_BYTES, SKIP_REST_SECS), else the link is dropped (an early
+    answer). If it raises or returns with its answer open, the link is
+    aborted (and the exception logged once).
     """
 
     def __init__(self, bind: str, secret: bytes, handlers: Mapping[str, Handler], *,
@@ -710,11 +748,15 @@ class PeerServer:
                 return
             if link.closed:
                 return
+            if not link._out_ended:
+                logger.error("peer call %s from %s: its handler returned without ending its answer",
+                             kind, link.peer)
+                link.abort()
+                return
             if not link.is_clean():
-                if not link._out_ended:
-                    logger.error("peer call %s from %s: its handler returned without ending its answer",
-                                 kind, link.peer)
-                link.abort()  # an early answer (body unread) is dropped quietly
+                link._skip_rest()
+            if not link.is_clean():
+                link.abort()  # an early answer, the body still coming: dropped quietly
                 return
             link._new_call()
 
