@@ -379,9 +379,10 @@ class PeerLink:
         """Cut the call: an abort frame if it can go at once, then the socket is closed for good."""
         if self._dead:
             return
-        # Only between whole frames of an open direction; if a send is under way
-        # (the lock is taken), the close alone tells the peer.
-        if (self._head_sent and not self._out_ended and not self._out_torn
+        # Only during a call, between whole frames of an open direction; if a send is
+        # under way (the lock is taken), the close alone tells the peer.
+        in_call = self._head_sent or self._head_in is not None
+        if (in_call and not self._out_ended and not self._out_torn
                 and self._write_lock.acquire(blocking=False)):
             try:
                 # MSG_DONTWAIT: never wait on a peer that does not read; a full buffer
@@ -722,7 +723,8 @@ class PeerServer:
                 return True
             self._refused.warn("peer link from %s refused: it does not know the cluster's secret", peer)
         except (OSError, _Eof) as e:  # a stranger, a slow peer, a hang-up: nothing to report
-            logger.debug("peer link from %s dropped in its handshake: %s", peer, root_cause(e) or "closed")
+            logger.debug("peer link from %s dropped in its handshake: %s", peer,
+                         "closed" if isinstance(e, _Eof) else root_cause(e))
         finally:
             with self._lock:
                 self._handshaking -= 1
@@ -738,8 +740,9 @@ class PeerServer:
                 return
             try:
                 handler(head, link)
-            except PeerCutError as e:
-                logger.info("peer call %s from %s cut: %s", kind, link.peer, e)
+            except (PeerCutError, OSError) as e:  # this link, or the handler's client, was cut: expected
+                logger.info("peer call %s from %s cut: %s", kind, link.peer,
+                            e if isinstance(e, PeerCutError) else root_cause(e))
                 link.abort()
                 return
             except Exception:
