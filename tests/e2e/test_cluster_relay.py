@@ -48,7 +48,7 @@ def cluster_config(redis: RedisServer) -> str:
     return f'redis_url = "{redis.url}"\npeer_bind = "127.0.0.1:42000-42039"\n'
 
 
-def test_four_workers_serve_the_file_tunnel(cluster: Cluster, redis_server: RedisServer, tmp_path: Path) -> None:
+def test_four_workers_serve_the_file_tunnel(redis_server: RedisServer, cluster: Cluster, tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
     files = {f"f{i}.txt": f"file {i} through the cluster\n".encode() * (i + 1) for i in range(8)}

@@ -193,7 +193,7 @@ class Node:
         key = req.headers.get(API_KEY_HEADER)
         if not key:
             return refuse(403, "missing X-ApiKey header", req)
-        address = self.table.get(request_id[:NODE_ID_CHARS])
+        address = self._peer_of(request_id[:NODE_ID_CHARS])
         if address is None:
             return refuse(404, f"no request {request_id[:64]!r} is in flight (the relay worker that held its "
                                "client has stopped)", req)
@@ -223,6 +223,17 @@ class Node:
             sender.join()
         link.close()
         return text(status, message)
+
+    def _peer_of(self, node: str) -> str | None:
+        """The peer address of `node`; a node not in our copy of the table may have started since."""
+        address = self.table.get(node)
+        if address is None and node != self.id:
+            try:
+                self._refresh_table()
+            except ClusterUnavailableError:
+                return None
+            address = self.table.get(node)
+        return address
 
     def _serve_response(self, head: dict[str, Any], link: PeerLink) -> None:
         """On the owner: the POST another node got, with its body coming over `link`."""
