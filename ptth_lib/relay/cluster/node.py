@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -75,8 +76,13 @@ class Node:
         self.id = new_node_id()
         self.epoch, secret = self._register()
         self.rendezvous: ClusterRendezvous | None = None
+        self._secret = secret
+        self._peer_bind = peer_bind
         self.pool = PeerPool(secret)
-        self.peers = PeerServer(peer_bind, secret, {"respond": self._serve_response})
+        # The calls other nodes make to this one over peer links, by kind: the parts of the
+        # cluster that carry a stream to its owner add theirs before `start`.
+        self.calls: dict[str, Callable[[dict[str, Any], PeerLink], None]] = {"respond": self._serve_response}
+        self.peers: PeerServer | None = None
         self.table: dict[str, str] = {}  # node id -> peer address, refreshed by the heartbeat
         self.label = f"{socket.gethostname()}/{os.getpid()}/{self.id}"
 
@@ -97,6 +103,7 @@ class Node:
 
     def start(self) -> list[gevent.Greenlet]:
         """Listen for peers, publish where, and run the heartbeat, the dispatcher and the ticks."""
+        self.peers = PeerServer(self._peer_bind, self._secret, self.calls)
         self.peers.start()
         self.peer_address = self.peers.address
         self.store.heartbeat(self.info(), self.epoch)
@@ -107,7 +114,8 @@ class Node:
 
     def close(self) -> None:
         """This node is stopping: it is no longer alive for the others."""
-        self.peers.close()
+        if self.peers is not None:
+            self.peers.close()
         self.pool.close()
         try:
             self.store.deregister(self.id)
@@ -193,19 +201,18 @@ class Node:
         key = req.headers.get(API_KEY_HEADER)
         if not key:
             return refuse(403, "missing X-ApiKey header", req)
-        address = self._peer_of(request_id[:NODE_ID_CHARS])
-        if address is None:
-            return refuse(404, f"no request {request_id[:64]!r} is in flight (the relay worker that held its "
-                               "client has stopped)", req)
         environ = req.environ
         try:
-            link = self.pool.open(address, {"kind": "respond", "id": request_id, "tripcode": tripcode.derive(key),
-                                            "head": req.headers.get(RESPONSE_HEAD_HEADER),
-                                            "length": req.content_length})
+            link = self.owner_link(request_id, {
+                "kind": "respond", "id": request_id, "tripcode": tripcode.derive(key),
+                "head": req.headers.get(RESPONSE_HEAD_HEADER), "length": req.content_length})
         except PeerCutError as e:
             logger.warning("cannot reach relay node %s for request %s: %s", request_id[:NODE_ID_CHARS],
                            request_id, e)
             return refuse(502, "the relay worker that holds this request's client cannot be reached", req)
+        if link is None:
+            return refuse(404, f"no request {request_id[:64]!r} is in flight (the relay worker that held its "
+                               "client has stopped)", req)
         sender = gevent.spawn(_send_body, link, environ)
         try:
             answer = link.read_head()
@@ -223,6 +230,15 @@ class Node:
             sender.join()
         link.close()
         return text(status, message)
+
+    def owner_link(self, owned_id: str, head: dict[str, Any]) -> PeerLink | None:
+        """A peer link to the node that owns `owned_id` (a request or connection id), `head` sent.
+
+        None if no live node has that id (it stopped, or the id was never
+        made); PeerCutError (PeerUnreachableError) if the node cannot be reached.
+        """
+        address = self._peer_of(owned_id[:NODE_ID_CHARS])
+        return None if address is None else self.pool.open(address, head)
 
     def _peer_of(self, node: str) -> str | None:
         """The peer address of `node`; a node not in our copy of the table may have started since."""
