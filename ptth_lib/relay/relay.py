@@ -260,8 +260,7 @@ class Relay:
         server.features = parse_features(req.headers.get(FEATURES_HEADER))
         acks = FEATURE_ACK in server.features
         acked = req.headers.get(ACK_HEADER, "")
-        if acks and is_request_id(acked):
-            rv.ack(server, acked)  # before parking: a cut while parked must not lose it
+        acked = acked if acks and is_request_id(acked) else ""
         wait = _number(req.headers.get(WAIT_HEADER), 0, MAX_WAIT_HEADER_SECS)
         timeout = rv.config.listen_timeout_secs if wait is None else min(rv.config.listen_timeout_secs, wait)
         sock = connection_socket(req.environ)
@@ -269,7 +268,7 @@ class Relay:
         try:
             batch, lease = rv.listen(server, timeout,
                                      _number(req.headers.get(MAX_REQUESTS_HEADER), 0, MAX_REQUESTS_PER_LISTEN),
-                                     lease=acks)
+                                     lease=acks, ack=acked)
         finally:
             if watcher is not None:
                 watcher.kill()

@@ -273,14 +273,18 @@ class Rendezvous:
         return state
 
     def listen(self, server: ServerState, timeout: float, max_requests: int | None = None,
-               lease: bool = False) -> tuple[list[PendingRequest], Lease | None]:
+               lease: bool = False, ack: str = "") -> tuple[list[PendingRequest], Lease | None]:
         """Wait up to `timeout` for requests; return those handed over (maybe none).
 
         At most `max_requests` are handed over (all queued, within the batch
         size, if None); 0 is a server at capacity saying it is still there,
         answered at once. With `lease`, they are held under a lease until the
         server acknowledges them (`ack`) or `expire_lease` takes them back.
+        `ack` is the batch this listen acknowledges (before parking: a cut
+        while parked must not lose it).
         """
+        if ack:
+            self.ack(server, ack)
         if self.closing:
             return [], None
         if max_requests == 0:

@@ -10,18 +10,22 @@ the owners of many ids over peer links.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgpack
 import pytest
 import requests
-from conftest import REPO, Cluster, new_key, refusing_port
+from conftest import REPO, Cluster, Relay, new_key, refusing_port
 from redis_harness import RedisServer, start_redis
 
 from ptth_lib.relay.cluster.store import NODE_ID_CHARS
@@ -74,6 +78,89 @@ def test_four_workers_serve_the_file_tunnel(redis_server: RedisServer, cluster: 
     owners = Counter(i[:NODE_ID_CHARS] for i in ids)
     assert len(owners) >= 3, owners  # clients landed on most of the 4 workers
     assert "Traceback" not in relay.proc.output()
+
+
+# ---- a scripted server: listens and answers by hand, each call on a new connection (a new worker) ----
+
+
+def listen(relay: Relay, key: str, ack: bool = False, acked: str = "") -> requests.Response:
+    headers = {"X-ApiKey": key, "X-PTTH-Wait": "3"}
+    if ack:
+        headers["X-PTTH-Features"] = "ack"
+    if acked:
+        headers["X-PTTH-Ack"] = acked
+    return requests.get(f"{relay.url}/7ZSFUKGV/http_listen/alpha", headers=headers, timeout=30)
+
+
+def respond(relay: Relay, request_id: str, key: str, body: bytes) -> requests.Response:
+    head = msgpack.packb({"status_code": 200, "headers": {"content-length": str(len(body)).encode()}})
+    return requests.post(f"{relay.url}/7ZSFUKGV/http_response/{request_id}", data=body, timeout=30,
+                         headers={"X-ApiKey": key, "X-PTTH-Response-Head": base64.b64encode(head).decode()})
+
+
+def take(relay: Relay, key: str, count: int, ack: bool = False, acked: str = "",
+         ) -> tuple[list[dict[str, object]], str]:
+    """Listen until `count` requests came; returns them and the last batch id."""
+    items: list[dict[str, object]] = []
+    batch = ""
+    deadline = time.monotonic() + 20
+    while len(items) < count and time.monotonic() < deadline:
+        r = listen(relay, key, ack, acked)
+        if r.status_code == 200:
+            items += msgpack.unpackb(r.content, raw=False)
+            batch = r.headers.get("X-PTTH-Batch", "")
+        acked = ""
+    assert len(items) == count, items
+    return items, batch
+
+
+@pytest.fixture
+def scripted(redis_server: RedisServer, cluster: Cluster) -> tuple[Relay, str]:
+    key = new_key("alpha")
+    relay = cluster.relay({"alpha": key}, extra=cluster_config(redis_server) + "requests_per_address = 2\n"
+                          "request_timeout_secs = 20\n", gunicorn_args=["-w", str(WORKERS)])
+    relay.proc.wait_for_output(r"(?s)(relay node \S+ up.*){" + str(WORKERS) + "}")
+    return relay, key
+
+
+def test_an_address_over_its_share_waits_across_workers(scripted: tuple[Relay, str]) -> None:
+    """requests_per_address holds for the cluster: 2 in flight from one address, whichever workers took them."""
+    relay, key = scripted
+    assert listen(relay, key).status_code == 204  # the server is online
+    with ThreadPoolExecutor(5) as pool:
+        futures = [pool.submit(requests.get, f"{relay.url}/frontend/servers/alpha/q/{i}", timeout=30)
+                   for i in range(5)]
+        first, _ = take(relay, key, 2)
+        owners = {str(item["id"])[:NODE_ID_CHARS] for item in first}
+        assert listen(relay, key).status_code == 204  # the other three wait their turn, not in the queue
+        for item in first:
+            assert respond(relay, str(item["id"]), key, b"answer").status_code == 200
+        rest, _ = take(relay, key, 2)  # two turns freed: two more
+        for item in rest:
+            assert respond(relay, str(item["id"]), key, b"answer").status_code == 200
+        last, _ = take(relay, key, 1)
+        assert respond(relay, str(last[0]["id"]), key, b"answer").status_code == 200
+        assert [f.result().status_code for f in futures] == [200] * 5
+    owners |= {str(item["id"])[:NODE_ID_CHARS] for item in rest + last}
+    assert len(owners) >= 2, owners  # the clients' requests were held by different workers
+
+
+def test_a_batch_not_acknowledged_is_handed_out_again_by_its_owner(scripted: tuple[Relay, str]) -> None:
+    """A listen's answer lost on the way (no acknowledgement): the request comes again, once, on another listen."""
+    relay, key = scripted
+    assert listen(relay, key, ack=True).status_code == 204
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(requests.get, f"{relay.url}/frontend/servers/alpha/lost", timeout=30)
+        [lost], batch = take(relay, key, 1, ack=True)
+        assert batch  # held under a lease
+        # No acknowledgement: after the lease (5 s), the owner offers it again.
+        [again], batch2 = take(relay, key, 1, ack=True)
+        assert again["id"] == lost["id"] and batch2 != batch
+        assert respond(relay, str(again["id"]), key, b"found").status_code == 200
+        assert future.result().content == b"found"
+        # This time the next listen acknowledges it: it is not handed out a third time.
+        r = listen(relay, key, ack=True, acked=batch2)
+        assert r.status_code == 204
 
 
 def test_unreachable_redis_stops_the_start_with_one_line(tmp_path: Path) -> None:

@@ -37,11 +37,13 @@ from ptth_lib.relay.cluster.rendezvous import ClusterRendezvous
 from ptth_lib.relay.cluster.store import (
     NODE_ID_CHARS,
     ClusterUnavailableError,
+    InboxAck,
     InboxHead,
     InboxLeave,
     InboxMessage,
     InboxOffline,
     InboxRequeue,
+    InboxTurn,
     NodeInfo,
     Store,
     new_node_id,
@@ -191,8 +193,11 @@ class Node:
             rv.offer_again(message.request_id, message.server)
         elif isinstance(message, InboxLeave):
             rv.end_listens(message.server)
-        # InboxAck, InboxTurn, InboxConnection: leases, fair shares and TCP forwarding across
-        # nodes are not built yet (rendezvous.py); nothing sends them to this node meanwhile.
+        elif isinstance(message, InboxAck):
+            rv.acked(message.server, message.batch_id)
+        elif isinstance(message, InboxTurn):
+            rv.turn(message.server, message.client)
+        # InboxConnection: TCP forwarding across nodes is not built yet.
 
     # ---- response POSTs for another node's requests -------------------------------
 

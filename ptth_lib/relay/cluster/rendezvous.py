@@ -19,11 +19,15 @@ single-process code, inherited. A request ends with a SETTLE, which frees its
 place in Redis's counts; the node batches the settles of many requests into
 one round trip (`_settle_ended`).
 
-What the cluster does not do yet (CLUSTER.md sections 2, 4 and 5):
-acknowledged delivery across nodes (a listen's answer lost on the way is not
-taken back: the client gets 504), fair shares across nodes (each node keeps
-its own, so a client may have `requests_per_address` in flight per worker),
-request bodies, WebSocket and TCP forwarding (501).
+Acknowledged delivery works across nodes: a listen's batch is held under a
+lease of the node that answered the listen, the acknowledgement reaches that
+node through its inbox, and a lease that runs out makes each request's owner
+offer it again if the server has not started to answer it. Fair shares are
+counted in Redis: a request over its address's share waits here until a
+request of that address ends on any node (InboxTurn).
+
+What the cluster does not do yet (CLUSTER.md section 4): request bodies,
+WebSocket and TCP forwarding (501).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import gevent
 import gevent.event
@@ -45,10 +50,17 @@ from ptth_lib.errors import (
     HttpError,
     QueueFullError,
     RequestHeadTooLargeError,
+    TooManyFromAddressError,
     TooManyListenersError,
     UnknownServerError,
 )
-from ptth_lib.relay.cluster.store import ClusterUnavailableError, InboxHead, QueuedHead, Store
+from ptth_lib.relay.cluster.store import (
+    ClusterUnavailableError,
+    InboxHead,
+    OfferResult,
+    QueuedHead,
+    Store,
+)
 from ptth_lib.relay.rendezvous import (
     Lease,
     ListenEndedError,
@@ -57,6 +69,7 @@ from ptth_lib.relay.rendezvous import (
     ServerState,
     format_rfc3339,
 )
+from ptth_lib.relay.shares import MAX_WAITING_PER_ADDRESS, TURN_WAIT_SECS
 from ptth_lib.wire.envelope import (
     MAX_REQUEST_HEAD_BYTES,
     RelayRequest,
@@ -76,6 +89,26 @@ SETTLE_BATCH = 256
 # Ended requests waiting for their SETTLE while Redis is away: past this, the oldest are
 # dropped (their places in Redis's counts then wait for this node's sweep after it stops).
 MAX_UNSETTLED = 100_000
+
+
+# While an address waits for its turn, how often its requests ask Redis again (a turn
+# announced while no request of it waited here is not heard).
+TURN_RECHECK_SECS = 1.0
+# (server, address) pairs with requests waiting for a turn on this node, at most.
+MAX_TURN_KEYS = 10_000
+
+
+@dataclass(eq=False)
+class _Turn:
+    """The requests of one address waiting here for a turn at one server."""
+
+    waiting: int = 0
+    freed: gevent.event.Event = field(default_factory=gevent.event.Event)
+
+
+def _taken(head: QueuedHead) -> PendingRequest:
+    """A head a listen took, in the place of a PendingRequest: only `.request` is read of it."""
+    return TakenHead(decode_request_item(head.head))  # type: ignore[return-value]
 
 
 class TakenHead:
@@ -102,6 +135,8 @@ class ClusterRendezvous(Rendezvous):
         self.waiters: defaultdict[str, list[gevent.event.AsyncResult]] = defaultdict(list)
         # The heads of this node's requests offered to Redis and not yet settled, by id (to offer again).
         self.offered: dict[str, QueuedHead] = {}
+        # Requests waiting for their client's turn, per (server, fairness key).
+        self._turns: dict[tuple[str, str], _Turn] = {}
         # Ids of requests that ended, for the next SETTLE (bounded: see _settle_ended).
         self._ended: list[str] = []
         self._ended_ready = gevent.event.Event()
@@ -119,21 +154,38 @@ class ClusterRendezvous(Rendezvous):
     # ---- backend side: servers -----------------------------------------------
 
     def listen(self, server: ServerState, timeout: float, max_requests: int | None = None,
-               lease: bool = False) -> tuple[list[PendingRequest], Lease | None]:
-        """Take the heads queued for `server`, or park here until one comes (at most `timeout`)."""
+               lease: bool = False, ack: str = "") -> tuple[list[PendingRequest], Lease | None]:
+        """Take the heads queued for `server`, or park here until one comes (at most `timeout`).
+
+        With `lease`, what it takes is held under a batch id of this node until
+        the server's next listen (on any node) acknowledges it: PARK records
+        the batch in Redis and passes `ack` on to the node that holds that
+        batch (InboxAck), in the same round trip.
+        """
         if self.closing:
             return [], None
         name = server.registered.name
         server.touch()
-        parked = self.store.park(name, self.node_id, max_requests, sorted(server.features))
+        batch_id = self.new_id() if lease else ""
+        parked = self.store.park(name, self.node_id, max_requests, sorted(server.features), lease=batch_id,
+                                 ack=ack, version=server.version or "", host=server.host or "")
         if parked.outcome == "too many":
             raise TooManyListenersError(f"server {name!r} already has listens parked on every side")
         if parked.outcome == "unknown node":  # swept or Redis restarted: the heartbeat registers it again
             raise ClusterUnavailableError("this relay worker is rejoining the cluster; try again shortly")
         if parked.outcome == "took":
-            return [self._taken(h) for h in parked.heads], None  # type: ignore[misc]  # only .request is read
-        head = self._wait(server, name, timeout)
-        return ([self._taken(head)] if head is not None else []), None  # type: ignore[list-item]
+            heads = list(parked.heads)
+        else:
+            head = self._wait(server, name, timeout)
+            heads = [head] if head is not None else []
+            if heads and lease:  # PARK recorded nothing for a head that came through the inbox
+                self.store.lease(self.node_id, batch_id, name, [head.request_id for head in heads])
+        batch = [_taken(head) for head in heads]
+        if not (batch and lease):
+            return batch, None
+        held = Lease(batch_id, server, batch)
+        self.leases[batch_id] = held
+        return batch, held
 
     def _wait(self, server: ServerState, name: str, timeout: float) -> QueuedHead | None:
         """Wait for the dispatcher to hand this listen a head; None at the timeout or the listen's end."""
@@ -169,10 +221,6 @@ class ClusterRendezvous(Rendezvous):
         except ClusterUnavailableError:
             return True  # Redis is away; the entry is dropped with it, or by the sweeper
 
-    @staticmethod
-    def _taken(head: QueuedHead) -> TakenHead:
-        return TakenHead(decode_request_item(head.head))
-
     def hand_over(self, message: InboxHead) -> None:
         """A head from this node's inbox: to the oldest parked listen of its server here, else back to Redis."""
         waiting = self.waiters.get(message.server, [])
@@ -187,12 +235,40 @@ class ClusterRendezvous(Rendezvous):
             logger.warning("request %s for server %s lost with Redis: its client gets 502 at its timeout",
                            message.head.request_id, message.server)
 
-    def ack(self, server: ServerState, lease_id: str) -> None:
-        """Acknowledgements are not carried across nodes yet: every listen is answered without a lease."""
+    def acked(self, server: str, batch_id: str) -> None:
+        """A listen on some node acknowledged this node's batch (InboxAck): its requests are the server's."""
+        state = self.servers.get(server)
+        if state is not None:
+            self.ack(state, batch_id)
+
+    def expire_lease(self, held: Lease) -> int:
+        """No acknowledgement came: the owners offer the batch's requests again, if still unanswered.
+
+        The lease's record in Redis decides against an acknowledgement arriving
+        in the same instant (`end_lease`): exactly one of the two wins.
+        """
+        if self.leases.pop(held.id, None) is None or held.acked.is_set():
+            return 0
+        if not self.store.end_lease(self.node_id, held.id):
+            return 0  # acknowledged after all: its InboxAck is on its way
+        return self.requeue(held.batch)
 
     def requeue(self, batch: list[PendingRequest], delivered: bool = True) -> int:
-        """A listen's answer may be lost: not taken back across nodes yet (the client gets 504)."""
-        return 0
+        """A listen's answer may be lost: each request's owner offers it again if it is still unanswered.
+
+        Only the owner knows whether the server started to answer (a request
+        being answered is never handed out twice), so this node tells the
+        owners (InboxRequeue), or offers its own requests at once.
+        """
+        name_of = {p.request.id: p.server.registered.name for p in batch}
+        remote = []
+        for request_id, name in name_of.items():
+            if self.owns(request_id):
+                self.offer_again(request_id, name)
+            else:
+                remote.append((name, request_id))
+        self.store.tell_requeue(remote)
+        return len(batch)
 
     def leave(self, server: ServerState) -> None:
         """A process of this server is stopping: every node ends its listens parked for it (LEAVE)."""
@@ -217,8 +293,11 @@ class ClusterRendezvous(Rendezvous):
         head = self.offered.get(request_id)
         if p is None or head is None or p.answered or p.head_ready.is_set():
             return
-        if self.store.offer_again(server, head, front=True).outcome == "offline":
+        outcome = self.store.offer_again(server, head, front=True).outcome
+        if outcome == "offline":
             self.fail(p, f"server {server!r} went offline before it answered")
+        elif outcome in ("full", "gone"):
+            self.fail(p, f"server {server!r} lost the request with its listen, and it could not be queued again")
 
     def watch_presence(self, interval_secs: float = 1.0) -> None:
         """Presence is the cluster's (node.py runs PRESENCE); this node only settles ended requests."""
@@ -262,14 +341,13 @@ class ClusterRendezvous(Rendezvous):
         if size > MAX_REQUEST_HEAD_BYTES:
             raise RequestHeadTooLargeError(f"request head of {size} bytes is over the relay's limit of "
                                            f"{MAX_REQUEST_HEAD_BYTES}")
-        share = self.shares.take((name, client)) if client else None
         request = RelayRequest(self.new_id(), method, uri, headers)
-        p = PendingRequest(request, server, head_size=size, share=share)
+        p = PendingRequest(request, server, head_size=size)
         deadline_ms = int((time.time() + self.config.request_timeout_secs) * 1000)
         head = QueuedHead(request.id, encode_request_item(request), deadline_ms)
         self.pending[request.id] = p
         try:
-            offered = self.store.offer(name, head)
+            offered = self._offer_in_turn(name, head, client)
         except BaseException:
             self.forget(p)
             raise
@@ -282,6 +360,55 @@ class ClusterRendezvous(Rendezvous):
         if offered.outcome == "full":
             raise QueueFullError(f"server {name!r} has too many requests waiting; try again later")
         raise HttpError(f"server {name!r} cannot take this request ({offered.outcome})", status=501)
+
+    def _offer_in_turn(self, name: str, head: QueuedHead, client: str) -> OfferResult:
+        """OFFER, waiting while the client's address has its fill of requests in flight at `name`.
+
+        The share is counted in Redis across nodes; a node waiting for a turn
+        hears InboxTurn when one of that address's requests ends anywhere.
+        """
+        per_address = self.config.requests_per_address if client else 0
+        offered = self.store.offer(name, head, client=client, per_address=per_address)
+        if offered.outcome != "wait":
+            return offered
+        key = (name, client)
+        turn = self._turns.get(key)
+        if turn is None:
+            if len(self._turns) >= MAX_TURN_KEYS:
+                raise TooManyFromAddressError("too many clients are waiting for their turn; try again later")
+            turn = self._turns[key] = _Turn()
+        if turn.waiting >= MAX_WAITING_PER_ADDRESS:
+            raise TooManyFromAddressError(f"your address already has {MAX_WAITING_PER_ADDRESS} requests waiting "
+                                          f"for server {name!r}; try again later")
+        deadline = time.monotonic() + TURN_WAIT_SECS
+        turn.waiting += 1
+        try:
+            while offered.outcome == "wait":
+                turn.freed.clear()
+                left = deadline - time.monotonic()
+                # A turn is announced once; a waiter on another node may take it. Look
+                # again now and then rather than trust that every turn reaches us.
+                if left <= 0:
+                    raise TooManyFromAddressError(
+                        f"your address already has {self.config.requests_per_address} requests in flight at "
+                        f"server {name!r}; try again when they finish")
+                turn.freed.wait(min(left, TURN_RECHECK_SECS))
+                offered = self.store.offer(name, head, client=client, per_address=per_address)
+        finally:
+            turn.waiting -= 1
+            if turn.waiting == 0 and self._turns.get(key) is turn:
+                del self._turns[key]
+        return offered
+
+    def turn(self, server: str, client: str) -> None:
+        """A request of `client` at `server` ended somewhere (InboxTurn): its waiting requests here offer again."""
+        turn = self._turns.get((server, client))
+        if turn is not None:
+            turn.freed.set()
+
+    def must_wait_turn(self, name: str, client: str) -> bool:
+        """Not known without asking Redis; OFFER answers it."""
+        return False
 
     def forget(self, p: PendingRequest) -> None:
         """As in one process; and the request's places in Redis are freed by the next SETTLE."""

@@ -642,6 +642,20 @@ class Store:
             out[server] = (seen / 1000 if seen is not None else None, online)
         return out
 
+    def tell_requeue(self, requests: Sequence[tuple[str, str]]) -> None:
+        """Tell the owners of these (server, request id) to offer them again (InboxRequeue), in one round trip.
+
+        For a lease that ran out on this node, or a listen lost with its
+        answer: only the owner knows whether the server started to answer.
+        """
+        def run() -> None:
+            pipe = self._client.pipeline(transaction=False)
+            for server, request_id in requests:
+                pipe.rpush(self._key(f"inbox:{request_id[:NODE_ID_CHARS]}"), f"requeue {server} {request_id}")
+            pipe.execute()
+        if requests:
+            self._call(run)
+
     # ---- the inbox ----
 
     def take_inbox(self, node: str, count: int = 128) -> list[InboxMessage]:
