@@ -45,10 +45,13 @@ carry its end (`send(piece, end=True)`, `send_head(head, end=True)`): a
 small call then costs three writes in all.
 
 **An early answer.** A server handler may answer (say `{"status": 410}` and
-END) without reading the opener's body to its end. The server then drops the
-link, so the opener's `send` soon fails with `PeerCutError`; the answer that
-arrived before it can still be read: `send` until it fails, then
-`read_head()`.
+END) and return without reading the opener's body to its end. Unless that
+rest is short and already on its way (SKIP_REST_BYTES), the server drops the
+link, so the opener's next `send` fails with `PeerCutError`. The answer that
+arrived before the cut can still be read (Linux keeps received bytes readable
+after a reset): `send` until it fails, then `read_head()`. So an opener never
+hangs on a peer that stopped reading, and the peer never reads a long body
+in vain.
 
 Threads: each link's reads belong to one thread, its writes to one (maybe
 another: full duplex); `abort()` may come from any thread. Under gevent's
@@ -156,7 +159,7 @@ class PeerAuthError(PeerCutError):
     """The peer did not pass the handshake: not a PTTH node, or another cluster secret."""
 
 
-class _Eof(Exception):
+class _Eof(PtthError):
     """The socket reached its end in the middle of what we were reading."""
 
 
