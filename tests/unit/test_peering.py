@@ -294,6 +294,16 @@ def test_an_abort_from_the_opener_cuts_the_handler_and_is_logged_in_one_line(
     assert (server.links_accepted, pool.links_made) == (2, 2)  # the aborted link was not reused
 
 
+def test_an_abort_from_another_thread_wakes_a_blocked_reader(server: PeerServer, pool: PeerPool) -> None:
+    """Full duplex in two threads: one waits for pieces that do not come, the other gives up on the call."""
+    link = pool.open(server.address, {"kind": "echo"})
+    reading = in_thread(lambda: list(link.pieces()))
+    wait_until(lambda: link._head_in is not None, "the reader has the head and waits for pieces")
+    link.abort()
+    assert isinstance(reading.get(timeout=WAIT_SECS), PeerCutError)
+    assert link.closed
+
+
 @pytest.mark.parametrize("how", ["raises", "returns without end", "aborts"])
 def test_a_serving_side_that_stops_before_its_end_gives_the_opener_a_cut(
         make_server: Callable[..., PeerServer], pool: PeerPool, caplog: pytest.LogCaptureFixture,
