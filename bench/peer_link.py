@@ -30,6 +30,7 @@ import platform
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +250,8 @@ def main() -> None:
 
     only = [s for s in SCENARIOS if s in set(filter(None, args.only.split(",")))] or list(SCENARIOS)
     levels = [int(c) for c in args.concurrency.split(",")]
-    print(f"peer links on loopback: Python {platform.python_version()}, {os.cpu_count()} cores, "
+    print(f"peer links on loopback: Python {platform.python_version()}, gevent {metadata.version('gevent')}, "
+          f"msgpack {metadata.version('msgpack')}, {os.cpu_count()} cores, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     results = []
     server = _spawn(args, "serve")

@@ -45,10 +45,13 @@ carry its end (`send(piece, end=True)`, `send_head(head, end=True)`): a
 small call then costs three writes in all.
 
 **An early answer.** A server handler may answer (say `{"status": 410}` and
-END) without reading the opener's body to its end. The server then drops the
-link, so the opener's `send` soon fails with `PeerCutError`; the answer that
-arrived before it can still be read: `send` until it fails, then
-`read_head()`.
+END) and return without reading the opener's body to its end. Unless that
+rest is short and already on its way (SKIP_REST_BYTES), the server drops the
+link, so the opener's next `send` fails with `PeerCutError`. The answer that
+arrived before the cut can still be read (Linux keeps received bytes readable
+after a reset): `send` until it fails, then `read_head()`. So an opener never
+hangs on a peer that stopped reading, and the peer never reads a long body
+in vain.
 
 Threads: each link's reads belong to one thread, its writes to one (maybe
 another: full duplex); `abort()` may come from any thread. Under gevent's
@@ -128,9 +131,10 @@ MAX_LINKS = 4096
 # An idle link is kept this long in an opener's pool: a busy pair of nodes
 # reuses links continuously, a quiet one lets them go.
 POOL_IDLE_SECS = 30.0
-# A server waits this long for the next call on an idle link: longer than the
-# pool keeps it, so the opener is always the side that lets an idle link go
-# (a server closing first could meet a call the opener sent at that instant).
+# A server waits about this long (up to a quarter more) for the next call on an
+# idle link: longer than the pool keeps it, so the opener is always the side
+# that lets an idle link go (a server closing first could meet a call the
+# opener sent at that instant).
 SERVER_IDLE_SECS = 60.0
 # TCP keepalive: a peer host that vanished (power cut, partition) without a
 # reset is noticed after about 60 + 3 * 10 s, on links idle in the middle of
@@ -155,7 +159,7 @@ class PeerAuthError(PeerCutError):
     """The peer did not pass the handshake: not a PTTH node, or another cluster secret."""
 
 
-class _Eof(Exception):
+class _Eof(PtthError):
     """The socket reached its end in the middle of what we were reading."""
 
 
@@ -651,20 +655,23 @@ class PeerServer:
         self._lock = threading.Lock()
         self._links = 0  # open connections past accept, in or after the handshake
         self._handshaking = 0
-        self._idle: set[PeerLink] = set()
+        self._idle: dict[PeerLink, float] = {}  # links waiting for their next call, since when
         self._closed = False
+        self._closing = threading.Event()
         self.links_accepted = 0  # links that passed the handshake, ever: for metrics and tests
         self._refused = _RateLimitedWarning()
 
     def start(self) -> None:
         """Accept links in a thread of their own (a greenlet under gevent), each served by another."""
         threading.Thread(target=self._accept_loop, name=f"peer-server-{self.address}", daemon=True).start()
+        threading.Thread(target=self._reap_idle, name=f"peer-reaper-{self.address}", daemon=True).start()
 
     def close(self) -> None:
         """Stop accepting and let idle links go; calls in progress finish."""
         with self._lock:
             self._closed = True
             idle = list(self._idle)
+        self._closing.set()
         for link in idle:
             link._drop()
         try:
@@ -769,19 +776,24 @@ class PeerServer:
             if self._closed:
                 link._drop()
                 return None
-            self._idle.add(link)
+            self._idle[link] = time.monotonic()
         try:
-            link._sock.settimeout(self._idle_secs)
-            head = link.read_head()
-            link._sock.settimeout(None)
-            return head
+            return link.read_head()
         except PeerCutError as e:
             logger.debug("peer link from %s ends between calls: %s", link.peer, e)
-            link.abort()
             return None
         finally:
             with self._lock:
-                self._idle.discard(link)
+                self._idle.pop(link, None)
+
+    def _reap_idle(self) -> None:
+        """Drop links idle past idle_secs: a sweep every quarter of it, rather than a timer per call."""
+        while not self._closing.wait(self._idle_secs / 4):
+            now = time.monotonic()
+            with self._lock:
+                stale = [link for link, since in self._idle.items() if now - since >= self._idle_secs]
+            for link in stale:
+                link._drop()  # its thread, blocked reading, wakes up to the end of the link
 
 
 def _bind_first_free(bind: str) -> socket.socket:
