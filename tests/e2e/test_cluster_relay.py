@@ -29,6 +29,7 @@ from conftest import REPO, Cluster, Relay, new_key, refusing_port
 from redis_harness import RedisServer, start_redis
 
 from ptth_lib.relay.cluster.store import NODE_ID_CHARS
+from ptth_lib.wire.envelope import RESPONSE_HEAD_HEADER, WAIT_HEADER
 
 pytestmark = [pytest.mark.process,
               pytest.mark.skipif(shutil.which("redis-server") is None,
@@ -84,7 +85,7 @@ def test_four_workers_serve_the_file_tunnel(redis_server: RedisServer, cluster: 
 
 
 def listen(relay: Relay, key: str, ack: bool = False, acked: str = "") -> requests.Response:
-    headers = {"X-ApiKey": key, "X-PTTH-Wait": "3"}
+    headers = {"X-ApiKey": key, WAIT_HEADER: "3"}
     if ack:
         headers["X-PTTH-Features"] = "ack"
     if acked:
@@ -95,23 +96,24 @@ def listen(relay: Relay, key: str, ack: bool = False, acked: str = "") -> reques
 def respond(relay: Relay, request_id: str, key: str, body: bytes) -> requests.Response:
     head = msgpack.packb({"status_code": 200, "headers": {"content-length": str(len(body)).encode()}})
     return requests.post(f"{relay.url}/7ZSFUKGV/http_response/{request_id}", data=body, timeout=30,
-                         headers={"X-ApiKey": key, "X-PTTH-Response-Head": base64.b64encode(head).decode()})
+                         headers={"X-ApiKey": key, RESPONSE_HEAD_HEADER: base64.b64encode(head).decode()})
 
 
-def take(relay: Relay, key: str, count: int, ack: bool = False, acked: str = "",
+def take(relay: Relay, key: str, count: int, ack: bool = True, acked: str = "",
          ) -> tuple[list[dict[str, object]], str]:
-    """Listen until `count` requests came; returns them and the last batch id."""
+    """Listen until `count` requests came, acknowledging each batch with the next listen (as
+    ptth_server does: a listen that is not acknowledged is handed out again); returns the
+    requests and the last batch id, not yet acknowledged."""
     items: list[dict[str, object]] = []
-    batch = ""
     deadline = time.monotonic() + 20
     while len(items) < count and time.monotonic() < deadline:
         r = listen(relay, key, ack, acked)
+        acked = ""
         if r.status_code == 200:
             items += msgpack.unpackb(r.content, raw=False)
-            batch = r.headers.get("X-PTTH-Batch", "")
-        acked = ""
+            acked = r.headers.get("X-PTTH-Batch", "")
     assert len(items) == count, items
-    return items, batch
+    return items, acked
 
 
 @pytest.fixture
@@ -130,15 +132,16 @@ def test_an_address_over_its_share_waits_across_workers(scripted: tuple[Relay, s
     with ThreadPoolExecutor(5) as pool:
         futures = [pool.submit(requests.get, f"{relay.url}/frontend/servers/alpha/q/{i}", timeout=30)
                    for i in range(5)]
-        first, _ = take(relay, key, 2)
+        first, batch = take(relay, key, 2)
         owners = {str(item["id"])[:NODE_ID_CHARS] for item in first}
-        assert listen(relay, key).status_code == 204  # the other three wait their turn, not in the queue
+        # The other three wait their turn, at their own workers, not in the queue.
+        assert listen(relay, key, ack=True, acked=batch).status_code == 204
         for item in first:
             assert respond(relay, str(item["id"]), key, b"answer").status_code == 200
-        rest, _ = take(relay, key, 2)  # two turns freed: two more
+        rest, batch = take(relay, key, 2)  # two turns freed: two more
         for item in rest:
             assert respond(relay, str(item["id"]), key, b"answer").status_code == 200
-        last, _ = take(relay, key, 1)
+        last, batch = take(relay, key, 1, acked=batch)
         assert respond(relay, str(last[0]["id"]), key, b"answer").status_code == 200
         assert [f.result().status_code for f in futures] == [200] * 5
     owners |= {str(item["id"])[:NODE_ID_CHARS] for item in rest + last}
@@ -151,10 +154,10 @@ def test_a_batch_not_acknowledged_is_handed_out_again_by_its_owner(scripted: tup
     assert listen(relay, key, ack=True).status_code == 204
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(requests.get, f"{relay.url}/frontend/servers/alpha/lost", timeout=30)
-        [lost], batch = take(relay, key, 1, ack=True)
+        [lost], batch = take(relay, key, 1)
         assert batch  # held under a lease
         # No acknowledgement: after the lease (5 s), the owner offers it again.
-        [again], batch2 = take(relay, key, 1, ack=True)
+        [again], batch2 = take(relay, key, 1)
         assert again["id"] == lost["id"] and batch2 != batch
         assert respond(relay, str(again["id"]), key, b"found").status_code == 200
         assert future.result().content == b"found"

@@ -39,6 +39,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import gevent
 import gevent.event
@@ -106,21 +107,23 @@ class _Turn:
     freed: gevent.event.Event = field(default_factory=gevent.event.Event)
 
 
-def _taken(head: QueuedHead) -> PendingRequest:
+def _taken(head: QueuedHead, server: str) -> PendingRequest:
     """A head a listen took, in the place of a PendingRequest: only `.request` is read of it."""
-    return TakenHead(decode_request_item(head.head))  # type: ignore[return-value]
+    return TakenHead(decode_request_item(head.head), server)  # type: ignore[return-value]
 
 
 class TakenHead:
     """A request head a listen took from Redis: its client is held by the node its id names.
 
-    Only `request` is used of it: the listen's answer is built from it.
+    Only `request` is used of it by the relay: the listen's answer is built
+    from it; `requeue` reads `server_name`.
     """
 
-    __slots__ = ("request",)
+    __slots__ = ("request", "server_name")
 
-    def __init__(self, request: RelayRequest) -> None:
+    def __init__(self, request: RelayRequest, server_name: str) -> None:
         self.request = request
+        self.server_name = server_name
 
 
 class ClusterRendezvous(Rendezvous):
@@ -180,7 +183,7 @@ class ClusterRendezvous(Rendezvous):
             heads = [head] if head is not None else []
             if heads and lease:  # PARK recorded nothing for a head that came through the inbox
                 self.store.lease(self.node_id, batch_id, name, [head.request_id for head in heads])
-        batch = [_taken(head) for head in heads]
+        batch = [_taken(head, name) for head in heads]
         if not (batch and lease):
             return batch, None
         held = Lease(batch_id, server, batch)
@@ -260,7 +263,7 @@ class ClusterRendezvous(Rendezvous):
         being answered is never handed out twice), so this node tells the
         owners (InboxRequeue), or offers its own requests at once.
         """
-        name_of = {p.request.id: p.server.registered.name for p in batch}
+        name_of = {p.request.id: cast(TakenHead, p).server_name for p in batch}
         remote = []
         for request_id, name in name_of.items():
             if self.owns(request_id):
