@@ -67,6 +67,14 @@ RELAY_KEYS = (
          "goes to server NAME at / (empty: off)", check_host_suffix),
     Key("max_request_body_bytes", int, 0, "request bodies larger than this get 413 (0: no limit)",
          check_body_limit),
+    Key("dashboard", dict, {}, "[dashboard] table: the live dashboard at /frontend/dashboard (default: off)"),
+)
+
+
+DASHBOARD_KEYS = (
+    Key("enabled", bool, False, "serve the dashboard at /frontend/dashboard (false: 404)"),
+    Key("basic_auth", list, [], "who may see it: \"USER:HASH\" entries, hashes from "
+         "ptth_relay.py --hash-password", check_basic_auth),
 )
 
 
@@ -120,6 +128,13 @@ class RegisteredServer:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    enabled: bool = False
+    # Who may see it (basic_auth.py): (user, werkzeug password hash) pairs; never empty when enabled.
+    basic_auth: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class ScraperKey:
     name: str
     hash: str
@@ -147,6 +162,7 @@ class RelayConfig:
     quic_key_file: str = "ptth_quic_relay.key"
     server_host_suffix: str = ""  # lowercase, with its leading dot; "" is off
     max_request_body_bytes: int = 0  # 0: no limit
+    dashboard: DashboardConfig = DashboardConfig()
 
 
 def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
@@ -210,7 +226,17 @@ def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
         quic_key_file=values["quic_key_file"],
         server_host_suffix=suffix,
         max_request_body_bytes=values["max_request_body_bytes"],
+        dashboard=_dashboard(values["dashboard"], where),
     )
+
+
+def _dashboard(raw: Mapping[str, Any], where: str) -> DashboardConfig:
+    """The [dashboard] table; enabled without users is refused (nobody could log in)."""
+    d = apply_keys(DASHBOARD_KEYS, raw, f"{where}: [dashboard]")
+    if d["enabled"] and not d["basic_auth"]:
+        raise ConfigError(f"{where}: [dashboard] is enabled but 'basic_auth' lists nobody: add \"USER:HASH\" "
+                          "entries (hashes from `python ptth_relay.py --hash-password`)")
+    return DashboardConfig(d["enabled"], tuple(_split_login(entry) for entry in d["basic_auth"]))
 
 
 def _split_login(entry: str) -> tuple[str, str]:
