@@ -5,11 +5,10 @@
 - for operators only (`operator_addresses`): `/metrics` (metrics.py),
   `/frontend/audit_log` (audit.py) and `/frontend/unregistered_servers`;
 - for those who log in to it ([dashboard] in the relay config): the live
-  `/frontend/dashboard` (dashboard.py); 404 while it is off;
-- their stylesheets under `/frontend/static/` (views.py).
+  `/frontend/dashboard` (dashboard.py); 404 while it is off.
 
-Pages are templates (views.py, templates/), autoescaped. Every answer the
-relay makes itself through Flask gets the strict headers of
+Pages are templates on the shared look (views.py, templates/), autoescaped.
+Every answer the relay makes itself through Flask gets the strict headers of
 `trust.RELAY_PAGE_HEADERS` (`add_page_headers`), and an error line becomes a
 page for a browser (views.as_page); relayed content keeps its own headers.
 """
@@ -102,11 +101,6 @@ def register(app: Flask, relay: Relay) -> None:
             return resp
         return views.render("dashboard.html", **_dashboard_context(relay))
 
-    @app.get(views.STATIC_PREFIX + "<name>")
-    def _static(name: str) -> Response:
-        found = views.static_file(name)
-        return found if found is not None else text(404, f"no stylesheet named {name[:64]!r}")
-
     @app.get("/metrics")
     def _metrics() -> Response:
         if not relay.config.metrics:
@@ -126,12 +120,9 @@ def register(app: Flask, relay: Relay) -> None:
         """
         if e.code is None or e.code < 400:
             return e
-        title, advice = views.plain_words(e.code)
-        message = ("there is no page at this address on the relay" if e.code == 404
-                   else f"{e.code} {e.name}")
-        resp = views.render("error.html", status=e.code, title=title, advice=advice, message=message,
-                            inline_css=views.inline_css())
-        resp.headers["Content-Security-Policy"] = views.error_page_csp()
+        message = "there is no page at this address on the relay" if e.code == 404 else f"{e.code} {e.name}"
+        resp = Response(views.error_page(e.code, message), status=e.code, content_type="text/html; charset=utf-8")
+        resp.headers["Content-Security-Policy"] = views.PAGE_CSP
         if isinstance(e, MethodNotAllowed) and e.valid_methods:
             resp.headers["Allow"] = ", ".join(e.valid_methods)
         return resp
