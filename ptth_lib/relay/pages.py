@@ -32,6 +32,7 @@ from ptth_lib.relay.dashboard import (
     format_duration,
     format_requests_rate,
 )
+from ptth_lib.relay.metrics import ErrorAnswer
 from ptth_lib.relay.relay import FRONTEND_PREFIX, Relay
 from ptth_lib.relay.rendezvous import format_rfc3339
 from ptth_lib.relay.responses import RelayedResponse, text
@@ -205,7 +206,19 @@ def _server_card(row: ServerView, now: float, wall: float) -> dict[str, Any]:
             {"kind": "bytes", "label": "To clients", "chart": sent, "peak": format_bytes_rate(sent.peak),
              "now": format_bytes_rate(row.now.bytes_per_sec if row.now else 0.0)},
         ],
-        "errors": [{"status": e.status, "message": e.message,
-                    "time": time.strftime("%H:%M:%S", time.gmtime(e.wall))} for e in row.errors],
+        "errors": _grouped_errors(row.errors),
         "recent_error": any(wall - e.wall < WINDOW_SECS for e in row.errors),
     }
+
+
+def _grouped_errors(errors: list[ErrorAnswer]) -> list[dict[str, Any]]:
+    """The last errors (newest first), the same line repeated shown once with its count and latest time."""
+    groups: dict[tuple[int, str], dict[str, Any]] = {}
+    for e in errors:
+        group = groups.get((e.status, e.message))
+        if group is None:
+            groups[(e.status, e.message)] = {"status": e.status, "message": e.message, "count": 1,
+                                             "time": time.strftime("%H:%M:%S", time.gmtime(e.wall))}
+        else:
+            group["count"] += 1
+    return list(groups.values())
