@@ -20,7 +20,7 @@ from werkzeug.test import EnvironBuilder
 from ptth_lib import pages
 from ptth_lib.config import parse_relay_config
 from ptth_lib.errors import ConfigError
-from ptth_lib.relay import chart, views
+from ptth_lib.relay import chart, rendezvous, views
 from ptth_lib.relay.dashboard import (
     RING_SAMPLES,
     SAMPLE_SECS,
@@ -296,6 +296,20 @@ def test_an_offline_server_is_a_page_for_a_browser_and_a_line_for_curl(make_tunn
     assert "server &#39;beta&#39; is offline" in for_browser.text
 
 
+def test_a_full_queue_is_a_busy_page_with_retry_after(make_tunnel: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """503 is hard to reach with real processes (256 requests queued); here the bound is 2."""
+    monkeypatch.setattr(rendezvous, "MAX_QUEUED_PER_SERVER", 2)
+    t: Tunnel = make_tunnel()
+    t.be_online()
+    waiting = [t.get("/frontend/servers/alpha/x") for _ in range(2)]
+    page = t.client.get("/frontend/servers/alpha/x", headers={"Accept": BROWSER})
+    assert page.status_code == 503 and page.headers["Retry-After"] == "5" and page.mimetype == "text/html"
+    assert "The relay is busy" in page.text and "server &#39;alpha&#39; has too many requests waiting" in page.text
+    line = t.client.get("/frontend/servers/alpha/x")
+    assert (line.status_code, line.text) == (503, "server 'alpha' has too many requests waiting; try again later\n")
+    assert [w.get(timeout=5).status_code for w in waiting] == [502, 502]
+
+
 def test_a_page_the_relay_does_not_have_is_its_own_html_for_everyone(make_tunnel: Any) -> None:
     t: Tunnel = make_tunnel()
     for accept in (BROWSER, "*/*"):
@@ -342,6 +356,16 @@ def test_the_dashboard_without_its_login_is_401_with_a_challenge(make_tunnel: An
     assert resp.status_code == 401
     assert resp.headers["WWW-Authenticate"] == 'Basic realm="relay dashboard", charset="UTF-8"'
     assert "PASSWORD" not in resp.text and PASSWORD_HASH not in resp.text
+
+
+def test_a_wrong_dashboard_login_is_audited_without_the_password(make_tunnel: Any) -> None:
+    t: Tunnel = make_tunnel(**dashboard_on())
+    t.client.get("/frontend/dashboard")  # no credentials: nothing to audit
+    t.client.get("/frontend/dashboard", headers=login(password="guessed-password"),
+                 environ_base={"REMOTE_ADDR": "203.0.113.9"})
+    entries = [e for e in t.relay.audit.recent if e["event"] == "dashboard_login_rejected"]
+    assert [e["address"] for e in entries] == ["203.0.113.9"]
+    assert "guessed-password" not in repr(list(t.relay.audit.recent))
 
 
 def test_the_dashboard_with_its_login_shows_every_server(make_tunnel: Any) -> None:
