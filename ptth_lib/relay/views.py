@@ -42,10 +42,11 @@ RELAY_STYLESHEET = (_HERE / "static" / "relay.css").read_text("utf-8")
 RELAY_STYLE_SOURCE = ("'sha256-" + base64.b64encode(hashlib.sha256(RELAY_STYLESHEET.encode()).digest()).decode()
                       + "'")
 
-# The CSP of the relay's HTML pages: the relay pages' policy (trust.py: no script,
-# never framed) with exactly the two inlined stylesheets.
-PAGE_CSP = (dict(trust.RELAY_PAGE_HEADERS)["Content-Security-Policy"]
-            + f"; style-src {pages.STYLE_SOURCE} {RELAY_STYLE_SOURCE}")
+# The CSP of the relay's HTML pages: the shared pages' policy (no script, never
+# framed, whatever the shared look needs) whose style-src also allows the relay's stylesheet.
+PAGE_CSP = pages.PAGE_CSP.replace(f"style-src {pages.STYLE_SOURCE}", f"style-src {pages.STYLE_SOURCE} "
+                                  f"{RELAY_STYLE_SOURCE}")
+assert RELAY_STYLE_SOURCE in PAGE_CSP and "frame-ancestors 'none'" in PAGE_CSP
 
 # Each error status in plain words: a heading, and what the visitor can do about it.
 _PLAIN_WORDS: Mapping[int, tuple[str, str]] = {
@@ -111,7 +112,7 @@ def plain_words(status: int) -> tuple[str, str]:
 def error_page(status: int, message: str) -> bytes:
     """The page for an error `status` whose line is `message`."""
     title, advice = plain_words(status)
-    return environment().get_template("error.html").render(
+    return environment().get_template("relay_error.html").render(
         status=status, title=title, advice=advice, message=message).encode("utf-8")
 
 
