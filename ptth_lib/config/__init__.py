@@ -27,9 +27,11 @@ from ptth_lib.config.keys import (
 )
 from ptth_lib.config.relay import (
     CLIENT_ENTRY_KEYS,
+    DASHBOARD_KEYS,
     RELAY_KEYS,
     SCRAPER_KEY_KEYS,
     SERVER_ENTRY_KEYS,
+    DashboardConfig,
     RegisteredClient,
     RegisteredServer,
     RelayConfig,
@@ -49,9 +51,9 @@ from ptth_lib.config.server import (
 from ptth_lib.wire.names import NAME_RE, PORT_NAME_RE
 
 __all__ = [
-    "API_KEY_ENV", "CLIENT_API_KEY_ENV", "CLIENT_ENTRY_KEYS", "CLIENT_KEYS", "NAME_RE", "PORT_NAME_RE",
+    "API_KEY_ENV", "CLIENT_API_KEY_ENV", "CLIENT_ENTRY_KEYS", "CLIENT_KEYS", "DASHBOARD_KEYS", "NAME_RE", "PORT_NAME_RE",
     "QUIC_CLIENT_KEYS", "QUIC_SERVER_KEYS", "RELAY_KEYS", "SCRAPER_KEY_KEYS", "SERVER_ENTRY_KEYS", "SERVER_KEYS",
-    "ClientConfig", "Forward", "QuicRelayTarget", "RegisteredClient", "RegisteredServer", "RelayConfig",
+    "ClientConfig", "DashboardConfig", "Forward", "QuicRelayTarget", "RegisteredClient", "RegisteredServer", "RelayConfig",
     "ScraperKey", "ServerConfig", "is_private", "load_client_config", "load_quic_client_config",
     "load_quic_end_server_config", "load_relay_config", "load_server_config", "normalize_fingerprint",
     "parse_address", "parse_forward", "parse_relay_config", "parse_server_config", "read_client_key", "read_toml",

@@ -72,6 +72,14 @@ RELAY_KEYS = (
          "\"redis://:PASSWORD@10.0.0.2:6379/0\" (env PTTH_REDIS_URL wins; default: one process, no Redis)"),
     Key("peer_bind", str, "127.0.0.1:41000-41099", "cluster mode: where each worker listens for the others, "
          "HOST:PORT or HOST:LOW-HIGH (a worker takes the first free port)", check_peer_bind),
+    Key("dashboard", dict, {}, "[dashboard] table: the live dashboard at /frontend/dashboard (default: off)"),
+)
+
+
+DASHBOARD_KEYS = (
+    Key("enabled", bool, False, "serve the dashboard at /frontend/dashboard (false: 404)"),
+    Key("basic_auth", list, [], "who may see it: \"USER:HASH\" entries, hashes from "
+         "ptth_relay.py --hash-password", check_basic_auth),
 )
 
 # The environment variable that overrides redis_url (so that a password can stay out of the file).
@@ -128,6 +136,13 @@ class RegisteredServer:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    enabled: bool = False
+    # Who may see it (basic_auth.py): (user, werkzeug password hash) pairs; never empty when enabled.
+    basic_auth: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class ScraperKey:
     name: str
     hash: str
@@ -157,6 +172,7 @@ class RelayConfig:
     max_request_body_bytes: int = 0  # 0: no limit
     redis_url: str | None = None  # cluster mode (CLUSTER.md); None: one process, no Redis
     peer_bind: str = "127.0.0.1:41000-41099"
+    dashboard: DashboardConfig = DashboardConfig()
 
 
 def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
@@ -222,7 +238,17 @@ def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
         max_request_body_bytes=values["max_request_body_bytes"],
         redis_url=os.environ.get(REDIS_URL_ENV) or values["redis_url"],
         peer_bind=values["peer_bind"],
+        dashboard=_dashboard(values["dashboard"], where),
     )
+
+
+def _dashboard(raw: Mapping[str, Any], where: str) -> DashboardConfig:
+    """The [dashboard] table; enabled without users is refused (nobody could log in)."""
+    d = apply_keys(DASHBOARD_KEYS, raw, f"{where}: [dashboard]")
+    if d["enabled"] and not d["basic_auth"]:
+        raise ConfigError(f"{where}: [dashboard] is enabled but 'basic_auth' lists nobody: add \"USER:HASH\" "
+                          "entries (hashes from `python ptth_relay.py --hash-password`)")
+    return DashboardConfig(d["enabled"], tuple(_split_login(entry) for entry in d["basic_auth"]))
 
 
 def _split_login(entry: str) -> tuple[str, str]:

@@ -1,4 +1,4 @@
-"""Per-server HTTP basic auth at the relay: `basic_auth = ["USER:HASH", ...]` in a [[servers]] table.
+"""HTTP basic auth at the relay: `basic_auth = ["USER:HASH", ...]` in a [[servers]] table, or in [dashboard].
 
 Checked for every visitor's request to such a server, in path and host
 mode, before anything reaches the server; wrong or missing credentials get
@@ -40,6 +40,10 @@ MAX_VERIFIED = 10_000
 MAX_CREDENTIALS_CHARS = 1024
 
 
+# The scope of the dashboard's logins ([dashboard] basic_auth): a space, so no server's name.
+DASHBOARD_SCOPE = "relay dashboard"
+
+
 def challenge(name: str) -> str:
     """The WWW-Authenticate value for server `name`."""
     realm = "".join(c for c in name if c not in '"\\')
@@ -55,13 +59,21 @@ class Logins:
 
     def check(self, server: RegisteredServer, authorization: str | None) -> bool:
         """Tell whether an Authorization header logs in to `server`."""
+        return self.check_entries(server.name, server.basic_auth, authorization)
+
+    def check_entries(self, scope: str, entries: tuple[tuple[str, str], ...], authorization: str | None) -> bool:
+        """Tell whether an Authorization header logs in as one of `entries` (user, hash) of `scope`.
+
+        `scope` (a server's name, or DASHBOARD_SCOPE) keeps the same user and
+        password remembered for one thing from counting for another.
+        """
         login = _parse(authorization)
         if login is None:
             return False
         user, password = login
-        stored = dict(server.basic_auth).get(user)
-        key = hashlib.sha256("\0".join((server.name, user, password, stored or "")).encode("utf-8",
-                                                                                          "surrogatepass")).digest()
+        stored = dict(entries).get(user)
+        key = hashlib.sha256("\0".join((scope, user, password, stored or "")).encode("utf-8",
+                                                                                    "surrogatepass")).digest()
         now = time.monotonic()
         if stored is not None and self._verified.get(key, 0.0) > now:
             return True

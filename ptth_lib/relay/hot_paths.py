@@ -19,7 +19,7 @@ from typing import Any
 from werkzeug.wrappers import Request, Response
 
 from ptth_lib.errors import HttpError
-from ptth_lib.relay import trust
+from ptth_lib.relay import trust, views
 from ptth_lib.relay.relay import ALIAS_PREFIX, FRONTEND_PREFIX, Relay
 from ptth_lib.relay.responses import error_response, text
 from ptth_lib.wire.envelope import LISTEN_PATH, REQUEST_BODY_PATH, RESPONSE_PATH
@@ -71,4 +71,5 @@ class HotPaths:
                 break
         if response is None:
             return self._flask_app(environ, start_response)
+        response = views.as_page(response, environ)  # an error line, as a page for a browser
         return response(environ, start_response)  # a WebSocket's: gunicorn's ALREADY_HANDLED

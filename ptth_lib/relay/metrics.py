@@ -5,21 +5,69 @@ requests finish; gauges of the current state (servers, parked listens, requests 
 flight in the rendezvous) are read from the rendezvous at scrape time, so
 they cannot drift. The registry belongs to one app: under gunicorn that is
 the one gevent worker, whose memory holds the state being reported.
+
+Per server (`ServerCounters`): client requests answered, response bytes sent
+to clients (live: a response still streaming counts what it has sent so far)
+and the relay's last few error answers for it. /metrics shows the first two
+as `ptth_server_client_requests` and `ptth_server_relayed_bytes`; the
+dashboard (dashboard.py) samples the same numbers. Only servers in the config
+are counted, so their number is bounded by it.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import greenlet
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from ptth_lib.relay.forwarding import ForwardedConnection, PortForwarding
 from ptth_lib.relay.rendezvous import Rendezvous
+
+# The relay's own error answers kept per server for the dashboard, newest last:
+# enough to see what went wrong lately, few enough to read at a glance.
+MAX_ERRORS_PER_SERVER = 5
+
+# The longest error line kept (they name the server and a reason; a few hundred characters at most).
+MAX_ERROR_CHARS = 300
+
+
+class _Streaming(Protocol):
+    """A response body still being sent (relay.py's BodyStream): bytes sent so far."""
+
+    sent: int
+
+
+@dataclass(frozen=True)
+class ErrorAnswer:
+    """One error answer the relay gave a client of a server: when (wall clock), status, its line."""
+
+    wall: float
+    status: int
+    message: str
+
+
+@dataclass
+class ServerCounters:
+    """What one server's clients got: requests answered, bytes sent, the last errors."""
+
+    requests: int = 0
+    bytes_sent: int = 0  # by responses that have ended
+    streaming: set[_Streaming] = field(default_factory=set)  # responses still being sent
+    errors: deque[ErrorAnswer] = field(default_factory=lambda: deque(maxlen=MAX_ERRORS_PER_SERVER))
+
+    def bytes_so_far(self) -> int:
+        """Bytes sent to clients, counting what responses still streaming have sent."""
+        return self.bytes_sent + sum(s.sent for s in self.streaming)
+
 
 # Client request durations span a cached 304 (milliseconds) to a large download (hours).
 DURATION_BUCKETS_SECS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200)
@@ -58,7 +106,40 @@ class RelayMetrics:
         self.tcp_bytes = Counter(
             "ptth_tcp_bytes", "Bytes carried by forwarded TCP connections that have closed",
             ["direction"], registry=self.registry)
+        self.servers: dict[str, ServerCounters] = {}
+        self._rv = rendezvous
         self.registry.register(_RendezvousCollector(rendezvous, forwarding))
+        self.registry.register(_ServerCollector(self))
+
+    def for_server(self, name: str) -> ServerCounters | None:
+        """Server `name`'s counters; None for a name not in the config (not counted)."""
+        counters = self.servers.get(name)
+        if counters is None and name in self._rv.servers:
+            counters = self.servers[name] = ServerCounters()
+        return counters
+
+    def forget_removed(self) -> None:
+        """Drop the counters of servers no longer in the config."""
+        for name in [n for n in self.servers if n not in self._rv.servers]:
+            del self.servers[name]
+
+    def response_started(self, server: str, body: object) -> None:
+        """A response to a client of `server` starts; if it streams, its bytes count as they go."""
+        counters = self.for_server(server)
+        if counters is not None and hasattr(body, "sent"):
+            counters.streaming.add(body)
+
+    def response_ended(self, server: str, status: int, body: object, error_line: str | None) -> None:
+        """A response to a client of `server` ended: count it; keep `error_line` if the relay refused."""
+        counters = self.for_server(server)
+        if counters is None:
+            return
+        counters.requests += 1
+        if hasattr(body, "sent") and body in counters.streaming:
+            counters.streaming.discard(body)
+            counters.bytes_sent += int(getattr(body, "sent", 0))
+        if error_line is not None:
+            counters.errors.append(ErrorAnswer(time.time(), status, error_line[:MAX_ERROR_CHARS]))
 
     def count_closed(self, conn: ForwardedConnection) -> None:
         """Count the bytes a forwarded connection carried, once it is forgotten."""
@@ -95,3 +176,21 @@ class _RendezvousCollector(Collector):
         # one raises ReferenceError.
         yield GaugeMetricFamily("ptth_greenlets", "Greenlets alive in the relay worker",
                                 sum(1 for o in gc.get_objects() if issubclass(type(o), greenlet.greenlet)))
+
+
+class _ServerCollector(Collector):
+    """Per-server counters (ServerCounters), read at each scrape."""
+
+    def __init__(self, metrics: RelayMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        servers = sorted(self._metrics.servers.items())
+        requests = CounterMetricFamily("ptth_server_client_requests", "Client requests answered, by server",
+                                       labels=["server"])
+        sent = CounterMetricFamily("ptth_server_relayed_bytes", "Response bytes sent to clients, by server "
+                                   "(responses still streaming included)", labels=["server"])
+        for name, counters in servers:
+            requests.add_metric([name], counters.requests)
+            sent.add_metric([name], counters.bytes_so_far())
+        return [requests, sent]

@@ -4,7 +4,8 @@ A `Relay` is built from a config and owns every part of the relay:
 
 - the rendezvous (rendezvous.py), where clients' requests meet servers' listens;
 - port forwarding's state (forwarding.py);
-- the metrics (metrics.py) and the audit log (audit.py);
+- the metrics (metrics.py), the dashboard's samples of them (dashboard.py)
+  and the audit log (audit.py);
 - the config watcher (config_watch.py), which hands it each new config;
 - the rules at its edge (trust.py): whose address a request is, who is an
   operator, which headers cross, which server a path names.
@@ -41,12 +42,13 @@ from ptth_lib.relay.audit import AuditLog
 from ptth_lib.relay.basic_auth import Logins, challenge
 from ptth_lib.relay.body_stream import BodyStream
 from ptth_lib.relay.config_watch import ConfigWatcher
+from ptth_lib.relay.dashboard import Dashboard
 from ptth_lib.relay.delivery import deliver, hold_lease, refuse, requeue_if_lost
 from ptth_lib.relay.forwarding import WEBSOCKET_PORT, ForwardedConnection, PortForwarding
 from ptth_lib.relay.metrics import RelayMetrics
 from ptth_lib.relay.rendezvous import ListenEndedError, PendingRequest, Rendezvous, ServerState
 from ptth_lib.relay.request_body import DONE, FETCHING, LINGER_SECS, Upload, fetch, watch_client
-from ptth_lib.relay.responses import RelayedResponse, error_response, redirect, text
+from ptth_lib.relay.responses import RelayedResponse, TextAnswer, error_response, redirect, text
 from ptth_lib.relay.upgrade import (
     WEBSOCKET,
     SwitchedResponse,
@@ -144,6 +146,7 @@ class Relay:
             self.rendezvous = Rendezvous(config, on_event=self.audit.record)
         self.forwarding = PortForwarding(config, on_closed=self._forwarded_connection_closed)
         self.metrics = RelayMetrics(self.rendezvous, self.forwarding)
+        self.dashboard = Dashboard(self.rendezvous, self.metrics, self.forwarding)
         self.watcher = (ConfigWatcher(config_path, self.reconfigure, self._config_reload_reported)
                         if config_path is not None else None)
         self._untrusted_proxies_warned: set[str] = set()
@@ -159,11 +162,12 @@ class Relay:
     # ---- life ----------------------------------------------------------------------
 
     def start(self) -> list[gevent.Greenlet]:
-        """Start the greenlets that watch server presence, forwarded connections and the config file.
+        """Start the greenlets: server presence, forwarded connections, the config file, the dashboard's samples.
 
         They run for the relay's life; the caller may kill them (a test does).
         """
-        greenlets = [gevent.spawn(self.rendezvous.watch_presence), gevent.spawn(self.forwarding.sweep)]
+        greenlets = [gevent.spawn(self.rendezvous.watch_presence), gevent.spawn(self.forwarding.sweep),
+                     gevent.spawn(self.dashboard.run)]
         if self.watcher is not None:
             greenlets.append(gevent.spawn(self.watcher.run))
         if self.node is not None:
@@ -404,7 +408,7 @@ class Relay:
         if _body_length(environ) is not None:
             resp.call_on_close(lambda: _end_unread_body(environ))
         show_client_address(environ, address)
-        return self._measured(resp, started)
+        return self._measured(resp, started, target.name)
 
     def alias_request(self, req: Request) -> Response:
         """The spec's older /servers/NAME/...: one redirect to the one prefix operators protect."""
@@ -418,11 +422,15 @@ class Relay:
             return text(400, f"bad path: {e}")
         return redirect("/frontend" + raw, 308)
 
-    def _measured(self, resp: Response, started: float) -> Response:
-        """Count a client's request in the metrics when its response ends."""
+    def _measured(self, resp: Response, started: float, server: str) -> Response:
+        """Count a client's request in the metrics, overall and for `server`, when its response ends."""
         metrics = self.metrics
+        metrics.response_started(server, resp.response)
 
         def finished() -> None:
+            refused = isinstance(resp, TextAnswer) and (resp.status_code >= 500 or resp.status_code == 429)
+            refusal = resp.message if isinstance(resp, TextAnswer) and refused else None
+            metrics.response_ended(server, resp.status_code, resp.response, refusal)
             metrics.client_requests_in_flight.dec()
             metrics.client_requests.labels(str(resp.status_code)).inc()
             metrics.client_request_duration.observe(time.monotonic() - started)

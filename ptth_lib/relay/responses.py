@@ -2,7 +2,8 @@
 
 Every refusal and status line the relay writes itself is text/plain, one
 line saying what happened (errors.describe_answer quotes it on the other
-side). Relayed responses are `RelayedResponse`s: they carry the security
+side): a `TextAnswer`, which keeps that line so that a browser can be shown
+the same news as a page instead (pages.py `as_page`, at the relay's exits). Relayed responses are `RelayedResponse`s: they carry the security
 headers of relayed content (trust.py), not those of the relay's own pages.
 
 All are Flask's `Response` (werkzeug's, plus JSON helpers) whether Flask
@@ -21,9 +22,17 @@ class RelayedResponse(Response):
     """A response relayed from a server: its own security headers, not the relay pages'."""
 
 
+class TextAnswer(Response):
+    """One line of text the relay says itself; `message` is that line."""
+
+    message: str = ""
+
+
 def text(status: int, message: str) -> Response:
     """A text/plain answer: `message` as one line."""
-    return Response(message + "\n", status=status, content_type="text/plain; charset=utf-8")
+    resp = TextAnswer(message + "\n", status=status, content_type="text/plain; charset=utf-8")
+    resp.message = message
+    return resp
 
 
 def error_response(e: HttpError) -> Response:

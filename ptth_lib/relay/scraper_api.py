@@ -29,6 +29,7 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 from ptth_lib.config import ScraperKey
 from ptth_lib.errors import ScraperAuthError
 from ptth_lib.relay.relay import SCRAPER_PREFIX
+from ptth_lib.relay.responses import text
 from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import API_KEY_HEADER
 
@@ -119,7 +120,7 @@ def register(app: Flask, relay: Relay) -> None:
     def authorize() -> Response | None:
         cfg = relay.config
         if not cfg.enable_scraper_api:
-            return Response("the scraper API is not enabled at this relay\n", 404, mimetype="text/plain")
+            return text(404, "the scraper API is not enabled at this relay")
         address = relay.client_address(request)
         now = time.monotonic()
         try:
@@ -130,13 +131,12 @@ def register(app: Flask, relay: Relay) -> None:
             wait = limiter.retry_after(address, now)
             if wait > 0:
                 checked("rejected", address, "rate_limited")
-                resp = Response("too many failed scraper key attempts from your address; try again later\n",
-                                429, mimetype="text/plain")
+                resp = text(429, "too many failed scraper key attempts from your address; try again later")
                 resp.headers["Retry-After"] = str(int(wait) + 1)
                 return resp
             limiter.fail(address, now)
             checked("rejected", address, e.reason)
-            return Response(f"{e}\n", e.status, mimetype="text/plain")
+            return text(e.status, str(e))
         checked("used", address, key.name)
         return None
 
@@ -159,4 +159,4 @@ def register(app: Flask, relay: Relay) -> None:
     @app.route("/scraper/", defaults={"_rest": ""})
     @app.route("/scraper/<path:_rest>")
     def _scraper_other(_rest: str) -> Response:
-        return authorize() or Response("no such scraper API path\n", 404, mimetype="text/plain")
+        return authorize() or text(404, "no such scraper API path")

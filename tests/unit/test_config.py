@@ -15,6 +15,7 @@ from ptth_lib.config import (
     API_KEY_ENV,
     CLIENT_ENTRY_KEYS,
     CLIENT_KEYS,
+    DASHBOARD_KEYS,
     QUIC_CLIENT_KEYS,
     QUIC_SERVER_KEYS,
     RELAY_KEYS,
@@ -104,10 +105,12 @@ def _shows_key(text: str, name: str) -> bool:
     (SERVER_ENTRY_KEYS, RELAY_EXAMPLE),
     (SCRAPER_KEY_KEYS, RELAY_EXAMPLE),
     (CLIENT_ENTRY_KEYS, RELAY_EXAMPLE),
+    (DASHBOARD_KEYS, RELAY_EXAMPLE),
     (CLIENT_KEYS, CLIENT_EXAMPLE),
     (QUIC_SERVER_KEYS, SERVER_EXAMPLE),
     (QUIC_CLIENT_KEYS, QUIC_CLIENT_EXAMPLE),
-], ids=["SERVER_KEYS", "RELAY_KEYS", "SERVER_ENTRY_KEYS", "SCRAPER_KEY_KEYS", "CLIENT_ENTRY_KEYS", "CLIENT_KEYS",
+], ids=["SERVER_KEYS", "RELAY_KEYS", "SERVER_ENTRY_KEYS", "SCRAPER_KEY_KEYS", "CLIENT_ENTRY_KEYS", "DASHBOARD_KEYS",
+        "CLIENT_KEYS",
         "QUIC_SERVER_KEYS", "QUIC_CLIENT_KEYS"])
 def test_example_shows_every_key(keys, example: Path) -> None:  # type: ignore[no-untyped-def]
     text = example.read_text()
@@ -121,10 +124,12 @@ def test_example_shows_every_key(keys, example: Path) -> None:  # type: ignore[n
     (SERVER_ENTRY_KEYS, RELAY_EXAMPLE),
     (SCRAPER_KEY_KEYS, RELAY_EXAMPLE),
     (CLIENT_ENTRY_KEYS, RELAY_EXAMPLE),
+    (DASHBOARD_KEYS, RELAY_EXAMPLE),
     (CLIENT_KEYS, CLIENT_EXAMPLE),
     (QUIC_SERVER_KEYS, SERVER_EXAMPLE),
     (QUIC_CLIENT_KEYS, QUIC_CLIENT_EXAMPLE),
-], ids=["SERVER_KEYS", "RELAY_KEYS", "SERVER_ENTRY_KEYS", "SCRAPER_KEY_KEYS", "CLIENT_ENTRY_KEYS", "CLIENT_KEYS",
+], ids=["SERVER_KEYS", "RELAY_KEYS", "SERVER_ENTRY_KEYS", "SCRAPER_KEY_KEYS", "CLIENT_ENTRY_KEYS", "DASHBOARD_KEYS",
+        "CLIENT_KEYS",
         "QUIC_SERVER_KEYS", "QUIC_CLIENT_KEYS"])
 def test_example_comments_every_key(keys, example: Path) -> None:  # type: ignore[no-untyped-def]
     """Each key's first appearance is preceded by a comment line."""
@@ -140,7 +145,7 @@ def test_example_comments_every_key(keys, example: Path) -> None:  # type: ignor
 
 def test_every_key_has_a_doc() -> None:
     for key in (*SERVER_KEYS, *RELAY_KEYS, *SERVER_ENTRY_KEYS, *SCRAPER_KEY_KEYS, *CLIENT_KEYS, *CLIENT_ENTRY_KEYS,
-                *QUIC_SERVER_KEYS, *QUIC_CLIENT_KEYS):
+                *QUIC_SERVER_KEYS, *QUIC_CLIENT_KEYS, *DASHBOARD_KEYS):
         assert key.doc and "\n" not in key.doc
 
 
@@ -505,7 +510,7 @@ def test_is_private(tmp_path: Path) -> None:
 def test_readme_documents_every_key() -> None:
     readme = (REPO / "README.md").read_text()
     for key in (*SERVER_KEYS, *RELAY_KEYS, *SERVER_ENTRY_KEYS, *SCRAPER_KEY_KEYS, *CLIENT_KEYS, *CLIENT_ENTRY_KEYS,
-                *QUIC_SERVER_KEYS, *QUIC_CLIENT_KEYS):
+                *QUIC_SERVER_KEYS, *QUIC_CLIENT_KEYS, *DASHBOARD_KEYS):
         assert f"`{key.name}`" in readme or f"[[{key.name}]]" in readme or f"[{key.name}]" in readme, key.name
 
 

@@ -508,7 +508,7 @@ def test_the_server_list_as_json_and_html(tunnel: Tunnel) -> None:
     entries = tunnel.client.get("/frontend/servers/", headers={"Accept": "application/json"}).json
     assert [(e["name"], e["online"]) for e in entries] == [("alpha", True), ("beta", False)]
     page = tunnel.client.get("/frontend/servers/").text
-    assert "<td>online</td>" in page and "<td>offline</td>" in page
+    assert '<span class="badge on">online</span>' in page and '<span class="badge off">offline</span>' in page
 
 
 def test_operators_pages_that_are_off_say_so(make_tunnel: Any) -> None:
@@ -575,7 +575,8 @@ def test_create_app_starts_the_relay_and_keeps_it(tmp_path: Path, monkeypatch: p
     try:
         relay = relay_of(app)
         assert relay is not None and relay.watcher is not None and relay_of(object()) is None
-        assert len(started) == 3 and not any(g.dead for g in started)  # presence, forwarding, the config file
+        # presence, forwarding, the dashboard's samples, the config file
+        assert len(started) == 4 and not any(g.dead for g in started)
         path.write_text(path.read_text().replace('"alpha"', '"gamma"'))
         assert relay.reload_config() and list(relay.config.servers) == ["gamma"]
         assert app.test_client().get("/frontend/relay_up_check").text == "Relay is up\n"
