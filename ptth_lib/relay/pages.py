@@ -61,6 +61,10 @@ def register(app: Flask, relay: Relay) -> None:
 
     @app.get("/frontend/relay_up_check")
     def _up_check() -> Response:
+        node = relay.node
+        if node is not None and (not node.joined.is_set() or node.store.is_down):
+            return text(503, "Relay is up, but cannot reach its shared state (Redis): it answers 503 until "
+                             "Redis is back")
         return text(200, "Relay is up")
 
     @app.get(FRONTEND_PREFIX)

@@ -11,10 +11,8 @@ the owners of many ids over peer links.
 from __future__ import annotations
 
 import base64
-import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -25,7 +23,8 @@ from pathlib import Path
 import msgpack
 import pytest
 import requests
-from conftest import REPO, Cluster, Relay, new_key, refusing_port
+from conftest import REPO, Cluster, Proc, Relay, new_key, refusing_port
+from procs import relay_config
 from redis_harness import RedisServer, start_redis
 
 from ptth_lib.relay.cluster.store import NODE_ID_CHARS
@@ -166,16 +165,39 @@ def test_a_batch_not_acknowledged_is_handed_out_again_by_its_owner(scripted: tup
         assert r.status_code == 204
 
 
-def test_unreachable_redis_stops_the_start_with_one_line(tmp_path: Path) -> None:
-    """At start, a Redis that cannot be reached is one line and gunicorn's "failed to boot" (3)."""
+def test_a_relay_started_without_redis_answers_503_and_joins_when_redis_comes(cluster: Cluster, tmp_path: Path,
+                                                                              ) -> None:
+    """Redis not there at start: the relay runs, says 503 in plain words, and serves once Redis answers."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
     with refusing_port() as port:
+        key = new_key("alpha")
         config = tmp_path / "relay.toml"
-        config.write_text(f'redis_url = "redis://:hunter2@127.0.0.1:{port}/0"\n')
-        result = subprocess.run([sys.executable, "-m", "gunicorn", "-k", "gevent", "--no-control-socket",
-                                 "--bind", "127.0.0.1:0", "-w", "2", "ptth_relay:app"], check=False, cwd=REPO,
-                                env={**os.environ, "PTTH_RELAY_CONFIG": str(config)},
-                                capture_output=True, text=True, timeout=60)
-    output = result.stdout + result.stderr
-    assert result.returncode == 3, output
-    assert "ptth_relay: the relay's shared state (Redis) cannot be reached" in output, output
+        config.write_text(relay_config({"alpha": key}, f'redis_url = "redis://:hunter2@127.0.0.1:{port}/0"\n'
+                                                       'peer_bind = "127.0.0.1:42040-42079"\n'))
+        proc = Proc([sys.executable, "-m", "gunicorn", "-c", "conf/gunicorn.conf.py", "--bind", "127.0.0.1:0",
+                     "-w", "2", "ptth_relay:app"], tmp_path / "relay.log", env={"PTTH_RELAY_CONFIG": str(config)},
+                    cwd=REPO)
+        cluster.procs.append(proc)
+        relay_port = int(proc.wait_for_output(r"Listening at: http://127\.0\.0\.1:(\d+)").group(1))
+        url = f"http://127.0.0.1:{relay_port}"
+        proc.wait_for_output(r"redis down at redis://:\*\*\*@127\.0\.0\.1")
+        up = requests.get(url + "/frontend/relay_up_check", timeout=5)
+        assert up.status_code == 503 and "Redis" in up.text
+        r = requests.get(url + "/frontend/servers/alpha/files/", timeout=5)
+        assert r.status_code == 503 and "try again shortly" in r.text
+    redis = RedisServer(port, folder, ("--requirepass", "hunter2"))
+    redis.start()
+    try:
+        proc.wait_for_output(r"(?s)(relay node \S+ up.*){2}", 15)  # both workers joined
+        assert requests.get(url + "/frontend/relay_up_check", timeout=5).status_code == 200
+        root = tmp_path / "root"
+        root.mkdir()
+        (root / "a.txt").write_bytes(b"after all\n")
+        cluster.server(Relay(proc, relay_port, config), "alpha", key, root)
+        assert requests.get(url + "/frontend/servers/alpha/files/a.txt", timeout=10).content == b"after all\n"
+    finally:
+        redis.kill()
+    output = proc.output()
     assert "hunter2" not in output and "Traceback" not in output, output
+    assert output.count("redis down at") <= 2, output  # once per worker, not once per try

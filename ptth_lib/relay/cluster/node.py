@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.event
 from werkzeug.wrappers import Request, Response
 
 from ptth_lib.errors import ForbiddenError, HttpError
@@ -71,58 +72,92 @@ class Node:
     """This worker's place in the cluster: its id, its peers, its inbox."""
 
     def __init__(self, store: Store, peer_bind: str, config_hash: str) -> None:
-        """Register a new node in Redis (ClusterUnavailableError if Redis cannot be reached)."""
+        """A node not yet registered: `start` joins the cluster, as soon as Redis answers."""
         self.store = store
         self.config_hash = config_hash
         self.peer_address = ""
         self.id = new_node_id()
-        self.epoch, secret = self._register()
+        self.epoch = ""
+        self.joined = gevent.event.Event()  # set while registered; until then, 503
         self.rendezvous: ClusterRendezvous | None = None
-        self._secret = secret
         self._peer_bind = peer_bind
-        self.pool = PeerPool(secret)
+        self.pool: PeerPool | None = None
         # The calls other nodes make to this one over peer links, by kind: the parts of the
         # cluster that carry a stream to its owner add theirs before `start`.
         self.calls: dict[str, Callable[[dict[str, Any], PeerLink], None]] = {"respond": self._serve_response}
         self.peers: PeerServer | None = None
         self.table: dict[str, str] = {}  # node id -> peer address, refreshed by the heartbeat
-        self.label = f"{socket.gethostname()}/{os.getpid()}/{self.id}"
+        self.label = ""
+        self._relabel()
 
     def info(self) -> NodeInfo:
         return NodeInfo(self.id, self.peer_address, self.config_hash, socket.gethostname(), os.getpid())
 
-    def _register(self) -> tuple[str, bytes]:
-        """Register this node, keeping its id if it is free (its requests in flight stay reachable)."""
+    def _relabel(self) -> None:
+        self.label = f"{socket.gethostname()}/{os.getpid()}/{self.id}"
+        if self.rendezvous is not None:
+            self.rendezvous.node_id = self.id
+
+    def _register(self) -> bytes:
+        """Register this node, keeping its id if it is free (its requests in flight stay reachable).
+
+        Returns the cluster's peer secret; ClusterUnavailableError while Redis cannot be reached.
+        """
         while True:
             registered = self.store.register(self.info())
             if registered.outcome == "registered":
-                return registered.epoch, bytes.fromhex(registered.secret)
+                self.epoch = registered.epoch
+                return bytes.fromhex(registered.secret)
             self.id = new_node_id()
+            self._relabel()
 
     def attach(self, rendezvous: ClusterRendezvous) -> None:
         """Serve `rendezvous`: the dispatcher hands it heads, the peer listener its POSTs."""
         self.rendezvous = rendezvous
+        rendezvous.node_id = self.id
+        rendezvous.joined = self.joined
 
     def start(self) -> list[gevent.Greenlet]:
-        """Listen for peers, publish where, and run the heartbeat, the dispatcher and the ticks."""
-        self.peers = PeerServer(self._peer_bind, self._secret, self.calls)
+        """Join the cluster (now, or once Redis answers), then run the heartbeat, the dispatcher and the ticks."""
+        return [gevent.spawn(self._live)]
+
+    def _live(self) -> None:
+        secret = self._join()
+        self.peers = PeerServer(self._peer_bind, secret, self.calls)
         self.peers.start()
         self.peer_address = self.peers.address
-        self.store.heartbeat(self.info(), self.epoch)
-        self._refresh_table()
+        self.pool = PeerPool(secret)
+        while True:
+            try:
+                self.store.heartbeat(self.info(), self.epoch)  # publishes the peer address
+                self._refresh_table()
+                break
+            except ClusterUnavailableError:
+                gevent.sleep(RETRY_SECS)
+        self.joined.set()
         logger.info("relay node %s up, peer links on %s, %d nodes in the cluster", self.label,
                     self.peer_address, len(self.table))
-        return [gevent.spawn(self._heartbeat), gevent.spawn(self._dispatch), gevent.spawn(self._ticks)]
+        gevent.joinall([gevent.spawn(self._heartbeat), gevent.spawn(self._dispatch), gevent.spawn(self._ticks)])
+
+    def _join(self) -> bytes:
+        """Register, trying again every second while Redis cannot be reached (store.py logs it once)."""
+        while True:
+            try:
+                return self._register()
+            except ClusterUnavailableError:
+                gevent.sleep(RETRY_SECS)
 
     def close(self) -> None:
         """This node is stopping: it is no longer alive for the others."""
         if self.peers is not None:
             self.peers.close()
-        self.pool.close()
-        try:
-            self.store.deregister(self.id)
-        except ClusterUnavailableError:
-            pass
+        if self.pool is not None:
+            self.pool.close()
+        if self.joined.is_set():
+            try:
+                self.store.deregister(self.id)
+            except ClusterUnavailableError:
+                pass
 
     # ---- the greenlets -------------------------------------------------------------
 
@@ -144,8 +179,11 @@ class Node:
         """Our registration is gone (swept after a pause, or Redis restarted), and our parked entries with it."""
         logger.warning("relay node %s: %s; registering again and ending its parked listens", self.label,
                        "Redis restarted" if why == "restarted" else "it was taken for dead (paused too long)")
-        self.epoch, _ = self._register()
-        self.label = f"{socket.gethostname()}/{os.getpid()}/{self.id}"
+        secret = self._register()
+        if self.peers is not None and self.pool is not None:  # a restarted Redis made a new secret
+            self.peers.set_secret(secret)
+            self.pool.set_secret(secret)
+        self.store.heartbeat(self.info(), self.epoch)
         rv = self.rendezvous
         if rv is not None:
             for name in list(rv.servers):
@@ -207,6 +245,8 @@ class Node:
         if not key:
             return refuse(403, "missing X-ApiKey header", req)
         environ = req.environ
+        if not self.joined.is_set():
+            return refuse(503, "this relay worker has not joined the cluster yet; try again shortly", req)
         try:
             link = self.owner_link(request_id, {
                 "kind": "respond", "id": request_id, "tripcode": tripcode.derive(key),
@@ -242,6 +282,8 @@ class Node:
         None if no live node has that id (it stopped, or the id was never
         made); PeerCutError (PeerUnreachableError) if the node cannot be reached.
         """
+        if self.pool is None:
+            raise ClusterUnavailableError("this relay worker has not joined the cluster yet; try again shortly")
         address = self._peer_of(owned_id[:NODE_ID_CHARS])
         return None if address is None else self.pool.open(address, head)
 

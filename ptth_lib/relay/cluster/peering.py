@@ -661,6 +661,11 @@ class PeerServer:
         self.links_accepted = 0  # links that passed the handshake, ever: for metrics and tests
         self._refused = _RateLimitedWarning()
 
+    def set_secret(self, secret: bytes) -> None:
+        """Prove and demand `secret` from now on (the cluster's secret changed: Redis restarted)."""
+        _check_secret(secret)
+        self._secret = secret
+
     def start(self) -> None:
         """Accept links in a thread of their own (a greenlet under gevent), each served by another."""
         threading.Thread(target=self._accept_loop, name=f"peer-server-{self.address}", daemon=True).start()
@@ -833,6 +838,16 @@ class PeerPool:
         self._closed = False
         self._swept_at = time.monotonic()
         self.links_made = 0  # links connected and authenticated, ever: for metrics and tests
+
+    def set_secret(self, secret: bytes) -> None:
+        """Use `secret` for new links from now on; idle links made with the old one are dropped."""
+        _check_secret(secret)
+        with self._lock:
+            self._secret = secret
+            idle = [link for links in self._idle.values() for _, link in links]
+            self._idle.clear()
+        for link in idle:
+            link._drop()
 
     def open(self, address: str, head: dict[str, Any]) -> PeerLink:
         """A link to `address` ("host:port") carrying a new call, its head sent.

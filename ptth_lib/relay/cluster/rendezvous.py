@@ -133,7 +133,8 @@ class ClusterRendezvous(Rendezvous):
                  on_event: Callable[..., None] = lambda event, **fields: None) -> None:
         super().__init__(config, on_event)
         self.store = store
-        self.node_id = node_id
+        self.node_id = node_id  # the node's id, which it may change when it registers again
+        self.joined = gevent.event.Event()  # the node's: set while it is registered in Redis
         # Parked listens of this node waiting for a head, per server, oldest first.
         self.waiters: defaultdict[str, list[gevent.event.AsyncResult]] = defaultdict(list)
         # The heads of this node's requests offered to Redis and not yet settled, by id (to offer again).
@@ -149,6 +150,11 @@ class ClusterRendezvous(Rendezvous):
     def new_id(self) -> str:
         """A request id naming this node: its id, then 80 random bits in base32 (24 characters)."""
         return self.node_id + base64.b32encode(secrets.token_bytes(_ID_BYTES)).decode("ascii")
+
+    def _check_joined(self) -> None:
+        if not self.joined.is_set():
+            raise ClusterUnavailableError("this relay worker cannot reach the relay's shared state (Redis) yet; "
+                                          "try again shortly")
 
     def owns(self, request_id: str) -> bool:
         """Tell whether a request id was made by this node (its client is here)."""
@@ -167,6 +173,7 @@ class ClusterRendezvous(Rendezvous):
         """
         if self.closing:
             return [], None
+        self._check_joined()
         name = server.registered.name
         server.touch()
         batch_id = self.new_id() if lease else ""
@@ -344,6 +351,7 @@ class ClusterRendezvous(Rendezvous):
         if size > MAX_REQUEST_HEAD_BYTES:
             raise RequestHeadTooLargeError(f"request head of {size} bytes is over the relay's limit of "
                                            f"{MAX_REQUEST_HEAD_BYTES}")
+        self._check_joined()
         request = RelayRequest(self.new_id(), method, uri, headers)
         p = PendingRequest(request, server, head_size=size)
         deadline_ms = int((time.time() + self.config.request_timeout_secs) * 1000)
