@@ -16,6 +16,13 @@ plus five kept errors of at most 300 characters (metrics.py), so at most about
 dropped at the next sample), so 1000 configured servers cost about 31 MB.
 Nothing is sampled while the dashboard is off.
 
+In a cluster (`redis_url`) each worker samples its own counters: the
+traffic, open connections and errors on the page are those of the worker
+that answered the page, and the page says so (pages.py); online, since when
+and last seen are the cluster's (describe_servers asks Redis, one round trip
+per sample and per view). Summing every worker's rings would take a call to
+every node per view; /metrics gives cluster totals (cluster/metrics.py).
+
 Pure apart from `run` (gevent.sleep): the sampling and rate math take
 clocks as arguments, so tests/unit/test_dashboard.py drives them directly.
 """
@@ -30,6 +37,7 @@ from dataclasses import dataclass, field
 
 import gevent
 
+from ptth_lib.errors import ServiceUnavailableError
 from ptth_lib.relay.forwarding import PortForwarding
 from ptth_lib.relay.metrics import ErrorAnswer, RelayMetrics
 from ptth_lib.relay.rendezvous import Rendezvous
@@ -130,11 +138,15 @@ class Dashboard:
         for name in [n for n in self.histories if n not in servers]:
             del self.histories[name]
         self._metrics.forget_removed()
-        for name, state in servers.items():
+        try:
+            described = self._described()
+        except ServiceUnavailableError:
+            described = {}  # a cluster's Redis is away: online or not is unknown, the counters are here
+        for name in servers:
             history = self.histories.get(name)
             if history is None:
                 history = self.histories[name] = History()
-            online = state.is_online()
+            online = bool(described[name]["online"]) if name in described else history.online
             if online != history.online:
                 history.online, history.since_wall = online, wall
             counters = self._metrics.for_server(name)
@@ -148,18 +160,20 @@ class Dashboard:
             if conn.accepted is not None:
                 open_by_server[conn.server] = open_by_server.get(conn.server, 0) + 1
         rows = []
+        described = self._described()
         for name in sorted(self._rv.servers):
             state = self._rv.servers[name]
             history = self.histories.get(name) or History()
             recent = [r for r in rates(history.samples) if now - r.at <= WINDOW_SECS]
             counters = self._metrics.servers.get(name)
-            described = state.describe()
+            entry = described.get(name) or state.describe()
+            online = bool(entry["online"])
             rows.append(ServerView(
                 name=name,
                 display_name=state.registered.display_name,
-                online=state.is_online(),
-                since_wall=history.since_wall if history.online == state.is_online() else None,
-                last_seen=described["last_seen"],  # type: ignore[arg-type]
+                online=online,
+                since_wall=history.since_wall if history.online == online else None,
+                last_seen=entry["last_seen"],  # type: ignore[arg-type]
                 version=state.version,
                 rates=recent,
                 now=recent[-1] if recent else None,
@@ -167,6 +181,10 @@ class Dashboard:
                 errors=list(reversed(counters.errors)) if counters is not None else [],
             ))
         return rows
+
+    def _described(self) -> dict[str, dict[str, object]]:
+        """Every server as the server list shows it (in a cluster, as the whole cluster sees it), by name."""
+        return {str(entry["name"]): entry for entry in self._rv.describe_servers()}
 
 
 # ---- numbers for people ---------------------------------------------------------

@@ -7,6 +7,11 @@
 - for those who log in to it ([dashboard] in the relay config): the live
   `/frontend/dashboard` (dashboard.py); 404 while it is off.
 
+In a cluster (`redis_url`) the operators' pages are the whole cluster's,
+whichever worker answers: the audit log's last entries and the unregistered
+servers come from Redis, and /metrics gathers every node's (cluster/ops.py);
+the dashboard's traffic figures are the answering worker's own (it says so).
+
 Pages are templates on the shared look (views.py, templates/), autoescaped.
 Every answer the relay makes itself through Flask gets the strict headers of
 `trust.RELAY_PAGE_HEADERS` (`add_page_headers`), and an error line becomes a
@@ -20,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, jsonify, request
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ptth_lib.relay import chart, trust, views
@@ -87,9 +93,13 @@ def register(app: Flask, relay: Relay) -> None:
             return refused
         if not relay.audit.enabled:
             return text(404, "the audit log is off: set audit_log in the relay config")
-        entries = [{"cells": [str(entry.get(col) or "") for col in _AUDIT_COLUMNS],
-                    "details": _audit_details(entry)} for entry in reversed(relay.audit.recent)]
-        return views.render("audit.html", columns=_AUDIT_COLUMNS, entries=entries)
+        columns: tuple[str, ...] = _AUDIT_COLUMNS
+        recent = list(relay.audit.recent)
+        if relay.cluster_ops is not None:  # the cluster's entries, each with the worker that recorded it
+            columns, recent = _AUDIT_COLUMNS + ("node",), relay.cluster_ops.recent_audit()
+        entries = [{"cells": [str(entry.get(col) or "") for col in columns],
+                    "details": _audit_details(entry, columns)} for entry in reversed(recent)]
+        return views.render("audit.html", columns=columns, entries=entries)
 
     @app.get(DASHBOARD_PATH)
     def _dashboard() -> Response:
@@ -112,6 +122,9 @@ def register(app: Flask, relay: Relay) -> None:
             return text(404, "metrics are off: set metrics = true in the relay config")
         if refused := operators_only():
             return refused
+        if relay.cluster_ops is not None:
+            return Response(relay.cluster_ops.metrics(sorted(relay.rendezvous.servers)),
+                            content_type=CONTENT_TYPE_LATEST)
         body, content_type = relay.metrics.render()
         return Response(body, content_type=content_type)
 
@@ -153,13 +166,16 @@ def add_page_headers(resp: Response) -> Response:
     return resp
 
 
-def _audit_details(entry: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in entry.items() if k not in _AUDIT_COLUMNS and v is not None)
+def _audit_details(entry: dict[str, Any], columns: tuple[str, ...]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in entry.items() if k not in columns and v is not None)
 
 
 def _unregistered_rows(relay: Relay) -> list[dict[str, str]]:
-    """The unregistered names and tripcodes servers offered, newest first."""
-    entries = sorted(relay.rendezvous.unregistered.items(), key=lambda kv: -kv[1])
+    """The unregistered names and tripcodes servers offered (to any worker of a cluster), newest first."""
+    if relay.cluster_ops is not None:
+        entries = [((u.name, u.tripcode, u.address), u.last_seen) for u in relay.cluster_ops.unregistered()]
+    else:
+        entries = sorted(relay.rendezvous.unregistered.items(), key=lambda kv: -kv[1])
     return [{"name": name, "tripcode": code, "address": address, "seen": format_rfc3339(seen)}
             for (name, code, address), seen in entries]
 
@@ -170,6 +186,8 @@ def _dashboard_context(relay: Relay) -> dict[str, Any]:
     rows = relay.dashboard.view(now)
     servers = [_server_card(row, now, wall) for row in rows]
     return {
+        # In a cluster the traffic figures are the answering worker's own (dashboard.py).
+        "worker": relay.node.label if relay.node is not None else None,
         "refresh_secs": DASHBOARD_REFRESH_SECS,
         "window_min": int(WINDOW_SECS // 60),
         "updated": time.strftime("%H:%M:%S", time.gmtime(wall)),

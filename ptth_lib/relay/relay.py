@@ -92,6 +92,7 @@ from ptth_lib.wsgi import (
 
 if TYPE_CHECKING:
     from ptth_lib.relay.cluster.node import Node
+    from ptth_lib.relay.cluster.ops import ClusterOps
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,11 @@ class Relay:
             self.rendezvous = Rendezvous(config, on_event=self.audit.record)
         self.forwarding = PortForwarding(config, on_closed=self._forwarded_connection_closed)
         self.metrics = RelayMetrics(self.rendezvous, self.forwarding)
+        # Cluster mode: the audit page, /metrics and the config version for the whole cluster.
+        self.cluster_ops: ClusterOps | None = None
+        if self.node is not None:
+            from ptth_lib.relay.cluster.ops import ClusterOps
+            self.cluster_ops = ClusterOps(self.node, self.metrics, self.audit)
         self.dashboard = Dashboard(self.rendezvous, self.metrics, self.forwarding)
         self.watcher = (ConfigWatcher(config_path, self.reconfigure, self._config_reload_reported)
                         if config_path is not None else None)
@@ -172,6 +178,8 @@ class Relay:
             greenlets.append(gevent.spawn(self.watcher.run))
         if self.node is not None:
             greenlets.extend(self.node.start())
+        if self.cluster_ops is not None:
+            greenlets.extend(self.cluster_ops.start())
         return greenlets
 
     def close(self) -> None:
@@ -190,6 +198,8 @@ class Relay:
         self.audit.set_path(config.audit_log)
         self.rendezvous.reconfigure(config)
         self.forwarding.reconfigure(config)
+        if self.cluster_ops is not None:
+            self.cluster_ops.reconfigured(config)
 
     def reload_config(self) -> bool:
         """Read the config file now (SIGHUP); False if there is none or it was rejected."""

@@ -14,6 +14,12 @@ valid key always works, even from a limited address: keys are long random
 strings that no rate of guessing finds, and one attacker must not lock out
 everyone behind the same NAT. Each refusal
 says which check failed, never echoing the key.
+
+In a cluster (`redis_url`) the window is the cluster's, kept in Redis
+(`SharedFailures`): wrong keys spread over many workers and hosts are counted
+together, with the same numbers. The key is still checked first and in the
+worker, so a valid key never waits for Redis; only a failure costs a round
+trip (and gets 503 while Redis cannot be reached).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import hmac
 import time
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.wrappers import Response as WerkzeugResponse
@@ -34,6 +40,7 @@ from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import API_KEY_HEADER
 
 if TYPE_CHECKING:
+    from ptth_lib.relay.cluster.store import Store
     from ptth_lib.relay.relay import Relay
 
 # Failed attempts allowed per client address within one window, then 429.
@@ -66,8 +73,16 @@ def find_key(keys: tuple[ScraperKey, ...], api_key: str | None, now: datetime) -
     return found
 
 
+class Failures(Protocol):
+    """Where failed attempts are counted: this process (FailureLimiter) or the cluster (SharedFailures)."""
+
+    def failed(self, address: str, now: float) -> float:
+        """A failed attempt from `address`: seconds to wait if it is limited already (not counted), else 0."""
+        ...
+
+
 class FailureLimiter:
-    """Counts failed attempts per client address in fixed windows."""
+    """Counts failed attempts per client address in fixed windows, in this process."""
 
     def __init__(self) -> None:
         self._windows: dict[str, tuple[float, int]] = {}  # address -> (window start, failures)
@@ -87,6 +102,24 @@ class FailureLimiter:
         if len(self._windows) >= MAX_TRACKED_ADDRESSES:
             del self._windows[next(iter(self._windows))]
         self._windows[address] = (start, failures + 1)
+
+    def failed(self, address: str, now: float) -> float:
+        wait = self.retry_after(address, now)
+        if wait <= 0:
+            self.fail(address, now)
+        return wait
+
+
+class SharedFailures:
+    """The same fixed windows for a whole cluster, counted in Redis (one round trip per failure)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def failed(self, address: str, now: float) -> float:
+        """As FailureLimiter.failed; ClusterUnavailableError (503) while Redis cannot be reached."""
+        result = self._store.scraper_failed(address, MAX_FAILURES_PER_WINDOW, FAILURE_WINDOW_SECS)
+        return result.retry_after_secs if result.limited else 0.0
 
 
 def new_key_snippet(name: str, days: int = DEFAULT_KEY_DAYS) -> tuple[str, str]:
@@ -108,7 +141,7 @@ def register(app: Flask, relay: Relay) -> None:
     Relayed requests go through `relay.scraper_request`, exactly as the
     frontend's; every key check is counted in the metrics and the audit log.
     """
-    limiter = FailureLimiter()
+    limiter: Failures = SharedFailures(relay.node.store) if relay.node is not None else FailureLimiter()
 
     def checked(outcome: str, address: str, detail: str) -> None:
         if outcome == "rejected":
@@ -128,13 +161,12 @@ def register(app: Flask, relay: Relay) -> None:
         except ScraperAuthError as e:
             # The key is checked first, so a valid key works even from an address
             # being limited (behind NAT or a proxy, many people share one).
-            wait = limiter.retry_after(address, now)
+            wait = limiter.failed(address, now)
             if wait > 0:
                 checked("rejected", address, "rate_limited")
                 resp = text(429, "too many failed scraper key attempts from your address; try again later")
                 resp.headers["Retry-After"] = str(int(wait) + 1)
                 return resp
-            limiter.fail(address, now)
             checked("rejected", address, e.reason)
             return text(e.status, str(e))
         checked("used", address, key.name)

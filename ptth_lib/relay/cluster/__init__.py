@@ -22,6 +22,9 @@ Modules:
 - `node.py`: this worker's id, heartbeat, table of peers and inbox
   dispatcher; it carries a response POST to the node holding its client.
 - `peering.py`: the peer links that carry bodies between nodes.
+- `ops.py` and `metrics.py`: the operators' side (CLUSTER.md section 5): the
+  audit log's shared page, /metrics for every node in one scrape, the config
+  each node runs.
 
 `build(config)` makes the three for a relay with `redis_url`. What the
 cluster does not do yet is listed in rendezvous.py's docstring.
@@ -29,11 +32,11 @@ cluster does not do yet is listed in rendezvous.py's docstring.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 
 from ptth_lib.config import RelayConfig
 from ptth_lib.relay.cluster.node import Node
+from ptth_lib.relay.cluster.ops import config_hash
 from ptth_lib.relay.cluster.rendezvous import ClusterRendezvous
 from ptth_lib.relay.cluster.store import Store
 
@@ -46,7 +49,7 @@ def build(config: RelayConfig, on_event: Callable[..., None]) -> tuple[Node, Clu
     """
     assert config.redis_url is not None
     store = Store.from_url(config.redis_url)
-    node = Node(store, config.peer_bind, hashlib.sha256(repr(config).encode()).hexdigest())
+    node = Node(store, config.peer_bind, config_hash(config))
     rendezvous = ClusterRendezvous(config, store, node.id, on_event=on_event)
     node.attach(rendezvous)
     return node, rendezvous

@@ -87,6 +87,7 @@ class Node:
         self.calls: dict[str, Callable[[dict[str, Any], PeerLink], None]] = {"respond": self._serve_response}
         self.peers: PeerServer | None = None
         self.table: dict[str, str] = {}  # node id -> peer address, refreshed by the heartbeat
+        self.live: list[NodeInfo] = []  # the live nodes as last read, config hashes included (cluster/ops.py)
         self.label = ""
         self._relabel()
 
@@ -162,7 +163,8 @@ class Node:
     # ---- the greenlets -------------------------------------------------------------
 
     def _refresh_table(self) -> None:
-        self.table = {n.node: n.peer for n in self.store.live_nodes() if n.peer}
+        self.live = self.store.live_nodes()
+        self.table = {n.node: n.peer for n in self.live if n.peer}
 
     def _heartbeat(self) -> None:
         while True:

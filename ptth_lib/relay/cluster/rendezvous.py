@@ -71,6 +71,7 @@ from ptth_lib.relay.rendezvous import (
     format_rfc3339,
 )
 from ptth_lib.relay.shares import MAX_WAITING_PER_ADDRESS, TURN_WAIT_SECS
+from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import (
     MAX_REQUEST_HEAD_BYTES,
     RelayRequest,
@@ -284,6 +285,16 @@ class ClusterRendezvous(Rendezvous):
         """A process of this server is stopping: every node ends its listens parked for it (LEAVE)."""
         super().leave(server)
         self.store.leave(server.registered.name)
+
+    def _remember_unregistered(self, name: str, api_key: str, address: str) -> None:
+        """An unknown server was refused here: remember it for every node's pages (one round trip).
+
+        Redis unreachable: the server still gets its 403, and store.py logs the outage once.
+        """
+        try:
+            self.store.remember_unregistered(name[:64], tripcode.derive(api_key), address[:64])
+        except ClusterUnavailableError:
+            pass
 
     def end_listens(self, name: str) -> None:
         """End this node's parked listens of server `name` (204): it left, or Redis lost them."""

@@ -777,6 +777,18 @@ class Store:
                                                                              RECENT_ENTRIES - 1)))
         return [json.loads(line) for line in reversed(lines)]
 
+    def waiting_counts(self, servers: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """Per server: listens parked and request heads queued, cluster-wide (one round trip, for /metrics)."""
+        def run() -> list[int]:
+            pipe = self._client.pipeline(transaction=False)
+            for server in servers:
+                pipe.llen(self._key(f"parked:{server}"))
+                pipe.llen(self._key(f"q:{server}"))
+            answers: list[int] = pipe.execute()
+            return answers
+        counts = self._call(run) if servers else []
+        return {server: (int(counts[2 * i]), int(counts[2 * i + 1])) for i, server in enumerate(servers)}
+
     # ---- TCP forwarding (CLUSTER.md section 4) ----
 
     def tcp_connect(self, server: str, port: str, connection_id: str, client: str) -> TcpConnectResult:
