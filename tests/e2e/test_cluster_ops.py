@@ -15,6 +15,7 @@ import shutil
 import signal
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,10 @@ from conftest import Cluster, Relay, new_key, tripcode_of, wait_until
 from procs import relay_config
 from prometheus_client.parser import text_string_to_metric_families
 from redis_harness import RedisServer, start_redis
+from werkzeug.security import generate_password_hash
 
 from ptth_lib.relay.cluster.store import NODE_ID_CHARS
+from ptth_lib.wire.envelope import WAIT_HEADER
 
 pytestmark = [pytest.mark.process,
               pytest.mark.skipif(shutil.which("redis-server") is None,
@@ -48,14 +51,16 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.kill()
 
 
-def cluster_extra(redis: RedisServer, extra: str = "") -> str:
+def cluster_extra(redis: RedisServer, extra: str = "", listen_secs: int = 2) -> str:
     # Each worker takes the first free port of the range: 40 ports leave room for other tests.
-    return f'redis_url = "{redis.url}"\npeer_bind = "127.0.0.1:42080-42119"\nlisten_timeout_secs = 2\n{extra}'
+    return (f'redis_url = "{redis.url}"\npeer_bind = "127.0.0.1:42080-42119"\nlisten_timeout_secs = {listen_secs}\n'
+            + extra)
 
 
 def start_cluster(cluster: Cluster, redis: RedisServer, servers: dict[str, str], extra: str = "",
-                  workers: int = WORKERS) -> Relay:
-    relay = cluster.relay(servers, extra=cluster_extra(redis, extra), gunicorn_args=["-w", str(workers)])
+                  workers: int = WORKERS, listen_secs: int = 2) -> Relay:
+    relay = cluster.relay(servers, extra=cluster_extra(redis, extra, listen_secs),
+                          gunicorn_args=["-w", str(workers)])
     relay.proc.wait_for_output(r"(?s)(relay node \S+ up.*){" + str(workers) + "}")
     return relay
 
@@ -227,6 +232,30 @@ def test_one_scrape_shows_every_worker(redis_server: RedisServer, cluster: Clust
         for kind in ("HELP", "TYPE"):
             lines = Counter(line.split()[2] for line in text.splitlines() if line.startswith(f"# {kind} "))
             assert lines and max(lines.values()) == 1, lines
+
+
+def test_every_worker_s_dashboard_shows_the_cluster_s_online_servers(redis_server: RedisServer,
+                                                                     cluster: Cluster) -> None:
+    """One listen parked on one worker: every worker's dashboard shows its server online, and whose figures it has."""
+    alpha_key = new_key("alpha")
+    login = generate_password_hash("dashboard-password", method="pbkdf2:sha256:1000")
+    relay = start_cluster(cluster, redis_server, {"alpha": alpha_key, "beta": new_key("beta")},
+                          f'[dashboard]\nenabled = true\nbasic_auth = ["admin:{login}"]\n', listen_secs=60)
+    with ThreadPoolExecutor(1) as pool:
+        parked = pool.submit(requests.get, relay.url + LISTEN_PATH.format(name="alpha"), timeout=60,
+                             headers={"X-ApiKey": alpha_key, WAIT_HEADER: "8"})
+        wait_until(lambda: requests.get(relay.url + "/frontend/servers/", headers={"Accept": "application/json"},
+                                        timeout=5).json()[0]["online"], "alpha online", relay.proc, 10)
+        workers = set()
+        for _ in range(8):
+            r = requests.get(relay.url + "/frontend/dashboard", auth=("admin", "dashboard-password"), timeout=10)
+            assert r.status_code == 200, r.text
+            cards = {name: state for state, name in
+                     re.findall(r'<article class="card server (\S+)" data-server="(\w+)">', r.text)}
+            assert cards == {"alpha": "is-online", "beta": "is-offline"}, cards
+            workers |= set(re.findall(r'id="worker-scope">.*?<code>([^<]+)</code>', r.text))
+        assert len(workers) >= 2, workers
+        assert parked.result().status_code == 204
 
 
 # ---- hot reload ------------------------------------------------------------------
