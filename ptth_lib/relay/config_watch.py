@@ -5,6 +5,12 @@ couple of seconds (an editor that saves by renaming changes the inode), and
 `python ptth_relay.py` also reloads on SIGHUP. Under gunicorn, SIGHUP goes to
 the master, which restarts the worker and with it the relay's state: save the
 file instead.
+
+In a cluster every worker runs its own watcher on its host's file, and the
+relay tells its node the config it now runs (Relay.reconfigure): the node
+publishes the config's hash with its heartbeat, so a worker or host left
+behind shows in /metrics and in one warning (cluster/ops.py). Each worker
+audits its own reloads.
 """
 
 from __future__ import annotations

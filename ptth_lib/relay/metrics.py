@@ -4,7 +4,10 @@ Counters and the duration histogram are updated by the relay (relay.py) as
 requests finish; gauges of the current state (servers, parked listens, requests in
 flight in the rendezvous) are read from the rendezvous at scrape time, so
 they cannot drift. The registry belongs to one app: under gunicorn that is
-the one gevent worker, whose memory holds the state being reported.
+the one gevent worker, whose memory holds the state being reported. In a
+cluster each worker (node) keeps its own registry, and /metrics on any of
+them shows every node's, each series labelled with its node
+(cluster/metrics.py); this module does not change for it.
 
 Per server (`ServerCounters`): client requests answered, response bytes sent
 to clients (live: a response still streaming counts what it has sent so far)
