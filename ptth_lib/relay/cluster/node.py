@@ -118,15 +118,29 @@ class Node:
         rendezvous.joined = self.joined
 
     def start(self) -> list[gevent.Greenlet]:
-        """Join the cluster (now, or once Redis answers), then run the heartbeat, the dispatcher and the ticks."""
-        return [gevent.spawn(self._live)]
+        """Join the cluster, then run the heartbeat, the dispatcher and the ticks.
+
+        A worker joins before it serves its first request when Redis answers
+        (a worker recycled by max_requests then never answers 503); while
+        Redis cannot be reached, it answers 503 and joins as soon as it can.
+        """
+        try:
+            self._open(self._register())
+        except ClusterUnavailableError:
+            return [gevent.spawn(self._live)]
+        return [gevent.spawn(self._run)]
 
     def _live(self) -> None:
-        secret = self._join()
-        self.peers = PeerServer(self._peer_bind, secret, self.calls)
-        self.peers.start()
-        self.peer_address = self.peers.address
-        self.pool = PeerPool(secret)
+        self._open(self._join())
+        self._run()
+
+    def _open(self, secret: bytes) -> None:
+        """Listen for peers and publish where; then this node is in the cluster."""
+        if self.peers is None:
+            self.peers = PeerServer(self._peer_bind, secret, self.calls)
+            self.peers.start()
+            self.peer_address = self.peers.address
+            self.pool = PeerPool(secret)
         while True:
             try:
                 self.store.heartbeat(self.info(), self.epoch)  # publishes the peer address
@@ -137,6 +151,8 @@ class Node:
         self.joined.set()
         logger.info("relay node %s up, peer links on %s, %d nodes in the cluster", self.label,
                     self.peer_address, len(self.table))
+
+    def _run(self) -> None:
         gevent.joinall([gevent.spawn(self._heartbeat), gevent.spawn(self._dispatch), gevent.spawn(self._ticks)])
 
     def _join(self) -> bytes:
@@ -148,16 +164,16 @@ class Node:
                 gevent.sleep(RETRY_SECS)
 
     def close(self) -> None:
-        """This node is stopping: it is no longer alive for the others."""
-        if self.peers is not None:
-            self.peers.close()
-        if self.pool is not None:
-            self.pool.close()
-        if self.joined.is_set():
-            try:
-                self.store.deregister(self.id)
-            except ClusterUnavailableError:
-                pass
+        """This worker starts to stop (gunicorn's graceful stop: SIGTERM, or max_requests).
+
+        Nothing to undo here: the rendezvous has ended this node's parked
+        listens, so no new request comes to it. Its peer listener, heartbeat
+        and dispatcher go on while the process lives, because its own clients
+        still wait for their answers, which other nodes carry here; a head
+        still arriving in its inbox is offered again. When the process has
+        exited, its registration expires (NODE_TTL_SECS) and the sweeper
+        cleans up after it.
+        """
 
     # ---- the greenlets -------------------------------------------------------------
 
