@@ -19,11 +19,14 @@ single-process code, inherited. A request ends with a SETTLE, which frees its
 place in Redis's counts; the node batches the settles of many requests into
 one round trip (`_settle_ended`).
 
-What the cluster does not do yet (CLUSTER.md sections 2, 4 and 5):
+Request bodies and WebSockets need a server that announced them (OFFER's
+"no feature": 501, as in one process); their streams are carried to this
+node by cluster/streams.py.
+
+What the cluster does not do yet (CLUSTER.md sections 2 and 5):
 acknowledged delivery across nodes (a listen's answer lost on the way is not
 taken back: the client gets 504), fair shares across nodes (each node keeps
-its own, so a client may have `requests_per_address` in flight per worker),
-request bodies, WebSocket and TCP forwarding (501).
+its own, so a client may have `requests_per_address` in flight per worker).
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ from ptth_lib.relay.rendezvous import (
     format_rfc3339,
 )
 from ptth_lib.wire.envelope import (
+    FEATURE_BODIES,
+    FEATURE_WEBSOCKET,
     MAX_REQUEST_HEAD_BYTES,
     RelayRequest,
     ServerResponseHead,
@@ -255,21 +260,18 @@ class ClusterRendezvous(Rendezvous):
         server = self.servers.get(name)
         if server is None:
             raise UnknownServerError(f"no server named {name!r} is registered at this relay")
-        if body is not None or upgrade is not None:
-            what = "request bodies" if body is not None else "WebSocket connections"
-            raise HttpError(f"this relay runs as a cluster, which does not carry {what} yet", status=501)
         size = head_size(method, uri, headers)
         if size > MAX_REQUEST_HEAD_BYTES:
             raise RequestHeadTooLargeError(f"request head of {size} bytes is over the relay's limit of "
                                            f"{MAX_REQUEST_HEAD_BYTES}")
         share = self.shares.take((name, client)) if client else None
-        request = RelayRequest(self.new_id(), method, uri, headers)
+        request = RelayRequest(self.new_id(), method, uri, headers, body, upgrade)
         p = PendingRequest(request, server, head_size=size, share=share)
         deadline_ms = int((time.time() + self.config.request_timeout_secs) * 1000)
         head = QueuedHead(request.id, encode_request_item(request), deadline_ms)
         self.pending[request.id] = p
         try:
-            offered = self.store.offer(name, head)
+            offered = self.store.offer(name, head, needs=_needs(body, upgrade))
         except BaseException:
             self.forget(p)
             raise
@@ -281,6 +283,10 @@ class ClusterRendezvous(Rendezvous):
             raise BadGatewayError(f"server {name!r} is offline (not connected to the relay)")
         if offered.outcome == "full":
             raise QueueFullError(f"server {name!r} has too many requests waiting; try again later")
+        if offered.outcome == "no feature":
+            what = "request bodies" if offered.feature == FEATURE_BODIES else "WebSocket connections"
+            raise HttpError(f"server {name!r} does not take {what} (it did not announce '{offered.feature}')",
+                            status=501)
         raise HttpError(f"server {name!r} cannot take this request ({offered.outcome})", status=501)
 
     def forget(self, p: PendingRequest) -> None:
@@ -329,3 +335,8 @@ class ClusterRendezvous(Rendezvous):
             self.forget(p)
             raise
         return p.head
+
+
+def _needs(body: int | None, upgrade: str | None) -> tuple[str, ...]:
+    """The features a server must have announced to take a request: OFFER answers "no feature" else (501)."""
+    return ((FEATURE_BODIES,) if body is not None else ()) + ((FEATURE_WEBSOCKET,) if upgrade is not None else ())
