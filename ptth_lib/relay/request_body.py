@@ -47,6 +47,13 @@ PIECE_BYTES = 256 * 1024
 # looked at for a hang-up (a poll of one socket: cheap).
 HANGUP_CHECK_SECS = 1.0
 
+# In a cluster, the client's greenlet attaches the body to its request when its
+# OFFER's answer is read; under load a server's body GET may come a moment
+# before (cluster/rendezvous.py). It waits this long for it, looking this often.
+# (In one process the body is attached before any listen can take the request.)
+ATTACH_WAIT_SECS = 1.0
+ATTACH_POLL_SECS = 0.01
+
 # After an answer given without reading the body, how long the relay reads
 # and drops what the client still sends before closing, so that the close
 # does not reset the connection under the answer (wsgi.close_after_answer).
@@ -173,6 +180,9 @@ def body_source(rv: Rendezvous, fw: PortForwarding, request_id: str, key_matches
             raise UnknownRequestError(f"request {request_id[:64]!r} was not switched to a WebSocket")
         tunnel: ForwardedConnection = p.tunnel
         return tunnel
+    deadline = time.monotonic() + ATTACH_WAIT_SECS
+    while p.upload is None and p.request.body is not None and time.monotonic() < deadline:
+        gevent.sleep(ATTACH_POLL_SECS)
     upload = p.upload
     if not isinstance(upload, Upload) or not upload.start():
         raise UnknownRequestError(f"request {request_id[:64]!r} has no body to fetch (none, or fetched already)")

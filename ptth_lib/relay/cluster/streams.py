@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -64,11 +63,6 @@ if TYPE_CHECKING:
     from ptth_lib.relay.cluster.node import Node
 
 logger = logging.getLogger(__name__)
-
-# A body GET that reaches the owner before the client's greenlet has attached the
-# body to its request (the OFFER's answer not yet read, under load) waits this long.
-ATTACH_WAIT_SECS = 1.0
-_ATTACH_POLL_SECS = 0.01
 
 OnForbidden = Callable[[str], None]
 
@@ -273,7 +267,6 @@ class Streams:
         """A server's body GET: the request's body (fetched from its client here), or a WebSocket's bytes."""
         rid, code = str(head.get("id", "")), str(head.get("tripcode", ""))
         try:
-            self._wait_for_upload(rid)
             source = body_source(self.rv, self.fw, rid, lambda registered: hmac.compare_digest(code, registered),
                                  self.rv.config.request_timeout_secs)
             if isinstance(source, ForwardedConnection):
@@ -290,14 +283,6 @@ class Streams:
             link.abort()
             return True
         _serve_download(link, fetch(self.rv, p, upload, cut), lambda: None)
-
-    def _wait_for_upload(self, request_id: str) -> None:
-        """The client's greenlet attaches the body when its OFFER returns; a GET may come a moment before."""
-        p = self.rv.pending.get(request_id)
-        deadline = time.monotonic() + ATTACH_WAIT_SECS
-        while (p is not None and p.request.body is not None and p.upload is None
-               and time.monotonic() < deadline):
-            gevent.sleep(_ATTACH_POLL_SECS)
 
     def serve_tcp_accept(self, head: dict[str, Any], link: PeerLink) -> None:
         """A server accepts a connection held here: its answer's body is the client's bytes."""
