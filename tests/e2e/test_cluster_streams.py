@@ -19,12 +19,17 @@ import re
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+from urllib.parse import urlsplit
 
 import pytest
 import requests
-from conftest import Cluster, Proc, Relay, Server, new_key, tripcode_of
+from conftest import Cluster, Proc, Relay, Server, new_key, tripcode_of, wait_until
+from procs import children
 from redis_harness import start_redis
 from tcp_peers import DigestServer, EchoServer, recv_all, recv_exactly, unused_port_socket
 
@@ -96,18 +101,52 @@ def tunnel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterTunnel]:
 def until_crossed(tunnel: ClusterTunnel, kinds: set[str], ids: Callable[[], set[str]] | None,
                   one_round: Callable[[int], None]) -> None:
     """Run `one_round(i)` until a stream of each of `kinds` (of one of `ids()`, if given) was carried
-    to another worker."""
+    to another worker during these rounds."""
+    earlier = len(tunnel.forwarded())
     for i in range(MAX_ROUNDS):
         one_round(i)
         wanted = ids() if ids is not None else None
-        crossed = {kind for kind, owned, owner in tunnel.forwarded() if wanted is None or owned in wanted}
-        for kind, owned, owner in tunnel.forwarded():
+        forwarded = tunnel.forwarded()[earlier:]
+        for kind, owned, owner in forwarded:
             assert owned.startswith(owner) and len(owner) == NODE_ID_CHARS, (kind, owned, owner)
+        crossed = {kind for kind, owned, _ in forwarded if wanted is None or owned in wanted}
         if kinds <= crossed:
             break
     else:
         pytest.fail(f"after {MAX_ROUNDS} rounds, streams of {sorted(kinds - crossed)} never crossed workers")
     assert "Traceback" not in tunnel.relay.proc.output()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+class PeakMemory:
+    """The largest growth of any relay worker's resident memory while the block runs, in KiB."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.workers = children(relay.proc.pid)
+        assert len(self.workers) == WORKERS, self.workers
+        self.before = {pid: rss_kib(pid) for pid in self.workers}
+        self.growth = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.05):
+            for pid in self.workers:
+                self.growth = max(self.growth, rss_kib(pid) - self.before[pid])
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def request_ids(tunnel: ClusterTunnel, what: str) -> set[str]:
@@ -129,6 +168,50 @@ def test_a_5_mib_upload_reaches_the_app_whole_when_its_body_get_lands_on_another
         assert r.json() == {"sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}
 
     until_crossed(tunnel, {"body"}, lambda: request_ids(tunnel, "POST /upload"), one_round)
+
+
+def test_a_64_mib_upload_crossing_workers_keeps_every_worker_s_memory_bounded(tunnel: ClusterTunnel) -> None:
+    """Backpressure end to end: the client's upload waits for the app; no worker holds the body."""
+    total = 64 * 1024 * 1024
+    block = os.urandom(1024 * 1024)
+
+    def pieces() -> Iterator[bytes]:
+        for k in range(64):
+            yield block[k:] + block[:k]
+
+    digest = hashlib.sha256(b"".join(pieces())).hexdigest()
+
+    def one_round(i: int) -> None:
+        with PeakMemory(tunnel.relay) as peak:
+            r = requests.post(f"{tunnel.base}/upload", data=pieces(), timeout=TIMEOUT_SECS * 2,
+                              headers={"Content-Type": "application/octet-stream", "Connection": "close"})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"sha256": digest, "bytes": total}
+        assert peak.growth < 16 * 1024, f"a relay worker grew by {peak.growth // 1024} MiB for a 64 MiB upload"
+
+    until_crossed(tunnel, {"body"}, None, one_round)
+
+
+def test_a_client_cut_mid_upload_is_an_incomplete_body_at_the_app_across_workers(tunnel: ClusterTunnel) -> None:
+    """The owner sees the client's upload break off and cuts the body GET on the other worker: the app's
+    read fails, never a short success."""
+    parts = urlsplit(tunnel.base)
+    total = 8 * 1024 * 1024
+
+    def one_round(i: int) -> None:
+        before = len(requests.get(f"{tunnel.base}/uploads", timeout=TIMEOUT_SECS).json())
+        with socket.create_connection((parts.hostname or "", parts.port or 80), timeout=TIMEOUT_SECS) as sock:
+            sock.sendall(f"POST {parts.path}/upload HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                         f"Content-Length: {total}\r\nContent-Type: application/octet-stream\r\n\r\n".encode())
+            sock.sendall(os.urandom(total // 2))
+            time.sleep(1.0)  # the half sent reaches the app before the cut (as in one process's test)
+        outcomes: list[list[dict[str, object]]] = []
+        wait_until(lambda: outcomes.append(requests.get(f"{tunnel.base}/uploads", timeout=TIMEOUT_SECS).json())
+                   or len(outcomes[-1]) > before, "the app to see the upload end")
+        outcome = outcomes[-1][-1]
+        assert outcome["complete"] is False and int(outcome["bytes"]) < total, outcome  # type: ignore[call-overload]
+
+    until_crossed(tunnel, {"body"}, None, one_round)
 
 
 # ---- WebSocket --------------------------------------------------------------------------
