@@ -236,6 +236,8 @@ class ClusterForwarding(PortForwarding):
             return self.taken(conn_id)
         try:
             link = self.node.owner_link(conn_id, {"kind": "tcp_taken", "id": conn_id})
+        except ClusterUnavailableError:
+            return False  # the node table cannot be read now; the connect times out (504)
         except PeerCutError as e:
             logger.warning("cannot reach relay node %s for connection %s: %s", conn_id[:NODE_ID_CHARS],
                            conn_id[:16], e)

@@ -47,7 +47,7 @@ from werkzeug.wrappers import Request, Response
 
 from ptth_lib.errors import ForbiddenError, HttpError
 from ptth_lib.relay.cluster.peering import PeerCutError, PeerLink
-from ptth_lib.relay.cluster.store import NODE_ID_CHARS
+from ptth_lib.relay.cluster.store import NODE_ID_CHARS, ClusterUnavailableError
 from ptth_lib.relay.delivery import RELAY_CHUNK_BYTES, refuse
 from ptth_lib.relay.forward_api import STREAM_HEADERS, pump_in, pump_out
 from ptth_lib.relay.forwarding import ForwardedConnection, Pipe, PortForwarding
@@ -195,6 +195,8 @@ def _open(node: Node, owned_id: str, head: dict[str, Any], req: Request | None =
 
     try:
         link = node.owner_link(owned_id, head)
+    except ClusterUnavailableError as e:  # this node cannot reach Redis, or is not in the cluster yet
+        return answer(e.status, str(e))
     except PeerCutError as e:
         logger.warning("cannot reach relay node %s for %s %s: %s", owned_id[:NODE_ID_CHARS], head.get("kind"),
                        owned_id[:64], e)
