@@ -22,8 +22,12 @@ Modules:
 - `node.py`: this worker's id, heartbeat, table of peers and inbox
   dispatcher; it carries a response POST to the node holding its client.
 - `peering.py`: the peer links that carry bodies between nodes.
+- `streams.py`: request bodies, WebSockets and forwarded connections'
+  streams carried to the node that holds their client.
+- `forwarding.py`: `ClusterForwarding`, TCP port forwarding with its connects
+  and listens meeting through Redis (the TCP scripts).
 
-`build(config)` makes the three for a relay with `redis_url`. What the
+`build(config)` makes the node, rendezvous and forwarding for a relay with `redis_url`. What the
 cluster does not do yet is listed in rendezvous.py's docstring.
 """
 
@@ -33,20 +37,32 @@ import hashlib
 from collections.abc import Callable
 
 from ptth_lib.config import RelayConfig
+from ptth_lib.relay.cluster.forwarding import ClusterForwarding
 from ptth_lib.relay.cluster.node import Node
 from ptth_lib.relay.cluster.rendezvous import ClusterRendezvous
 from ptth_lib.relay.cluster.store import Store
+from ptth_lib.relay.cluster.streams import Streams
+from ptth_lib.relay.forwarding import ForwardedConnection
 
 
-def build(config: RelayConfig, on_event: Callable[..., None]) -> tuple[Node, ClusterRendezvous]:
-    """This worker's node and rendezvous for `config` (which has a `redis_url`).
+def build(config: RelayConfig, on_event: Callable[..., None],
+          on_closed: Callable[[ForwardedConnection], None] = lambda conn: None,
+          ) -> tuple[Node, ClusterRendezvous, ClusterForwarding]:
+    """This worker's node, rendezvous and port forwarding for `config` (which has a `redis_url`).
 
-    Raises ConfigError for a Redis URL that cannot be used, and
-    ClusterUnavailableError if Redis cannot be reached now.
+    `on_event` hears the audit log's events, `on_closed` each forwarded
+    connection forgotten (as PortForwarding's). Raises ConfigError for a
+    Redis URL that cannot be used; a Redis that cannot be reached is waited
+    for (node.py), with 503s meanwhile.
     """
     assert config.redis_url is not None
     store = Store.from_url(config.redis_url)
     node = Node(store, config.peer_bind, hashlib.sha256(repr(config).encode()).hexdigest())
     rendezvous = ClusterRendezvous(config, store, node.id, on_event=on_event)
+    forwarding = ClusterForwarding(config, store, node, on_closed)
+    streams = Streams(rendezvous, forwarding)
     node.attach(rendezvous)
-    return node, rendezvous
+    node.forwarding, node.streams = forwarding, streams
+    node.calls.update(streams.calls())
+    node.calls["tcp_taken"] = forwarding.serve_taken
+    return node, rendezvous, forwarding
