@@ -255,7 +255,7 @@ def test_workers_recycled_by_max_requests_lose_nothing_silently(
     def load() -> None:
         for _ in range(60):
             try:
-                r = host.get(timeout=30)
+                r = host.get(timeout=60)  # the relay answers by request_timeout_secs (30 s)
                 outcome: int | str = r.status_code if r.content == host.files["small.txt"] or r.status_code != 200 \
                     else "WRONG"
                 if r.status_code != 200:
