@@ -14,6 +14,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import Cluster, Relay, Server, new_key, wait_for_online
+from conftest import REPO, Cluster, Relay, Server, new_key, wait_for_online
 from nginx import TRUSTED_PROXIES, Nginx, readme_site_config, start_nginx
 from redis_harness import RedisServer, start_redis
 
@@ -207,8 +209,9 @@ def test_redis_restarted_answers_503_meanwhile_and_service_comes_back(
     redis_server.kill()
     r = host.get(timeout=10)
     assert r.status_code == 503 and "try again shortly" in r.text
-    up = requests.get(host.relay.url + "/frontend/relay_up_check", timeout=5)
-    assert up.status_code == 503
+    check = subprocess.run([sys.executable, "-m", "ptth_lib.healthcheck", "--relay", host.relay.url, "--quiet"],
+                           cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+    assert check.returncode == 1 and "answered HTTP 503" in check.stderr and "Redis" in check.stderr, check
     redis_server.start()  # the same port, empty: everything in it is lost
     wait_for_service(host, 5 + 5)  # + slack for a loaded 2-core machine
     assert host.server.proc.popen.poll() is None  # the server was not restarted: it listened again
