@@ -14,9 +14,9 @@ Modules:
   unix://; `redacted(url)` hides the password in every message), short
   timeouts, the scripts loaded by SHA, every Redis error turned into
   `ClusterUnavailableError` (503), one log line per outage.
-- `scripts/`: OFFER (a request meets a parked listen, or queues), PARK (a
-  listen takes queued heads, or parks), UNPARK (a listen ends unserved),
-  WITHDRAW (at its timeout, was the request picked up?).
+- `scripts/`: one Lua script per step of the rendezvous (OFFER, PARK,
+  UNPARK, WITHDRAW, SETTLE, LEAVE, PRESENCE, SWEEP, the TCP ones, the node
+  registry), each the atomic form of a rule of rendezvous.py or forwarding.py.
 - `rendezvous.py`: `ClusterRendezvous`, the rendezvous the `Relay` calls,
   with its meeting point in Redis.
 - `node.py`: this worker's id, heartbeat, table of peers and inbox
@@ -27,8 +27,8 @@ Modules:
 - `forwarding.py`: `ClusterForwarding`, TCP port forwarding with its connects
   and listens meeting through Redis (the TCP scripts).
 
-`build(config)` makes the node, rendezvous and forwarding for a relay with `redis_url`. What the
-cluster does not do yet is listed in rendezvous.py's docstring.
+`build(config)` makes the node, rendezvous and forwarding for a relay with
+`redis_url`.
 """
 
 from __future__ import annotations
