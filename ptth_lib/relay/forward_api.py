@@ -23,11 +23,12 @@ own. Who is asking (a server's key, a client's key, the address) is the
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import gevent
 from flask import Flask, Response, jsonify, request
+from werkzeug.wrappers import Response as WsgiResponse
 
 from ptth_lib.config import RegisteredClient
 from ptth_lib.errors import BadNameError, ForbiddenError, HttpError, RefusedError
@@ -63,6 +64,7 @@ from ptth_lib.wsgi import (
 )
 
 if TYPE_CHECKING:
+    from ptth_lib.relay.cluster.node import Node
     from ptth_lib.relay.relay import Relay
 
 logger = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ MAX_WRITE_BYTES = 2 * PIECE_BYTES
 # A server's refusal reason; anything longer is not read.
 MAX_REFUSAL_BYTES = 1024
 
-_STREAM_HEADERS = {
+STREAM_HEADERS = {
     "Content-Type": "application/octet-stream",
     "Cache-Control": "no-store",
     "X-Accel-Buffering": "no",  # nginx: pass each chunk on at once
@@ -101,6 +103,22 @@ def register(app: Flask, relay: Relay) -> None:
             relay.audit.record("client_key_rejected", address=relay.client_address(request), reason=str(e))
             raise
 
+    def elsewhere(conn_id: str) -> Node | None:
+        """In a cluster, the node to carry a call for `conn_id` with, when another node holds its client."""
+        node = relay.node
+        return node if node is not None and not conn_id.startswith(node.id) else None
+
+    def server_key() -> str:
+        """The server's key, for a call the connection's owner checks (cluster/streams.py)."""
+        key = request.headers.get(API_KEY_HEADER)
+        if not key:
+            raise ForbiddenError("missing X-ApiKey header")
+        return key
+
+    def forbidden(conn_id: str) -> Callable[[str], None]:
+        """What the owner's 403 does here: count and audit it, as a refused key here."""
+        return lambda message: relay.reject_backend_key(request, ForbiddenError(message), request=conn_id[:64])
+
     @app.post(TCP_LISTEN_PATH.format(name="<server>", port="<port>"))
     def _listen(server: str, port: str) -> Response:
         _check_port_name(port)
@@ -118,7 +136,14 @@ def register(app: Flask, relay: Relay) -> None:
         return Response(status=200, headers={CONNECTION_ID_HEADER: conn.id, CLIENT_NAME_HEADER: conn.client})
 
     @app.post(TCP_ACCEPT_PATH.format(id="<conn_id>"))
-    def _accept(conn_id: str) -> Response:
+    def _accept(conn_id: str) -> WsgiResponse:
+        if (node := elsewhere(conn_id)) is not None:
+            _need_prompt_reads()
+            from ptth_lib.relay.cluster import streams  # cluster mode only: it imports redis
+            resp = streams.forward_tcp_accept(node, conn_id, server_key(), request, forbidden(conn_id))
+            if resp.status_code == 200:
+                metrics.tcp_connections.labels("accepted").inc()
+            return resp
         conn = fw.find_for_server(conn_id, server_is)
         _need_prompt_reads()
         fw.accept(conn)
@@ -127,8 +152,9 @@ def register(app: Flask, relay: Relay) -> None:
         return stream_out(fw, conn, conn.up, "accept", request.environ)
 
     @app.post(TCP_REFUSE_PATH.format(id="<conn_id>"))
-    def _refuse(conn_id: str) -> Response:
-        conn = fw.find_for_server(conn_id, server_is)
+    def _refuse(conn_id: str) -> WsgiResponse:
+        node = elsewhere(conn_id)
+        conn = fw.find_for_server(conn_id, server_is) if node is None else None
         reason = b""
         environ = request.environ
         for piece in iter_body(environ, MAX_REFUSAL_BYTES + 1):
@@ -137,11 +163,19 @@ def register(app: Flask, relay: Relay) -> None:
                 resp = text(413, f"a refusal reason is at most {MAX_REFUSAL_BYTES} bytes")
                 resp.call_on_close(lambda: cut_connection(environ))
                 return resp
+        if conn is None:
+            assert node is not None
+            from ptth_lib.relay.cluster import streams  # cluster mode only: it imports redis
+            return streams.forward_tcp_refuse(node, conn_id, server_key(), reason.decode("utf-8", "replace"),
+                                              forbidden(conn_id))
         fw.refuse(conn, reason.decode("utf-8", "replace"))
         return text(200, "refused")
 
     @app.post(TCP_DOWNSTREAM_PATH.format(id="<conn_id>"))
-    def _downstream(conn_id: str) -> Response:
+    def _downstream(conn_id: str) -> WsgiResponse:
+        if (node := elsewhere(conn_id)) is not None:
+            from ptth_lib.relay.cluster import streams  # cluster mode only: it imports redis
+            return streams.forward_tcp_downstream(node, conn_id, server_key(), request, forbidden(conn_id))
         conn = fw.attach_downstream(fw.find_for_server(conn_id, server_is))
         return stream_in(fw, conn, conn.down, "downstream", request.environ)
 
@@ -171,8 +205,11 @@ def register(app: Flask, relay: Relay) -> None:
         return resp
 
     @app.post(TCP_UPSTREAM_PATH.format(id="<conn_id>"))
-    def _upstream(conn_id: str) -> Response:
-        conn = fw.attach_upstream(conn_id, client())
+    def _upstream(conn_id: str) -> WsgiResponse:
+        if (node := elsewhere(conn_id)) is not None:
+            from ptth_lib.relay.cluster import streams  # cluster mode only: it imports redis
+            return streams.forward_tcp_upstream(node, conn_id, client().name, request)
+        conn = fw.attach_upstream(conn_id, client().name)
         return stream_in(fw, conn, conn.up, "upstream", request.environ)
 
 
@@ -201,25 +238,40 @@ def stream_out(fw: PortForwarding, conn: ForwardedConnection, pipe: Pipe, stream
             fw.abort(conn, f"{stream} stream: the peer hung up")
 
     def body() -> Iterator[bytes]:
-        ended = False
         # Nothing else notices a proxy that is gone while no bytes flow this way.
         watcher = gevent.spawn(watch)
         try:
             yield b""  # an empty first piece: the status and headers go out now
-            while (piece := pipe.get()) is not None:
-                yield piece + pipe.get_ready(MAX_WRITE_BYTES - len(piece))
-            ended = True
-        except PipeAbortedError:
-            cut_connection(environ)  # a cut, not the last chunk: the proxy must not see a clean end
-            return
+            yield from pump_out(fw, conn, pipe, stream, lambda: cut_connection(environ))
         finally:
             watcher.kill(block=False)
-            if ended:
-                fw.finish(conn, stream)
-            else:  # the WSGI server closed us early: its peer is gone
-                fw.abort(conn, f"{stream} stream closed")
 
-    return Response(body(), 200, headers=_STREAM_HEADERS)
+    return Response(body(), 200, headers=STREAM_HEADERS)
+
+
+def pump_out(fw: PortForwarding, conn: ForwardedConnection, pipe: Pipe, stream: str,
+             cut: Callable[[], object]) -> Iterator[bytes]:
+    """What `pipe` carries, piece by piece (ready pieces joined), until its clean end.
+
+    At an abort, `cut()` is called (the taker must see a cut, not a clean end)
+    and the pieces stop; a taker that stops taking (the generator closed
+    early) aborts the connection. The taker is a response body, or, in a
+    cluster, the peer link to the node where the stream's HTTP connection is
+    (cluster/streams.py).
+    """
+    ended = False
+    try:
+        while (piece := pipe.get()) is not None:
+            yield piece + pipe.get_ready(MAX_WRITE_BYTES - len(piece))
+        ended = True
+    except PipeAbortedError:
+        cut()
+        return
+    finally:
+        if ended:
+            fw.finish(conn, stream)
+        elif not conn.aborted:  # the taker stopped early: its peer is gone
+            fw.abort(conn, f"{stream} stream closed")
 
 
 def stream_in(fw: PortForwarding, conn: ForwardedConnection, pipe: Pipe, stream: str,
@@ -229,17 +281,29 @@ def stream_in(fw: PortForwarding, conn: ForwardedConnection, pipe: Pipe, stream:
     Also a WebSocket's bytes from the server to the client (upgrade.py).
     """
     fw.add_socket(conn, stream, connection_socket(environ))
+    status, message = pump_in(fw, conn, pipe, stream, iter_body(environ, PIECE_BYTES))
+    if status != 200:
+        cut_connection(environ)
+    return text(status, message)
+
+
+def pump_in(fw: PortForwarding, conn: ForwardedConnection, pipe: Pipe, stream: str,
+            pieces: Iterator[bytes]) -> tuple[int, str]:
+    """Copy `pieces` into `pipe`; their clean end ends the pipe (a half-close). The answer for the sender.
+
+    200 at the clean end; 410 if the connection was aborted meanwhile; 400
+    (and the connection aborted) if the pieces broke off. `pieces` is a
+    request body, or, in a cluster, a peer link's (cluster/streams.py); on
+    anything but 200 the caller cuts whatever they come from.
+    """
     try:
-        for piece in iter_body(environ, PIECE_BYTES):
+        for piece in pieces:
             pipe.put(piece)
         pipe.end()
     except PipeAbortedError:
-        cut_connection(environ)
-        return text(410, "the connection was closed")
-    except Exception as e:  # noqa: BLE001 - the WSGI server's body reader: OSError or its parse errors
+        return 410, "the connection was closed"
+    except Exception as e:  # noqa: BLE001 - the body's reader: OSError, the WSGI server's or a peer link's errors
         fw.abort(conn, f"{stream} broke off ({type(e).__name__})")
-        cut_connection(environ)
-        return text(400, f"{stream} broke off")
+        return 400, f"{stream} broke off"
     fw.finish(conn, stream)
-    return text(200, f"{stream} ended")
-
+    return 200, f"{stream} ended"

@@ -97,7 +97,7 @@ MAX_REASON_CHARS = 200
 
 # 128 random bits, URL-safe: a connection id cannot be guessed, and each use
 # is checked against the key that opened it besides.
-_ID_BYTES = 16
+ID_BYTES = 16
 
 _END = object()    # pipe sentinel: this direction ended cleanly (TCP half-close)
 _ABORT = object()  # pipe sentinel: the connection was aborted
@@ -204,7 +204,9 @@ class ForwardedConnection:
     finished: set[str] = field(default_factory=set)
     aborted: bool = False
     abort_reason: str = ""
-    _sockets: dict[str, socket.socket] = field(default_factory=dict)  # by stream, while it runs
+    # How to cut each stream while it runs, by stream: shut its socket down, or abort
+    # the peer link that carries it from another relay node (cluster/streams.py).
+    _cuts: dict[str, Callable[[], None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.up = Pipe(self)    # client -> server
@@ -259,19 +261,7 @@ class PortForwarding:
                                  "(see allow in its [[clients]] table)")
         if self.closing:
             raise BadGatewayError("the relay is stopping")
-        if not self._port_is_listened(server, port):
-            raise BadGatewayError(f"server {server!r} is offline or does not forward port {port!r}")
-        if self._count(lambda c: c.client == client.name) >= MAX_CONNECTIONS_PER_CLIENT:
-            raise QueueFullError(f"client {client.name!r} has {MAX_CONNECTIONS_PER_CLIENT} connections open")
-        if self._count(lambda c: c.server == server) >= MAX_CONNECTIONS_PER_SERVER:
-            raise QueueFullError(f"server {server!r} has {MAX_CONNECTIONS_PER_SERVER} connections open")
-        offers = self._offers.setdefault((server, port), gevent.queue.Queue(MAX_OFFERS_PER_PORT))
-        conn = ForwardedConnection(secrets.token_urlsafe(_ID_BYTES), client.name, server, port)
-        try:
-            offers.put_nowait(conn)
-        except gevent.queue.Full:
-            raise QueueFullError(f"{MAX_OFFERS_PER_PORT} connections already wait for {server}:{port}") from None
-        self.connections[conn.id] = conn
+        conn = self._offer_new(client.name, server, port)
         try:
             self._wait_for_decision(conn)
         except HttpError:
@@ -281,6 +271,26 @@ class PortForwarding:
             self.abort(conn, "client left before the server accepted")
             raise
         conn.attached.add("connect")
+        return conn
+
+    def _offer_new(self, client: str, server: str, port: str) -> ForwardedConnection:
+        """A new connection of `client`, offered on `server`'s `port` and in the table of connections.
+
+        Raises BadGatewayError (port not forwarded) or QueueFullError (a limit).
+        """
+        if not self._port_is_listened(server, port):
+            raise BadGatewayError(f"server {server!r} is offline or does not forward port {port!r}")
+        if self._count(lambda c: c.client == client) >= MAX_CONNECTIONS_PER_CLIENT:
+            raise QueueFullError(f"client {client!r} has {MAX_CONNECTIONS_PER_CLIENT} connections open")
+        if self._count(lambda c: c.server == server) >= MAX_CONNECTIONS_PER_SERVER:
+            raise QueueFullError(f"server {server!r} has {MAX_CONNECTIONS_PER_SERVER} connections open")
+        offers = self._offers.setdefault((server, port), gevent.queue.Queue(MAX_OFFERS_PER_PORT))
+        conn = ForwardedConnection(secrets.token_urlsafe(ID_BYTES), client, server, port)
+        try:
+            offers.put_nowait(conn)
+        except gevent.queue.Full:
+            raise QueueFullError(f"{MAX_OFFERS_PER_PORT} connections already wait for {server}:{port}") from None
+        self.connections[conn.id] = conn
         return conn
 
     def _wait_for_decision(self, conn: ForwardedConnection) -> None:
@@ -301,11 +311,12 @@ class PortForwarding:
             except gevent.Timeout:
                 continue  # look again: a listen may have taken it meanwhile, moving the deadline
 
-    def attach_upstream(self, conn_id: str, client: RegisteredClient) -> ForwardedConnection:
-        """The connection a client's upstream POST feeds; 404 unknown, 403 not its own, 409 twice."""
+    def attach_upstream(self, conn_id: str, client: str) -> ForwardedConnection:
+        """The connection the upstream POST of client `client` (its name) feeds; 404 unknown, 403 not
+        its own, 409 twice."""
         conn = self._find(conn_id)
-        if conn.client != client.name:
-            raise ForbiddenError(f"connection {conn_id[:8]} is not client {client.name!r}'s")
+        if conn.client != client:
+            raise ForbiddenError(f"connection {conn_id[:8]} is not client {client!r}'s")
         return self._attach(conn, "upstream", after="connect")
 
     def open_websocket(self, conn_id: str, client: str, server: str) -> ForwardedConnection:
@@ -394,13 +405,17 @@ class PortForwarding:
         """Shut `sock` down if the connection is aborted while `stream` runs on it; keep it alive while idle."""
         if sock is not None:
             keep_alive(sock)
-            conn._sockets[stream] = sock
-            if conn.aborted:
-                _shut(sock)
+            self.add_cut(conn, stream, lambda: _shut(sock))
+
+    def add_cut(self, conn: ForwardedConnection, stream: str, cut: Callable[[], None]) -> None:
+        """Call `cut` if the connection is aborted while `stream` runs (at once if it is already)."""
+        conn._cuts[stream] = cut
+        if conn.aborted:
+            cut()
 
     def finish(self, conn: ForwardedConnection, stream: str) -> None:
         """`stream` ended cleanly; forget the connection once all four have."""
-        conn._sockets.pop(stream, None)  # kept alive, it may carry other requests now
+        conn._cuts.pop(stream, None)  # its connection may carry other requests now
         conn.finished.add(stream)
         if conn.finished.issuperset(STREAMS):
             self._forget(conn)
@@ -414,8 +429,8 @@ class PortForwarding:
         logger.info("connection %s aborted: %s", conn.describe(), reason)
         conn.up.wake()
         conn.down.wake()
-        for sock in conn._sockets.values():
-            _shut(sock)
+        for cut in list(conn._cuts.values()):
+            cut()
         self._forget(conn)
 
     def sweep(self, interval_secs: float = SWEEP_SECS) -> None:

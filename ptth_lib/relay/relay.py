@@ -44,10 +44,19 @@ from ptth_lib.relay.body_stream import BodyStream
 from ptth_lib.relay.config_watch import ConfigWatcher
 from ptth_lib.relay.dashboard import Dashboard
 from ptth_lib.relay.delivery import deliver, hold_lease, refuse, requeue_if_lost
-from ptth_lib.relay.forwarding import WEBSOCKET_PORT, ForwardedConnection, PortForwarding
+from ptth_lib.relay.forwarding import ForwardedConnection, PortForwarding
 from ptth_lib.relay.metrics import RelayMetrics
 from ptth_lib.relay.rendezvous import ListenEndedError, PendingRequest, Rendezvous, ServerState
-from ptth_lib.relay.request_body import DONE, FETCHING, LINGER_SECS, Upload, fetch, watch_client
+from ptth_lib.relay.request_body import (
+    BODY_HEADERS,
+    DONE,
+    FETCHING,
+    LINGER_SECS,
+    Upload,
+    body_source,
+    fetch,
+    watch_client,
+)
 from ptth_lib.relay.responses import RelayedResponse, TextAnswer, error_response, redirect, text
 from ptth_lib.relay.upgrade import (
     WEBSOCKET,
@@ -124,10 +133,6 @@ MAX_AUDITED_NAME_CHARS = 64
 # relays request bodies and WebSockets to servers that announce them.
 RELAY_FEATURES = f"{FEATURE_HEADER_LISTS}, {FEATURE_BODIES}, {FEATURE_WEBSOCKET}"
 
-# The server's body GET: bytes as they come, never buffered by a proxy on the way.
-_BODY_HEADERS = {"Content-Type": "application/octet-stream", "Cache-Control": "no-store",
-                 "X-Accel-Buffering": "no"}
-
 
 class Relay:
     """The relay: its state, its policy, and what each request does."""
@@ -140,12 +145,14 @@ class Relay:
         self.audit = AuditLog(config.audit_log)
         self.node: Node | None = None  # cluster mode's node (cluster/node.py); None: one process
         self.rendezvous: Rendezvous
+        self.forwarding: PortForwarding
         if config.redis_url is not None:
             from ptth_lib.relay.cluster import build  # imports redis: only in cluster mode
-            self.node, self.rendezvous = build(config, on_event=self.audit.record)
+            self.node, self.rendezvous, self.forwarding = build(
+                config, on_event=self.audit.record, on_closed=self._forwarded_connection_closed)
         else:
             self.rendezvous = Rendezvous(config, on_event=self.audit.record)
-        self.forwarding = PortForwarding(config, on_closed=self._forwarded_connection_closed)
+            self.forwarding = PortForwarding(config, on_closed=self._forwarded_connection_closed)
         self.metrics = RelayMetrics(self.rendezvous, self.forwarding)
         # Cluster mode: the audit page, /metrics and the config version for the whole cluster.
         self.cluster_ops: ClusterOps | None = None
@@ -240,10 +247,10 @@ class Relay:
         try:
             return self.rendezvous.authenticate(name, req.headers.get(API_KEY_HEADER), self.client_address(req))
         except ForbiddenError as e:
-            self._reject_backend_key(req, e, server=name[:MAX_AUDITED_NAME_CHARS])
+            self.reject_backend_key(req, e, server=name[:MAX_AUDITED_NAME_CHARS])
             raise
 
-    def _reject_backend_key(self, req: Request, e: ForbiddenError, **where: str) -> None:
+    def reject_backend_key(self, req: Request, e: ForbiddenError, **where: str) -> None:
         """Count and audit a refused backend call; `where` names the server or request."""
         key = req.headers.get(API_KEY_HEADER)
         self.metrics.backend_auth_rejected.inc()
@@ -306,7 +313,7 @@ class Relay:
         try:
             p = self.rendezvous.claim(request_id, req.headers.get(API_KEY_HEADER))
         except ForbiddenError as e:
-            self._reject_backend_key(req, e, request=request_id[:MAX_AUDITED_NAME_CHARS])
+            self.reject_backend_key(req, e, request=request_id[:MAX_AUDITED_NAME_CHARS])
             return refuse(e.status, str(e), req)
         except HttpError as e:
             return refuse(e.status, str(e), req)
@@ -319,29 +326,24 @@ class Relay:
     def request_body(self, request_id: str, req: Request) -> Response:
         """The server fetches a request's body, or a WebSocket's bytes from the client (PROTOCOL.md)."""
         key = req.headers.get(API_KEY_HEADER)
-        conn = self.forwarding.connections.get(request_id)
-        if conn is not None and conn.port == WEBSOCKET_PORT:
-            state = self.rendezvous.servers.get(conn.server)
-            if state is None or not tripcode.matches(key, state.registered.tripcode):
-                e = ForbiddenError("missing X-ApiKey header" if not key else
-                                   f"request {request_id!r} belongs to another server")
-                self._reject_backend_key(req, e, request=request_id[:MAX_AUDITED_NAME_CHARS])
-                return text(403, str(e))
-            return server_reads(self.forwarding, conn, req.environ)
         try:
-            p = self.rendezvous.find_own(request_id, key)
+            if not key:
+                raise ForbiddenError("missing X-ApiKey header")
+            if self.node is not None and not request_id.startswith(self.node.id):  # its client is elsewhere
+                from ptth_lib.relay.cluster import streams  # cluster mode only: it imports redis
+                return streams.forward_body(self.node, request_id, key, req, lambda message: self.reject_backend_key(
+                    req, ForbiddenError(message), request=request_id[:MAX_AUDITED_NAME_CHARS]))
+            source = body_source(self.rendezvous, self.forwarding, request_id,
+                                 lambda code: tripcode.matches(key, code), self.config.request_timeout_secs)
         except ForbiddenError as e:
-            self._reject_backend_key(req, e, request=request_id[:MAX_AUDITED_NAME_CHARS])
+            self.reject_backend_key(req, e, request=request_id[:MAX_AUDITED_NAME_CHARS])
             return text(403, str(e))
-        if p.request.upgrade is not None:  # the 101 may come after this GET
-            p.head_ready.wait(self.config.request_timeout_secs)
-            if p.tunnel is None:
-                return text(404, f"request {request_id[:64]!r} was not switched to a WebSocket")
-            return server_reads(self.forwarding, p.tunnel, req.environ)
-        upload = p.upload
-        if not isinstance(upload, Upload) or not upload.start():
-            return text(404, f"request {request_id[:64]!r} has no body to fetch (none, or fetched already)")
-        return Response(fetch(self.rendezvous, p, upload, req.environ), 200, headers=_BODY_HEADERS)
+        if isinstance(source, ForwardedConnection):
+            return server_reads(self.forwarding, source, req.environ)
+        p, upload = source
+        environ = req.environ
+        return Response(fetch(self.rendezvous, p, upload, lambda: cut_connection(environ)), 200,
+                        headers=BODY_HEADERS)
 
     def leave(self, name: str, req: Request) -> Response:
         """A process of server `name` is stopping: requests for it fail at once if no other listens."""

@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
 import gevent.event
 
-from ptth_lib.errors import PtthError
+from ptth_lib.errors import ForbiddenError, PtthError, UnknownRequestError
+from ptth_lib.relay.forwarding import WEBSOCKET_PORT, ForwardedConnection, PortForwarding
 from ptth_lib.relay.rendezvous import ListenEndedError, PendingRequest, Rendezvous
 from ptth_lib.wsgi import (
     connection_socket,
-    cut_connection,
     has_hung_up,
     iter_body,
     send_continue,
@@ -47,10 +47,20 @@ PIECE_BYTES = 256 * 1024
 # looked at for a hang-up (a poll of one socket: cheap).
 HANGUP_CHECK_SECS = 1.0
 
+# In a cluster, the client's greenlet attaches the body to its request when its
+# OFFER's answer is read; under load a server's body GET may come a moment
+# before (cluster/rendezvous.py). It waits this long for it, looking this often.
+# (In one process the body is attached before any listen can take the request.)
+ATTACH_WAIT_SECS = 1.0
+ATTACH_POLL_SECS = 0.01
+
 # After an answer given without reading the body, how long the relay reads
 # and drops what the client still sends before closing, so that the close
 # does not reset the connection under the answer (wsgi.close_after_answer).
 LINGER_SECS = 2.0
+
+# The server's body GET: bytes as they come, never buffered by a proxy on the way.
+BODY_HEADERS = {"Content-Type": "application/octet-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 WAITING = "waiting"
 FETCHING = "fetching"
@@ -96,12 +106,14 @@ class Upload:
         self.finished.set()
 
 
-def fetch(rv: Rendezvous, p: PendingRequest, upload: Upload, server_environ: dict[str, Any]) -> Iterator[bytes]:
+def fetch(rv: Rendezvous, p: PendingRequest, upload: Upload, cut: Callable[[], bool]) -> Iterator[bytes]:
     """The body of the server's GET: the client's body, piece by piece as it arrives.
 
     Call only after `upload.start()`. When the client's body breaks off or
-    passes the limit, the server's connection is cut (UploadBrokeOffError
-    when it cannot be) and the client is answered 400 or 413.
+    passes the limit, `cut()` cuts the server's GET (UploadBrokeOffError
+    when it cannot) and the client is answered 400 or 413. The GET is the
+    server's connection, or, in a cluster, the peer link to the node that
+    has it (cluster/streams.py).
     """
     client_environ = upload.environ
     failure: tuple[str, int] | None = None
@@ -136,8 +148,45 @@ def fetch(rv: Rendezvous, p: PendingRequest, upload: Upload, server_environ: dic
     logger.info("request %s: %s; cutting the server's fetch", p.request.id, reason)
     upload._end(BROKEN)
     rv.fail(p, reason, status)
-    if not cut_connection(server_environ):
+    if not cut():
         raise UploadBrokeOffError(reason)
+
+
+def body_source(rv: Rendezvous, fw: PortForwarding, request_id: str, key_matches: Callable[[str], bool],
+                wait_secs: float) -> ForwardedConnection | tuple[PendingRequest, Upload]:
+    """What a server's body GET of `request_id` reads: a WebSocket's connection, or a request's body.
+
+    `key_matches(tripcode)` says whether the GET's key is the one of the
+    server with that tripcode (ForbiddenError if not). For a WebSocket
+    handshake whose 101 has not come yet, waits up to `wait_secs` for it.
+    UnknownRequestError (404) for an unknown request, one without a body, or
+    a body fetched already. The GET's node calls this, or in a cluster the
+    node that holds the request's client (cluster/streams.py).
+    """
+    conn = fw.connections.get(request_id)
+    if conn is not None and conn.port == WEBSOCKET_PORT:
+        state = rv.servers.get(conn.server)
+        if state is None or not key_matches(state.registered.tripcode):
+            raise ForbiddenError(f"request {request_id!r} belongs to another server")
+        return conn
+    p = rv.pending.get(request_id)
+    if p is None or p.cancelled:
+        raise UnknownRequestError(f"no request {request_id[:64]!r} is in flight")
+    if not key_matches(p.server.registered.tripcode):
+        raise ForbiddenError(f"request {request_id!r} belongs to another server")
+    if p.request.upgrade is not None:  # the 101 may come after this GET
+        p.head_ready.wait(wait_secs)
+        if p.tunnel is None:
+            raise UnknownRequestError(f"request {request_id[:64]!r} was not switched to a WebSocket")
+        tunnel: ForwardedConnection = p.tunnel
+        return tunnel
+    deadline = time.monotonic() + ATTACH_WAIT_SECS
+    while p.upload is None and p.request.body is not None and time.monotonic() < deadline:
+        gevent.sleep(ATTACH_POLL_SECS)
+    upload = p.upload
+    if not isinstance(upload, Upload) or not upload.start():
+        raise UnknownRequestError(f"request {request_id[:64]!r} has no body to fetch (none, or fetched already)")
+    return p, upload
 
 
 class _Broken(Exception):

@@ -68,20 +68,37 @@ def wants_websocket(environ: dict[str, Any]) -> bool:
 def server_switched(fw: PortForwarding, rv: Rendezvous, p: PendingRequest, head: ServerResponseHead,
                     environ: dict[str, Any]) -> Response:
     """The server's response POST with head 101: its body is the app's bytes for the client."""
+    conn = open_tunnel(fw, rv, p, head)
+    return stream_in(fw, conn, conn.down, "downstream", environ)
+
+
+def open_tunnel(fw: PortForwarding, rv: Rendezvous, p: PendingRequest, head: ServerResponseHead,
+                ) -> ForwardedConnection:
+    """The app switched: carry the WebSocket of `p` as a connection, and hand the 101 to its client.
+
+    The caller then copies the response POST's body into the connection's
+    down pipe (its "downstream" stream): the POST's own body, or in a
+    cluster, a peer link's (cluster/streams.py).
+    """
     conn = fw.open_websocket(p.request.id, f"websocket from {p.share.key[1] if p.share else '?'}",
                              p.server.registered.name)
     conn.attached.add("downstream")
     p.tunnel = conn
     rv.start_response(p, head)  # the client's greenlet takes its connection over
-    return stream_in(fw, conn, conn.down, "downstream", environ)
+    return conn
 
 
 def server_reads(fw: PortForwarding, conn: ForwardedConnection, environ: dict[str, Any]) -> Response:
     """The server's body GET of a WebSocket: the client's bytes for the app."""
+    attach_reads(conn)
+    return stream_out(fw, conn, conn.up, "accept", environ)
+
+
+def attach_reads(conn: ForwardedConnection) -> None:
+    """The server's body GET of a WebSocket becomes its "accept" stream; 404 if it has one already."""
     if "accept" in conn.attached:
         raise UnknownRequestError(f"the client's bytes of {conn.id[:64]!r} are being fetched already")
     conn.attached.add("accept")
-    return stream_out(fw, conn, conn.up, "accept", environ)
 
 
 class SwitchedResponse(Response):

@@ -196,8 +196,8 @@ def test_a_relay_started_without_redis_answers_503_and_joins_when_redis_comes(cl
         (root / "a.txt").write_bytes(b"after all\n")
         cluster.server(Relay(proc, relay_port, config), "alpha", key, root)
         assert requests.get(url + "/frontend/servers/alpha/files/a.txt", timeout=10).content == b"after all\n"
+        output = proc.output()  # (before Redis goes away again at the end)
     finally:
         redis.kill()
-    output = proc.output()
     assert "hunter2" not in output and "Traceback" not in output, output
     assert output.count("redis down at") <= 2, output  # once per worker, not once per try

@@ -26,19 +26,20 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.event
 from werkzeug.wrappers import Request, Response
 
 from ptth_lib.errors import ForbiddenError, HttpError
-from ptth_lib.relay.cluster.peering import PeerCutError, PeerLink, PeerPool, PeerServer
+from ptth_lib.relay.cluster.peering import PeerLink, PeerPool, PeerServer
 from ptth_lib.relay.cluster.rendezvous import ClusterRendezvous
 from ptth_lib.relay.cluster.store import (
     NODE_ID_CHARS,
     ClusterUnavailableError,
     InboxAck,
+    InboxConnection,
     InboxHead,
     InboxLeave,
     InboxMessage,
@@ -49,11 +50,14 @@ from ptth_lib.relay.cluster.store import (
     Store,
     new_node_id,
 )
-from ptth_lib.relay.delivery import RELAY_CHUNK_BYTES, copy_body, read_head, refuse
-from ptth_lib.relay.responses import text
+from ptth_lib.relay.cluster.streams import forward_upload
+from ptth_lib.relay.delivery import copy_body, read_head, refuse
 from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import API_KEY_HEADER, RESPONSE_HEAD_HEADER
-from ptth_lib.wsgi import cut_connection, iter_body
+
+if TYPE_CHECKING:
+    from ptth_lib.relay.cluster.forwarding import ClusterForwarding
+    from ptth_lib.relay.cluster.streams import Streams
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +84,10 @@ class Node:
         self.epoch = ""
         self.joined = gevent.event.Event()  # set while registered; until then, 503
         self.rendezvous: ClusterRendezvous | None = None
+        # Port forwarding across nodes, and the owner's side of streams other nodes carry here
+        # (cluster/forwarding.py, cluster/streams.py); set by build() with `calls`.
+        self.forwarding: ClusterForwarding | None = None
+        self.streams: Streams | None = None
         self._peer_bind = peer_bind
         self.pool: PeerPool | None = None
         # The calls other nodes make to this one over peer links, by kind: the parts of the
@@ -119,15 +127,29 @@ class Node:
         rendezvous.joined = self.joined
 
     def start(self) -> list[gevent.Greenlet]:
-        """Join the cluster (now, or once Redis answers), then run the heartbeat, the dispatcher and the ticks."""
-        return [gevent.spawn(self._live)]
+        """Join the cluster, then run the heartbeat, the dispatcher and the ticks.
+
+        A worker joins before it serves its first request when Redis answers
+        (a worker recycled by max_requests then never answers 503); while
+        Redis cannot be reached, it answers 503 and joins as soon as it can.
+        """
+        try:
+            self._open(self._register())
+        except ClusterUnavailableError:
+            return [gevent.spawn(self._live)]
+        return [gevent.spawn(self._run)]
 
     def _live(self) -> None:
-        secret = self._join()
-        self.peers = PeerServer(self._peer_bind, secret, self.calls)
-        self.peers.start()
-        self.peer_address = self.peers.address
-        self.pool = PeerPool(secret)
+        self._open(self._join())
+        self._run()
+
+    def _open(self, secret: bytes) -> None:
+        """Listen for peers and publish where; then this node is in the cluster."""
+        if self.peers is None:
+            self.peers = PeerServer(self._peer_bind, secret, self.calls)
+            self.peers.start()
+            self.peer_address = self.peers.address
+            self.pool = PeerPool(secret)
         while True:
             try:
                 self.store.heartbeat(self.info(), self.epoch)  # publishes the peer address
@@ -138,6 +160,8 @@ class Node:
         self.joined.set()
         logger.info("relay node %s up, peer links on %s, %d nodes in the cluster", self.label,
                     self.peer_address, len(self.table))
+
+    def _run(self) -> None:
         gevent.joinall([gevent.spawn(self._heartbeat), gevent.spawn(self._dispatch), gevent.spawn(self._ticks)])
 
     def _join(self) -> bytes:
@@ -149,16 +173,16 @@ class Node:
                 gevent.sleep(RETRY_SECS)
 
     def close(self) -> None:
-        """This node is stopping: it is no longer alive for the others."""
-        if self.peers is not None:
-            self.peers.close()
-        if self.pool is not None:
-            self.pool.close()
-        if self.joined.is_set():
-            try:
-                self.store.deregister(self.id)
-            except ClusterUnavailableError:
-                pass
+        """This worker starts to stop (gunicorn's graceful stop: SIGTERM, or max_requests).
+
+        Nothing to undo here: the rendezvous has ended this node's parked
+        listens, so no new request comes to it. Its peer listener, heartbeat
+        and dispatcher go on while the process lives, because its own clients
+        still wait for their answers, which other nodes carry here; a head
+        still arriving in its inbox is offered again. When the process has
+        exited, its registration expires (NODE_TTL_SECS) and the sweeper
+        cleans up after it.
+        """
 
     # ---- the greenlets -------------------------------------------------------------
 
@@ -237,7 +261,8 @@ class Node:
             rv.acked(message.server, message.batch_id)
         elif isinstance(message, InboxTurn):
             rv.turn(message.server, message.client)
-        # InboxConnection: TCP forwarding across nodes is not built yet.
+        elif isinstance(message, InboxConnection) and self.forwarding is not None:
+            self.forwarding.hand_connection(message)
 
     # ---- response POSTs for another node's requests -------------------------------
 
@@ -246,37 +271,11 @@ class Node:
         key = req.headers.get(API_KEY_HEADER)
         if not key:
             return refuse(403, "missing X-ApiKey header", req)
-        environ = req.environ
         if not self.joined.is_set():
             return refuse(503, "this relay worker has not joined the cluster yet; try again shortly", req)
-        try:
-            link = self.owner_link(request_id, {
-                "kind": "respond", "id": request_id, "tripcode": tripcode.derive(key),
-                "head": req.headers.get(RESPONSE_HEAD_HEADER), "length": req.content_length})
-        except PeerCutError as e:
-            logger.warning("cannot reach relay node %s for request %s: %s", request_id[:NODE_ID_CHARS],
-                           request_id, e)
-            return refuse(502, "the relay worker that holds this request's client cannot be reached", req)
-        if link is None:
-            return refuse(404, f"no request {request_id[:64]!r} is in flight (the relay worker that held its "
-                               "client has stopped)", req)
-        sender = gevent.spawn(_send_body, link, environ)
-        try:
-            answer = link.read_head()
-        except PeerCutError:
-            sender.kill()
-            link.close()
-            cut_connection(environ)
-            return text(410, "the client is gone")
-        status, message = int(answer.get("status", 502)), str(answer.get("message", ""))
-        if not sender.dead and status != 200:
-            sender.kill()  # an early answer (410: the client left): stop reading the server
-            link.abort()
-            cut_connection(environ)
-        else:
-            sender.join()
-        link.close()
-        return text(status, message)
+        return forward_upload(self, request_id, {
+            "kind": "respond", "id": request_id, "tripcode": tripcode.derive(key),
+            "head": req.headers.get(RESPONSE_HEAD_HEADER), "length": req.content_length}, req)
 
     def owner_link(self, owned_id: str, head: dict[str, Any]) -> PeerLink | None:
         """A peer link to the node that owns `owned_id` (a request or connection id), `head` sent.
@@ -308,12 +307,15 @@ class Node:
             if rv is not None:
                 p = rv.claim_by_tripcode(str(head["id"]), str(head["tripcode"]))
                 response_head = read_head(rv, p, head.get("head"))
-                if response_head.status_code == 101:
-                    rv.fail(p, "the relay cannot carry this WebSocket", 501)
-                    raise HttpError("this relay runs as a cluster, which does not carry WebSockets yet", 501)
-                rv.start_response(p, response_head)
-                length = head.get("length")
-                status, message = copy_body(rv, p, link.pieces(), length if isinstance(length, int) else None)
+                if response_head.status_code == 101:  # a WebSocket: the body is the app's bytes, for long
+                    if self.streams is None:
+                        rv.fail(p, "the relay cannot carry this WebSocket", 501)
+                        raise HttpError("the relay cannot carry a WebSocket here", 501)
+                    status, message = self.streams.switched(p, response_head, link)
+                else:
+                    rv.start_response(p, response_head)
+                    length = head.get("length")
+                    status, message = copy_body(rv, p, link.pieces(), length if isinstance(length, int) else None)
         except ForbiddenError as e:
             status, message = e.status, str(e)
         except HttpError as e:
@@ -321,16 +323,3 @@ class Node:
         link.send_head({"status": status, "message": message})
         link.end()
 
-
-def _send_body(link: PeerLink, environ: dict[str, Any]) -> None:
-    """Copy a POST's body onto `link` as it arrives; abort the link if the body breaks off."""
-    try:
-        for piece in iter_body(environ, RELAY_CHUNK_BYTES):
-            link.send(piece)
-    except PeerCutError:
-        return
-    except Exception as e:  # noqa: BLE001 - the WSGI server's body reader: OSError or its parse errors
-        logger.info("a forwarded response body broke off: %s", type(e).__name__)
-        link.abort()
-        return
-    link.end()

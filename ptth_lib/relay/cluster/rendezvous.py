@@ -26,8 +26,9 @@ offer it again if the server has not started to answer it. Fair shares are
 counted in Redis: a request over its address's share waits here until a
 request of that address ends on any node (InboxTurn).
 
-What the cluster does not do yet (CLUSTER.md section 4): request bodies,
-WebSocket and TCP forwarding (501).
+Request bodies and WebSockets need a server that announced them (OFFER's
+"no feature": 501, as in one process); their streams are carried to this
+node by cluster/streams.py.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ from ptth_lib.relay.rendezvous import (
 from ptth_lib.relay.shares import MAX_WAITING_PER_ADDRESS, TURN_WAIT_SECS
 from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import (
+    FEATURE_BODIES,
+    FEATURE_WEBSOCKET,
     MAX_REQUEST_HEAD_BYTES,
     RelayRequest,
     ServerResponseHead,
@@ -355,21 +358,18 @@ class ClusterRendezvous(Rendezvous):
         server = self.servers.get(name)
         if server is None:
             raise UnknownServerError(f"no server named {name!r} is registered at this relay")
-        if body is not None or upgrade is not None:
-            what = "request bodies" if body is not None else "WebSocket connections"
-            raise HttpError(f"this relay runs as a cluster, which does not carry {what} yet", status=501)
         size = head_size(method, uri, headers)
         if size > MAX_REQUEST_HEAD_BYTES:
             raise RequestHeadTooLargeError(f"request head of {size} bytes is over the relay's limit of "
                                            f"{MAX_REQUEST_HEAD_BYTES}")
         self._check_joined()
-        request = RelayRequest(self.new_id(), method, uri, headers)
+        request = RelayRequest(self.new_id(), method, uri, headers, body, upgrade)
         p = PendingRequest(request, server, head_size=size)
         deadline_ms = int((time.time() + self.config.request_timeout_secs) * 1000)
         head = QueuedHead(request.id, encode_request_item(request), deadline_ms)
         self.pending[request.id] = p
         try:
-            offered = self._offer_in_turn(name, head, client)
+            offered = self._offer_in_turn(name, head, client, _needs(body, upgrade))
         except BaseException:
             self.forget(p)
             raise
@@ -381,16 +381,20 @@ class ClusterRendezvous(Rendezvous):
             raise BadGatewayError(f"server {name!r} is offline (not connected to the relay)")
         if offered.outcome == "full":
             raise QueueFullError(f"server {name!r} has too many requests waiting; try again later")
+        if offered.outcome == "no feature":
+            what = "request bodies" if offered.feature == FEATURE_BODIES else "WebSocket connections"
+            raise HttpError(f"server {name!r} does not take {what} (it did not announce '{offered.feature}')",
+                            status=501)
         raise HttpError(f"server {name!r} cannot take this request ({offered.outcome})", status=501)
 
-    def _offer_in_turn(self, name: str, head: QueuedHead, client: str) -> OfferResult:
+    def _offer_in_turn(self, name: str, head: QueuedHead, client: str, needs: tuple[str, ...]) -> OfferResult:
         """OFFER, waiting while the client's address has its fill of requests in flight at `name`.
 
         The share is counted in Redis across nodes; a node waiting for a turn
         hears InboxTurn when one of that address's requests ends anywhere.
         """
         per_address = self.config.requests_per_address if client else 0
-        offered = self.store.offer(name, head, client=client, per_address=per_address)
+        offered = self.store.offer(name, head, client=client, per_address=per_address, needs=needs)
         if offered.outcome != "wait":
             return offered
         key = (name, client)
@@ -415,7 +419,7 @@ class ClusterRendezvous(Rendezvous):
                         f"your address already has {self.config.requests_per_address} requests in flight at "
                         f"server {name!r}; try again when they finish")
                 turn.freed.wait(min(left, TURN_RECHECK_SECS))
-                offered = self.store.offer(name, head, client=client, per_address=per_address)
+                offered = self.store.offer(name, head, client=client, per_address=per_address, needs=needs)
         finally:
             turn.waiting -= 1
             if turn.waiting == 0 and self._turns.get(key) is turn:
@@ -478,3 +482,8 @@ class ClusterRendezvous(Rendezvous):
             self.forget(p)
             raise
         return p.head
+
+
+def _needs(body: int | None, upgrade: str | None) -> tuple[str, ...]:
+    """The features a server must have announced to take a request: OFFER answers "no feature" else (501)."""
+    return ((FEATURE_BODIES,) if body is not None else ()) + ((FEATURE_WEBSOCKET,) if upgrade is not None else ())
