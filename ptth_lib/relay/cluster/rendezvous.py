@@ -143,6 +143,8 @@ class ClusterRendezvous(Rendezvous):
         self.waiters: defaultdict[str, list[gevent.event.AsyncResult]] = defaultdict(list)
         # The heads of this node's requests offered to Redis and not yet settled, by id (to offer again).
         self.offered: dict[str, QueuedHead] = {}
+        # Of those, the ids offered again after a lost listen (bounded by `offered`; see _claim).
+        self.reoffered: set[str] = set()
         # Requests waiting for their client's turn, per (server, fairness key).
         self._turns: dict[tuple[str, str], _Turn] = {}
         # Ids of requests that ended, for the next SETTLE (bounded: see _settle_ended).
@@ -154,6 +156,18 @@ class ClusterRendezvous(Rendezvous):
     def new_id(self) -> str:
         """A request id naming this node: its id, then 80 random bits in base32 (24 characters)."""
         return self.node_id + base64.b32encode(secrets.token_bytes(_ID_BYTES)).decode("ascii")
+
+    def _claim(self, request_id: str, matches: Callable[[str], bool]) -> PendingRequest:
+        """As in one process; and a request offered again whose first hand-out is answered after all
+        (its acknowledgement came late) is taken out of the queue, so no server gets it twice."""
+        p = super()._claim(request_id, matches)
+        if request_id in self.reoffered:
+            self.reoffered.discard(request_id)
+            try:
+                self.store.withdraw(p.server.registered.name, request_id)
+            except ClusterUnavailableError:
+                pass  # its deadline drops it
+        return p
 
     def _check_joined(self) -> None:
         if not self.joined.is_set():
@@ -213,13 +227,16 @@ class ClusterRendezvous(Rendezvous):
             head: QueuedHead = waiter.get(timeout=timeout)
             return head
         except (gevent.Timeout, ListenEndedError):
+            # No more heads for this waiter: the dispatcher offers any that still comes again
+            # (`hand_over`), and a leave ending every listen does not end this one twice.
+            server.parked.discard(me)
+            if waiter in waiting:
+                waiting.remove(waiter)
+            if not waiter.ready():
+                self._unpark_surely(name)
             if waiter.ready():
                 handed: QueuedHead = waiter.value  # handed over in the same instant
                 return handed
-            if not self._unpark(name):
-                # No entry of ours was left: a head is on its way to our inbox. The
-                # dispatcher, finding no waiter, offers it again (`hand_over`).
-                pass
             return None
         finally:
             server.listeners -= 1
@@ -228,6 +245,21 @@ class ClusterRendezvous(Rendezvous):
                 waiting.remove(waiter)
             if not waiting:
                 self.waiters.pop(name, None)
+
+    def _unpark_surely(self, name: str) -> None:
+        """UNPARK this node's entry, even if the listen is ended again meanwhile (its client hangs up).
+
+        Run in a greenlet of its own, which an ending thrown into the listen
+        cannot interrupt: an UNPARK cut halfway would leave the entry behind,
+        and the server would look online with nobody listening.
+        """
+        unparking = gevent.spawn(self._unpark, name)
+        while True:
+            try:
+                unparking.join()
+                return
+            except ListenEndedError:
+                continue
 
     def _unpark(self, name: str) -> bool:
         try:
@@ -317,6 +349,7 @@ class ClusterRendezvous(Rendezvous):
         head = self.offered.get(request_id)
         if p is None or head is None or p.answered or p.head_ready.is_set():
             return
+        self.reoffered.add(request_id)
         outcome = self.store.offer_again(server, head, front=True).outcome
         if outcome == "offline":
             self.fail(p, f"server {server!r} went offline before it answered")
@@ -439,6 +472,7 @@ class ClusterRendezvous(Rendezvous):
     def forget(self, p: PendingRequest) -> None:
         """As in one process; and the request's places in Redis are freed by the next SETTLE."""
         super().forget(p)
+        self.reoffered.discard(p.request.id)
         if self.offered.pop(p.request.id, None) is not None:
             if len(self._ended) >= MAX_UNSETTLED:
                 logger.warning("%d ended requests not settled in Redis; dropping the oldest", len(self._ended))
