@@ -139,7 +139,7 @@ def query_href(folder_names: list[str], params: Sequence[tuple[str, str]]) -> st
     parameter with an empty value is written bare (`zip`, not `zip=`).
     """
     at = [("at", "".join(href(n) + "/" for n in folder_names))] if folder_names else []
-    query = "&".join(k if v == "" else f"{k}={v if k == 'at' else quote(v, safe='')}" for k, v in [*at, *params])
+    query = "&".join(k if v == "" else f"{k}={v if k == 'at' else href(v)}" for k, v in [*at, *params])
     return "../" * (len(folder_names) + 1) + "files?" + query
 
 
@@ -161,7 +161,7 @@ def landing(params: Mapping[str, list[str]]) -> str | None:
 
 def folder_query(params: Mapping[str, list[str]]) -> str:
     """The folder-page parameters of a parsed query, re-encoded: kept by the slash redirect, others dropped."""
-    kept = [f"{k}={quote(v[0], safe='')}" for k in ("view", "sort", "order") if (v := params.get(k))]
+    kept = [f"{k}={href(v[0])}" for k in ("view", "sort", "order") if (v := params.get(k))]
     if "zip" in params:
         kept.append("zip")
     return "?" + "&".join(kept) if kept else ""

@@ -84,10 +84,20 @@ class Responder:
     def respond(self, req: RelayRequest) -> None:
         """Answer one request: from the file server for /files/ (if it has a root), else from the web app."""
         client = client_address(req.headers)
-        if self.web_app is not None and (self._root is None or not _is_file_path(req.uri)):
-            self.web_app.forward(req, client)
-        else:
-            self._serve_file(req, client)
+        try:
+            if self.web_app is not None and (self._root is None or not _is_file_path(req.uri)):
+                self.web_app.forward(req, client)
+            else:
+                self._serve_file(req, client)
+        except Exception:
+            logger.exception("request %s: %s %s failed; answering 500", req.id, req.method, req.uri)
+            body = b"the server failed to answer this request\n"
+            head = ServerResponseHead(500, {"content-type": b"text/plain; charset=utf-8",
+                                            "content-length": str(len(body)).encode()})
+            try:
+                self.post_once(req.id, head, iter([body]), len(body))
+            except Exception as e:  # noqa: BLE001 - the relay may have had an answer already, or be gone
+                logger.debug("request %s: the 500 did not go out either: %s", req.id, e)
 
     def post_once(self, request_id: str, head: ServerResponseHead, chunks: Iterator[bytes],
                   length: int | None) -> None:

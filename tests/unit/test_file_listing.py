@@ -14,6 +14,7 @@ from file_server_helpers import fetch, header, make_links, served_root  # noqa: 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ptth_lib.server import file_listing
 from ptth_lib.server.file_listing import (
     Entry,
     breadcrumbs,
@@ -213,3 +214,11 @@ def test_zip_does_not_loop_on_a_symlink_to_an_ancestor(tmp_path: Path) -> None:
 def test_head_of_a_zip_walks_nothing(tmp_path: Path) -> None:
     response, body = fetch(tmp_path, "/files/?zip", method="HEAD")
     assert (response.status, body) == (200, b"")
+
+
+def test_links_to_pages_of_names_that_are_not_utf8_keep_their_bytes() -> None:
+    """A name read with surrogateescape (b"caf\\xe9.txt") is linked by its bytes, not refused."""
+    name = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
+    link = file_listing.query_href([name[:3]], [("view", name)])
+    assert link == "../../files?at=caf/&view=caf%E9.txt"
+    assert file_listing.folder_query({"view": [name]}) == "?view=caf%E9.txt"
