@@ -74,6 +74,15 @@ def serve_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServe
     server.kill()
 
 
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """Fixture: a redis-server of the test's own, which it may kill, pause and restart."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = start_redis(folder)
+    yield server
+    server.kill()
+
+
 def empty_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     """Fixture: a plain client on the module's Redis, emptied before each test."""
     client = redis.Redis.from_url(redis_server.url, socket_timeout=5)

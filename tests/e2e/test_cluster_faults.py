@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import pytest
 import requests
 from conftest import REPO, Cluster, Relay, Server, new_key, wait_for_online
 from nginx import TRUSTED_PROXIES, Nginx, readme_site_config, start_nginx
-from redis_harness import RedisServer, start_redis
+from redis_harness import RedisServer, own_redis
 
 from ptth_lib.relay.cluster.store import NODE_ID_CHARS
 
@@ -42,13 +41,7 @@ def cluster_extra(redis: RedisServer, peer_ports: str) -> str:
     return f'redis_url = "{redis.url}"\npeer_bind = "127.0.0.1:{peer_ports}"\n'
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    folder = tmp_path / "redis"
-    folder.mkdir()
-    server = start_redis(folder)
-    yield server
-    server.kill()
+redis_server = pytest.fixture(own_redis)
 
 
 def make_root(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:

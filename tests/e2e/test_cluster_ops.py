@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import requests
 from conftest import Cluster, Relay, new_key, tripcode_of, wait_until
 from procs import relay_config
 from prometheus_client.parser import text_string_to_metric_families
-from redis_harness import RedisServer, start_redis
+from redis_harness import RedisServer, own_redis
 from werkzeug.security import generate_password_hash
 
 from ptth_lib.relay.cluster.store import NODE_ID_CHARS
@@ -42,13 +41,7 @@ RELOAD_DEADLINE_SECS = 15.0
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    folder = tmp_path / "redis"
-    folder.mkdir()
-    server = start_redis(folder)
-    yield server
-    server.kill()
+redis_server = pytest.fixture(own_redis)
 
 
 def cluster_extra(redis: RedisServer, extra: str = "", listen_secs: int = 2) -> str:

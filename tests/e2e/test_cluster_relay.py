@@ -16,7 +16,6 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 import requests
 from conftest import REPO, Cluster, Proc, Relay, new_key, refusing_port
 from procs import relay_config
-from redis_harness import RedisServer, start_redis
+from redis_harness import RedisServer, own_redis
 
 from ptth_lib.relay.cluster.store import NODE_ID_CHARS
 from ptth_lib.wire.envelope import RESPONSE_HEAD_HEADER, WAIT_HEADER
@@ -38,13 +37,7 @@ WORKERS = 4
 REQUESTS = 120
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    folder = tmp_path / "redis"
-    folder.mkdir()
-    server = start_redis(folder)
-    yield server
-    server.kill()
+redis_server = pytest.fixture(own_redis)
 
 
 def cluster_config(redis: RedisServer) -> str:

@@ -62,7 +62,7 @@ def build(config: RelayConfig, on_event: Callable[..., None],
     store = Store.from_url(config.redis_url)
     node = Node(store, config.peer_bind, config_hash(config))
     rendezvous = ClusterRendezvous(config, store, node.id, on_event=on_event)
-    forwarding = ClusterForwarding(config, store, node, on_closed)
+    forwarding = ClusterForwarding(config, store, node, rendezvous.settler, on_closed)
     streams = Streams(rendezvous, forwarding)
     node.attach(rendezvous)
     node.forwarding, node.streams = forwarding, streams

@@ -37,6 +37,7 @@ import gevent.event
 from ptth_lib.config import RelayConfig
 from ptth_lib.errors import BadGatewayError, QueueFullError, TooManyListenersError
 from ptth_lib.relay.cluster.peering import PeerCutError, PeerLink
+from ptth_lib.relay.cluster.settling import Settler
 from ptth_lib.relay.cluster.store import (
     NODE_ID_CHARS,
     ClusterUnavailableError,
@@ -50,7 +51,6 @@ from ptth_lib.relay.forwarding import (
     MAX_LISTENS_PER_PORT,
     MAX_OFFERS_PER_PORT,
     MAX_PORTS_PER_SERVER,
-    SWEEP_SECS,
     WEBSOCKET_PORT,
     ForwardedConnection,
     PortForwarding,
@@ -62,25 +62,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Forgotten connections settled in one SETTLE; and at most this many wait while Redis
-# is away (past it the oldest are dropped: their counts wait for this node's sweep).
-SETTLE_BATCH = 256
-MAX_UNSETTLED = 100_000
-RETRY_SECS = 1.0
-
 
 class ClusterForwarding(PortForwarding):
     """Forwarded connections of this node, and its TCP listens, met through Redis."""
 
-    def __init__(self, config: RelayConfig, store: Store, node: Node,
+    def __init__(self, config: RelayConfig, store: Store, node: Node, settler: Settler,
                  on_closed: Callable[[ForwardedConnection], None] = lambda conn: None) -> None:
+        """`settler` settles forgotten connections in Redis (the node's, shared with its rendezvous)."""
         super().__init__(config, on_closed)
         self.store = store
         self.node = node
+        self.settler = settler
         # TCP listens parked on this node, per (server, port), oldest first.
         self.waiters: defaultdict[tuple[str, str], list[gevent.event.AsyncResult]] = defaultdict(list)
-        self._ended: list[str] = []
-        self._ended_ready = gevent.event.Event()
 
     def owns(self, conn_id: str) -> bool:
         """Tell whether a connection id was made by this node (its client is here)."""
@@ -96,7 +90,7 @@ class ClusterForwarding(PortForwarding):
             offered = self.store.tcp_connect(server, port, conn.id, client)
         except BaseException:
             self.connections.pop(conn.id, None)
-            self._settle_later(conn.id)  # its answer was lost: the script may have counted it
+            self.settler.add(conn.id)  # its answer was lost: the script may have counted it
             raise
         if offered.outcome in ("handed", "queued"):
             return conn
@@ -135,7 +129,7 @@ class ClusterForwarding(PortForwarding):
         try:
             return super().open_websocket(conn_id, client, server)
         except BaseException:
-            self._settle_later(conn_id)
+            self.settler.add(conn_id)
             raise
 
     # ---- servers ---------------------------------------------------------
@@ -258,32 +252,7 @@ class ClusterForwarding(PortForwarding):
 
     # ---- both --------------------------------------------------------------
 
-    def sweep(self, interval_secs: float = SWEEP_SECS) -> None:
-        """As in one process, and settle forgotten connections in Redis meanwhile."""
-        gevent.spawn(self._settle_ended)
-        super().sweep(interval_secs)
-
     def _forget(self, conn: ForwardedConnection) -> None:
         super()._forget(conn)
         if self.owns(conn.id):
-            self._settle_later(conn.id)
-
-    def _settle_later(self, conn_id: str) -> None:
-        if len(self._ended) >= MAX_UNSETTLED:
-            logger.warning("%d closed connections not settled in Redis; dropping the oldest", len(self._ended))
-            del self._ended[: MAX_UNSETTLED // 2]
-        self._ended.append(conn_id)
-        self._ended_ready.set()
-
-    def _settle_ended(self) -> None:
-        """Forever: settle the ids of forgotten connections, many in one round trip when many end together."""
-        while True:
-            self._ended_ready.wait()
-            self._ended_ready.clear()
-            while self._ended:
-                batch, self._ended = self._ended[:SETTLE_BATCH], self._ended[SETTLE_BATCH:]
-                try:
-                    self.store.settle(self.node.id, ended=batch)
-                except ClusterUnavailableError:
-                    self._ended[:0] = batch  # tried again when Redis is back
-                    gevent.sleep(RETRY_SECS)
+            self.settler.add(conn.id)

@@ -17,7 +17,7 @@ share goes through `store.py`, one script per step:
 Everything after the hand-over (the response head, the body's queue) is the
 single-process code, inherited. A request ends with a SETTLE, which frees its
 place in Redis's counts; the node batches the settles of many requests into
-one round trip (`_settle_ended`).
+one round trip (settling.py).
 
 Acknowledged delivery works across nodes: a listen's batch is held under a
 lease of the node that answered the listen, the acknowledgement reaches that
@@ -56,6 +56,7 @@ from ptth_lib.errors import (
     TooManyListenersError,
     UnknownServerError,
 )
+from ptth_lib.relay.cluster.settling import Settler
 from ptth_lib.relay.cluster.store import (
     ClusterUnavailableError,
     InboxHead,
@@ -89,11 +90,6 @@ logger = logging.getLogger(__name__)
 # The random part of a cluster request id, after the node id: 80 bits, as single-process ids.
 _ID_BYTES = 10
 
-# Ended requests settled in one SETTLE: under load, many end between two round trips.
-SETTLE_BATCH = 256
-# Ended requests waiting for their SETTLE while Redis is away: past this, the oldest are
-# dropped (their places in Redis's counts then wait for this node's sweep after it stops).
-MAX_UNSETTLED = 100_000
 
 
 # While an address waits for its turn, how often its requests ask Redis again (a turn
@@ -147,9 +143,7 @@ class ClusterRendezvous(Rendezvous):
         self.reoffered: set[str] = set()
         # Requests waiting for their client's turn, per (server, fairness key).
         self._turns: dict[tuple[str, str], _Turn] = {}
-        # Ids of requests that ended, for the next SETTLE (bounded: see _settle_ended).
-        self._ended: list[str] = []
-        self._ended_ready = gevent.event.Event()
+        self.settler = Settler(store, lambda: self.node_id)  # ended requests, settled in batches
 
     # ---- ids ---------------------------------------------------------------
 
@@ -357,8 +351,8 @@ class ClusterRendezvous(Rendezvous):
             self.fail(p, f"server {server!r} lost the request with its listen, and it could not be queued again")
 
     def watch_presence(self, interval_secs: float = 1.0) -> None:
-        """Presence is the cluster's (node.py runs PRESENCE); this node only settles ended requests."""
-        self._settle_ended()
+        """Presence is the cluster's (node.py runs PRESENCE); this greenlet settles ended requests instead."""
+        self.settler.run()
 
     def announce(self, name: str, online: bool, host: str | None, version: str | None) -> None:
         """PRESENCE saw server `name` come or go, once for the whole cluster: audit it."""
@@ -474,24 +468,7 @@ class ClusterRendezvous(Rendezvous):
         super().forget(p)
         self.reoffered.discard(p.request.id)
         if self.offered.pop(p.request.id, None) is not None:
-            if len(self._ended) >= MAX_UNSETTLED:
-                logger.warning("%d ended requests not settled in Redis; dropping the oldest", len(self._ended))
-                del self._ended[: MAX_UNSETTLED // 2]
-            self._ended.append(p.request.id)
-            self._ended_ready.set()
-
-    def _settle_ended(self) -> None:
-        """Forever: settle the ids of ended requests, many in one round trip when many end together."""
-        while True:
-            self._ended_ready.wait()
-            self._ended_ready.clear()
-            while self._ended:
-                batch, self._ended = self._ended[:SETTLE_BATCH], self._ended[SETTLE_BATCH:]
-                try:
-                    self.store.settle(self.node_id, ended=batch)
-                except ClusterUnavailableError:
-                    self._ended[:0] = batch  # tried again when Redis is back
-                    gevent.sleep(1.0)
+            self.settler.add(p.request.id)
 
     def wait_for_head(self, p: PendingRequest, last_active: Callable[[], float] | None = None,
                       ) -> ServerResponseHead:
