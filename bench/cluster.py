@@ -86,6 +86,11 @@ CONNECTIONS = 32
 # Where the bench's relay nodes listen for each other; each takes the first free
 # port. Apart from the tests' ranges (42000-) and the example config's (41000-).
 PEER_BIND = "127.0.0.1:44000-44199"
+# A run of `small` with more non-2xx answers than this (or any timeout) failed: its figures
+# are shown, but left out of the medians.
+MAX_ERROR_SHARE = 0.01
+# Before each run, a setup gets this long to answer a request again (after a failed run).
+RECOVERY_SECS = 60.0
 # The issue's targets.
 CPU_RATIO_TARGET = 1.5
 BULK_SHARE_TARGET = 0.50
@@ -120,7 +125,25 @@ class Setup:
         return out
 
     def endpoint(self) -> Endpoint:
-        return Endpoint(self.name, f"{self.client_url}/frontend/servers/{SERVER_NAME}/files/", self.pids)
+        return Endpoint(self.name, f"{self.client_url}/frontend/servers/{SERVER_NAME}/files/", self.ready_pids)
+
+    def ready_pids(self) -> dict[str, int]:
+        """pids(), once the setup answers a request (measure.py calls it just before each run).
+
+        A run that failed (the server offline to the cluster) must not spill
+        into the next: wait for the setup to serve the small file again.
+        """
+        url = f"{self.client_url}/frontend/servers/{SERVER_NAME}/files/{FILES['small'][0]}"
+        started = time.monotonic()
+        while procs.http_status(url, timeout=5) != 200:
+            if time.monotonic() - started > RECOVERY_SECS:
+                progress(f"warning: {self.name} still does not answer after {RECOVERY_SECS:.0f} s; measuring anyway")
+                break
+            time.sleep(0.5)
+        else:
+            if time.monotonic() - started > 1:
+                progress(f"{self.name}: answered again after {time.monotonic() - started:.0f} s")
+        return self.pids()
 
 
 def start_redis(targets: Targets) -> tuple[Proc, str]:
@@ -215,31 +238,48 @@ def cpu_secs(run: dict[str, Any], kind: str) -> float:
     return float(sum(run["cpu_pct"][k] for k in _keys(run, kind)) / 100 * run["wall_secs"])
 
 
-def small_figures(run: dict[str, Any]) -> dict[str, float]:
-    """CPU per request in ms: relay processes, redis-server, both, and ptth_server."""
-    n = run["requests"]
-    relay, redis, server = (1000 * cpu_secs(run, k) / n for k in ("relay", "redis", "server"))
-    return {"rps": run["rps"], "relay_ms": relay, "redis_ms": redis, "cluster_ms": relay + redis,
-            "server_ms": server, "p50_ms": run["p50_ms"], "p99_ms": run["p99_ms"],
-            "others_pct": run["machine_pct"]["others"]}
+def small_figures(run: dict[str, Any]) -> dict[str, Any]:
+    """Answers (2xx) per second and CPU per answer in ms: relay processes, redis-server, both, ptth_server.
+
+    Only 2xx answers count: an error answered at once (502 "offline") costs
+    the relay little and would flatter its CPU per request. A run with more
+    than MAX_ERROR_SHARE of errors, or any timeout, is marked failed.
+    """
+    errors = run.get("errors", {})
+    answered = run["requests"] - errors.get("status", 0)
+    share = errors.get("status", 0) / run["requests"] if run["requests"] else 1.0
+    per = max(answered, 1)
+    relay, redis, server = (1000 * cpu_secs(run, k) / per for k in ("relay", "redis", "server"))
+    return {"rps": run["rps"] * answered / run["requests"] if run["requests"] else 0.0,
+            "relay_ms": relay, "redis_ms": redis, "cluster_ms": relay + redis, "server_ms": server,
+            "p50_ms": run["p50_ms"], "p99_ms": run["p99_ms"], "others_pct": run["machine_pct"]["others"],
+            "error_share": share, "timeouts": errors.get("timeout", 0),
+            "failed": share > MAX_ERROR_SHARE or errors.get("timeout", 0) > 0}
 
 
-def bulk_figures(run: dict[str, Any], size: int) -> dict[str, float]:
-    """MiB/s and CPU per MiB in ms: relay processes, redis-server, both, and ptth_server."""
+def bulk_figures(run: dict[str, Any], size: int) -> dict[str, Any]:
+    """MiB/s and CPU per MiB in ms: relay processes, redis-server, both, and ptth_server (curl checked the size)."""
     mib = size / MIB
     relay, redis, server = (1000 * cpu_secs(run, k) / mib for k in ("relay", "redis", "server"))
     return {"mib_s": run["mib_s"], "relay_ms": relay, "redis_ms": redis, "cluster_ms": relay + redis,
-            "server_ms": server, "others_pct": run["machine_pct"]["others"]}
+            "server_ms": server, "others_pct": run["machine_pct"]["others"], "failed": False}
 
 
 def per_setup(runs: dict[str, list[dict[str, Any]]],
-              figures: Callable[[dict[str, Any]], dict[str, float]]) -> dict[str, dict[str, Any]]:
-    """For each setup: every run's figures, and their medians."""
+              figures: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For each setup: every run's figures, and their medians over the runs that did not fail.
+
+    If every run failed, the medians are over all of them, and "all_failed" says so.
+    """
     out = {}
     for name, rs in runs.items():
         each = [figures(r) for r in rs]
-        out[name] = {"runs": each, "median": {k: statistics.median(f[k] for f in each) for k in each[0]},
-                     "noisy_runs": sum(1 for r in rs if r.get("noisy"))}
+        kept = [f for f in each if not f["failed"]] or each
+        numbers = [k for k, v in each[0].items() if isinstance(v, int | float) and not isinstance(v, bool)]
+        out[name] = {"runs": each, "median": {k: statistics.median(f[k] for f in kept) for k in numbers},
+                     "noisy_runs": sum(1 for r in rs if r.get("noisy")),
+                     "failed_runs": sum(1 for f in each if f["failed"]),
+                     "all_failed": all(f["failed"] for f in each)}
     return out
 
 
@@ -268,8 +308,9 @@ def targets_met(results: dict[str, Any]) -> list[dict[str, Any]]:
             name = f"cluster-{n}"
             if name in small:
                 ratio = small[name]["median"]["cluster_ms"] / single
+                failed = small[name]["all_failed"] or small["single"]["all_failed"]
                 out.append({"target": f"{name}: CPU per request (relay + redis-server) <= {CPU_RATIO_TARGET}x single",
-                            "value": ratio, "met": ratio <= CPU_RATIO_TARGET})
+                            "value": ratio, "met": None if failed else ratio <= CPU_RATIO_TARGET})
     bulk = results.get("bulk")
     if bulk:
         share = bulk["hosts"]["median"]["mib_s"] / bulk["single"]["median"]["mib_s"]
@@ -287,6 +328,14 @@ def _both(s: dict[str, Any], key: str, digits: int) -> str:
     return f"{s['median'][key]:,.{digits}f} ({runs})"
 
 
+def _failures(s: dict[str, Any]) -> str:
+    """ "1 of 3 (45 %, 32)": runs failed, and each failed run's share of non-2xx and its timeouts."""
+    bad = [f"{r['error_share']:.0%}, {r['timeouts']}" for r in s["runs"] if r["failed"]]
+    if not bad:
+        return "0"
+    return f"{len(bad)} of {len(s['runs'])} ({'; '.join(bad)})" + (": medians over all" if s["all_failed"] else "")
+
+
 def report(results: dict[str, Any]) -> str:
     lines = []
     small = results.get("small")
@@ -295,15 +344,15 @@ def report(results: dict[str, Any]) -> str:
         base = small.get("cluster-1", {}).get("median")
         lines += [f"small 1 KiB, wrk concurrency {CONNECTIONS}: median (each run); CPU in ms per request", "",
                   ("| setup | requests/s | vs cluster-1 | relay CPU | redis-server CPU | relay + redis | "
-                  "vs single | ptth_server CPU | p50 ms | noisy runs |"),
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "vs single | ptth_server CPU | p50 ms | noisy runs | failed runs (non-2xx, timeouts) |"),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for name, s in small.items():
             m = s["median"]
             vs1 = f"{m['rps'] / base['rps']:.2f}" if base else "-"
             lines.append(f"| {name} | {_both(s, 'rps', 0)} | {vs1} | {_both(s, 'relay_ms', 3)} | "
                          f"{_both(s, 'redis_ms', 3)} | {_both(s, 'cluster_ms', 3)} | "
                          f"{m['cluster_ms'] / single['cluster_ms']:.2f} | {_both(s, 'server_ms', 3)} | "
-                         f"{m['p50_ms']:.1f} | {s['noisy_runs']} |")
+                         f"{m['p50_ms']:.1f} | {s['noisy_runs']} | {_failures(s)} |")
     bulk = results.get("bulk")
     if bulk:
         single = bulk["single"]["median"]
@@ -340,7 +389,8 @@ def report(results: dict[str, Any]) -> str:
     lines += ["", "| target | value | |", "|---|---:|---|"]
     for t in results["targets"]:
         shown = f"{t['value']:.0%}" if "bulk" in t["target"] else f"{t['value']:.2f}x"
-        lines.append(f"| {t['target']} | {shown} | {'met' if t['met'] else 'MISSED'} |")
+        verdict = "every run failed: not measured" if t["met"] is None else "met" if t["met"] else "MISSED"
+        lines.append(f"| {t['target']} | {shown} | {verdict} |")
     bg = results["noise"]
     lines.append(f"\nother processes: median {bg['median']:.0f} %, max {bg['max']:.0f} % of a core during "
                  f"the {bg['runs']} runs kept; {bg['noisy_kept']} kept above {measure.NOISY_OTHERS_PCT:.0f} %; "
@@ -364,17 +414,18 @@ def profile(plan: Plan, setups: dict[str, Setup], code: Path) -> dict[str, str]:
     py_spy = _py_spy()
     PROFILE_DIR.mkdir(exist_ok=True)
     secs = plan.profile_secs
-    jobs: list[tuple[str, Setup, Callable[[Endpoint], object]]] = []
+    jobs: list[tuple[str, Setup, Callable[[Endpoint], dict[str, Any]]]] = []
     for name in ("single", "cluster-4"):
         if name in setups:
             jobs.append((f"small-c32-{name}", setups[name],
                          lambda e: wrk(e.url("small"), CONNECTIONS, secs + 1)))
     if "hosts" in setups:
-        def bulk(e: Endpoint) -> object:
+        def bulk(e: Endpoint) -> dict[str, Any]:
             end = time.monotonic() + secs + 1
+            speeds = []
             while time.monotonic() < end:
-                curl(e.url("bulk"), FILES["bulk"][1])
-            return None
+                speeds.append(curl(e.url("bulk"), FILES["bulk"][1])["mib_s"])
+            return {"mib_s": statistics.median(speeds)}
         jobs.append(("bulk-hosts", setups["hosts"], bulk))
     written = {}
     for label, setup, load in jobs:
@@ -383,19 +434,19 @@ def profile(plan: Plan, setups: dict[str, Setup], code: Path) -> dict[str, str]:
         workers = {k: pid for k, pid in setup.pids().items() if "worker" in k}
         raws = {k: PROFILE_DIR / f"profile-cluster-{label}-{k}.raw.txt" for k in workers}
 
-        def sampled(load: Callable[[Endpoint], object] = load, endpoint: Endpoint = endpoint,
+        def sampled(load: Callable[[Endpoint], dict[str, Any]] = load, endpoint: Endpoint = endpoint,
                     workers: dict[str, int] = workers, raws: dict[str, Path] = raws) -> dict[str, Any]:
             spies = [subprocess.Popen([py_spy, "record", "--pid", str(pid), "--duration", str(secs), "--rate",
                                        str(PROFILE_RATE_HZ), "--format", "raw", "--nonblocking", "-o", str(raws[k])],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                      for k, pid in workers.items()]
             time.sleep(0.5)  # let py-spy attach
-            load(endpoint)
+            figures = load(endpoint)
             for spy in spies:
                 _, err = spy.communicate(timeout=60)
                 if spy.returncode != 0:
                     raise BenchError(f"py-spy failed: {err[-1000:]}")
-            return {}
+            return figures
 
         m = measure.measure(endpoint, sampled, f"profile {label}")
         together = PROFILE_DIR / f"profile-cluster-{label}-workers.raw.txt"
@@ -403,7 +454,13 @@ def profile(plan: Plan, setups: dict[str, Setup], code: Path) -> dict[str, str]:
         cpu = sum(v for k, v in m["cpu_pct"].items() if k in workers)
         sys_cpu = sum(v for k, v in m["sys_pct"].items() if k in workers)
         cpu_line = ", ".join(f"{k} {v:.0f} %" for k, v in m["cpu_pct"].items())
-        text = [f"# py-spy profile: {label}, every relay worker sampled ({len(workers)}), samples summed",
+        if "mib_s" in m:
+            figure = f"{m['mib_s']:,.0f} MiB/s"
+        else:
+            non_2xx = m["errors"].get("status", 0)
+            figure = f"{m['rps']:,.0f} requests/s, {non_2xx} of {m['requests']} not 2xx"
+        text = [(f"# py-spy profile: {label}, {figure} while sampled; every relay worker ({len(workers)}), "
+                "samples summed"),
                 f"# {secs} s at {PROFILE_RATE_HZ} Hz per worker, --nonblocking; idle samples left out.",
                 f"# CPU, 100 = one core: {cpu_line}; whole machine {m['machine_pct']['busy']:.0f} % of 200", ""]
         text += summarize_profile(together, "relay workers", cpu, sys_cpu, code)
