@@ -1,7 +1,7 @@
 """The relay as a cluster (CLUSTER.md section 8): CPU per request, throughput, bulk across hosts.
 
     .venv/bin/python bench/cluster.py [--quick] [--runs N] [--only small,bulk]
-        [--rev REVISION] [--profile] [--noise-budget SECS]
+        [--rev REVISION] [--profile | --profile-only] [--noise-budget SECS]
 
 Starts, on 127.0.0.1, side by side and all at once (each with its own
 ptth_server serving the suite's test files):
@@ -33,8 +33,8 @@ single; bulk across hosts >= 50 % of single) and the projection to an
 N-core host: requests/s ~ N / (relay CPU per request), capped by
 redis-server's one thread at 1 / (redis-server CPU per request). Every run
 goes to bench/cluster-results.json. With --profile (py-spy, not a project
-requirement), it then samples the workers of single and cluster-4 under the
-small load and both hosts under bulk: bench/profile-cluster-*.txt.
+requirement), it then samples the workers of single, cluster-2 and cluster-4
+under the small load and both hosts under bulk: bench/profile-cluster-*.txt.
 
 Shares the suite's parts: targets.py (the processes, on a copy of the code),
 scenarios.py and load.py (wrk, curl), measure.py (CPU, noise, alternation),
@@ -81,6 +81,8 @@ from targets import (
 
 # Workers of the cluster setups of `small` (gunicorn -w N).
 CLUSTER_WORKERS = (1, 2, 4)
+# The cluster setups --profile samples (cluster-1 has no crossing to show).
+PROFILED_WORKERS = (2, 4)
 # Concurrency of `small`: the figure CLUSTER.md's budget is written for.
 CONNECTIONS = 32
 # Where the bench's relay nodes listen for each other; each takes the first free
@@ -410,12 +412,12 @@ def noise(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def profile(plan: Plan, setups: dict[str, Setup], code: Path) -> dict[str, str]:
-    """py-spy on every relay worker of single and cluster-4 under `small`, and of hosts under bulk."""
+    """py-spy on every relay worker of single, cluster-2 and cluster-4 under `small`, and of hosts under bulk."""
     py_spy = _py_spy()
     PROFILE_DIR.mkdir(exist_ok=True)
     secs = plan.profile_secs
     jobs: list[tuple[str, Setup, Callable[[Endpoint], dict[str, Any]]]] = []
-    for name in ("single", "cluster-4"):
+    for name in ("single", *(f"cluster-{n}" for n in PROFILED_WORKERS)):
         if name in setups:
             jobs.append((f"small-c32-{name}", setups[name],
                          lambda e: wrk(e.url("small"), CONNECTIONS, secs + 1)))
@@ -454,7 +456,7 @@ def profile(plan: Plan, setups: dict[str, Setup], code: Path) -> dict[str, str]:
         cpu = sum(v for k, v in m["cpu_pct"].items() if k in workers)
         sys_cpu = sum(v for k, v in m["sys_pct"].items() if k in workers)
         cpu_line = ", ".join(f"{k} {v:.0f} %" for k, v in m["cpu_pct"].items())
-        if "mib_s" in m:
+        if label.startswith("bulk"):
             figure = f"{m['mib_s']:,.0f} MiB/s"
         else:
             non_2xx = m["errors"].get("status", 0)
@@ -501,14 +503,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         code = results["code"] = snapshot_code(args.rev, targets.code)
         progress(f"code under test: {code['source']}, {code['commit']} {code['subject']!r}"
                  + (" plus uncommitted changes" if code["dirty"] else ""))
+        if args.profile_only:
+            args.profile, args.only = True, []
+        wanted = [f"cluster-{n}" for n in CLUSTER_WORKERS if "small" in args.only
+                  or (args.profile and n in PROFILED_WORKERS)]
+        if "bulk" in args.only or args.profile:
+            wanted.append("hosts")
         setups = {"single": start_single(targets)}
-        if "small" in args.only:
-            for n in CLUSTER_WORKERS:
-                progress(f"starting cluster-{n}: gunicorn -w {n} on its own redis-server")
-                setups[f"cluster-{n}"] = start_cluster(targets, n)
-        if "bulk" in args.only:
-            progress("starting hosts: two gunicorns on one redis-server")
-            setups["hosts"] = start_hosts(targets)
+        for name in wanted:
+            progress(f"starting {name}: " + ("two gunicorns (-w 1) on one redis-server" if name == "hosts"
+                                             else f"gunicorn -w {name[8:]} on its own redis-server"))
+            setups[name] = start_hosts(targets) if name == "hosts" else start_cluster(targets, int(name[8:]))
         progress(f"idle: every setup's CPU over {IDLE_SECS} s without load")
         results["idle_cpu_pct"] = idle_cpu(setups, IDLE_SECS)
         if "small" in args.only:
@@ -529,7 +534,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
         else:
             progress(f"logs kept in {work}")
-    if "small" in results:
+    if "small" in results and "single" in results["small"]:
         results["projection"] = projection(results["small"])
     results["targets"] = targets_met(results)
     results["noise"] = noise(raw)
@@ -551,12 +556,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="runs per setup and scenario (>= 2)")
     parser.add_argument("--only", type=_parse_only, default=["small", "bulk"], metavar="small,bulk")
     parser.add_argument("--profile", action="store_true", help="then sample the relay workers with py-spy")
+    parser.add_argument("--profile-only", action="store_true", help="run no scenario, only the profiles")
     parser.add_argument("--rev", metavar="REVISION", help="benchmark this git revision instead of the working tree")
     parser.add_argument("--noise-budget", type=float, default=measure.NOISE_BUDGET_SECS, metavar="SECS",
                         help="at most this long in all waiting for a quiet machine and repeating noisy runs")
     parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "ptth-bench-data"),
                         help="where the random test files are written once and reused")
-    parser.add_argument("--output", default=str(BENCH / "cluster-results.json"), help="results file (JSON)")
+    parser.add_argument("--output", help="results file (JSON); default bench/cluster-results.json, "
+                        "none with --profile-only")
     parser.add_argument("--keep", action="store_true", help="keep the logs and configs of the processes")
     args = parser.parse_args(argv)
     if args.runs < 1:
@@ -575,13 +582,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench/cluster.py: interrupted", file=sys.stderr)
         return 130
-    Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    output = args.output or (None if args.profile_only else str(BENCH / "cluster-results.json"))
+    if output:
+        Path(output).write_text(json.dumps(results, indent=2, default=str) + "\n")
     m, c = results["machine"], results["code"]
     print(f"\nPTTH cluster benchmark, {m['date']}, {m['cpu_model']}, {m['cores']} cores, Python {m['python']}, "
           f"redis-server {m['redis_server']}, redis-py {m['versions']['redis']}; code {c['commit']}"
           f"{' plus uncommitted changes' if c['dirty'] else ''}{' (QUICK: not figures)' if args.quick else ''}\n")
     print(report(results))
-    print(f"\nwritten {args.output}; {results['elapsed_secs']:.0f} s in all")
+    print(f"\n{f'written {output}; ' if output else ''}{results['elapsed_secs']:.0f} s in all")
     return 0
 
 
