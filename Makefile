@@ -69,7 +69,7 @@ bench-web: $(STAMP)
 	$(VENV)/bin/python bench/web.py $(BENCH_ARGS)
 
 # The relay as a cluster on a real redis-server: CPU per request for single-process and 1, 2, 4 workers,
-# bulk across two hosts, the projection to N cores (about 5 minutes; needs redis-server).
+# bulk across two hosts, the projection to N cores (about 3 minutes on a quiet machine; needs redis-server).
 bench-cluster: $(STAMP)
 	$(VENV)/bin/python bench/cluster.py $(BENCH_ARGS)
 
