@@ -102,7 +102,8 @@ IDLE_SECS = 10.0
 PROJECTED_CORES = (2, 4, 8, 16, 32, 64)
 # Runs per setup and scenario by default (each is 10 s of wrk or 1 GiB): alternating, medians.
 DEFAULT_RUNS = 2
-# A request id starts with its owner node's id (CLUSTER.md decision 1).
+# A node's start in its relay's log: its pid and its id, with which the ids of the
+# requests it owns start (CLUSTER.md decision 1).
 NODE_UP = re.compile(r"relay node \S+?/(\d+)/(\w+) up")
 
 
