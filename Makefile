@@ -7,7 +7,7 @@ VENV := .venv
 STAMP := $(VENV)/.requirements.stamp
 PORT ?= 4000
 
-.PHONY: demo test test-all lint bench bench-forward bench-web bench-heads bench-compare clean debian-deps
+.PHONY: demo test test-all lint bench bench-forward bench-web bench-cluster bench-heads bench-compare clean debian-deps
 
 # One venv for demo and tests: requirements-dev.txt includes requirements.txt.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -67,6 +67,11 @@ bench-forward: $(STAMP)
 # A web app through the tunnel against direct: 1 GiB upload, WebSocket echo and idle sockets, SSE (about 5 minutes; 6 with --profile).
 bench-web: $(STAMP)
 	$(VENV)/bin/python bench/web.py $(BENCH_ARGS)
+
+# The relay as a cluster on a real redis-server: CPU per request for single-process and 1, 2, 4 workers,
+# bulk across two hosts, the projection to N cores (about 3 minutes on a quiet machine; needs redis-server).
+bench-cluster: $(STAMP)
+	$(VENV)/bin/python bench/cluster.py $(BENCH_ARGS)
 
 # Two revisions side by side, CPU and time per small request: BENCH_ARGS="--rev OLD" (a minute).
 bench-compare: $(STAMP)

@@ -131,6 +131,7 @@ def measure(endpoint: Endpoint, run: Callable[[], dict[str, Any]], label: str) -
     after = {k: cpu_times(pid) for k, pid in pids.items()}
     cpu = {k: 100 * (sum(after[k]) - sum(before[k])) / wall for k in pids}
     cpu["client"] = 100 * (_children_cpu() - client_before) / wall
+    result["wall_secs"] = round(wall, 3)  # with cpu_pct, the CPU seconds of each process
     result["cpu_pct"] = {k: round(v, 1) for k, v in cpu.items()}
     result["sys_pct"] = {k: round(100 * (after[k][1] - before[k][1]) / wall, 1) for k in pids}
     result["machine_pct"] = {"busy": round(machine, 1), "others": round(max(0.0, machine - sum(cpu.values())), 1),

@@ -49,7 +49,8 @@ def scenario_parallel(targets: Targets, plan: Plan, endpoints: list[Endpoint]) -
     return {"file": name, "bytes": size, "downloads": PARALLEL_DOWNLOADS, "runs": runs}
 
 
-def _wrk_scenario(plan: Plan, endpoints: list[Endpoint], what: str, connections: int) -> dict[str, Any]:
+def wrk_scenario(plan: Plan, endpoints: list[Endpoint], what: str, connections: int) -> dict[str, Any]:
+    """wrk on the file `what` at `connections`: a warm-up per endpoint, then plan.runs_wrk rounds alternating."""
     label = f"{what} c{connections}"
     for e in endpoints:
         progress(f"{label}: warm-up, {e.name}")
@@ -59,12 +60,12 @@ def _wrk_scenario(plan: Plan, endpoints: list[Endpoint], what: str, connections:
 
 
 def scenario_small(targets: Targets, plan: Plan, endpoints: list[Endpoint]) -> dict[str, Any]:
-    return {"c1": _wrk_scenario(plan, endpoints, "small", 1),
-            "c32": _wrk_scenario(plan, endpoints, "small", 32)}
+    return {"c1": wrk_scenario(plan, endpoints, "small", 1),
+            "c32": wrk_scenario(plan, endpoints, "small", 32)}
 
 
 def scenario_medium(targets: Targets, plan: Plan, endpoints: list[Endpoint]) -> dict[str, Any]:
-    return {"c32": _wrk_scenario(plan, endpoints, "medium", 32)}
+    return {"c32": wrk_scenario(plan, endpoints, "medium", 32)}
 
 
 def _listeners_waiting(relay_url: str) -> int:

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,8 +136,8 @@ def snapshot_code(rev: str | None, dest: Path) -> dict[str, Any]:
             "dirty": dirty}
 
 
-def relay_config(servers: dict[str, str], code: Path) -> str:
-    """A relay config for the code in `code`, registering `servers` (name -> API key).
+def relay_config(servers: dict[str, str], code: Path, extra: str = "") -> str:
+    """A relay config for the code in `code`, registering `servers` (name -> API key), `extra` TOML first.
 
     With default settings but one: wrk's connections all come from one
     address, which the relay would make wait beyond `requests_per_address`
@@ -148,7 +148,7 @@ def relay_config(servers: dict[str, str], code: Path) -> str:
     # The relay's keys are in ptth_lib/config.py in older revisions, ptth_lib/config/ now.
     sources = [code / "ptth_lib" / "config.py", *(code / "ptth_lib" / "config").glob("*.py")]
     knows_shares = any("requests_per_address" in f.read_text() for f in sources if f.is_file())
-    return procs.relay_config(servers, "requests_per_address = 10000\n" if knows_shares else "")
+    return procs.relay_config(servers, ("requests_per_address = 10000\n" if knows_shares else "") + extra)
 
 
 @dataclass
@@ -162,6 +162,12 @@ class Tunnel:
     def worker_pid(self) -> int:
         """The gunicorn worker (child of the master), where the relay's state and work are."""
         return procs.gunicorn_worker(self.relay)
+
+    def relay_pids(self, prefix: str = "") -> dict[str, int]:
+        """The gunicorn master and each of its workers (a cluster has several), by name."""
+        workers = sorted(procs.children(self.relay.pid))
+        return {f"{prefix}master": self.relay.pid,
+                **{f"{prefix}worker-{i + 1}": pid for i, pid in enumerate(workers)}}
 
     def stop(self) -> None:
         self.server.terminate(STOP_SECS)
@@ -202,22 +208,36 @@ class Targets:
         self.procs.append(proc)
         return proc
 
-    def start_tunnel(self, servers: dict[str, str]) -> Tunnel:
-        """Start a relay registering `servers` plus our server, and our server."""
+    def start_tunnel(self, servers: dict[str, str], extra: str = "",
+                     gunicorn_args: Sequence[str] = ()) -> Tunnel:
+        """Start a relay registering `servers` plus our server, and our server.
+
+        `extra` is added to the relay's config, `gunicorn_args` to its command line.
+        """
         key = procs.new_key(SERVER_NAME)
+        relay, url = self.start_relay({SERVER_NAME: key, **servers}, extra, gunicorn_args)
+        return Tunnel(relay, self.start_server(url, key), url)
+
+    def start_relay(self, servers: dict[str, str], extra: str = "",
+                    gunicorn_args: Sequence[str] = ()) -> tuple[Proc, str]:
+        """Start a relay (gunicorn) registering `servers`; it and its URL once it answers."""
         self.counter += 1
         config = self.work / f"relay-{self.counter}.toml"
-        config.write_text(relay_config({SERVER_NAME: key, **servers}, self.code))
-        relay, port = procs.start_relay(config, self.log("relay"), cwd=self.code,
+        config.write_text(relay_config(servers, self.code, extra))
+        relay, port = procs.start_relay(config, self.log("relay"), cwd=self.code, gunicorn_args=gunicorn_args,
                                         deadline=STARTUP_DEADLINE_SECS)
         self.procs.append(relay)
-        url = f"http://127.0.0.1:{port}"
+        return relay, f"http://127.0.0.1:{port}"
+
+    def start_server(self, relay_url: str, key: str) -> Proc:
+        """Start our ptth_server (SERVER_NAME, serving the test files) at `relay_url`; it once online."""
+        self.counter += 1
         server_config = procs.write_server_config(self.work / f"server-{self.counter}.toml", SERVER_NAME, key,
-                                                  url, self.data)
+                                                  relay_url, self.data)
         server = procs.start_server(server_config, self.log("server"), cwd=self.code)
         self.procs.append(server)
-        procs.wait_for_server(url, SERVER_NAME, server, STARTUP_DEADLINE_SECS)
-        return Tunnel(relay, server, url)
+        procs.wait_for_server(relay_url, SERVER_NAME, server, STARTUP_DEADLINE_SECS)
+        return server
 
     def start_file_server(self) -> tuple[Proc, str]:
         proc, url = procs.start_file_server(self.data, self.log("file-server"), cwd=self.code,
