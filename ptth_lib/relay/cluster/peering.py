@@ -65,6 +65,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import socket
@@ -528,6 +529,24 @@ def _recv_by(sock: socket.socket, n: int, deadline: float) -> bytes:
     return b"".join(parts)
 
 
+def _connect_to(host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection to `host`:`port`. Peers advertise numeric addresses (peer_bind), which are
+    connected to directly: create_connection would look each one up first, and under gevent a
+    lookup is a trip through a thread, on every new link."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return socket.create_connection((host, port), timeout=timeout)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _proof(secret: bytes, role: bytes, opener_nonce: bytes, server_nonce: bytes) -> bytes:
     return hmac.new(secret, role + opener_nonce + server_nonce, hashlib.sha256).digest()
 
@@ -929,7 +948,7 @@ class PeerPool:
             raise ConfigError(f"peer address {address!r}: expected HOST:PORT")
         deadline = time.monotonic() + self._connect_timeout
         try:
-            sock = socket.create_connection((host, int(port)), timeout=self._connect_timeout)
+            sock = _connect_to(host, int(port), self._connect_timeout)
         except OSError as e:
             raise PeerUnreachableError(f"peer {address} is unreachable: {root_cause(e)}") from e
         try:

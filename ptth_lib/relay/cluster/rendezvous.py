@@ -189,8 +189,18 @@ class ClusterRendezvous(Rendezvous):
         name = server.registered.name
         server.touch()
         batch_id = self.new_id() if lease else ""
-        parked = self.store.park(name, self.node_id, max_requests, sorted(server.features), lease=batch_id,
-                                 ack=ack, version=server.version or "", host=server.host or "")
+        # The waiter is there before PARK: an OFFER may take the parked entry, and the dispatcher
+        # hand over its head, before PARK's own answer is back here.
+        waiter: gevent.event.AsyncResult = gevent.event.AsyncResult()
+        self.waiters[name].append(waiter)
+        try:
+            parked = self.store.park(name, self.node_id, max_requests, sorted(server.features), lease=batch_id,
+                                     ack=ack, version=server.version or "", host=server.host or "")
+        except BaseException:
+            self._drop_waiter(name, waiter)
+            raise
+        if parked.outcome != "parked":
+            self._drop_waiter(name, waiter)
         if parked.outcome == "too many":
             raise TooManyListenersError(f"server {name!r} already has listens parked on every side")
         if parked.outcome == "unknown node":  # swept or Redis restarted: the heartbeat registers it again
@@ -198,7 +208,7 @@ class ClusterRendezvous(Rendezvous):
         if parked.outcome == "took":
             heads = list(parked.heads)
         else:
-            head = self._wait(server, name, timeout)
+            head = self._wait(server, name, waiter, timeout)
             heads = [head] if head is not None else []
             if heads and lease:  # PARK recorded nothing for a head that came through the inbox
                 self.store.lease(self.node_id, batch_id, name, [head.request_id for head in heads])
@@ -209,11 +219,9 @@ class ClusterRendezvous(Rendezvous):
         self.leases[batch_id] = held
         return batch, held
 
-    def _wait(self, server: ServerState, name: str, timeout: float) -> QueuedHead | None:
-        """Wait for the dispatcher to hand this listen a head; None at the timeout or the listen's end."""
-        waiter: gevent.event.AsyncResult = gevent.event.AsyncResult()
-        waiting = self.waiters[name]
-        waiting.append(waiter)
+    def _wait(self, server: ServerState, name: str, waiter: gevent.event.AsyncResult,
+              timeout: float) -> QueuedHead | None:
+        """Wait for the dispatcher to hand `waiter` a head; None at the timeout or the listen's end."""
         me = gevent.getcurrent()
         server.parked.add(me)
         server.listeners += 1
@@ -224,8 +232,7 @@ class ClusterRendezvous(Rendezvous):
             # No more heads for this waiter: the dispatcher offers any that still comes again
             # (`hand_over`), and a leave ending every listen does not end this one twice.
             server.parked.discard(me)
-            if waiter in waiting:
-                waiting.remove(waiter)
+            self._drop_waiter(name, waiter, hand_on=False)
             if not waiter.ready():
                 self._unpark_surely(name)
             if waiter.ready():
@@ -235,10 +242,17 @@ class ClusterRendezvous(Rendezvous):
         finally:
             server.listeners -= 1
             server.parked.discard(me)
-            if waiter in waiting:
-                waiting.remove(waiter)
+            self._drop_waiter(name, waiter, hand_on=False)
+
+    def _drop_waiter(self, name: str, waiter: gevent.event.AsyncResult, hand_on: bool = True) -> None:
+        """Take `waiter` off the list; with `hand_on`, a head it was handed goes to another listen."""
+        waiting = self.waiters.get(name)
+        if waiting is not None and waiter in waiting:
+            waiting.remove(waiter)
             if not waiting:
-                self.waiters.pop(name, None)
+                del self.waiters[name]
+        if hand_on and waiter.ready():
+            self.hand_over(InboxHead(name, waiter.value))
 
     def _unpark_surely(self, name: str) -> None:
         """UNPARK this node's entry, even if the listen is ended again meanwhile (its client hangs up).
