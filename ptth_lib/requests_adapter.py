@@ -13,8 +13,8 @@ ptth_server's uploads (response POSTs) need what requests does not offer:
 - telling a connection closed with nothing answered from other failures
   (`closed_without_answer`: http.client's RemoteDisconnected, as urllib3 and
   requests wrap it), and whether that connection was a kept-alive one,
-  reused (`closed_when_reused`): the socket each connection last sent a
-  request on, remembered by the same subclasses.
+  reused (`closed_when_reused`, `ended_early_when_reused`): the socket each
+  connection last sent a request on, remembered by the same subclasses.
 
 requests and urllib3 are pinned in requirements.txt; tests/unit/test_requests_adapter.py
 checks that what we rely on is still there, naming the library and version.
@@ -93,6 +93,17 @@ def closed_when_reused(e: BaseException) -> bool:
     return bool(getattr(_uploading, "reused", False)) and closed_without_answer(e)
 
 
+def ended_early_when_reused() -> bool:
+    """Tell whether is_answered_early stopped this thread's upload for the end of a reused kept-alive connection.
+
+    The same race as closed_when_reused, seen another way: over a network the
+    close of a connection cut in the instant it was reused may arrive after
+    the first chunks of the body went out, and is seen between chunks. An end
+    with nothing to read is not an answer.
+    """
+    return bool(getattr(_uploading, "reused", False) and getattr(_uploading, "ended", False))
+
+
 class _NoRedirectSession(requests.Session):
     """A Session that never follows a redirect: each request carries the key."""
 
@@ -102,8 +113,9 @@ class _NoRedirectSession(requests.Session):
 
 
 # Per thread: the connection it is sending a request body on (conn, for
-# is_answered_early), and whether its last request reused a kept-alive socket
-# (reused, for closed_when_reused).
+# is_answered_early), whether its last request reused a kept-alive socket
+# (reused), and whether is_answered_early found that connection ended with
+# nothing to read (ended).
 _uploading = threading.local()
 
 
@@ -118,6 +130,7 @@ class _Watched:
     def request(self, *args: Any, **kwargs: Any) -> None:
         sock = getattr(self, "sock", None)
         _uploading.reused = sock is not None and sock is self._last_sock
+        _uploading.ended = False
         _uploading.conn = self
         try:
             super().request(*args, **kwargs)  # type: ignore[misc]
@@ -158,7 +171,8 @@ def is_answered_early() -> bool:
     The relay answers a response POST before its body ends only when the body
     is not wanted; a proxy in front (nginx) passes that answer on at once but
     keeps reading, and discarding, the rest of the upload. Between chunks,
-    one poll of the socket tells.
+    one poll of the socket tells. An end with nothing to read (or a reset) is
+    noted for ended_early_when_reused.
     """
     conn = getattr(_uploading, "conn", None)
     sock = getattr(conn, "sock", None)
@@ -174,13 +188,16 @@ def is_answered_early() -> bool:
             timeout = sock.gettimeout()
             sock.setblocking(False)
             try:
-                sock.recv(1)
+                _uploading.ended = sock.recv(1) == b""
             except ssl.SSLWantReadError:
                 return False
             finally:
                 sock.settimeout(timeout)
+        else:
+            _uploading.ended = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         return True
     except (OSError, ValueError):
+        _uploading.ended = True
         return True  # the connection is gone: the upload cannot go on anyway
 
 

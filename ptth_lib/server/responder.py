@@ -22,7 +22,12 @@ import urllib3
 
 from ptth_lib.config import ServerConfig
 from ptth_lib.errors import PtthError, describe_answer, root_cause
-from ptth_lib.requests_adapter import SizedBody, closed_when_reused, is_answered_early
+from ptth_lib.requests_adapter import (
+    SizedBody,
+    closed_when_reused,
+    ended_early_when_reused,
+    is_answered_early,
+)
 from ptth_lib.server import file_server
 from ptth_lib.server.proxy_headers import client_address
 from ptth_lib.server.web_app import AppCutError, WebApp
@@ -102,7 +107,8 @@ class Responder:
         A kept-alive connection may be closed by a proxy or NAT box (or the
         relay's keep-alive timeout) in the instant it is reused: the POST
         meets a closed connection and nothing of it is read, however much of
-        the body seemed to go out (requests_adapter.closed_when_reused). The
+        the body seemed to go out (requests_adapter.closed_when_reused, and
+        ended_early_when_reused when the close is seen between chunks). The
         file server's answers can be made again (it only reads), so the
         response goes once more on a new connection; if the first did reach
         the relay after all (it cut the POST because the client left), the
@@ -153,6 +159,11 @@ class Responder:
             self._local.session = None  # closed mid-body: not reusable
             return True
         except _AnsweredEarlyError:
+            if not last_try and ended_early_when_reused():
+                self._local.session = None
+                logger.debug("response %s: kept-alive connection ended unanswered after %d bytes; again on a "
+                             "new connection", request_id, body.sent)
+                return False
             logger.info("response %s cut off after %d bytes: the client left (the relay answered early)",
                         request_id, body.sent)
             self._local.session = None  # its connection carries an unread answer: not reusable

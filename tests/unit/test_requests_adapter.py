@@ -26,6 +26,7 @@ from ptth_lib.requests_adapter import (
     SizedBody,
     closed_when_reused,
     closed_without_answer,
+    ended_early_when_reused,
     is_answered_early,
     new_session,
     response_socket,
@@ -265,3 +266,51 @@ def test_a_kept_alive_connection_closed_as_it_is_reused_is_told_apart() -> None:
     assert closed_when_reused(closed.value), (
         f"{VERSIONS}: a kept-alive connection reset as it was reused is not told apart: {closed.value!r}")
     assert ran_to_end == [], f"{VERSIONS}: urllib3 no longer ignores a failed write of the body"
+
+
+@pytest.mark.parametrize("answer", [False, True], ids=["ended", "answered"])
+def test_a_kept_alive_connection_ending_between_chunks_is_not_an_answer(answer: bool) -> None:
+    """Over a network the close of a connection cut as it is reused may come between chunks of the body.
+
+    The peer answers one POST and keeps the connection; when the second POST's
+    head arrives it ends the connection with nothing said (FIN), or answers 410
+    early, and reads on. The thread feeding the body sees either between two
+    chunks; only the end is one to send again.
+    """
+    seen = threading.Event()
+
+    def act(conn: socket.socket, head: bytes) -> None:
+        read_sized_body(conn, head)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        read_head(conn)
+        if answer:
+            conn.sendall(b"HTTP/1.1 410 Gone\r\nContent-Length: 5\r\n\r\ngone\n")
+        else:
+            conn.shutdown(socket.SHUT_WR)
+        seen.wait(5)
+
+    found: list[tuple[bool, bool]] = []
+
+    def body() -> Iterator[bytes]:
+        yield b"x" * 1024
+        for _ in range(100):
+            if is_answered_early():
+                found.append((True, ended_early_when_reused()))
+                return
+            threading.Event().wait(0.02)
+        found.append((False, ended_early_when_reused()))
+
+    peer = Peer(act)
+    session = new_session({}, "test")
+    try:
+        assert session.post(peer.url, data=b"y" * 12, timeout=10).content == b"ok"
+        try:
+            session.post(peer.url, data=body(), timeout=10).close()
+        except requests.RequestException:
+            pass  # ended: no answer to read
+    finally:
+        seen.set()
+        peer.close()
+    assert found == [(True, not answer)], (
+        f"{VERSIONS}: {'an early answer' if answer else 'the end of a reused connection'} seen between "
+        f"chunks as (seen, ended) = {found}")
