@@ -12,7 +12,9 @@ ptth_server's uploads (response POSTs) need what requests does not offer:
   (`SizedBody`: requests looks for `__len__`);
 - telling a connection closed with nothing answered from other failures
   (`closed_without_answer`: http.client's RemoteDisconnected, as urllib3 and
-  requests wrap it).
+  requests wrap it), and whether that connection was a kept-alive one,
+  reused (`closed_when_reused`, `ended_early_when_reused`): the socket each
+  connection last sent a request on, remembered by the same subclasses.
 
 requests and urllib3 are pinned in requirements.txt; tests/unit/test_requests_adapter.py
 checks that what we rely on is still there, naming the library and version.
@@ -73,6 +75,35 @@ def closed_without_answer(e: BaseException) -> bool:
     return False
 
 
+def closed_when_reused(e: BaseException) -> bool:
+    """Tell whether this thread's last request failed because the kept-alive connection it reused ended unanswered.
+
+    Every client that keeps connections alive meets this race: the peer, or a
+    proxy or NAT box between (which cuts connections idle for a while), closes
+    an idle connection in the instant it is reused. urllib3 looks for a close
+    before reusing a connection, but one that comes just after that look
+    meets the request on its way, so none of it is read. How much of the body
+    seemed to go out tells nothing: the kernel takes the first writes, and
+    urllib3 ignores a write that fails on a closed connection (EPIPE,
+    ECONNRESET) so as to read an answer, then finds none. A request that can
+    be made again may go once more on a new connection (as Go's net/http
+    does); on a new connection there is no such race, and a close there is
+    the peer's own doing.
+    """
+    return bool(getattr(_uploading, "reused", False)) and closed_without_answer(e)
+
+
+def ended_early_when_reused() -> bool:
+    """Tell whether is_answered_early stopped this thread's upload for the end of a reused kept-alive connection.
+
+    The same race as closed_when_reused, seen another way: over a network the
+    close of a connection cut in the instant it was reused may arrive after
+    the first chunks of the body went out, and is seen between chunks. An end
+    with nothing to read is not an answer.
+    """
+    return bool(getattr(_uploading, "reused", False) and getattr(_uploading, "ended", False))
+
+
 class _NoRedirectSession(requests.Session):
     """A Session that never follows a redirect: each request carries the key."""
 
@@ -81,19 +112,31 @@ class _NoRedirectSession(requests.Session):
         return super().request(*args, **kwargs)
 
 
-# The connection a thread is sending a request body on, for is_answered_early.
+# Per thread: the connection it is sending a request body on (conn, for
+# is_answered_early), whether its last request reused a kept-alive socket
+# (reused), and whether is_answered_early found that connection ended with
+# nothing to read (ended).
 _uploading = threading.local()
 
 
 class _Watched:
-    """Mixed into urllib3's connections: tells the thread which socket a body is going out on."""
+    """Mixed into urllib3's connections: tells the thread which socket a body is going out on, and if it is reused."""
+
+    # The socket the last request went out on. urllib3 closes a connection it
+    # finds dropped (sock None), and connects HTTPS before request(), so "the
+    # same socket as last time" is what tells a kept-alive one.
+    _last_sock: socket.socket | None = None
 
     def request(self, *args: Any, **kwargs: Any) -> None:
+        sock = getattr(self, "sock", None)
+        _uploading.reused = sock is not None and sock is self._last_sock
+        _uploading.ended = False
         _uploading.conn = self
         try:
             super().request(*args, **kwargs)  # type: ignore[misc]
         finally:
             _uploading.conn = None
+            self._last_sock = getattr(self, "sock", None)
 
 
 class _WatchedHTTPConnection(_Watched, HTTPConnection):
@@ -128,7 +171,8 @@ def is_answered_early() -> bool:
     The relay answers a response POST before its body ends only when the body
     is not wanted; a proxy in front (nginx) passes that answer on at once but
     keeps reading, and discarding, the rest of the upload. Between chunks,
-    one poll of the socket tells.
+    one poll of the socket tells. An end with nothing to read (or a reset) is
+    noted for ended_early_when_reused.
     """
     conn = getattr(_uploading, "conn", None)
     sock = getattr(conn, "sock", None)
@@ -144,13 +188,16 @@ def is_answered_early() -> bool:
             timeout = sock.gettimeout()
             sock.setblocking(False)
             try:
-                sock.recv(1)
+                _uploading.ended = sock.recv(1) == b""
             except ssl.SSLWantReadError:
                 return False
             finally:
                 sock.settimeout(timeout)
+        else:
+            _uploading.ended = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         return True
     except (OSError, ValueError):
+        _uploading.ended = True
         return True  # the connection is gone: the upload cannot go on anyway
 
 

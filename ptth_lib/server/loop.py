@@ -14,7 +14,10 @@ leaving. An upload stops as soon as the relay answers it early (the client
 left), even through a proxy that keeps reading the rest.
 
 Faults are expected: connection errors back off exponentially with jitter and
-are logged once per change of state; so do unexpected answers (a redirect is
+are logged once per change of state, except the cuts of NAT boxes and proxies
+that close idle connections (a listen cut while parked, a kept-alive
+connection closed in the instant it is reused), after which it listens again
+at once; so do unexpected answers (a redirect is
 never followed: the key would go to wherever it points). A 403 from the relay
 stops the loop, because retrying with a key the relay refuses cannot succeed.
 
@@ -47,9 +50,7 @@ from ptth_lib import __version__
 from ptth_lib.config import ServerConfig
 from ptth_lib.errors import ProtocolError, backoff_secs, describe_answer, root_cause
 from ptth_lib.forward.http_server import PortForwardServer
-from ptth_lib.requests_adapter import (
-    new_session,
-)
+from ptth_lib.requests_adapter import closed_when_reused, new_session
 from ptth_lib.server.responder import Responder
 from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import (
@@ -233,6 +234,13 @@ class ServerLoop:
                     # The listen was parked, then cut: a NAT box or proxy dropping an idle
                     # connection, not a relay that is down. Reconnect at once, no backoff.
                     logger.debug("listen cut after %.1f s: %s; listening again", time.monotonic() - started,
+                                 root_cause(e))
+                    failures = 0
+                    continue
+                if closed_when_reused(e):
+                    # Cut in the instant it was reused (requests_adapter.closed_when_reused):
+                    # the relay never saw this listen. A new connection, at once.
+                    logger.debug("listen's kept-alive connection ended unanswered: %s; listening again",
                                  root_cause(e))
                     failures = 0
                     continue

@@ -22,7 +22,12 @@ import urllib3
 
 from ptth_lib.config import ServerConfig
 from ptth_lib.errors import PtthError, describe_answer, root_cause
-from ptth_lib.requests_adapter import SizedBody, closed_without_answer, is_answered_early
+from ptth_lib.requests_adapter import (
+    SizedBody,
+    closed_when_reused,
+    ended_early_when_reused,
+    is_answered_early,
+)
 from ptth_lib.server import file_server
 from ptth_lib.server.file_pages import Site
 from ptth_lib.server.proxy_headers import client_address
@@ -109,15 +114,19 @@ class Responder:
             body.close()
 
     def _serve_file(self, req: RelayRequest, client: str) -> None:
-        """Answer one request, on a second connection if the first was closed with nothing answered.
+        """Answer one request, on a new connection if the kept-alive one it went on ended unanswered.
 
-        A kept-alive connection may be closed by a proxy or NAT box in the
-        instant it is reused: the POST goes out whole, and the connection
-        ends without an answer. The file server's answers can be made again
-        (it only reads), so the response goes once more on a new connection;
-        if the first did reach the relay after all, the second gets 404 and
-        nothing is answered twice. A POST cut before its body was all out
-        (the relay cut it: the client left) is not tried again.
+        A kept-alive connection may be closed by a proxy or NAT box (or the
+        relay's keep-alive timeout) in the instant it is reused: the POST
+        meets a closed connection and nothing of it is read, however much of
+        the body seemed to go out (requests_adapter.closed_when_reused, and
+        ended_early_when_reused when the close is seen between chunks). The
+        file server's answers can be made again (it only reads), so the
+        response goes once more on a new connection; if the first did reach
+        the relay after all (it cut the POST because the client left), the
+        second gets 404 at once and nothing is answered twice. A new
+        connection that ends unanswered is not tried again: there the close
+        came after the relay had the POST (it cut it: the client left).
         """
         assert self._root is not None
         headers = {k: v.decode("latin-1") for k, v in req.headers.items()}
@@ -130,13 +139,18 @@ class Responder:
             length = head.headers.get("content-length") if has_body else b"0"
             body = _CountingBody(answer.body, self._abort, int(length) if length is not None else None)
             try:
-                if self._post(req.id, head, body, last_try=attempt == 2):
+                if self._post(req.id, head, body, last_try=attempt == 2, again=attempt == 2):
                     return
             finally:
                 body.close()
 
-    def _post(self, request_id: str, head: ServerResponseHead, body: _CountingBody, last_try: bool) -> bool:
-        """POST one response; False if it should be tried again: it failed with nothing answered."""
+    def _post(self, request_id: str, head: ServerResponseHead, body: _CountingBody, last_try: bool,
+              again: bool = False) -> bool:
+        """POST one response; False if it should be tried again: its kept-alive connection ended unanswered.
+
+        `again` says this is the second try, which the relay may answer 404:
+        the first reached it after all.
+        """
         url = self._response_url.format(id=quote(request_id, safe=""))
         encoded = encode_response_head(head)
         if len(encoded) > MAX_RESPONSE_HEAD_BYTES:  # the relay would refuse it; tell the client why
@@ -157,15 +171,20 @@ class Responder:
             self._local.session = None  # closed mid-body: not reusable
             return True
         except _AnsweredEarlyError:
+            if not last_try and ended_early_when_reused():
+                self._local.session = None
+                logger.debug("response %s: kept-alive connection ended unanswered after %d bytes; again on a "
+                             "new connection", request_id, body.sent)
+                return False
             logger.info("response %s cut off after %d bytes: the client left (the relay answered early)",
                         request_id, body.sent)
             self._local.session = None  # its connection carries an unread answer: not reusable
             return True
         except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
             self._local.session = None  # whatever happened to that connection, do not reuse it
-            if not last_try and body.finished and closed_without_answer(e):
-                logger.debug("response %s: %s after %d bytes; again on a new connection", request_id,
-                             root_cause(e), body.sent)
+            if not last_try and closed_when_reused(e):
+                logger.debug("response %s: kept-alive connection ended unanswered (%s) after %d bytes; "
+                             "again on a new connection", request_id, root_cause(e), body.sent)
                 return False
             logger.info("response %s cut off after %d bytes: %s", request_id, body.sent, root_cause(e))
             return True
@@ -173,6 +192,9 @@ class Responder:
             logger.debug("response %s delivered, %d bytes", request_id, body.sent)
         elif r.status_code == 410:
             logger.info("response %s: the client left after %d bytes", request_id, body.sent)
+        elif r.status_code == 404 and again:
+            logger.info("response %s: the relay no longer waits for it: its client left, or the first try "
+                        "reached it", request_id)
         else:
             logger.warning("response %s: relay answered %s", request_id,
                            describe_answer(r.status_code, r.headers, answer))
@@ -206,12 +228,6 @@ class _CountingBody:
         self._length = length
         self.sent = 0
         self.started = False
-        self._exhausted = False
-
-    @property
-    def finished(self) -> bool:
-        """Every byte was handed to the connection (an empty body is never started)."""
-        return self._length == 0 or self._exhausted
 
     def upload(self) -> bytes | Iterable[bytes]:
         """What to give requests as `data`."""
@@ -230,7 +246,6 @@ class _CountingBody:
                 raise _AnsweredEarlyError()
             self.sent += len(chunk)
             yield chunk
-        self._exhausted = True
 
     def close(self) -> None:
         close = getattr(self._chunks, "close", None)

@@ -369,8 +369,7 @@ def test_middlebox_cutting_idle_listens_loses_no_request(cluster: Cluster, tmp_p
     0.5-1, 1-2, 2-4, 4-8 s) opens at most 4, and in a longer quiet sleeps so
     long that the relay counts the server offline. The quiet stretch is not a
     multiple of the cut period, so a burst does not systematically arrive in
-    the instant a listen is being cut (a request handed to a listen at that
-    instant is lost: the documented 504 after request_timeout_secs).
+    the instant a listen is being cut: that race has a test of its own, next.
     """
     root = tmp_path / "root"
     root.mkdir()

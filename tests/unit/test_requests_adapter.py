@@ -24,7 +24,9 @@ from urllib3.poolmanager import PoolManager
 from ptth_lib.keepalive import KEEPALIVE_OPTIONS
 from ptth_lib.requests_adapter import (
     SizedBody,
+    closed_when_reused,
     closed_without_answer,
+    ended_early_when_reused,
     is_answered_early,
     new_session,
     response_socket,
@@ -186,6 +188,7 @@ def test_a_connection_closed_with_nothing_answered_is_told_apart(reset: bool) ->
     assert closed_without_answer(closed.value), (
         f"{VERSIONS}: a connection closed without an answer no longer raises http.client's "
         f"RemoteDisconnected (or a reset) inside what requests raises: {closed.value!r}")
+    assert not closed_when_reused(closed.value), "a new connection taken for a kept-alive one"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -210,3 +213,104 @@ def test_connections_to_the_relay_keep_alive_while_idle() -> None:
         peer.close()
     assert options == {(level, option): value for level, option, value in KEEPALIVE_OPTIONS}, (
         f"{VERSIONS}: the socket_options given to the pool manager no longer reach the connections")
+
+
+def read_head(conn: socket.socket, got: bytes = b"") -> bytes:
+    """Read up to the end of a request head; what came after it is returned with it."""
+    while b"\r\n\r\n" not in got:
+        data = conn.recv(65536)
+        if not data:
+            break
+        got += data
+    return got
+
+
+def test_a_kept_alive_connection_closed_as_it_is_reused_is_told_apart() -> None:
+    """A proxy cutting an idle connection in the instant it is reused: the POST meets a closed connection.
+
+    The peer answers one POST and keeps the connection; it resets it as soon as
+    the second POST's head arrives, before its body goes out (a proxy closing
+    the idle connection is the same to the sender). The write of the body
+    fails, urllib3 ignores that so as to read an answer, and finds none: the
+    body's last chunk was handed over, yet its generator never ran to its end.
+    """
+    reset_done = threading.Event()
+    second_head = threading.Event()
+
+    def act(conn: socket.socket, head: bytes) -> None:
+        read_sized_body(conn, head)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        read_head(conn)
+        second_head.set()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+        reset_done.set()
+
+    ran_to_end: list[bool] = []
+
+    def body() -> Iterator[bytes]:
+        assert second_head.wait(5) and reset_done.wait(5)
+        threading.Event().wait(0.05)  # the reset reaches this side
+        yield b"x" * 12
+        ran_to_end.append(True)
+
+    peer = Peer(act)
+    session = new_session({}, "test")
+    try:
+        first = session.post(peer.url, data=b"y" * 12, timeout=10)
+        assert first.content == b"ok"
+        with pytest.raises(requests.RequestException) as closed:
+            session.post(peer.url, data=SizedBody(body(), 12), timeout=10)
+    finally:
+        peer.close()
+    assert closed_when_reused(closed.value), (
+        f"{VERSIONS}: a kept-alive connection reset as it was reused is not told apart: {closed.value!r}")
+    assert ran_to_end == [], f"{VERSIONS}: urllib3 no longer ignores a failed write of the body"
+
+
+@pytest.mark.parametrize("answer", [False, True], ids=["ended", "answered"])
+def test_a_kept_alive_connection_ending_between_chunks_is_not_an_answer(answer: bool) -> None:
+    """Over a network the close of a connection cut as it is reused may come between chunks of the body.
+
+    The peer answers one POST and keeps the connection; when the second POST's
+    head arrives it ends the connection with nothing said (FIN), or answers 410
+    early, and reads on. The thread feeding the body sees either between two
+    chunks; only the end is one to send again.
+    """
+    seen = threading.Event()
+
+    def act(conn: socket.socket, head: bytes) -> None:
+        read_sized_body(conn, head)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        read_head(conn)
+        if answer:
+            conn.sendall(b"HTTP/1.1 410 Gone\r\nContent-Length: 5\r\n\r\ngone\n")
+        else:
+            conn.shutdown(socket.SHUT_WR)
+        seen.wait(5)
+
+    found: list[tuple[bool, bool]] = []
+
+    def body() -> Iterator[bytes]:
+        yield b"x" * 1024
+        for _ in range(100):
+            if is_answered_early():
+                found.append((True, ended_early_when_reused()))
+                return
+            threading.Event().wait(0.02)
+        found.append((False, ended_early_when_reused()))
+
+    peer = Peer(act)
+    session = new_session({}, "test")
+    try:
+        assert session.post(peer.url, data=b"y" * 12, timeout=10).content == b"ok"
+        try:
+            session.post(peer.url, data=body(), timeout=10).close()
+        except requests.RequestException:
+            pass  # ended: no answer to read
+    finally:
+        seen.set()
+        peer.close()
+    assert found == [(True, not answer)], (
+        f"{VERSIONS}: {'an early answer' if answer else 'the end of a reused connection'} seen between "
+        f"chunks as (seen, ended) = {found}")
