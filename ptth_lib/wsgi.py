@@ -427,8 +427,10 @@ def run(app: Any, host: str, port: int, name: str, on_stop: Callable[[], None] |
 
 # ---- gunicorn's worker, for conf/gunicorn.conf.py -------------------------------
 
-# How often a watcher looks whether the worker has started to stop.
-WORKER_CHECK_SECS = 0.5
+# How often a watcher looks whether the worker has started to stop: well within the
+# half second a lease waits for an acknowledgement after its listen's connection ended
+# (delivery.hold_lease), so that a connection closed by the stopping worker is told apart.
+WORKER_CHECK_SECS = 0.1
 
 
 def gunicorn_workers() -> int | None:

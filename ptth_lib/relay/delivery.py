@@ -146,12 +146,13 @@ def hold_lease(rv: Rendezvous, sock: socket.socket | None, lease: Lease) -> None
     try:
         deadline = time.monotonic() + LEASE_SECS
         ended = sock is not None and connection_ended(sock, LEASE_SECS)
-        # A connection this relay closed itself (it is stopping: gunicorn closes kept-alive
-        # connections after their answer) lost nothing; the server's next listen may take a
-        # while to find another worker.
-        cut = ended and not rv.closing
         if not lease.acked.is_set():
-            lease.acked.wait(ACK_AFTER_CLOSE_SECS if cut else max(0.0, deadline - time.monotonic()))
+            lease.acked.wait(ACK_AFTER_CLOSE_SECS if ended else max(0.0, deadline - time.monotonic()))
+        # A connection this relay closed itself lost nothing: it is stopping, and gunicorn closes
+        # kept-alive connections after their answer. The server's next listen may take a while
+        # to find another worker (the relay learns it is stopping within WORKER_CHECK_SECS).
+        if ended and rv.closing and not lease.acked.is_set():
+            lease.acked.wait(max(0.0, deadline - time.monotonic()))
     except gevent.GreenletExit:
         return  # acknowledged
     if not lease.acked.is_set():

@@ -141,6 +141,9 @@ class ClusterRendezvous(Rendezvous):
         self.offered: dict[str, QueuedHead] = {}
         # Of those, the ids offered again after a lost listen (bounded by `offered`; see _claim).
         self.reoffered: set[str] = set()
+        # Batches of this node's listens that PARK recorded in Redis (leases:{N}), until acknowledged
+        # or expired; a batch of heads that came through the inbox has no record (see expire_lease).
+        self.recorded: set[str] = set()
         # Requests waiting for their client's turn, per (server, fairness key).
         self._turns: dict[tuple[str, str], _Turn] = {}
         self.settler = Settler(store, lambda: self.node_id)  # ended requests, settled in batches
@@ -210,13 +213,13 @@ class ClusterRendezvous(Rendezvous):
         else:
             head = self._wait(server, name, waiter, timeout)
             heads = [head] if head is not None else []
-            if heads and lease:  # PARK recorded nothing for a head that came through the inbox
-                self.store.lease(self.node_id, batch_id, name, [head.request_id for head in heads])
         batch = [_taken(head, name) for head in heads]
         if not (batch and lease):
             return batch, None
         held = Lease(batch_id, server, batch)
         self.leases[batch_id] = held
+        if parked.outcome == "took":
+            self.recorded.add(batch_id)  # PARK recorded it in Redis, for the sweeper
         return batch, held
 
     def _wait(self, server: ServerState, name: str, waiter: gevent.event.AsyncResult,
@@ -298,14 +301,28 @@ class ClusterRendezvous(Rendezvous):
     def expire_lease(self, held: Lease) -> int:
         """No acknowledgement came: the owners offer the batch's requests again, if still unanswered.
 
-        The lease's record in Redis decides against an acknowledgement arriving
-        in the same instant (`end_lease`): exactly one of the two wins.
+        A batch PARK took from the queue has a record in Redis, which decides
+        against an acknowledgement arriving in the same instant (`end_lease`):
+        exactly one of the two wins. A batch of heads that came through the
+        inbox has none (one round trip less per batch): its acknowledgement
+        reaches this node through the inbox whatever happens, and this node
+        alone decides. If this node dies first, the sweeper cannot offer those
+        heads again: their clients get 504 at their timeout.
         """
         if self.leases.pop(held.id, None) is None or held.acked.is_set():
+            self.recorded.discard(held.id)
             return 0
-        if not self.store.end_lease(self.node_id, held.id):
-            return 0  # acknowledged after all: its InboxAck is on its way
+        if held.id in self.recorded:
+            self.recorded.discard(held.id)
+            if not self.store.end_lease(self.node_id, held.id):
+                return 0  # acknowledged after all: its InboxAck is on its way
         return self.requeue(held.batch)
+
+    def ack(self, server: ServerState, lease_id: str) -> None:
+        """As in one process (only `server`'s own batch: an acknowledgement names its server)."""
+        super().ack(server, lease_id)
+        if lease_id not in self.leases:
+            self.recorded.discard(lease_id)
 
     def requeue(self, batch: list[PendingRequest], delivered: bool = True) -> int:
         """A listen's answer may be lost: each request's owner offers it again if it is still unanswered.

@@ -556,16 +556,6 @@ class Store:
             raise self._unexpected("SETTLE", repr(answer))
         return SettleResult(answer[0], answer[1])
 
-    def lease(self, node: str, batch_id: str, server: str, request_ids: Sequence[str]) -> None:
-        """Record a batch `node` handed to a listen from its inbox heads, before answering the listen.
-
-        PARK records the batches it takes itself (its `lease`); this is for
-        heads that came to a parked listen through the inbox. The record lets
-        the sweeper requeue them if `node` dies before the acknowledgement.
-        """
-        value = " ".join((server, *request_ids))
-        self._call(lambda: self._client.hset(self._key(f"leases:{node}"), batch_id, value))
-
     def end_lease(self, node: str, batch_id: str) -> bool:
         """No acknowledgement came in time: drop the batch's record. True if it was still there.
 

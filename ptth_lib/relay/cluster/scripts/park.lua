@@ -35,6 +35,10 @@ if ack ~= '' then
   if record and string.sub(record, 1, #S + 1) == S .. ' ' then -- only S's own batch
     redis.call('HDEL', leases, ack)
     tell(P, holder, 'ack ' .. S .. ' ' .. ack)
+  elseif not record then
+    -- A batch of heads that came through the holder's inbox has no record (a round trip
+    -- saved per batch); the holder checks that the batch is S's before taking the ack.
+    tell(P, holder, 'ack ' .. S .. ' ' .. ack)
   end
 end
 
