@@ -73,6 +73,26 @@ def test_four_workers_serve_the_file_tunnel(redis_server: RedisServer, cluster: 
     assert "Traceback" not in relay.proc.output()
 
 
+def test_two_server_processes_under_one_name_share_the_requests(redis_server: RedisServer, cluster: Cluster,
+                                                                tmp_path: Path) -> None:
+    """Several processes of one server, their listens parked on different workers: each gets requests."""
+    roots = []
+    for i in range(2):
+        root = tmp_path / f"root{i}"
+        root.mkdir()
+        (root / "same.txt").write_bytes(b"the same file on both\n")
+        roots.append(root)
+    key = new_key("alpha")
+    relay = cluster.relay({"alpha": key}, extra=cluster_config(redis_server), gunicorn_args=["-w", str(WORKERS)])
+    relay.proc.wait_for_output(r"(?s)(relay node \S+ up.*){" + str(WORKERS) + "}")
+    servers = [cluster.server(relay, "alpha", key, root) for root in roots]
+    for _ in range(60):
+        r = requests.get(f"{relay.url}/frontend/servers/alpha/files/same.txt", timeout=20)
+        assert r.status_code == 200 and r.content == b"the same file on both\n"
+    counts = [len(re.findall(r"request \S+ from \S+: GET /files/same.txt", s.proc.output())) for s in servers]
+    assert sum(counts) == 60 and min(counts) >= 5, counts  # both served, none twice
+
+
 # ---- a scripted server: listens and answers by hand, each call on a new connection (a new worker) ----
 
 
