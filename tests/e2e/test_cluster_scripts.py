@@ -429,6 +429,9 @@ def test_tcp_connects_meet_listens_per_port_within_their_bounds(store: Store, ra
     port = "ssh"
     assert store.tcp_connect(S, port, rid(A, 0), "laptop") == TcpConnectResult("port gone")
     assert store.tcp_listen(S, port, B) == TcpListenResult("parked")
+    # A listen parked long ago is as good as one parked now: taking it stamps the port seen, so
+    # the connects right behind it wait for the server's next listen instead of "port gone".
+    raw.hset(f"ptth:tcp_ports:{S}", port, redis_now_ms(raw) - round(PORT_GONE_AFTER_SECS * 1000) - 1)
     assert store.tcp_connect(S, port, rid(A, 1), "laptop") == TcpConnectResult("handed", B)
     assert store.take_inbox(B) == [InboxConnection(S, port, rid(A, 1), "laptop")]
     # No listen parked now, but one lately: connects wait for the next, up to the bound.

@@ -57,6 +57,10 @@ if mode == 'new' then
 end
 if node then
   redis.call('RPUSH', P .. 'inbox:' .. node, 'conn ' .. S .. ' ' .. port .. ' ' .. entry)
+  -- The listen was there until this instant: the port counts as seen now, so that the next
+  -- connect, finding no listen parked while the server listens again, queues instead of
+  -- calling the port gone (as OFFER stamps the server seen).
+  redis.call('HSET', KEYS[3], port, now_ms())
   return {'handed', node}
 end
 if mode == 'front' then
