@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from ptth_lib.errors import ConfigError
@@ -36,9 +36,10 @@ def test_a_malformed_url_is_not_quoted_at_all() -> None:
 @given(st.text(alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="@:/?#&=%[]"),
                min_size=4))
 def test_no_password_survives_redaction(password: str) -> None:
-    for url in (f"redis://:{password}@h:1/0", f"redis://user:{password}@h:1/0", f"rediss://{password}@h/0",
-                f"unix:///s.sock?password={password}"):
-        assert password not in redacted(url).replace("***", "")
+    for template in ("redis://:{}@h:1/0", "redis://user:{}@h:1/0", "rediss://{}@h/0", "unix:///s.sock?password={}"):
+        # A password that is part of the URL's other text ("pass" in "password=") proves nothing.
+        assume(password not in template.format(""))
+        assert password not in redacted(template.format(password)).replace("***", "")
 
 
 @pytest.mark.parametrize("url", ["http://:secret@127.0.0.1/", "127.0.0.1:6379", "redis://:secret@h/cache",
