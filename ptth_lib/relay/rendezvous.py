@@ -580,7 +580,7 @@ class Rendezvous:
         timeout = self.config.request_timeout_secs
         name = p.server.registered.name
         try:
-            if not p.picked_up.wait(timeout):
+            if not self._picked_up(p, timeout):
                 raise BadGatewayError(f"server {name!r} did not pick up the request in {timeout:.0f} s")
             since = time.monotonic()
             while not p.head_ready.wait(max(0.0, since + timeout - time.monotonic())):
@@ -595,6 +595,10 @@ class Rendezvous:
             self.forget(p)
             raise
         return p.head
+
+    def _picked_up(self, p: PendingRequest, timeout: float) -> bool:
+        """Wait up to `timeout` for a server to pick `p` up; False if none did."""
+        return bool(p.picked_up.wait(timeout))
 
     def skip_body(self, p: PendingRequest) -> None:
         """The client gets no body (HEAD, 204, 304): the server's POST ends at once."""

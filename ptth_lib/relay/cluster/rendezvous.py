@@ -48,7 +48,6 @@ import gevent.event
 from ptth_lib.config import RelayConfig
 from ptth_lib.errors import (
     BadGatewayError,
-    GatewayTimeoutError,
     HttpError,
     QueueFullError,
     RequestHeadTooLargeError,
@@ -79,7 +78,6 @@ from ptth_lib.wire.envelope import (
     FEATURE_WEBSOCKET,
     MAX_REQUEST_HEAD_BYTES,
     RelayRequest,
-    ServerResponseHead,
     decode_request_item,
     encode_request_item,
     head_size,
@@ -501,29 +499,13 @@ class ClusterRendezvous(Rendezvous):
         if self.offered.pop(p.request.id, None) is not None:
             self.settler.add(p.request.id)
 
-    def wait_for_head(self, p: PendingRequest, last_active: Callable[[], float] | None = None,
-                      ) -> ServerResponseHead:
-        """Wait for the response head; at the timeout, ask Redis whether the request was picked up.
-
-        Still in the server's queue (WITHDRAW takes it out): 502, as a request
-        never picked up in the single process. Picked up: the server has had
-        it, and gets as long again to answer before 504.
-        """
-        timeout = self.config.request_timeout_secs
-        name = p.server.registered.name
-        try:
-            if not p.head_ready.wait(timeout):
-                if self.store.withdraw(name, p.request.id):
-                    raise BadGatewayError(f"server {name!r} did not pick up the request in {timeout:.0f} s")
-                if not p.head_ready.wait(timeout):
-                    raise GatewayTimeoutError(f"server {name!r} did not answer in {timeout:.0f} s")
-            if p.failure is not None or p.head is None:
-                reason = p.failure or f"server {name!r} sent no response"
-                raise BadGatewayError(reason) if p.failure_status == 502 else HttpError(reason, p.failure_status)
-        except BaseException:
-            self.forget(p)
-            raise
-        return p.head
+    def _picked_up(self, p: PendingRequest, timeout: float) -> bool:
+        """Picked up is known only in Redis: at the timeout, WITHDRAW takes the head out of the queue
+        if it is still there (never picked up: 502); else a server has it, and the head's own wait
+        (with its body's progress, as in one process) decides 504."""
+        if p.head_ready.wait(timeout):
+            return True
+        return not self.store.withdraw(p.server.registered.name, p.request.id)
 
 
 def _needs(body: int | None, upgrade: str | None) -> tuple[str, ...]:
