@@ -53,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -218,6 +219,17 @@ def idle_cpu(setups: dict[str, Setup], secs: float) -> dict[str, dict[str, float
     return out
 
 
+def posts_reached(setup: Setup) -> dict[str, int]:
+    """The setup's response POSTs so far by where they landed (ptth_response_posts_total, all nodes):
+    at the worker holding the client ("owner") or carried to it over a peer link ("carried")."""
+    with urllib.request.urlopen(setup.client_url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    posts = {"owner": 0, "carried": 0}
+    for reached, value in re.findall(r'^ptth_response_posts_total\{[^}]*reached="(\w+)"[^}]*\} (\S+)$', text, re.MULTILINE):
+        posts[reached] = posts.get(reached, 0) + int(float(value))
+    return posts
+
+
 def crossing_check(setup: Setup) -> dict[str, Any]:
     """How many of the server's bulk requests were owned by host B's node while it listened at A."""
     b_nodes = [m.group(2) for m in NODE_UP.finditer(setup.relays[1].relay.output())]
@@ -356,6 +368,12 @@ def report(results: dict[str, Any]) -> str:
                          f"{_both(s, 'redis_ms', 3)} | {_both(s, 'cluster_ms', 3)} | "
                          f"{m['cluster_ms'] / single['cluster_ms']:.2f} | {_both(s, 'server_ms', 3)} | "
                          f"{m['p50_ms']:.1f} | {s['noisy_runs']} | {_failures(s)} |")
+    reached = results.get("posts_reached")
+    if reached:
+        lines += ["", "response POSTs that landed on the worker holding their client (the rest were carried "
+                  "over a peer link): " + "; ".join(
+                      f"{name} {p['owner'] / max(1, p['owner'] + p['carried']):.0%} of {p['owner'] + p['carried']:,}"
+                      for name, p in reached.items())]
     bulk = results.get("bulk")
     if bulk:
         single = bulk["single"]["median"]
@@ -521,6 +539,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             endpoints = [setups[k].endpoint() for k in ("single", *(f"cluster-{n}" for n in CLUSTER_WORKERS))]
             raw["small"] = wrk_scenario(plan, endpoints, "small", CONNECTIONS)["runs"]
             results["small"] = per_setup(raw["small"], small_figures)
+            results["posts_reached"] = {name: posts_reached(setups[name]) for name in setups if name != "hosts"}
         if "bulk" in args.only:
             endpoints = [setups["single"].endpoint(), setups["hosts"].endpoint()]
             raw["bulk"] = scenario_bulk(targets, plan, endpoints)["runs"]

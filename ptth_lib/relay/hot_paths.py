@@ -22,7 +22,7 @@ from ptth_lib.errors import HttpError
 from ptth_lib.relay import trust, views
 from ptth_lib.relay.relay import ALIAS_PREFIX, FRONTEND_PREFIX, Relay
 from ptth_lib.relay.responses import error_response, text
-from ptth_lib.wire.envelope import LISTEN_PATH, REQUEST_BODY_PATH, RESPONSE_PATH
+from ptth_lib.wire.envelope import LISTEN_PATH, NODE_HEADER, REQUEST_BODY_PATH, RESPONSE_PATH
 
 # The backend API's hot paths, up to the name or id that ends them.
 LISTEN_PREFIX = LISTEN_PATH.removesuffix("{name}")
@@ -68,6 +68,8 @@ class HotPaths:
                     response = handler(arg, Request(environ))
                 except HttpError as e:
                     response = error_response(e)
+                if self._relay.node is not None:  # which node answered: the server's POSTs can go to owners
+                    response.headers[NODE_HEADER] = self._relay.node.id
                 break
         if response is None:
             return self._flask_app(environ, start_response)

@@ -79,6 +79,10 @@ DURATION_BUCKETS_SECS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10
 class RelayMetrics:
     """The relay's metrics, in a registry of their own."""
 
+    def response_post(self, at_owner: bool) -> None:
+        """Count a response POST: at the worker that holds its client, or carried there."""
+        (self._posts_at_owner if at_owner else self._posts_carried).inc()
+
     def __init__(self, rendezvous: Rendezvous, forwarding: PortForwarding) -> None:
         self.registry = CollectorRegistry()
         self.client_requests_in_flight = Gauge(
@@ -109,6 +113,12 @@ class RelayMetrics:
         self.tcp_bytes = Counter(
             "ptth_tcp_bytes", "Bytes carried by forwarded TCP connections that have closed",
             ["direction"], registry=self.registry)
+        self.response_posts = Counter(
+            "ptth_response_posts", "Servers' response POSTs, by whether they reached the relay worker that holds "
+            "the client (always, in one process) or were carried to it (a relay cluster's peer link)",
+            ["reached"], registry=self.registry)
+        self._posts_at_owner = self.response_posts.labels("owner")
+        self._posts_carried = self.response_posts.labels("carried")
         self.servers: dict[str, ServerCounters] = {}
         self._rv = rendezvous
         self.registry.register(_RendezvousCollector(rendezvous, forwarding))

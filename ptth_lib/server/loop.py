@@ -134,7 +134,7 @@ class ServerLoop:
         self.exit_code = 0
         self._state = ""  # "connected" or the last problem, for _report
         self._forwarding = PortForwardServer(config, self._new_session, self._stop)
-        self._responder = Responder(config, self._new_session, self._abort)
+        self._responder = Responder(config, self._new_session, self._abort, MAX_CONCURRENT_REQUESTS)
         self._features = FEATURE_ACK
         if config.web_app_url is not None:
             self._features = f"{FEATURE_ACK}, {FEATURE_BODIES}, {FEATURE_WEBSOCKET}"

@@ -7,7 +7,9 @@ is (web_app.py); the answer goes to the relay as a POST, the head in the
 X-PTTH-2LJYXWC4 header and the body as the upload, which the relay answers
 once the client has it all (P7). The upload stops at once when the relay
 answers early (the client left), and at shutdown when the grace period is
-over. Each pool thread keeps its own Session.
+over. POSTs go on kept-alive connections kept by the relay node they reach
+(affinity.py: in a relay cluster, the one that owns the request if one is
+idle); the web app's body GETs on each pool thread's own Session.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from ptth_lib.requests_adapter import (
     is_answered_early,
 )
 from ptth_lib.server import file_server
+from ptth_lib.server.affinity import SessionPool
 from ptth_lib.server.file_pages import Site
 from ptth_lib.server.proxy_headers import client_address
 from ptth_lib.server.web_app import AppCutError, WebApp
 from ptth_lib.wire.envelope import (
     API_KEY_HEADER,
     MAX_RESPONSE_HEAD_BYTES,
+    NODE_HEADER,
     RESPONSE_HEAD_HEADER,
     RESPONSE_PATH,
     RelayRequest,
@@ -71,8 +75,9 @@ class Responder:
     """Answers the requests of one server, from its pool threads."""
 
     def __init__(self, config: ServerConfig, new_session: Callable[[], requests.Session],
-                 abort: threading.Event) -> None:
-        """`new_session` makes a Session for a thread; `abort` set means abandon uploads now."""
+                 abort: threading.Event, most_idle: int) -> None:
+        """`new_session` makes a Session; `abort` set means abandon uploads now; `most_idle`
+        connections are kept for POSTs (the pool's threads)."""
         assert config.api_key is not None
         self._root = config.file_server_root
         self._site = Site(config.display_name or config.name, via_relay=True)
@@ -81,6 +86,8 @@ class Responder:
         self._new_session = new_session
         self._abort = abort
         self._local = threading.local()
+        # Response POSTs' connections, kept by the relay node they reach (one per pool thread at most).
+        self._sessions = SessionPool(new_session, most_idle)
         # What the relay takes (X-PTTH-Features of its latest listen answer), set by the loop.
         self.relay_features: frozenset[str] = frozenset()
         self.web_app = (WebApp(config, self.post_once, self._session, new_session, abort,
@@ -159,35 +166,39 @@ class Responder:
             encoded = encode_response_head(ServerResponseHead(502, {"content-length": b"0"}))
             body = _CountingBody(iter(()), self._abort, 0)
         headers = {API_KEY_HEADER: self._api_key, RESPONSE_HEAD_HEADER: encoded}
+        # A connection that reaches the request's owner, if one is idle (affinity.py); one whose
+        # POST did not end cleanly is closed, never given back.
+        session = self._sessions.new() if again else self._sessions.take(request_id)
         try:
-            with self._session().post(url, data=body.upload(), headers=headers, stream=True,
-                                      timeout=(CONNECT_TIMEOUT_SECS, RESPONSE_READ_TIMEOUT_SECS)) as r:
+            with session.post(url, data=body.upload(), headers=headers, stream=True,
+                              timeout=(CONNECT_TIMEOUT_SECS, RESPONSE_READ_TIMEOUT_SECS)) as r:
                 answer = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
         except _AbortedError:
+            session.close()
             logger.info("response %s abandoned at shutdown after %d bytes", request_id, body.sent)
             return True
         except AppCutError as e:
+            session.close()  # closed mid-body: not reusable
             logger.info("response %s cut off after %d bytes: %s", request_id, body.sent, e)
-            self._local.session = None  # closed mid-body: not reusable
             return True
         except _AnsweredEarlyError:
+            session.close()  # its connection carries an unread answer: not reusable
             if not last_try and ended_early_when_reused():
-                self._local.session = None
                 logger.debug("response %s: kept-alive connection ended unanswered after %d bytes; again on a "
                              "new connection", request_id, body.sent)
                 return False
             logger.info("response %s cut off after %d bytes: the client left (the relay answered early)",
                         request_id, body.sent)
-            self._local.session = None  # its connection carries an unread answer: not reusable
             return True
         except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
-            self._local.session = None  # whatever happened to that connection, do not reuse it
+            session.close()  # whatever happened to that connection, do not reuse it
             if not last_try and closed_when_reused(e):
                 logger.debug("response %s: kept-alive connection ended unanswered (%s) after %d bytes; "
                              "again on a new connection", request_id, root_cause(e), body.sent)
                 return False
             logger.info("response %s cut off after %d bytes: %s", request_id, body.sent, root_cause(e))
             return True
+        self._sessions.give_back(session, r.headers.get(NODE_HEADER))
         if r.status_code == 200:
             logger.debug("response %s delivered, %d bytes", request_id, body.sent)
         elif r.status_code == 410:

@@ -59,6 +59,12 @@ MAX_REQUESTS_HEADER = "X-PTTH-Max-Requests"
 # Park at most this many seconds (0: answer at once, to check the connection).
 WAIT_HEADER = "X-PTTH-Wait-Secs"
 
+# A relay cluster's node names itself in its answers to a server's listens and
+# POSTs, and each request id it hands out begins with its owner node's id
+# (PROTOCOL.md, "Relay clusters"): a server that POSTs a response on a
+# connection whose last answer named the owner saves the relay a hop.
+NODE_HEADER = "X-PTTH-Node"
+
 # TCP port forwarding (spec 003; forward_api.py). Servers use their own key:
 TCP_LISTEN_PATH = "/7ZSFUKGV/tcp_listen/{name}/{port}"
 TCP_ACCEPT_PATH = "/7ZSFUKGV/tcp_accept/{id}"

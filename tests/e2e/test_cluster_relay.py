@@ -2,10 +2,11 @@
 
 The proof that requests crossed between workers is in their ids: a cluster
 request id starts with the id of the worker (node) that holds its client.
-The server's one listen connection stays with one worker (keep-alive), so
-requests owned by other workers reached it through Redis; its response
-POSTs, on a few keep-alive connections, each pinned to one worker, reached
-the owners of many ids over peer links.
+The server's listen connections stay with their workers (keep-alive), so
+requests owned by other workers reached them through Redis. Its response
+POSTs go on kept-alive connections chosen by the worker they reach
+(X-PTTH-Node): most land on their owner, the others are carried there over
+peer links; /metrics counts both (ptth_response_posts_total).
 """
 
 from __future__ import annotations
@@ -73,7 +74,21 @@ def test_four_workers_serve_the_file_tunnel(redis_server: RedisServer, cluster: 
     assert len(ids) == REQUESTS + 1
     owners = Counter(i[:NODE_ID_CHARS] for i in ids)
     assert len(owners) >= 2, owners  # clients landed on several of the 4 workers
+    # The server sent most responses on connections that reach their owner (X-PTTH-Node):
+    # by chance a quarter would have (about 30 of 121, give or take 5); 50-70 do.
+    posts = response_posts(relay)
+    assert posts["owner"] + posts["carried"] >= REQUESTS + 1
+    assert posts["owner"] >= 0.4 * (REQUESTS + 1), posts
     assert "Traceback" not in relay.proc.output()
+
+
+def response_posts(relay: Relay) -> Counter[str]:
+    """ptth_response_posts_total of every node, by `reached` (owner, carried), from /metrics."""
+    text = requests.get(f"{relay.url}/metrics", timeout=10).text
+    posts: Counter[str] = Counter()
+    for reached, value in re.findall(r'^ptth_response_posts_total\{[^}]*reached="(\w+)"[^}]*\} (\S+)$', text, re.MULTILINE):
+        posts[reached] += int(float(value))
+    return posts
 
 
 def test_two_server_processes_under_one_name_share_the_requests(redis_server: RedisServer, cluster: Cluster,

@@ -521,6 +521,24 @@ def test_the_dispatcher_waits_for_its_inbox_and_reads_every_kind_of_message(stor
 # ---- races -------------------------------------------------------------------------
 
 
+def test_a_listen_on_the_owners_node_takes_the_head_first_without_the_inbox(store: Store,
+                                                                            raw: redis.Redis) -> None:
+    online(store)
+    for node in (A, B, B):
+        assert store.park(S, node, 1) == ParkResult("parked")
+    mine = head(rid(B, 1))
+    assert store.offer(S, mine) == OfferResult("handed", B, here=True)  # B's own listen, not A's older one
+    assert raw.lrange(f"ptth:parked:{S}", 0, -1) == [A.encode(), B.encode()]  # B's oldest entry went
+    assert raw.sismember(f"ptth:taken:{S}", mine.request_id)  # unanswered, as any head handed out
+    assert store.take_inbox(B, 10) == []  # B hands it to its listen itself
+    # Offered again by a dispatcher that found no listen here waiting for it: the oldest listen
+    # takes it, through its inbox.
+    assert store.offer_again(S, mine, here_first=False) == OfferResult("handed", A)
+    assert [m.head.request_id for m in store.take_inbox(A, 10) if isinstance(m, InboxHead)] == [rid(B, 1)]
+    # A head of a node with no listen parked goes to the oldest one, as before.
+    assert store.offer(S, head(rid(C, 1))) == OfferResult("handed", B)
+
+
 def test_listens_ending_as_heads_arrive_lose_none_and_deliver_none_twice(store: Store, raw: redis.Redis) -> None:
     """Parked listens end (UNPARK) while offers hand heads to them. An UNPARK that finds no entry
     of its node means a head is on its way to that node's inbox with no listen left for it: the
@@ -536,13 +554,18 @@ def test_listens_ending_as_heads_arrive_lose_none_and_deliver_none_twice(store: 
             assert store.park(server, node, 1) == ParkResult("parked")
         ending = rng.sample(listens, rng.randrange(1, len(listens)))  # each ends at most once
         offers = [head(rid(D, f"{round_}x{i}")) for i in range(rng.randrange(3, 25))]
-        calls: list[Callable[[], object]] = [lambda h=h, s=server: store.offer(s, h) for h in offers]
+        calls: list[Callable[[], object]] = [lambda h=h, s=server: (h, store.offer(s, h)) for h in offers]
         calls += [lambda n=n, s=server: (n, store.unpark(s, n)) for n in ending]
         rng.shuffle(calls)
         results = race(calls)
+        # Handed to a listen of the owner's own node: the owner hands it over itself, as from its inbox.
+        here = [r[0] for r in results if isinstance(r, tuple) and isinstance(r[1], OfferResult) and r[1].here]
+        assert all(r[1] == OfferResult("handed", D, here=True) for r in results
+                   if isinstance(r, tuple) and isinstance(r[1], OfferResult) and r[1].here)
         with_listen = []
         for node in {*listens}:
             inbox = [m.head for m in store.take_inbox(node, 1000) if isinstance(m, InboxHead)]
+            inbox += here if node == D else []
             ended = [found for r in results if isinstance(r, tuple) and r[0] == node for found in r[1:]]
             alive = listens.count(node) - len(ended)
             still_parked = raw.lrange(f"ptth:parked:{server}", 0, -1).count(node.encode())
@@ -550,7 +573,7 @@ def test_listens_ending_as_heads_arrive_lose_none_and_deliver_none_twice(store: 
             assert len(inbox) == alive - still_parked + sum(found is False for found in ended), node
             with_listen += inbox[:alive]
             for h in inbox[alive:]:  # the dispatcher hands them back
-                assert store.offer_again(server, h).outcome in ("queued", "handed")
+                assert store.offer_again(server, h, here_first=False).outcome in ("queued", "handed")
                 missed_total += 1
         queued = [QueuedHead.decode(e).request_id for e in raw.lrange(f"ptth:q:{server}", 0, -1)]
         again = [m.head.request_id for n in {*listens} for m in store.take_inbox(n, 1000) if isinstance(m, InboxHead)]

@@ -285,7 +285,8 @@ class ClusterRendezvous(Rendezvous):
                 waiter.set(message.head)
                 return
         try:
-            self.store.offer_again(message.server, message.head, front=True)
+            # Not to this node's listens first: none waits here for this server now.
+            self.store.offer_again(message.server, message.head, front=True, here_first=False)
         except ClusterUnavailableError:
             logger.warning("request %s for server %s lost with Redis: its client gets 502 at its timeout",
                            message.head.request_id, message.server)
@@ -373,7 +374,10 @@ class ClusterRendezvous(Rendezvous):
         if p is None or head is None or p.answered or p.head_ready.is_set():
             return
         self.reoffered.add(request_id)
-        outcome = self.store.offer_again(server, head, front=True).outcome
+        offered = self.store.offer_again(server, head, front=True)
+        if offered.here:
+            self.hand_over(InboxHead(server, head))
+        outcome = offered.outcome
         if outcome == "offline":
             self.fail(p, f"server {server!r} went offline before it answered")
         elif outcome in ("full", "gone"):
@@ -431,6 +435,8 @@ class ClusterRendezvous(Rendezvous):
             raise
         if offered.outcome in ("handed", "queued"):
             self.offered[request.id] = head  # held in Redis from now until settled
+            if offered.here:
+                self.hand_over(InboxHead(name, head))  # to a listen of this node, as the dispatcher would
             return p
         self.forget(p)
         if offered.outcome == "offline":

@@ -192,6 +192,7 @@ class OfferResult:
 
     outcome: OfferOutcome
     node: str | None = None  # the node whose listen got the head, for "handed"
+    here: bool = False  # "handed" to a listen of the owner's own node: not through its inbox, the owner hands it
     feature: str | None = None  # the feature the server did not announce, for "no feature" (501)
 
 
@@ -476,26 +477,30 @@ class Store:
         "websocket"). From "handed" or "queued" on, the node holds the
         request until it `settle`s it.
         """
-        return self._offer(server, head, "new", client, per_address, needs)
+        return self._offer(server, head, "new", client, per_address, needs, here_first=True)
 
-    def offer_again(self, server: str, head: QueuedHead, front: bool = True) -> OfferResult:
+    def offer_again(self, server: str, head: QueuedHead, front: bool = True, here_first: bool = True) -> OfferResult:
         """A request this node holds goes back to `server`'s listens: its listen ended as the head
         arrived (front of the queue), or its lease ran out or its listen node died (InboxRequeue).
 
         "gone" if its deadline passed or it was settled: nobody waits for it.
+        `here_first` False: not to a listen of this node first (it has just
+        found none waiting here).
         """
-        return self._offer(server, head, "front" if front else "back", "", 0, ())
+        return self._offer(server, head, "front" if front else "back", "", 0, (), here_first)
 
     def _offer(self, server: str, head: QueuedHead, mode: str, client: str, per_address: int,
-               needs: Sequence[str]) -> OfferResult:
+               needs: Sequence[str], here_first: bool) -> OfferResult:
+        """OFFER; with `here_first`, a listen parked on the head's owner node takes it first
+        (the answer says `here`: the head is not in any inbox, and the owner hands it over)."""
         keys = [*self._server_keys(server), self._key(f"shares:{server}")]
         answer = self._list(_OFFER, keys, [
             head.encode(), self._prefix, server, MAX_QUEUED_PER_SERVER, _ms(OFFLINE_AFTER_SECS),
             _ms(LEAVE_GRACE_SECS), mode, client, per_address, " ".join(needs), MAX_UNANSWERED_PER_SERVER,
-            _ms(TURN_WAIT_SECS)])
+            _ms(TURN_WAIT_SECS), "1" if here_first else ""])
         outcome = _text(answer[0])
         if outcome == "handed":
-            return OfferResult("handed", _text(answer[1]))
+            return OfferResult("handed", _text(answer[1]), here=len(answer) > 2)
         if outcome == "no feature":
             return OfferResult("no feature", feature=_text(answer[1]))
         if outcome in ("queued", "full", "offline", "wait", "gone"):

@@ -13,8 +13,10 @@
 -- ARGV[8] the client's address for its fair share ("" for none)   ARGV[9] requests_per_address
 -- ARGV[10] the features the request needs, space-separated   ARGV[11] MAX_UNANSWERED_PER_SERVER
 -- ARGV[12] how long a node waits for its client's turn, ms (shares.py TURN_WAIT_SECS)
+-- ARGV[13] "1": a listen parked on the owner's own node takes the head first ("" : the oldest)
 --
--- Answers {"handed", node} (the head is in that node's inbox), {"queued"}, {"full"},
+-- Answers {"handed", node} (the head is in that node's inbox), {"handed", owner, "here"} (a
+-- listen of the owner's own node took it: the owner hands it over itself, no inbox), {"queued"}, {"full"},
 -- {"offline"}, {"no feature", feature} or {"wait"} (the address has its fill in flight; the
 -- node hears "turn" in its inbox when a share of it is freed). Again: {"gone"} when the
 -- owner no longer holds the request (it gave up) or its deadline passed; presence, features
@@ -51,9 +53,9 @@ else
   redis.call('SREM', P .. 'taken:' .. S, id) -- it is no longer with a listen
 end
 
--- A parked listen takes the head if the server has room for one more unanswered request.
--- Oldest first spreads requests over the processes that share a name (the one that
--- answered last re-polls last).
+-- A parked listen takes the head if the server has room for one more unanswered request:
+-- one on the owner's node if there is one, else the oldest. Oldest first spreads requests
+-- over the processes that share a name (the one that answered last re-polls last).
 local hand = redis.call('LLEN', KEYS[2]) > 0 and has_room(P, S, max_unanswered)
 if not hand and redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[4]) then
   return {'full'}
@@ -65,11 +67,18 @@ if mode == 'new' then
   redis.call('HSET', P .. 'held:' .. owner_of(id), id, 'r ' .. S .. ' ' .. ARGV[8])
 end
 if hand then
-  local node = redis.call('LPOP', KEYS[2])
-  give_head(P, S, node, entry)
   -- The listen was there until this instant: the server counts as seen now, so that
   -- the next offer, finding no listen parked, does not call it offline.
   redis.call('HSET', KEYS[3], 'seen', now)
+  -- A listen parked on the owner's own node takes it first: no inbox hop, and the
+  -- server's answer, sent back on the listen's connection's node, need not cross.
+  local owner = owner_of(id)
+  if ARGV[13] == '1' and redis.call('LREM', KEYS[2], 1, owner) == 1 then
+    redis.call('SADD', P .. 'taken:' .. S, id)
+    return {'handed', owner, 'here'}
+  end
+  local node = redis.call('LPOP', KEYS[2])
+  give_head(P, S, node, entry)
   return {'handed', node}
 end
 if mode == 'front' then
