@@ -47,10 +47,13 @@ WEBSOCKET = "websocket"
 
 
 def wants_websocket(environ: dict[str, Any]) -> bool:
-    """Tell whether a request is a WebSocket handshake; HttpError 501 for any other upgrade.
+    """Tell whether a request is a WebSocket handshake.
 
     An Upgrade header that Connection does not name is no upgrade (RFC 9110
-    7.8): it is dropped as hop-by-hop and the request goes on as usual.
+    7.8), and one to another protocol (`h2c`, as `curl --http2` sends) is
+    ignored, as RFC 9110 lets a server do: either way it is dropped as
+    hop-by-hop and the request is answered as usual. (nginx's usual config,
+    the README's, names `upgrade` in Connection whenever Upgrade is there.)
     """
     upgrade = environ.get("HTTP_UPGRADE", "")
     connection = {t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(",")}
@@ -58,8 +61,7 @@ def wants_websocket(environ: dict[str, Any]) -> bool:
         return False
     protocols = {t.strip().lower().partition("/")[0] for t in upgrade.split(",")}
     if WEBSOCKET not in protocols:
-        raise HttpError(f"upgrades to {upgrade[:40]!r} are not relayed through the tunnel (only WebSocket)",
-                        status=501)
+        return False
     if environ.get("REQUEST_METHOD") != "GET":
         raise HttpError("a WebSocket handshake is a GET", status=400)
     return True

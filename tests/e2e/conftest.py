@@ -19,6 +19,7 @@ from pathlib import Path
 
 import procs
 import pytest
+import relay_modes
 from procs import (
     REPO,
     STARTUP_DEADLINE_SECS,
@@ -30,6 +31,7 @@ from procs import (
     tripcode_of,
     wait_until,
 )
+from redis_harness import RedisServer, start_redis
 
 __all__ = [
     "REPO",
@@ -81,6 +83,7 @@ class Cluster:
     tmp: Path
     procs: list[Proc] = field(default_factory=list)
     counter: int = 0
+    redis: RedisServer | None = None  # the relays' redis-server in a cluster mode (relay_modes.py)
 
     def _log(self, what: str) -> Path:
         self.counter += 1
@@ -95,10 +98,45 @@ class Cluster:
 
     def start_relay(self, config: Path, port: int = 0, env: dict[str, str] | None = None,
                     gunicorn_args: Sequence[str] = ()) -> Relay:
-        """Start the relay under gunicorn with `config`; wait until it answers."""
+        """Start the relay under gunicorn with `config`; wait until it answers.
+
+        With PTTH_TEST_RELAY=workers or hosts, as a cluster (relay_modes.py).
+        """
+        if relay_modes.wanted(config, env, gunicorn_args):
+            return self._start_cluster_relay(config, port, env, gunicorn_args)
         proc, port = procs.start_relay(config, self._log("relay"), port, env, gunicorn_args=gunicorn_args)
         self.procs.append(proc)
         return Relay(proc, port, config)
+
+    def _start_cluster_relay(self, config: Path, port: int, env: dict[str, str] | None,
+                             gunicorn_args: Sequence[str]) -> Relay:
+        """The relay as relay_modes.MODE says, on this test's redis-server (started once per test)."""
+        if self.redis is None:
+            folder = self.tmp / "cluster-redis"
+            folder.mkdir(exist_ok=True)
+            self.redis = start_redis(folder)
+        env = {**(env or {}), **relay_modes.cluster_env(self.redis.url)}
+        if relay_modes.MODE == "workers":
+            proc, port = procs.start_relay(config, self._log("relay"), port, env,
+                                           gunicorn_args=[*gunicorn_args, "-w", str(relay_modes.WORKERS)])
+            self.procs.append(proc)
+            relay_modes.wait_for_nodes(proc, relay_modes.WORKERS)
+            return Relay(proc, port, config)
+        hosts = []
+        for host in "ab":
+            proc, host_port = procs.start_relay(config, self._log(f"relay-host-{host}"), 0, env,
+                                                gunicorn_args=[*gunicorn_args, "-w", str(relay_modes.HOST_WORKERS)])
+            self.procs.append(proc)
+            relay_modes.wait_for_nodes(proc, relay_modes.HOST_WORKERS)
+            hosts.append((proc, host_port))
+        from nginx import start_nginx  # nginx.py imports this module
+
+        front = start_nginx(self, Relay(hosts[0][0], hosts[0][1], config),
+                            relay_modes.hosts_site([p for _, p in hosts]), port=port)
+        group = relay_modes.RelayProcs([proc for proc, _ in hosts] + [front.proc])
+        procs.wait_until(lambda: procs.http_status(f"{front.url}/frontend/relay_up_check") == 200,
+                         "the relay up through nginx", group)
+        return Relay(group, front.port, config)
 
     def server(self, relay: Relay, name: str, key: str, root: Path | None, wait: bool = True,
                extra_args: list[str] | None = None, extra_config: str = "") -> Server:
@@ -156,6 +194,8 @@ class Cluster:
     def close(self) -> None:
         for proc in self.procs:
             proc.kill()
+        if self.redis is not None:
+            self.redis.kill()
 
 
 def wait_for_online(relay: Relay, name: str, proc: Proc | None = None) -> None:

@@ -72,15 +72,16 @@ class Nginx:
         return Relay(relay.proc, self.port, relay.config)
 
 
-def start_nginx(cluster: Cluster, relay: Relay, site: str | None = None) -> Nginx:
-    """nginx with the README's site config (or `site`, a variant of it) in front of `relay`."""
+def start_nginx(cluster: Cluster, relay: Relay, site: str | None = None, port: int = 0) -> Nginx:
+    """nginx with the README's site config (or `site`, a variant of it) in front of `relay`, on `port`
+    (0: a free one)."""
     if not Path(NGINX).exists():
         pytest.skip("nginx is not installed (make debian-deps installs it)")
     prefix = cluster.tmp / f"nginx-{cluster.counter}"
     prefix.mkdir()
     (prefix / "ptth.htpasswd").write_text(f"{USER}:{{PLAIN}}{PASSWORD}\n")
     (prefix / "ptth-private.htpasswd").write_text(f"{PRIVATE_USER}:{{PLAIN}}{PRIVATE_PASSWORD}\n")
-    port = free_port()
+    port = port or free_port()
     text = site if site is not None else readme_site_config()
     text = _replace_once(text, r"^\s*listen 443 ssl;\s*$", f"    listen 127.0.0.1:{port};")
     text = _replace_once(text, r"^\s*ssl_certificate .*$", "")

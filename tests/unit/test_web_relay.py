@@ -84,8 +84,6 @@ def test_listen_answers_name_the_relays_features_and_the_server_s_are_remembered
     ("ack", {"method": "POST", "data": b"body"}, 501, "bodies"),
     ("ack, websocket", {"method": "PUT", "data": b"body"}, 501, "bodies"),
     ("ack, bodies", {"headers": {"Upgrade": "websocket", "Connection": "Upgrade"}}, 501, "websocket"),
-    ("ack, bodies, websocket", {"headers": {"Upgrade": "h2c", "Connection": "Upgrade, HTTP2-Settings"}}, 501,
-     "h2c"),
     # Under the test client the relay cannot take a connection over: a WebSocket needs gunicorn.
     ("ack, bodies, websocket", {"headers": {"Upgrade": "websocket", "Connection": "Upgrade"}}, 501, "gunicorn"),
     ("ack, bodies, websocket", {"method": "POST", "data": b"x",
@@ -97,6 +95,16 @@ def test_what_a_server_did_not_announce_is_refused_before_it(tunnel: Tunnel, fea
     resp = tunnel.client.open("/frontend/servers/alpha/x", **kwargs)
     assert (resp.status_code, words in resp.text) == (status, True), resp.text
     assert tunnel.relay.rendezvous.servers["alpha"].queue.qsize() == 0
+
+
+def test_another_upgrade_than_websocket_is_ignored_and_the_request_relayed(tunnel: Tunnel) -> None:
+    """`curl --http2 http://...` asks for h2c: RFC 9110 lets a server ignore it, and so does the relay."""
+    tunnel.listen(**{"X-PTTH-Wait-Secs": "0", "X-PTTH-Features": "ack, bodies, websocket"})
+    call, item = take(tunnel, "/frontend/servers/alpha/x",
+                      headers={"Upgrade": "h2c", "Connection": "Upgrade, HTTP2-Settings", "HTTP2-Settings": "AAMAAABk"})
+    assert "upgrade" not in item and not {"upgrade", "http2-settings"} & set(item["req"]["headers"])
+    tunnel.respond(item["id"], 204)
+    assert call.get(timeout=WAIT_SECS).status_code == 204
 
 
 def test_an_upgrade_header_connection_does_not_name_is_dropped(tunnel: Tunnel) -> None:

@@ -1,0 +1,131 @@
+"""The suite's relays as a cluster: PTTH_TEST_RELAY=workers or hosts (`make test-cluster`).
+
+By default every relay a test starts is one gunicorn worker, as the
+single-process relay runs. With PTTH_TEST_RELAY set, `Cluster.start_relay`
+starts the same relay as a cluster on a redis-server of the test's own:
+
+- `workers`: one gunicorn with WORKERS workers on one port;
+- `hosts`: two gunicorns ("hosts") of HOST_WORKERS workers each, behind
+  nginx doing round robin with the README's site config (its public
+  variant: the auth_basic lines deleted), so servers and clients go through
+  nginx as the README sets them up.
+
+The test sees one `Relay`: its port is the one clients use, its `proc`
+stands for every process of the relay (logs joined, signals to all). A test
+that starts its own cluster (it passes `-w` or a `redis_url`) is left alone,
+and so is a test marked `single_process` (it looks at the one worker's
+memory or pid): those run as written. Requests really cross: ids name their
+owner worker, and tests/e2e/test_cluster_relay.py proves the crossing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from procs import STARTUP_DEADLINE_SECS, Proc, ProcError
+
+# PTTH_TEST_RELAY: "" or "single" (default), "workers", "hosts".
+MODE = os.environ.get("PTTH_TEST_RELAY", "single") or "single"
+MODES = ("single", "workers", "hosts")
+if MODE not in MODES:
+    raise SystemExit(f"PTTH_TEST_RELAY={MODE!r}: use one of {', '.join(MODES)}")
+
+WORKERS = 4
+HOST_WORKERS = 2
+
+
+def wanted(config: Path, env: dict[str, str] | None, gunicorn_args: Sequence[str]) -> bool:
+    """Whether this relay start becomes a cluster: in a cluster mode, unless the test made it one itself."""
+    if MODE == "single" or os.environ.get("PTTH_TEST_SINGLE_PROCESS"):
+        return False
+    if "-w" in gunicorn_args or "--workers" in gunicorn_args or (env and "PTTH_REDIS_URL" in env):
+        return False
+    return not re.search(r"^\s*redis_url\s*=", config.read_text(), re.MULTILINE)
+
+
+def cluster_env(redis_url: str) -> dict[str, str]:
+    """What a relay of the cluster gets: the Redis (PTTH_REDIS_URL overrides the config). Its workers
+    take peer ports from the default peer_bind range (the cluster's own tests use others)."""
+    return {"PTTH_REDIS_URL": redis_url}
+
+
+def wait_for_nodes(proc: Proc, workers: int) -> None:
+    """Until each of the relay's workers has joined the cluster (logged "relay node ... up")."""
+    proc.wait_for_output(r"(?s)(relay node \S+ up.*){" + str(workers) + "}", STARTUP_DEADLINE_SECS)
+
+
+def hosts_site(ports: Sequence[int]) -> str:
+    """The README's nginx block, public (no passwords), its upstream the hosts' ports in turn."""
+    from nginx import readme_site_config  # nginx.py imports conftest, which imports this module
+
+    site = readme_site_config()
+    site = re.sub(r"^\s*auth_basic(_user_file)? .*\n", "", site, flags=re.MULTILINE)
+    servers = "\n".join(f"    server 127.0.0.1:{port};" for port in ports)
+    assert site.count("    server 127.0.0.1:4000;") == 1
+    # start_nginx points "4000" at the first host; the others follow it.
+    return site.replace("    server 127.0.0.1:4000;", "    server 127.0.0.1:4000;\n" + servers.split("\n", 1)[1])
+
+
+class _Popens:
+    """What tests read of `Proc.popen` (poll, wait), for the processes of a relay together."""
+
+    def __init__(self, procs: Sequence[Proc]) -> None:
+        self._procs = procs
+
+    def poll(self) -> int | None:
+        """None while every process runs; else the first exit code."""
+        for proc in self._procs:
+            code = proc.popen.poll()
+            if code is not None:
+                return code
+        return None
+
+    def wait(self, timeout: float | None = None) -> int:
+        codes = [proc.popen.wait(timeout) for proc in self._procs]
+        return next((c for c in codes if c != 0), 0)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.poll()
+
+
+class RelayProcs(Proc):
+    """Every process of one relay (gunicorns, and nginx for hosts) as one `Proc`: the first is host A."""
+
+    def __init__(self, procs: Sequence[Proc]) -> None:
+        self.procs = list(procs)
+        self.args = self.procs[0].args
+        self.log = self.procs[0].log
+        self.popen = _Popens(self.procs)  # type: ignore[assignment]
+
+    @property
+    def pid(self) -> int:
+        return self.procs[0].pid
+
+    def output(self) -> str:
+        return "".join(proc.output() for proc in self.procs)
+
+    def _failure(self, what: str) -> ProcError:
+        logs = ", ".join(str(p.log) for p in self.procs)
+        return ProcError(f"{what} (logs {logs}):\n{self.output()[-4000:]}")
+
+    def send_signal(self, sig: int) -> None:
+        for proc in self.procs:
+            proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        self.send_signal(sig)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.send_signal(signal.SIGKILL)
+            raise self._failure(f"the relay did not stop on signal {sig}") from None
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            proc.kill()
