@@ -1,4 +1,4 @@
-# Entry points for people and CI: `make demo`, `make test`, `make test-all`, `make clean`.
+# Entry points for people and CI: `make demo`, `make test`, `make test-all`, `make test-cluster`, `make clean`.
 # Everything runs from .venv, which is (re)built from the requirements files.
 
 PYTHON ?= python3
@@ -7,7 +7,7 @@ VENV := .venv
 STAMP := $(VENV)/.requirements.stamp
 PORT ?= 4000
 
-.PHONY: demo test test-all lint bench bench-forward bench-web bench-cluster bench-heads bench-compare clean debian-deps
+.PHONY: demo test test-all test-cluster lint bench bench-forward bench-web bench-cluster bench-heads bench-compare clean debian-deps
 
 # One venv for demo and tests: requirements-dev.txt includes requirements.txt.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -53,6 +53,15 @@ test: $(STAMP) debian-deps lint
 # Also the soak/load runs marked slow (the last -m given to pytest wins over addopts).
 test-all: PYTEST_ARGS += -m ""
 test-all: test
+
+# The end-to-end suite again with every relay run as a cluster on Redis: 4 gunicorn workers on one
+# port, then two hosts of 2 workers behind nginx doing round robin (tests/e2e/relay_modes.py;
+# about 8 minutes each). The cluster's own tests and the QUIC relay (one process) are in `make test`.
+CLUSTER_RUN = $(VENV)/bin/python -m pytest -n 2 --dist loadfile tests/e2e \
+	--ignore-glob='tests/e2e/test_cluster_*' --ignore-glob='tests/e2e/test_quic_*' $(PYTEST_ARGS)
+test-cluster: $(STAMP) debian-deps
+	PTTH_TEST_RELAY=workers $(CLUSTER_RUN)
+	PTTH_TEST_RELAY=hosts $(CLUSTER_RUN)
 
 # The benchmark suite (minutes; never part of `make test`): tunnel against direct
 # serving and nginx, side by side. It installs nginx and wrk when missing.

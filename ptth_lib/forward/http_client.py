@@ -36,6 +36,7 @@ from ptth_lib.wire.envelope import (
     TCP_CONNECT_PATH,
     TCP_UPSTREAM_PATH,
 )
+from ptth_lib.wire.names import short_id
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class HttpClientProxy:
                     reset(sock)
                     return
                 conn_id = r.headers.get(CONNECTION_ID_HEADER, "")
-                label = f"{conn_id[:8]} {label}"
+                label = f"{short_id(conn_id)} {label}"
                 logger.info("connection %s open", label)
                 upstream_url = self._base + TCP_UPSTREAM_PATH.format(id=quote(conn_id, safe=""))
                 streams = RelayStreams(r, upstream_url, self._headers)

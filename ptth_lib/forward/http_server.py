@@ -41,6 +41,7 @@ from ptth_lib.wire.envelope import (
     TCP_LISTEN_PATH,
     TCP_REFUSE_PATH,
 )
+from ptth_lib.wire.names import short_id
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class PortForwardServer:
                 status, problem, quiet = 0, f"cannot reach the relay: {root_cause(e)}", True
             if status == 200 and conn_id:
                 threading.Thread(target=self._serve, args=(port, conn_id, client), daemon=True,
-                                 name=f"ptth-tcp-{port}-{conn_id[:8]}").start()
+                                 name=f"ptth-tcp-{port}-{short_id(conn_id)}").start()
             elif status == 200:
                 problem = "relay answered 200 without a connection id"
             elif status == 403:
@@ -136,7 +137,7 @@ class PortForwardServer:
     def _serve(self, port: str, conn_id: str, client: str) -> None:
         """One connection: connect locally, accept (or refuse), then splice until it ends."""
         host, number = self.config.forwarded_ports[port]
-        label = f"{conn_id[:8]} from client {client} to {port} ({host}:{number})"
+        label = f"{short_id(conn_id)} from client {client} to {port} ({host}:{number})"
         try:
             sock = socket.create_connection((host, number), timeout=LOCAL_CONNECT_TIMEOUT_SECS)
         except OSError as e:

@@ -53,7 +53,7 @@ from ptth_lib.wire.envelope import (
     TCP_REFUSE_PATH,
     TCP_UPSTREAM_PATH,
 )
-from ptth_lib.wire.names import PORT_NAME_RE
+from ptth_lib.wire.names import PORT_NAME_RE, short_id
 from ptth_lib.wsgi import (
     connection_socket,
     cut_connection,
@@ -132,7 +132,7 @@ def register(app: Flask, relay: Relay) -> None:
                 watcher.kill()
         if conn is None:
             return Response(status=204)
-        logger.debug("tcp listen of %s:%s takes connection %s", server, port, conn.id[:8])
+        logger.debug("tcp listen of %s:%s takes connection %s", server, port, short_id(conn.id))
         return Response(status=200, headers={CONNECTION_ID_HEADER: conn.id, CLIENT_NAME_HEADER: conn.client})
 
     @app.post(TCP_ACCEPT_PATH.format(id="<conn_id>"))

@@ -51,6 +51,7 @@ from ptth_lib.errors import (
 from ptth_lib.keepalive import keep_alive
 from ptth_lib.relay.rendezvous import ListenEndedError
 from ptth_lib.wire import tripcode
+from ptth_lib.wire.names import short_id
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ class ForwardedConnection:
         self.down = Pipe(self)  # server -> client
 
     def describe(self) -> str:
-        return f"{self.id[:8]} {self.client} -> {self.server}:{self.port}"
+        return f"{short_id(self.id)} {self.client} -> {self.server}:{self.port}"
 
 
 class PortForwarding:
@@ -316,7 +317,7 @@ class PortForwarding:
         its own, 409 twice."""
         conn = self._find(conn_id)
         if conn.client != client:
-            raise ForbiddenError(f"connection {conn_id[:8]} is not client {client!r}'s")
+            raise ForbiddenError(f"connection {short_id(conn_id)} is not client {client!r}'s")
         return self._attach(conn, "upstream", after="connect")
 
     def open_websocket(self, conn_id: str, client: str, server: str) -> ForwardedConnection:
@@ -382,7 +383,7 @@ class PortForwarding:
     def accept(self, conn: ForwardedConnection) -> None:
         """The server accepts: its connect answers 200; 409 if decided already."""
         if conn.decision.ready() or conn.taken is None:
-            raise ConflictError(f"connection {conn.id[:8]} was already accepted or refused, or never offered")
+            raise ConflictError(f"connection {short_id(conn.id)} was already accepted or refused, or never offered")
         self._attach(conn, "accept")
         conn.accepted = time.monotonic()
         conn.decision.set(True)
@@ -390,7 +391,7 @@ class PortForwarding:
     def refuse(self, conn: ForwardedConnection, reason: str) -> None:
         """The server refuses: its client's connect answers 502 with the reason."""
         if conn.decision.ready() or conn.taken is None:
-            raise ConflictError(f"connection {conn.id[:8]} was already accepted or refused, or never offered")
+            raise ConflictError(f"connection {short_id(conn.id)} was already accepted or refused, or never offered")
         reason = "".join(ch for ch in reason[:MAX_REASON_CHARS] if ch.isprintable()) or "no reason given"
         logger.info("connection %s refused by the server: %s", conn.describe(), reason)
         conn.decision.set_exception(RefusedError(f"server {conn.server!r} refused: {reason}"))
@@ -495,9 +496,9 @@ class PortForwarding:
 
     def _attach(self, conn: ForwardedConnection, stream: str, after: str | None = None) -> ForwardedConnection:
         if stream in conn.attached:
-            raise ConflictError(f"connection {conn.id[:8]} already has its {stream} stream")
+            raise ConflictError(f"connection {short_id(conn.id)} already has its {stream} stream")
         if after is not None and after not in conn.attached:
-            raise ConflictError(f"connection {conn.id[:8]} is not open yet: {after} comes first")
+            raise ConflictError(f"connection {short_id(conn.id)} is not open yet: {after} comes first")
         conn.attached.add(stream)
         return conn
 

@@ -164,6 +164,15 @@ class RelayMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+def server_gauges(registered: int, online: int, queued: int) -> list[GaugeMetricFamily]:
+    """The gauges of the relay as a whole: servers in the config, connected, requests queued."""
+    return [
+        GaugeMetricFamily("ptth_servers_registered", "Servers in the relay config", registered),
+        GaugeMetricFamily("ptth_servers_online", "Servers connected now", online),
+        GaugeMetricFamily("ptth_requests_queued", "Requests waiting for a listen, all servers", queued),
+    ]
+
+
 class _RendezvousCollector(Collector):
     """Gauges read from the rendezvous at each scrape."""
 
@@ -173,15 +182,13 @@ class _RendezvousCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         servers = list(self._rv.servers.values())
-        yield GaugeMetricFamily("ptth_servers_registered", "Servers in the relay config", len(servers))
-        yield GaugeMetricFamily("ptth_servers_online", "Servers connected now",
-                                sum(1 for s in servers if s.is_online()))
+        if not self._rv.shared:  # a cluster's come from Redis, once for all its nodes (cluster/metrics.py)
+            yield from server_gauges(len(servers), sum(1 for s in servers if s.is_online()),
+                                     sum(s.queue.qsize() for s in servers))
         yield GaugeMetricFamily("ptth_listeners_waiting", "Server listens parked at the relay",
                                 sum(s.listeners for s in servers))
         yield GaugeMetricFamily("ptth_requests_pending", "Requests in the rendezvous: queued, waiting "
                                 "for a response, or streaming", len(self._rv.pending))
-        yield GaugeMetricFamily("ptth_requests_queued", "Requests waiting for a listen, all servers",
-                                sum(s.queue.qsize() for s in servers))
         yield GaugeMetricFamily("ptth_tcp_connections_open", "Forwarded TCP connections open now",
                                 self._fw.count_open())
         # Walks the heap: fine at scrape intervals, and the way to see leaked greenlets.

@@ -245,6 +245,10 @@ class Lease:
 class Rendezvous:
     """Registered servers, their queues and every request in flight."""
 
+    # Whether presence and queues are shared by many processes (a cluster's, in Redis): then
+    # /metrics shows the servers online and the requests queued once, for them all.
+    shared = False
+
     def __init__(self, config: RelayConfig,
                  on_event: Callable[..., None] = lambda event, **fields: None) -> None:
         """`on_event(event, **fields)` hears of server_online and server_offline (for the audit log)."""
@@ -580,9 +584,10 @@ class Rendezvous:
         timeout = self.config.request_timeout_secs
         name = p.server.registered.name
         try:
-            if not self._picked_up(p, timeout):
+            picked_up = self._picked_up(p, timeout)
+            if picked_up is None:
                 raise BadGatewayError(f"server {name!r} did not pick up the request in {timeout:.0f} s")
-            since = time.monotonic()
+            since = picked_up
             while not p.head_ready.wait(max(0.0, since + timeout - time.monotonic())):
                 active = last_active() if last_active is not None else since
                 if active <= since:
@@ -596,9 +601,10 @@ class Rendezvous:
             raise
         return p.head
 
-    def _picked_up(self, p: PendingRequest, timeout: float) -> bool:
-        """Wait up to `timeout` for a server to pick `p` up; False if none did."""
-        return bool(p.picked_up.wait(timeout))
+    def _picked_up(self, p: PendingRequest, timeout: float) -> float | None:
+        """Wait up to `timeout` for a server to pick `p` up; None if none did, else when it did
+        (time.monotonic()): the wait for its head counts from then."""
+        return time.monotonic() if p.picked_up.wait(timeout) else None
 
     def skip_body(self, p: PendingRequest) -> None:
         """The client gets no body (HEAD, 204, 304): the server's POST ends at once."""

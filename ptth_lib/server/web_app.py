@@ -89,6 +89,7 @@ from ptth_lib.wire.envelope import (
     ServerResponseHead,
     encode_response_head,
 )
+from ptth_lib.wire.names import short_id
 
 logger = logging.getLogger(__name__)
 
@@ -418,7 +419,7 @@ class WebApp:
             exchange.response.close()  # its file on the socket; the socket stays open
             logger.info("request %s from %s: WebSocket %s open (web app)", req.id, client, req.uri)
             threading.Thread(target=self._splice, args=(req, client, exchange.sock, leftover, head),
-                             name=f"ptth-websocket-{req.id[:8]}", daemon=True).start()
+                             name=f"ptth-websocket-{short_id(req.id)}", daemon=True).start()
             handed_over = True
         finally:
             if not handed_over:

@@ -33,3 +33,14 @@ def is_port_name(value: str) -> bool:
 def is_id(value: str) -> bool:
     """Tell whether `value` has the shape of a relay-made id."""
     return bool(ID_RE.match(value))
+
+
+# How many characters of an id a log line shows.
+SHORT_ID_CHARS = 8
+
+
+def short_id(value: str) -> str:
+    """An id as log lines show it: its last SHORT_ID_CHARS characters (a relay cluster's ids
+    begin with their worker's id, which all of that worker's ids share)."""
+    return value[-SHORT_ID_CHARS:]
+

@@ -57,14 +57,31 @@ class Relay:
     proc: Proc
     port: int
     config: Path
+    cluster: bool = False  # started as a cluster by PTTH_TEST_RELAY (relay_modes.py)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def worker_pid(self) -> int:
-        """The gunicorn worker (the child of the master), where the relay's state lives."""
+        """The gunicorn worker (the child of the master), where the relay's state lives.
+
+        A relay run as a cluster by PTTH_TEST_RELAY has many: the test, which
+        looks at the one worker's memory, is skipped there.
+        """
+        if self.cluster:
+            pytest.skip("looks at the one relay worker's memory: not in a cluster (PTTH_TEST_RELAY)")
         return procs.gunicorn_worker(self.proc)
+
+    def logged_by_all(self, line: str, before: int) -> bool:
+        """Whether every worker has logged `line` once more than the `before` times it was in the log
+        (a config reload: each worker reloads its own)."""
+        return self.proc.output().count(line) >= before + len(self.worker_pids())
+
+    def worker_pids(self) -> tuple[int, ...]:
+        """Every gunicorn worker of the relay, of every host."""
+        masters = self.proc.procs if isinstance(self.proc, relay_modes.RelayProcs) else [self.proc]
+        return tuple(sorted(pid for m in masters if "gunicorn" in m.args for pid in procs.children(m.pid)))
 
 
 @dataclass
@@ -121,7 +138,7 @@ class Cluster:
                                            gunicorn_args=[*gunicorn_args, "-w", str(relay_modes.WORKERS)])
             self.procs.append(proc)
             relay_modes.wait_for_nodes(proc, relay_modes.WORKERS)
-            return Relay(proc, port, config)
+            return Relay(proc, port, config, cluster=True)
         hosts = []
         for host in "ab":
             proc, host_port = procs.start_relay(config, self._log(f"relay-host-{host}"), 0, env,
@@ -136,7 +153,7 @@ class Cluster:
         group = relay_modes.RelayProcs([proc for proc, _ in hosts] + [front.proc])
         procs.wait_until(lambda: procs.http_status(f"{front.url}/frontend/relay_up_check") == 200,
                          "the relay up through nginx", group)
-        return Relay(group, front.port, config)
+        return Relay(group, front.port, config, cluster=True)
 
     def server(self, relay: Relay, name: str, key: str, root: Path | None, wait: bool = True,
                extra_args: list[str] | None = None, extra_config: str = "") -> Server:

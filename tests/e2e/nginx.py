@@ -69,7 +69,7 @@ class Nginx:
 
     def as_relay(self, relay: Relay) -> Relay:
         """The relay as seen through nginx, for Cluster.server and Cluster.client."""
-        return Relay(relay.proc, self.port, relay.config)
+        return Relay(relay.proc, self.port, relay.config, relay.cluster)
 
 
 def start_nginx(cluster: Cluster, relay: Relay, site: str | None = None, port: int = 0) -> Nginx:

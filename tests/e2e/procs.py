@@ -266,3 +266,31 @@ def _start_listening(args: list[str], log: Path, cwd: Path, deadline: float) -> 
         proc.kill()
         raise
     return proc, url
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def relay_samples(relay_url: str) -> Samples:
+    """Every sample of the relay's /metrics, keyed by (sample name, sorted labels).
+
+    A cluster shows each node's series with a `node` label; they are summed
+    here, as `sum without (node)` would, so tests read the whole relay the
+    same way whether it runs as one process or many (tests/e2e/relay_modes.py).
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with _LOOPBACK.open(relay_url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "node")))
+            samples[key] = samples.get(key, 0.0) + s.value
+    return samples
+
+
+def unlabelled(samples: Samples) -> dict[str, float]:
+    """The samples without labels (beyond a cluster's `node`), by name."""
+    return {name: value for (name, labels), value in samples.items() if not labels}
+

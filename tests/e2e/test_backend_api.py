@@ -16,6 +16,7 @@ import msgpack
 import pytest
 import requests
 from conftest import Cluster, Relay, new_key, tripcode_of
+from procs import relay_samples, unlabelled
 
 pytestmark = pytest.mark.process
 
@@ -88,8 +89,7 @@ def call_and_take(relay: Relay, key: str, url: str) -> tuple[ClientCall, dict]: 
     listener = threading.Thread(target=lambda: box.update(r=listen(relay, "raw", key)), daemon=True)
     listener.start()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and "ptth_listeners_waiting 1.0" not in requests.get(
-            relay.url + "/metrics", timeout=5).text:
+    while time.monotonic() < deadline and unlabelled(relay_samples(relay.url)).get("ptth_listeners_waiting") != 1:
         time.sleep(0.02)
     client = ClientCall(url)
     listener.join(15)
@@ -186,7 +186,7 @@ def test_not_picked_up_is_502_and_no_head_is_504(relay_and_key: tuple[Relay, str
     # The server has not listened for seconds: offline. A listen parked first brings it back.
     client, item = call_and_take(relay, key, f"{relay.url}/frontend/servers/raw/slow")  # never answered
     client.join()
-    assert client.response is not None and client.response.status_code == 504
+    assert client.response is not None and client.response.status_code == 504, client.response.text
     assert respond(relay, item["id"], key, 200, {}, b"too late").status_code == 404
 
 

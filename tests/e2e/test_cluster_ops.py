@@ -225,10 +225,11 @@ def test_one_scrape_shows_every_worker(redis_server: RedisServer, cluster: Clust
         text, samples = scrape(relay)
         assert total(samples, "ptth_client_requests_total", status="200") >= before + downloads
         served = per_node(samples, "ptth_client_requests_total")
-        assert len(per_node(samples, "ptth_servers_registered")) == WORKERS
+        assert len(per_node(samples, "ptth_listeners_waiting")) == WORKERS
         assert sum(1 for value in served.values() if value > 0) >= 2, served
         for name, value in [("ptth_cluster_nodes", WORKERS), ("ptth_cluster_nodes_scraped", WORKERS),
-                            ("ptth_cluster_config_versions", 1), ("ptth_cluster_servers_online", 1)]:
+                            ("ptth_cluster_config_versions", 1), ("ptth_servers_online", 1),
+                            ("ptth_servers_registered", 2)]:
             assert samples[(name, ())] == value, (name, samples.get((name, ())))
         assert samples[("ptth_cluster_listeners_waiting", ())] >= 1
         # One HELP and one TYPE per family, however many nodes have it.

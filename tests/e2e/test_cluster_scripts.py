@@ -58,6 +58,7 @@ from ptth_lib.relay.cluster.store import (
     TcpConnectResult,
     TcpListenResult,
     new_node_id,
+    websocket_held_id,
 )
 from ptth_lib.relay.forwarding import (
     MAX_CONNECTIONS_PER_CLIENT,
@@ -466,13 +467,27 @@ def test_tcp_connection_counters_go_up_at_connect_and_down_when_forgotten(store:
     assert store.tcp_open_websocket(S, rid(A, 4)) == TcpConnectResult("opened")
     assert store.tcp_open_websocket(S, rid(A, 5)) == TcpConnectResult("server limit")
     assert store.tcp_connect(S, "web", rid(A, 6), "tablet") == TcpConnectResult("server limit")
-    assert store.settle(A, ended=[rid(A, 1), rid(A, 4), rid(A, 1)]) == SettleResult(2, 0)
+    assert store.settle(A, ended=[rid(A, 1), websocket_held_id(rid(A, 4)), rid(A, 1)]) == SettleResult(2, 0)
     assert raw.hget("ptth:tcp_clients", "laptop") == str(MAX_CONNECTIONS_PER_CLIENT - 1).encode()
     assert raw.hget("ptth:tcp_servers", S) == str(MAX_CONNECTIONS_PER_SERVER - 2).encode()
     assert store.settle(A, ended=[rid(A, 3)]) == SettleResult(1, 0)
     assert raw.hexists("ptth:tcp_clients", "phone") is False
     # Offered again after its listen ended as it came: only while its owner holds it.
     assert store.tcp_offer_again(S, "web", rid(A, 3), "phone") == TcpConnectResult("dropped")
+
+
+def test_a_request_that_becomes_a_websocket_frees_its_share_and_the_websocket_counts_until_it_ends(
+        store: Store, raw: redis.Redis) -> None:
+    """The WebSocket keeps its request's id: the two are held apart, each settled by its owner."""
+    online(store)
+    assert store.offer(S, head(rid(A, 1)), client=CLIENT, per_address=1) == OfferResult("queued")
+    assert store.offer(S, head(rid(A, 2)), client=CLIENT, per_address=1) == OfferResult("wait")  # share full
+    assert store.tcp_open_websocket(S, rid(A, 1)) == TcpConnectResult("opened")  # the app said 101
+    assert store.settle(A, ended=[rid(A, 1)]) == SettleResult(1, 0)  # the request is over: share freed
+    assert raw.hget("ptth:tcp_servers", S) == b"1"  # the WebSocket is still open
+    assert store.offer(S, head(rid(A, 2)), client=CLIENT, per_address=1) == OfferResult("queued")
+    assert store.settle(A, ended=[websocket_held_id(rid(A, 1))]) == SettleResult(1, 0)
+    assert raw.hexists("ptth:tcp_servers", S) is False
 
 
 def test_a_server_listens_on_a_bounded_number_of_port_names(store: Store, raw: redis.Redis) -> None:

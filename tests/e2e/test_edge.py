@@ -178,7 +178,9 @@ def test_relayed_content_gets_no_hold_on_the_relay(edge: Edge) -> None:
                "a log line for the dropped header", edge.relay.proc, 10)
     for _ in range(3):
         requests.get(edge.url("/frontend/servers/evil/again"), timeout=10)
-    assert edge.relay.proc.output().count("dropped header 'x-accel-redirect' from server evil") == 1
+    # Once an hour by each relay worker that saw it, not once a request.
+    assert edge.relay.proc.output().count("dropped header 'x-accel-redirect' from server evil") <= len(
+        edge.relay.worker_pids())
 
 
 def test_a_trusted_server_is_not_sandboxed_but_still_kept_off_the_edge(edge: Edge) -> None:

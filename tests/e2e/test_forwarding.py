@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import Cluster, Proc, Relay, new_key, refusing_socket, tripcode_of
+from conftest import Cluster, Proc, Relay, new_key, refusing_socket, tripcode_of, wait_until
 from tcp_peers import DigestServer, EchoServer, recv_all, recv_exactly, unused_port_socket
 
 # Long enough for a busy 2-core machine; a stalled byte would never arrive at all.
@@ -217,7 +217,7 @@ def test_a_client_added_to_the_config_works_without_a_restart(fwd: Forwarding, t
         saving = config.with_suffix(".saving")
         saving.write_text(config.read_text() + client_config("tablet", key, ["alpha:echo"]))
         os.replace(saving, config)
-        fwd.relay.proc.wait_for_output(r"(?s)" + r"config reloaded from.*" * (before + 1))
+        wait_until(lambda: fwd.relay.logged_by_all("config reloaded from", before), "reload", fwd.relay.proc)
         tablet, (port,) = fwd.cluster.client(fwd.relay, key, ["0:alpha:echo"])
         with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_SECS) as sock:
             sock.sendall(b"new client")

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 import requests
 from conftest import Cluster, Relay, new_key, tripcode_of, wait_until
-from prometheus_client.parser import text_string_to_metric_families
+from procs import relay_samples
 
 pytestmark = pytest.mark.process
 
@@ -340,13 +340,7 @@ def close_cleanly(api: Api, opened: Opened, client: str = "laptop") -> None:
 
 
 def scrape(api: Api) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    r = requests.get(api.relay.url + "/metrics", timeout=10)
-    assert r.status_code == 200, r.text
-    samples = {}
-    for family in text_string_to_metric_families(r.text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
+    return relay_samples(api.relay.url)
 
 
 def metric(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:

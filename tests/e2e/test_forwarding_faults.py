@@ -179,7 +179,7 @@ class Forwarding:
 class Conversation:
     sock: socket.socket  # the end client's side
     peer: Peer  # the end server's side
-    id: str  # the connection id's first 8 characters, as the logs show it
+    id: str  # the connection id's last 8 characters, as the logs show it
 
     def closed_reason(self, proxy: Proc) -> str:
         """The reason in `proxy`'s "connection ID ... closed (REASON): ..." line; "" for a clean end."""

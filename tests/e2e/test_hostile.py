@@ -38,6 +38,7 @@ import requests
 from conftest import Cluster, Proc, Relay, Server, new_key, tripcode_of, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from procs import relay_samples
 
 from ptth_lib.errors import ProtocolError
 from ptth_lib.wire.envelope import MAX_RESPONSE_HEAD_BYTES, decode_response_head
@@ -73,9 +74,7 @@ def b64(raw: bytes) -> str:
 
 def metric_total(relay: Relay, name: str) -> float:
     """The sum of every sample of metric `name` on /metrics."""
-    text = requests.get(relay.url + "/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith((name + " ", name + "{")))
+    return sum(value for (sample, _), value in relay_samples(relay.url).items() if sample == name)
 
 
 def save_config(relay: Relay, text: str) -> None:
@@ -419,7 +418,7 @@ def test_a_server_removed_from_the_config_is_refused(cluster: Cluster) -> None:
 
     before = relay.proc.output().count("config reloaded from")
     save_config(relay, relay_toml({"raw": keys["raw"]}, extra))
-    wait_until(lambda: relay.proc.output().count("config reloaded from") > before, "config reload",
+    wait_until(lambda: relay.logged_by_all("config reloaded from", before), "config reload",
                relay.proc, RELOAD_DEADLINE_SECS)
 
     assert gone.listen().status_code == 403

@@ -31,6 +31,7 @@ import msgpack
 import pytest
 import requests
 from conftest import Cluster, Proc, Relay, new_key, wait_for_online, wait_until
+from procs import relay_samples
 
 pytestmark = pytest.mark.process
 
@@ -49,14 +50,9 @@ MAX_LISTEN_ANSWER_BYTES = 4 * MIB
 
 
 def metrics(relay: Relay) -> dict[str, float]:
-    """Every sample of /metrics, keyed by its text (name plus labels)."""
-    text = requests.get(relay.url + "/metrics", timeout=10).text
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+    """Every sample of /metrics, keyed by its text (name plus labels), a cluster's nodes summed."""
+    return {name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""): value
+            for (name, labels), value in relay_samples(relay.url).items()}
 
 
 def rss_kib(pid: int) -> int:

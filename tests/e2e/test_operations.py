@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import REPO, Cluster, Relay, Server, free_port, new_key, tripcode_of, wait_until
-from prometheus_client.parser import text_string_to_metric_families
+from procs import relay_samples
 
 pytestmark = pytest.mark.process
 
@@ -64,7 +64,7 @@ def save_and_wait(relay: Relay, text: str, outcome: str = "config reloaded from"
     """Save the config and wait until the relay logs one more line with `outcome`."""
     before = relay.proc.output().count(outcome)
     save_config(relay, text)
-    wait_until(lambda: relay.proc.output().count(outcome) > before, f"relay to log {outcome!r}",
+    wait_until(lambda: relay.logged_by_all(outcome, before), f"relay to log {outcome!r}",
                relay.proc, RELOAD_DEADLINE_SECS)
 
 
@@ -104,14 +104,8 @@ def server_list(relay: Relay) -> list[dict[str, object]]:
 
 
 def scrape(relay: Relay) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of /metrics, keyed by (sample name, sorted labels)."""
-    r = requests.get(relay.url + "/metrics", timeout=5)
-    assert r.status_code == 200, r.text
-    samples = {}
-    for family in text_string_to_metric_families(r.text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
+    """Every sample of /metrics, keyed by (sample name, sorted labels), a cluster's nodes summed."""
+    return relay_samples(relay.url)
 
 
 def metric(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
@@ -291,7 +285,7 @@ def test_new_scraper_key_cli_and_hot_reload(ops: Ops) -> None:
 
     # Paste the first snippet into the running relay's config (append and save).
     relay = ops.relay
-    master, worker = relay.proc.pid, relay.worker_pid()
+    master, worker = relay.proc.pid, relay.worker_pids()
     before = relay.proc.output().count("config reloaded from")
     snippet = result.stdout[result.stdout.index("[[scraper_keys]]"):]
     started = time.monotonic()
@@ -299,11 +293,11 @@ def test_new_scraper_key_cli_and_hot_reload(ops: Ops) -> None:
         f.write("\n" + snippet)
     # Wait on the log, not by trying the key: each try before the reload would
     # count as a failed attempt.
-    wait_until(lambda: relay.proc.output().count("config reloaded from") > before, "reload", relay.proc, 5)
+    wait_until(lambda: relay.logged_by_all("config reloaded from", before), "reload", relay.proc, 5)
     assert time.monotonic() - started < 5
     assert scraper_get(ops, "/scraper/v1/test", key).status_code == 200
     assert relay.proc.popen.poll() is None
-    assert (relay.proc.pid, relay.worker_pid()) == (master, worker)
+    assert (relay.proc.pid, relay.worker_pids()) == (master, worker)
 
 
 def test_new_scraper_key_cli_refuses_bad_input() -> None:
@@ -362,14 +356,14 @@ def test_reload_adds_a_server_without_disturbing_the_others(cluster: Cluster) ->
     alpha_root, alpha_data = make_root(cluster.tmp, "alpha")
     beta_root, beta_data = make_root(cluster.tmp, "beta")
     alpha = cluster.server(relay, "alpha", alpha_key, alpha_root)
-    master, worker = relay.proc.pid, relay.worker_pid()
+    master, worker = relay.proc.pid, relay.worker_pids()
     assert_serves(relay, "alpha", alpha_data)
 
     before = relay.proc.output().count("config reloaded from")
     save_config(relay, relay_toml({"alpha": alpha_key, "beta": beta_key}, extra=FAST))
     # alpha keeps serving while the relay picks up the new file.
     deadline = time.monotonic() + RELOAD_DEADLINE_SECS
-    while relay.proc.output().count("config reloaded from") == before:
+    while not relay.logged_by_all("config reloaded from", before):
         assert time.monotonic() < deadline, relay.proc.output()[-3000:]
         assert_serves(relay, "alpha", alpha_data)
     assert "beta" in {e["name"] for e in server_list(relay)}
@@ -380,7 +374,7 @@ def test_reload_adds_a_server_without_disturbing_the_others(cluster: Cluster) ->
     assert alpha.proc.popen.poll() is None
     assert "403" not in alpha.proc.output() and "refused" not in alpha.proc.output()
     assert alpha.proc.output().count("connected to relay") == 1  # never had to reconnect
-    assert (relay.proc.pid, relay.worker_pid()) == (master, worker)
+    assert (relay.proc.pid, relay.worker_pids()) == (master, worker)
 
 
 def test_reload_removes_a_connected_server(cluster: Cluster) -> None:
@@ -392,10 +386,11 @@ def test_reload_removes_a_connected_server(cluster: Cluster) -> None:
     beta_root, beta_data = make_root(cluster.tmp, "beta")
     alpha = cluster.server(relay, "alpha", alpha_key, alpha_root)
     beta = cluster.server(relay, "beta", beta_key, beta_root)
-    master, worker = relay.proc.pid, relay.worker_pid()
+    master, worker = relay.proc.pid, relay.worker_pids()
     assert_serves(relay, "beta", beta_data)
 
     started = time.monotonic()
+    reloads = relay.proc.output().count("config reloaded from")
     save_config(relay, relay_toml({"alpha": alpha_key}, extra=slow))
     try:
         code = beta.proc.popen.wait(RELOAD_DEADLINE_SECS)
@@ -404,13 +399,16 @@ def test_reload_removes_a_connected_server(cluster: Cluster) -> None:
     assert time.monotonic() - started < 5
     assert code == 1
     assert "not registered" in beta.proc.output()
+    # A relay of many workers: each reloads within 2 s of the change (the first refused beta).
+    wait_until(lambda: relay.logged_by_all("config reloaded from", reloads), "every worker reloaded", relay.proc,
+               RELOAD_DEADLINE_SECS)
 
     r = download(relay, "beta")
     assert r.status_code == 404
     assert "beta" not in {e["name"] for e in server_list(relay)}
     assert_serves(relay, "alpha", alpha_data)
     assert alpha.proc.popen.poll() is None
-    assert (relay.proc.pid, relay.worker_pid()) == (master, worker)
+    assert (relay.proc.pid, relay.worker_pids()) == (master, worker)
 
 
 def test_bad_config_is_rejected_and_the_old_one_kept(cluster: Cluster) -> None:
@@ -418,11 +416,11 @@ def test_bad_config_is_rejected_and_the_old_one_kept(cluster: Cluster) -> None:
     relay = cluster.relay({"alpha": key}, extra=FAST)
     root, data = make_root(cluster.tmp, "alpha")
     alpha = cluster.server(relay, "alpha", key, root)
-    master, worker = relay.proc.pid, relay.worker_pid()
+    master, worker = relay.proc.pid, relay.worker_pids()
     good = relay.config.read_text()
 
     save_and_wait(relay, good + "\nlisten_timeout_secs = [\n", "config reload rejected")
-    assert relay.proc.output().count("config reload rejected") == 1
+    assert relay.proc.output().count("config reload rejected") == len(relay.worker_pids())  # once by each
     assert_serves(relay, "alpha", data)
 
     # Valid TOML, invalid value: rejected the same way.
@@ -435,11 +433,12 @@ def test_bad_config_is_rejected_and_the_old_one_kept(cluster: Cluster) -> None:
     [entry] = server_list(relay)
     assert entry["display_name"] == "Alpha Files"
     assert entry["online"] is True
-    assert relay.proc.output().count("config reload rejected") == 2  # one line per rejected save
+    # One line per rejected save (by each worker)
+    assert relay.proc.output().count("config reload rejected") == 2 * len(relay.worker_pids())
     assert_serves(relay, "alpha", data)
     assert alpha.proc.output().count("connected to relay") == 1
     assert "refused" not in alpha.proc.output()
-    assert (relay.proc.pid, relay.worker_pid()) == (master, worker)
+    assert (relay.proc.pid, relay.worker_pids()) == (master, worker)
 
 
 # ---- 4. audit log --------------------------------------------------------
@@ -578,13 +577,15 @@ def test_relay_json_log_lines_under_gunicorn(cluster: Cluster) -> None:
     save_and_wait(relay, "metrics = 3\n", "config reload rejected")
     ours = [line for line in relay.proc.output().splitlines()
             if "servers registered" in line or "config reload" in line]
-    assert len(ours) == 3, relay.proc.output()
+    workers = len(relay.worker_pids())  # each says each once
+    assert len(ours) == 3 * workers, relay.proc.output()
     entries = [json.loads(line) for line in ours]
     for e in entries:
         assert set(e) >= {"time", "level", "logger", "message"}, e
         assert e["logger"].startswith("ptth_lib")
-    assert [e["level"] for e in entries] == ["INFO", "INFO", "ERROR"]
-    assert entries[1]["logger"] == "ptth_lib.relay.config_watch"
+    levels = {e["message"].split(" ")[0]: e["level"] for e in entries}  # one per kind of line
+    assert sorted(e["level"] for e in entries) == ["ERROR"] * workers + ["INFO"] * 2 * workers, levels
+    assert [e["logger"] for e in entries if "config reloaded" in e["message"]] == ["ptth_lib.relay.config_watch"] * workers
 
 
 # ---- 6. HTML server list -------------------------------------------------

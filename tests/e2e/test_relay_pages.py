@@ -242,10 +242,11 @@ def test_the_dashboard_shows_live_traffic(site: Site, browser: Browser, tmp_path
     assert list(by_name) == ["alpha", "gone", "slow"]
     alpha = by_name["alpha"]
     assert alpha["online"] and alpha["title"] == HOSTILE, alpha  # shown as text
-    assert alpha["points"] >= 2 and alpha["peak"] > 0 and alpha["bytesPeak"] > 0, alpha
-    assert len(re.findall(r"[ML]", alpha["line"])) == alpha["points"]
-    assert not by_name["gone"]["online"] and by_name["slow"]["online"]
-    assert any("502" in e and "server 'gone' is offline" in e for e in by_name["gone"]["errors"])
+    assert not by_name["gone"]["online"] and by_name["slow"]["online"]  # (a cluster's: from Redis)
+    if not site.relay.cluster:  # a cluster's worker shows its own traffic and errors (README, "Dashboard")
+        assert alpha["points"] >= 2 and alpha["peak"] > 0 and alpha["bytesPeak"] > 0, alpha
+        assert len(re.findall(r"[ML]", alpha["line"])) == alpha["points"]
+        assert any("502" in e and "server 'gone' is offline" in e for e in by_name["gone"]["errors"])
     assert browser.evaluate("document.querySelectorAll('img').length") == 0  # the display name made none
     assert browser.evaluate("document.querySelector('meta[http-equiv=refresh]').content") == "5"
     assert text_of(browser, "#total-online") == "2 / 3"

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import requests
 from conftest import Cluster, Relay, Server, new_key, wait_for_online, wait_until
-from prometheus_client.parser import text_string_to_metric_families
+from procs import relay_samples, unlabelled
 from tcp_proxy import IdleCuttingProxy
 
 from ptth_lib.server import loop as server_loop
@@ -41,14 +41,8 @@ BACKOFF_CAP_SECS = 30.0  # ptth_lib.errors.BACKOFF_CAP_SECS, restated: this is t
 
 
 def metrics(relay: Relay) -> dict[str, float]:
-    """The relay's unlabelled samples, by name."""
-    text = requests.get(relay.url + "/metrics", timeout=10).text
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if not sample.labels:
-                out[sample.name] = sample.value
-    return out
+    """The relay's unlabelled samples, by name (a cluster's nodes summed)."""
+    return unlabelled(relay_samples(relay.url))
 
 
 def rss_mib(pid: int) -> float:

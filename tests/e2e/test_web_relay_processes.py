@@ -28,6 +28,7 @@ import msgpack
 import pytest
 import requests
 from conftest import Cluster, Relay, new_key, wait_until
+from procs import relay_samples, unlabelled
 
 pytestmark = pytest.mark.process
 
@@ -60,7 +61,7 @@ def take_one(relay: Relay, key: str, start_client: Any) -> tuple[Any, dict[str, 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     deadline = time.monotonic() + 10
-    while "ptth_listeners_waiting 1.0" not in requests.get(relay.url + "/metrics", timeout=5).text:
+    while unlabelled(relay_samples(relay.url)).get("ptth_listeners_waiting") != 1:
         assert time.monotonic() < deadline, "the listen was not parked"
         time.sleep(0.02)
     client = start_client()

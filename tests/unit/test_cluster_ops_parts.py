@@ -25,7 +25,7 @@ from ptth_lib.relay.audit import AuditLog
 from ptth_lib.relay.cluster import metrics as cluster_metrics
 from ptth_lib.relay.cluster.ops import ConfigDrift, config_hash
 from ptth_lib.relay.cluster.peering import PeerPool, PeerServer
-from ptth_lib.relay.cluster.store import NodeInfo
+from ptth_lib.relay.cluster.store import NodeInfo, Presence
 from ptth_lib.relay.scraper_api import MAX_FAILURES_PER_WINDOW, FailureLimiter
 
 SECRET = b"the cluster's secret, 32 bytes.."
@@ -156,12 +156,13 @@ def test_a_node_that_cannot_be_reached_is_left_out(caplog: pytest.LogCaptureFixt
 
 def test_cluster_gauges_count_nodes_and_configs() -> None:
     live = [node("A", "x" * 64), node("B", "x" * 64), node("C", "y" * 64)]
-    families = {f.name: f for f in cluster_metrics.cluster_gauges(live, 2, {"s": (None, True), "t": (None, False)},
+    presence = {"s": Presence(None, True, None, None), "t": Presence(None, False, None, None)}
+    families = {f.name: f for f in cluster_metrics.cluster_gauges(live, 2, presence,
                                                                   {"s": (2, 0), "t": (0, 3)})}
     value = {name: f.samples[0].value for name, f in families.items() if len(f.samples) == 1}
     assert value == {"ptth_cluster_nodes": 3, "ptth_cluster_nodes_scraped": 2, "ptth_cluster_config_versions": 2,
-                     "ptth_cluster_servers_online": 1, "ptth_cluster_listeners_waiting": 2,
-                     "ptth_cluster_requests_queued": 3}
+                     "ptth_cluster_listeners_waiting": 2, "ptth_servers_registered": 2, "ptth_servers_online": 1,
+                     "ptth_requests_queued": 3}
     assert {s.labels["config"] for s in families["ptth_cluster_node_config_info"].samples} == {"x" * 12, "y" * 12}
 
 

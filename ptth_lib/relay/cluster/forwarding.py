@@ -43,6 +43,7 @@ from ptth_lib.relay.cluster.store import (
     ClusterUnavailableError,
     InboxConnection,
     Store,
+    websocket_held_id,
 )
 from ptth_lib.relay.forwarding import (
     ID_BYTES,
@@ -56,6 +57,7 @@ from ptth_lib.relay.forwarding import (
     PortForwarding,
 )
 from ptth_lib.relay.rendezvous import ListenEndedError
+from ptth_lib.wire.names import short_id
 
 if TYPE_CHECKING:
     from ptth_lib.relay.cluster.node import Node
@@ -129,7 +131,7 @@ class ClusterForwarding(PortForwarding):
         try:
             return super().open_websocket(conn_id, client, server)
         except BaseException:
-            self.settler.add(conn_id)
+            self.settler.add(websocket_held_id(conn_id))
             raise
 
     # ---- servers ---------------------------------------------------------
@@ -222,7 +224,7 @@ class ClusterForwarding(PortForwarding):
             again = None
         if again is None or again.outcome not in ("handed", "queued", "dropped"):
             logger.warning("connection %s to %s:%s could not be offered again: its client gets 504",
-                           conn_id[:8], server, port)
+                           short_id(conn_id), server, port)
 
     def _tell_taken(self, conn_id: str) -> bool:
         """Tell the owner of `conn_id` that a listen took it; False if its client no longer waits."""
@@ -255,4 +257,4 @@ class ClusterForwarding(PortForwarding):
     def _forget(self, conn: ForwardedConnection) -> None:
         super()._forget(conn)
         if self.owns(conn.id):
-            self.settler.add(conn.id)
+            self.settler.add(websocket_held_id(conn.id) if conn.port == WEBSOCKET_PORT else conn.id)

@@ -33,7 +33,8 @@ from prometheus_client.registry import Collector
 
 from ptth_lib.relay.cluster.node import Node
 from ptth_lib.relay.cluster.peering import PeerCutError, PeerLink, PeerPool
-from ptth_lib.relay.cluster.store import ClusterUnavailableError, NodeInfo
+from ptth_lib.relay.cluster.store import ClusterUnavailableError, NodeInfo, Presence
+from ptth_lib.relay.metrics import server_gauges
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def render(families: Sequence[Metric]) -> bytes:
     return generate_latest(registry)
 
 
-def cluster_gauges(live: Sequence[NodeInfo], scraped: int, presence: dict[str, tuple[float | None, bool]],
+def cluster_gauges(live: Sequence[NodeInfo], scraped: int, presence: dict[str, Presence],
                    waiting: dict[str, tuple[int, int]]) -> list[Metric]:
     """The gauges only Redis knows, once for the cluster (no `node` label), and each node's config."""
     configs = GaugeMetricFamily("ptth_cluster_node_config_info", "The config each live node runs: the start "
@@ -177,12 +178,11 @@ def cluster_gauges(live: Sequence[NodeInfo], scraped: int, presence: dict[str, t
         GaugeMetricFamily("ptth_cluster_config_versions", "Distinct configs the live nodes run (1 when all agree)",
                           len({info.config_hash for info in live})),
         configs,
-        GaugeMetricFamily("ptth_cluster_servers_online", "Servers online for the whole cluster",
-                          sum(1 for _, online in presence.values() if online)),
         GaugeMetricFamily("ptth_cluster_listeners_waiting", "Server listens parked, all nodes",
                           sum(parked for parked, _ in waiting.values())),
-        GaugeMetricFamily("ptth_cluster_requests_queued", "Requests waiting for a listen in Redis, all servers",
-                          sum(queued for _, queued in waiting.values())),
+        # The single process's own names: the same dashboards work for both.
+        *server_gauges(len(presence), sum(1 for p in presence.values() if p.online),
+                       sum(queued for _, queued in waiting.values())),
     ]
 
 

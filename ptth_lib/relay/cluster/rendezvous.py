@@ -127,6 +127,8 @@ class TakenHead:
 class ClusterRendezvous(Rendezvous):
     """The `Rendezvous` the `Relay` calls, for one node of a cluster."""
 
+    shared = True
+
     def __init__(self, config: RelayConfig, store: Store, node_id: str,
                  on_event: Callable[..., None] = lambda event, **fields: None) -> None:
         super().__init__(config, on_event)
@@ -283,6 +285,9 @@ class ClusterRendezvous(Rendezvous):
             waiter = waiting.pop(0)
             if not waiter.ready():
                 waiter.set(message.head)
+                own = self.pending.get(message.head.request_id)
+                if own is not None:  # its client is here too: its head's wait counts from now
+                    own.picked_up.set()
                 return
         try:
             # Not to this node's listens first: none waits here for this server now.
@@ -362,9 +367,14 @@ class ClusterRendezvous(Rendezvous):
             state.wake_listeners()
 
     def fail_offline(self, request_id: str, server: str) -> None:
-        """PRESENCE took this node's request out of the queue of a server gone offline: 502 now."""
+        """PRESENCE took this node's request out of the queue of a server gone offline: 502 now.
+
+        Unless it was offered again after its listen's connection was lost:
+        then the server may have it after all, and it waits for its answer
+        until its timeout (504), as in one process.
+        """
         p = self.pending.get(request_id)
-        if p is not None and not p.answered:
+        if p is not None and not p.answered and request_id not in self.reoffered and not p.picked_up.is_set():
             self.fail(p, f"server {server!r} did not pick up the request: it went offline")
 
     def offer_again(self, request_id: str, server: str) -> None:
@@ -399,14 +409,14 @@ class ClusterRendezvous(Rendezvous):
         out = []
         for name in names:
             state = self.servers[name]
-            wall, online = presence[name]
+            seen = presence[name]
             out.append({
                 "name": name,
                 "display_name": state.registered.display_name,
-                "online": online,
-                "last_seen": format_rfc3339(wall) if wall is not None else None,
-                "version": state.version,
-                "host": state.host,
+                "online": seen.online,
+                "last_seen": format_rfc3339(seen.last_seen) if seen.last_seen is not None else None,
+                "version": seen.version or state.version,  # reported to whichever node its listens reach
+                "host": seen.host or state.host,
             })
         return out
 
@@ -505,13 +515,17 @@ class ClusterRendezvous(Rendezvous):
         if self.offered.pop(p.request.id, None) is not None:
             self.settler.add(p.request.id)
 
-    def _picked_up(self, p: PendingRequest, timeout: float) -> bool:
-        """Picked up is known only in Redis: at the timeout, WITHDRAW takes the head out of the queue
-        if it is still there (never picked up: 502); else a server has it, and the head's own wait
-        (with its body's progress, as in one process) decides 504."""
-        if p.head_ready.wait(timeout):
-            return True
-        return not self.store.withdraw(p.server.registered.name, p.request.id)
+    def _picked_up(self, p: PendingRequest, timeout: float) -> float | None:
+        """A listen of this node that takes the head says so (`hand_over`), and the wait for the
+        head counts from then, as in one process. One on another node does not: at the timeout,
+        WITHDRAW takes the head out of the queue if it is still there (never picked up: 502);
+        else a server has it, and the wait for its head counts from the request's arrival, so
+        that the server has `request_timeout_secs` in all, as it would have had if it picked the
+        request up at once (the body's progress extends it, as in one process)."""
+        started = time.monotonic()
+        if gevent.wait([p.picked_up, p.head_ready], timeout, count=1):
+            return time.monotonic()
+        return None if self.store.withdraw(p.server.registered.name, p.request.id) else started
 
 
 def _needs(body: int | None, upgrade: str | None) -> tuple[str, ...]:

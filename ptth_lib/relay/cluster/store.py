@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, NamedTuple, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -82,6 +82,9 @@ INBOX_WAIT_SECS = 1.0
 # every id the node makes, so that any node can tell an id's owner (CLUSTER.md section 3).
 # _lib.lua's NODE_ID_CHARS is the same number.
 NODE_ID_CHARS = 8
+# A WebSocket's record in held:{N} is its id with this after it: its request, with the same id,
+# has a record of its own until it ends (tcp_open_websocket).
+WEBSOCKET_HELD_MARK = "/w"
 # A node renews node:{N} every 2 s; three missed renewals and the sweeper takes it for dead.
 NODE_TTL_SECS = 6.0
 # PRESENCE and SWEEP run once a second for the whole cluster: every node tries each second,
@@ -184,6 +187,20 @@ class QueuedHead:
         request_id, _, rest = entry.partition(b" ")
         deadline, _, head = rest.partition(b" ")
         return cls(request_id.decode("ascii"), head, int(deadline))
+
+
+class Presence(NamedTuple):
+    """A server as the whole cluster sees it (Store.server_presence)."""
+
+    last_seen: float | None  # seconds since the epoch
+    online: bool
+    version: str | None  # as its latest listen reported them, on whichever node
+    host: str | None
+
+
+def websocket_held_id(connection_id: str) -> str:
+    """The id under which a WebSocket is held (held:{N}) and settled: its request's id, marked."""
+    return connection_id + WEBSOCKET_HELD_MARK
 
 
 @dataclass(frozen=True)
@@ -606,8 +623,8 @@ class Store:
             raise self._unexpected("SWEEP", outcome)
         return SweepResult(True, tuple(_text(n) for n in answer[1:]))
 
-    def server_presence(self, servers: Sequence[str]) -> dict[str, tuple[float | None, bool]]:
-        """Per server: when it was last seen (seconds since the epoch) and whether it is online now.
+    def server_presence(self, servers: Sequence[str]) -> dict[str, Presence]:
+        """Per server: when it was last seen, whether it is online now, its version and host.
 
         Online as OFFER judges it: a listen parked, or one ended within
         OFFLINE_AFTER_SECS (less after a leave). One round trip, for the server lists.
@@ -616,25 +633,26 @@ class Store:
             pipe = self._client.pipeline(transaction=False)
             pipe.time()
             for server in servers:
-                pipe.hmget(self._key(f"srv:{server}"), "seen", "left")
+                pipe.hmget(self._key(f"srv:{server}"), "seen", "left", "version", "host")
                 pipe.llen(self._key(f"parked:{server}"))
             answers: list[Any] = pipe.execute()
             return answers
         answers = self._call(run)
         seconds, micros = answers[0]
         now = seconds * 1000 + micros // 1000
-        out: dict[str, tuple[float | None, bool]] = {}
+        out: dict[str, Presence] = {}
         for i, server in enumerate(servers):
-            (seen_raw, left_raw), parked = answers[1 + 2 * i], answers[2 + 2 * i]
+            (seen_raw, left_raw, version, host), parked = answers[1 + 2 * i], answers[2 + 2 * i]
+            reported = (_text(version) or None if version else None, _text(host) or None if host else None)
             if parked:
-                out[server] = (now / 1000, True)
+                out[server] = Presence(now / 1000, True, *reported)
                 continue
             seen = int(seen_raw) if seen_raw is not None else None
             online_from = seen
             if seen is not None and left_raw is not None and int(left_raw) >= seen:
                 online_from = min(seen, int(left_raw) - _ms(OFFLINE_AFTER_SECS) + _ms(LEAVE_GRACE_SECS))
             online = online_from is not None and now - online_from <= _ms(OFFLINE_AFTER_SECS)
-            out[server] = (seen / 1000 if seen is not None else None, online)
+            out[server] = Presence(seen / 1000 if seen is not None else None, online, *reported)
         return out
 
     def tell_requeue(self, requests: Sequence[tuple[str, str]]) -> None:
@@ -799,8 +817,13 @@ class Store:
         return self._tcp_connect(server, port, connection_id, client, "front")
 
     def tcp_open_websocket(self, server: str, connection_id: str) -> TcpConnectResult:
-        """Count a WebSocket toward `server`'s open connections ("opened" or "server limit")."""
-        return self._tcp_connect(server, "-", connection_id, "", "open")
+        """Count a WebSocket toward `server`'s open connections ("opened" or "server limit").
+
+        Its record in held:{N} is `websocket_held_id(connection_id)`, which its SETTLE names:
+        the WebSocket's id is its request's, and the request's own record (its client's
+        share, its unanswered place) is settled apart when the request ends as it switches.
+        """
+        return self._tcp_connect(server, "-", websocket_held_id(connection_id), "", "open")
 
     def _tcp_connect(self, server: str, port: str, connection_id: str, client: str, mode: str) -> TcpConnectResult:
         answer = self._list(_TCP_CONNECT, self._port_keys(server, port), [

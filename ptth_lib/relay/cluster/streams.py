@@ -48,7 +48,7 @@ from werkzeug.wrappers import Request, Response
 from ptth_lib.errors import ForbiddenError, HttpError
 from ptth_lib.relay.cluster.peering import PeerCutError, PeerLink
 from ptth_lib.relay.cluster.store import NODE_ID_CHARS, ClusterUnavailableError
-from ptth_lib.relay.delivery import RELAY_CHUNK_BYTES, refuse
+from ptth_lib.relay.delivery import RELAY_CHUNK_BYTES, SMALL_BODY_BYTES, refuse
 from ptth_lib.relay.forward_api import STREAM_HEADERS, pump_in, pump_out
 from ptth_lib.relay.forwarding import ForwardedConnection, Pipe, PortForwarding
 from ptth_lib.relay.rendezvous import PendingRequest, Rendezvous
@@ -122,7 +122,9 @@ def forward_upload(node: Node, owned_id: str, head: dict[str, Any], req: Request
     """Carry a POST's body to the owner of `owned_id` as it arrives; answer with the owner's answer.
 
     An early answer (the owner's connection aborted, a 403) stops reading the
-    POST and cuts it; so does a link cut before the answer.
+    POST: as `refuse` does, a small body is left for gunicorn to discard, and
+    a large or chunked one is cut once the answer is out. A link cut before
+    the answer cuts the POST at once.
     """
     environ = req.environ
     link = _open(node, owned_id, head, req)
@@ -139,10 +141,13 @@ def forward_upload(node: Node, owned_id: str, head: dict[str, Any], req: Request
     if not sender.dead and _status(answer) != 200:
         sender.kill()  # an early answer: stop reading the POST
         link.abort()
-        cut_connection(environ)
-    else:
-        sender.join()
-        _finish_call(link)
+        response = _answer_response(answer, on_forbidden)
+        length = req.content_length
+        if length is None or length > SMALL_BODY_BYTES:
+            response.call_on_close(lambda: cut_connection(environ))
+        return response
+    sender.join()
+    _finish_call(link)
     return _answer_response(answer, on_forbidden)
 
 
