@@ -502,6 +502,8 @@ def redis_version() -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Start every setup, run the scenarios (and profiles) asked for, stop everything; the results."""
+    global CONNECTIONS
+    CONNECTIONS = args.connections
     plan = QUICK_PLAN if args.quick else Plan(runs_curl=args.runs, runs_wrk=args.runs)
     ensure_tools(need_nginx=False)
     if shutil.which("redis-server") is None:
@@ -515,7 +517,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     machine = machine_info()
     machine["redis_server"] = redis_version()
     machine["versions"]["redis"] = metadata.version("redis")
-    results: dict[str, Any] = {"machine": machine, "plan": plan.__dict__}
+    results: dict[str, Any] = {"machine": machine, "plan": {**plan.__dict__, "connections": CONNECTIONS}}
     raw: dict[str, Any] = {}
     ok = False
     try:
@@ -575,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one short run per setup: a smoke test, not figures")
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="runs per setup and scenario (>= 2)")
     parser.add_argument("--only", type=_parse_only, default=["small", "bulk"], metavar="small,bulk")
+    parser.add_argument("--connections", type=int, default=CONNECTIONS,
+                        help=f"wrk's concurrency for the small requests (default {CONNECTIONS}, the target's)")
     parser.add_argument("--profile", action="store_true", help="then sample the relay workers with py-spy")
     parser.add_argument("--profile-only", action="store_true", help="run no scenario, only the profiles")
     parser.add_argument("--rev", metavar="REVISION", help="benchmark this git revision instead of the working tree")

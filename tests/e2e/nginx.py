@@ -40,6 +40,22 @@ def readme_site_config() -> str:
     return match.group(1)
 
 
+def cluster_site(ports: list[int]) -> str:
+    """The README's site block with the upstream of "Running a relay cluster" (its hosts on
+    127.0.0.1 `ports`, in turn); 4000 is the port start_nginx points at the relay it is given."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Running a relay cluster"):]
+    match = re.search(r"```nginx\n(upstream ptth_relay \{.*?\})\n```", section, re.DOTALL)
+    assert match, "README.md's cluster section has no upstream block"
+    lines = match.group(1).splitlines()
+    servers = [line for line in lines if re.match(r"\s*server \S+", line)]
+    assert len(servers) >= 2, lines
+    hosts = [re.sub(r"server \S+?;|server \S+", f"server 127.0.0.1:{port}", servers[0], count=1) for port in ports]
+    upstream = "\n".join([lines[0], *hosts, *(line for line in lines[1:] if line not in servers)])
+    site = readme_site_config()
+    return _replace_once(site, r"(?s)^upstream ptth_relay \{.*?^\}", upstream.replace("\\", "\\\\"))
+
+
 def _replace_once(text: str, pattern: str, replacement: str, at_most: bool = False) -> str:
     new, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
     assert count == 1 or (at_most and count == 0), (
@@ -86,7 +102,7 @@ def start_nginx(cluster: Cluster, relay: Relay, site: str | None = None, port: i
     text = _replace_once(text, r"^\s*listen 443 ssl;\s*$", f"    listen 127.0.0.1:{port};")
     text = _replace_once(text, r"^\s*ssl_certificate .*$", "")
     text = _replace_once(text, r"^\s*ssl_certificate_key .*$", "")
-    text = _replace_once(text, r"server 127\.0\.0\.1:4000;", f"server 127.0.0.1:{relay.port};")
+    text = _replace_once(text, r"server 127\.0\.0\.1:4000\b", f"server 127.0.0.1:{relay.port}")
     # The password files: in the main block once each; the web-app block has none.
     text = _replace_once(text, r"/etc/nginx/ptth\.htpasswd", str(prefix / "ptth.htpasswd"), at_most=True)
     text = _replace_once(text, r"/etc/nginx/ptth-private\.htpasswd", str(prefix / "ptth-private.htpasswd"),

@@ -59,16 +59,35 @@ def wait_for_nodes(proc: Proc, workers: int) -> None:
     proc.wait_for_output(r"(?s)(relay node \S+ up.*){" + str(workers) + "}", STARTUP_DEADLINE_SECS)
 
 
-def hosts_site(ports: Sequence[int]) -> str:
-    """The README's nginx block, public (no passwords), its upstream the hosts' ports in turn."""
-    from nginx import readme_site_config  # nginx.py imports conftest, which imports this module
+# nginx connects to the hosts from this address, which their config trusts as a proxy, so that
+# the tests' clients (127.0.0.1) are visitors, not proxies: a visitor on a trusted address could
+# name any address in X-Forwarded-For.
+NGINX_ADDRESS = "127.0.0.77"
 
-    site = readme_site_config()
-    site = re.sub(r"^\s*auth_basic(_user_file)? .*\n", "", site, flags=re.MULTILINE)
-    servers = "\n".join(f"    server 127.0.0.1:{port};" for port in ports)
-    assert site.count("    server 127.0.0.1:4000;") == 1
-    # start_nginx points "4000" at the first host; the others follow it.
-    return site.replace("    server 127.0.0.1:4000;", "    server 127.0.0.1:4000;\n" + servers.split("\n", 1)[1])
+
+def trust_nginx(config: Path) -> None:
+    """The README's relay config line that goes with its nginx block, for nginx's own address."""
+    text = config.read_text()
+    if not re.search(r"^\s*trusted_proxies\s*=", text, re.MULTILINE):
+        config.write_text(f'trusted_proxies = ["{NGINX_ADDRESS}/32"]\n' + text)
+
+
+def as_deployed(config: Path, text: str) -> str:
+    """A new text for a relay's config: under PTTH_TEST_RELAY=hosts, still trusting nginx if it did."""
+    if MODE == "hosts" and f'trusted_proxies = ["{NGINX_ADDRESS}/32"]' in config.read_text() \
+            and not re.search(r"^\s*trusted_proxies\s*=", text, re.MULTILINE):
+        return f'trusted_proxies = ["{NGINX_ADDRESS}/32"]\n' + text
+    return text
+
+
+def hosts_site(ports: Sequence[int]) -> str:
+    """The README's nginx block, public (no passwords), with the upstream of its cluster section
+    (every host's port in turn; start_nginx points 4000 at the first)."""
+    from nginx import cluster_site  # nginx.py imports conftest, which imports this module
+
+    site = re.sub(r"^\s*auth_basic(_user_file)? .*\n", "", cluster_site([4000, *ports[1:]]), flags=re.MULTILINE)
+    assert site.count("    proxy_http_version 1.1;\n") == 1
+    return site.replace("    proxy_http_version 1.1;\n", f"    proxy_http_version 1.1;\n    proxy_bind {NGINX_ADDRESS};\n")
 
 
 class _Popens:

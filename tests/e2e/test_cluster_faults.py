@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import REPO, Cluster, Relay, Server, new_key, tripcode_of, wait_for_online
-from nginx import TRUSTED_PROXIES, Nginx, readme_site_config, start_nginx
+from nginx import TRUSTED_PROXIES, Nginx, cluster_site, start_nginx
 from redis_harness import RedisServer, own_redis
 from tcp_peers import EchoServer, recv_exactly
 
@@ -88,8 +88,7 @@ def two_hosts(redis_server: RedisServer, cluster: Cluster, tmp_path: Path) -> Tw
     hosts = [cluster.relay({"alpha": key}, extra=extra, gunicorn_args=["-w", "2"]) for _ in range(2)]
     for host in hosts:
         host.proc.wait_for_output(r"(?s)(relay node \S+ up.*){2}")
-    site = readme_site_config().replace(
-        "server 127.0.0.1:4000;", f"server 127.0.0.1:4000;\n    server 127.0.0.1:{hosts[1].port};")
+    site = cluster_site([4000, hosts[1].port])  # the README's, for two hosts
     nginx = start_nginx(cluster, hosts[0], site)
     front = nginx.as_relay(hosts[0])
     root, files = make_root(tmp_path)
@@ -171,8 +170,7 @@ def test_a_host_killed_mid_forward_resets_its_connections_and_new_ones_work(
         hosts = [cluster.relay({"alpha": key}, extra=extra, gunicorn_args=["-w", "2"]) for _ in range(2)]
         for host in hosts:
             host.proc.wait_for_output(r"(?s)(relay node \S+ up.*){2}")
-        site = readme_site_config().replace(
-            "server 127.0.0.1:4000;", f"server 127.0.0.1:4000;\n    server 127.0.0.1:{hosts[1].port};")
+        site = cluster_site([4000, hosts[1].port])
         nginx = start_nginx(cluster, hosts[0], site)
         front = nginx.as_relay(hosts[0])
         root = tmp_path / "root"

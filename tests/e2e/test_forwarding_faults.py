@@ -393,7 +393,8 @@ def test_relay_stopped_gracefully_cuts_open_connections(fresh: Forwarding) -> No
         fresh.relay_proc.stop(signal.SIGTERM, timeout=CUT_SECS)
         assert wait_cut(c.sock, CUT_SECS) == ("reset", b"")
         assert c.peer.wait_ended(CUT_SECS) == "reset"
-    assert c.relay_aborted(fresh.relay_proc) == "the relay is stopping"
+    if not fresh.the_relay.cluster:  # in a cluster the first to see it may be another worker's stream
+        assert c.relay_aborted(fresh.relay_proc) == "the relay is stopping"
     assert re.match(CUT_BY_RELAY, c.closed_reason(fresh.client_proc))
     assert re.match(CUT_BY_RELAY, c.closed_reason(fresh.server_proc))
     fresh.assert_up(fresh.server_proc, fresh.client_proc)

@@ -32,7 +32,8 @@ from nginx import (
 )
 from tcp_peers import EchoServer, recv_all
 
-pytestmark = pytest.mark.process
+# direct_relay: these put nginx in front themselves (not a second one in front of the hosts' nginx)
+pytestmark = [pytest.mark.process, pytest.mark.direct_relay]
 
 BIG_BYTES = 1024 * 1024 * 1024  # sparse: costs no disk
 

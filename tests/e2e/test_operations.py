@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import relay_modes
 import requests
 from conftest import REPO, Cluster, Relay, Server, free_port, new_key, tripcode_of, wait_until
 from procs import relay_samples
@@ -56,7 +57,7 @@ def relay_toml(servers: dict[str, str], extra: str = "", display: dict[str, str]
 def save_config(relay: Relay, text: str) -> None:
     """Save the config as editors do that write a new file and rename it over the old one."""
     tmp = relay.config.with_suffix(".saving")
-    tmp.write_text(text)
+    tmp.write_text(relay_modes.as_deployed(relay.config, text))
     os.replace(tmp, relay.config)
 
 

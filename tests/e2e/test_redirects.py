@@ -114,7 +114,7 @@ def test_accept_and_refusal_never_follow_a_redirect(cluster: Cluster, trap: Trap
     try:
         proc, key = start_server(cluster, relay.url, {"open": f"127.0.0.1:{echo.port}",
                                                      "closed": f"127.0.0.1:{free_port()}"})
-        accept = proc.wait_for_output(r"connection conn-ope .*: relay answered 307 .*")
+        accept = proc.wait_for_output(r"connection onn-open .*: relay answered 307 .*")
         refusal = proc.wait_for_output(r"the relay answered 307 .* to the refusal")
     finally:
         relay.close()
@@ -151,7 +151,7 @@ def test_downstream_redirect_is_named(cluster: Cluster, trap: Trap) -> None:
     relay = HostileRelay(answer)
     try:
         proc, _ = start_server(cluster, relay.url, {"greet": f"127.0.0.1:{greeter.port}"})
-        closed = proc.wait_for_output(r"connection conn-gre.* closed \((.*)\): .*")
+        closed = proc.wait_for_output(r"connection nn-greet .* closed \((.*)\): .*")
     finally:
         relay.close()
         greeter.close()

@@ -29,6 +29,7 @@ from typing import Any
 
 import procs
 import pytest
+import relay_modes
 import requests
 from conftest import Cluster, Relay, new_key, tripcode_of, wait_for_online
 from devtools import Browser, decode_png
@@ -307,6 +308,8 @@ REFUSALS = {
 @pytest.mark.parametrize("name", list(REFUSALS))
 def test_an_error_of_the_relays_is_a_page_in_a_browser_and_a_line_for_curl(site: Site, browser: Browser,
                                                                           tmp_path: Path, name: str) -> None:
+    if name == "431-head-too-large" and relay_modes.MODE == "hosts":
+        pytest.skip("nginx in front refuses a head this large itself (400)")
     r = REFUSALS[name]
     v = visit(browser, site.url(r.path), headers=dict(r.headers))
     assert v.status == r.status

@@ -200,6 +200,7 @@ def test_slow_app_gets_the_relays_504(web: WebTunnel) -> None:
 # ---- what needs the relay's half (request bodies, WebSocket, header lists) ----------------
 
 
+@pytest.mark.direct_relay  # nginx replaces the visitor's Connection header (and keeps what it named)
 def test_connection_listed_request_headers_do_not_reach_the_app(web: WebTunnel) -> None:
     """The relay sees the client's Connection header (it never reaches the server): it drops what it lists."""
     r = get(web.base + "/headers", headers={"Connection": "keep-alive, X-Hop", "X-Hop": "secret"})

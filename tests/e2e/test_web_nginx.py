@@ -29,7 +29,8 @@ from nginx import TRUSTED_PROXIES, Nginx, readme_site_config, start_nginx
 from procs import http_status
 from werkzeug.security import generate_password_hash
 
-pytestmark = pytest.mark.process
+# direct_relay: these put nginx in front themselves (not a second one in front of the hosts' nginx)
+pytestmark = [pytest.mark.process, pytest.mark.direct_relay]
 
 SUFFIX = ".tunnel.example.com"
 TIMEOUT_SECS = 30
@@ -71,7 +72,10 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
         for name, key in keys.items():  # online first: the check that they are asks without a password
             c.server(relay, name, key, None, extra_config=f'web_app_url = "{app_url}"')
         config = relay.config.read_text() + f'basic_auth = ["{USER}:{generate_password_hash(PASSWORD)}"]\n'
+        reloads = relay.proc.output().count("config reloaded from")
         relay.config.write_text(config)  # the last [[servers]] table is guarded's; the relay reloads it
+        wait_until(lambda: relay.logged_by_all("config reloaded from", reloads), "every worker reloaded",
+                   relay.proc, TIMEOUT_SECS)
         wait_until(lambda: http_status(f"{relay.url}/frontend/servers/guarded/") == 401, "basic_auth in force",
                    relay.proc, TIMEOUT_SECS)
         yield Front(start_nginx(c, relay, site=readme_web_app_site()))
