@@ -56,7 +56,7 @@ test-all: test
 
 # The end-to-end suite again with every relay run as a cluster on Redis: 4 gunicorn workers on one
 # port, then two hosts of 2 workers behind nginx doing round robin (tests/e2e/relay_modes.py;
-# about 8 minutes each). The cluster's own tests and the QUIC relay (one process) are in `make test`.
+# about 6 minutes each). The cluster's own tests and the QUIC relay (one process) are in `make test`.
 CLUSTER_RUN = $(VENV)/bin/python -m pytest -n 2 --dist loadfile tests/e2e \
 	--ignore-glob='tests/e2e/test_cluster_*' --ignore-glob='tests/e2e/test_quic_*' $(PYTEST_ARGS)
 test-cluster: $(STAMP) debian-deps
