@@ -56,6 +56,7 @@ from ptth_lib.errors import (
     UnknownRequestError,
     UnknownServerError,
 )
+from ptth_lib.relay.presence_log import PresenceLog
 from ptth_lib.relay.shares import FairShares, Share
 from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import (
@@ -261,6 +262,7 @@ class Rendezvous:
         self.shares = FairShares(lambda: self.config.requests_per_address)
         self.closing = False
         self._on_event = on_event
+        self.presence_log = PresenceLog(logger)  # online/offline lines, summed up for a fleet
 
     # ---- backend side: servers -----------------------------------------
 
@@ -496,6 +498,7 @@ class Rendezvous:
                 if not online and state.queue.qsize() and not self.closing:
                     self._fail_waiting(state, f"server {state.registered.name!r} did not pick up the request: "
                                               "it went offline")
+            self.presence_log.tick()
             gevent.sleep(interval_secs)
 
     def _fail_waiting(self, state: ServerState, reason: str) -> None:
@@ -523,7 +526,7 @@ class Rendezvous:
 
     def _announce(self, state: ServerState, online: bool) -> None:
         state.reported_online = online
-        logger.info("server %s is %s", state.registered.name, "online" if online else "offline")
+        self.presence_log.record(state.registered.name, online)
         self._on_event("server_online" if online else "server_offline",
                       server=state.registered.name, host=state.host, version=state.version)
 

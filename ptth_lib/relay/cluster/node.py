@@ -225,6 +225,7 @@ class Node:
                 if rv is not None:
                     for event in presence.events:
                         rv.announce(event.server, event.online, event.host, event.version)
+                    rv.presence_log.tick()
                 swept = self.store.sweep(self.id)
                 if swept.swept:
                     logger.info("relay nodes %s stopped answering; their share of the work was taken back",

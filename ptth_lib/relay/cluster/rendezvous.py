@@ -399,7 +399,7 @@ class ClusterRendezvous(Rendezvous):
 
     def announce(self, name: str, online: bool, host: str | None, version: str | None) -> None:
         """PRESENCE saw server `name` come or go, once for the whole cluster: audit it."""
-        logger.info("server %s is %s", name, "online" if online else "offline")
+        self.presence_log.record(name, online)
         self._on_event("server_online" if online else "server_offline", server=name, host=host, version=version)
 
     def describe_servers(self) -> list[dict[str, object]]:
