@@ -7,15 +7,17 @@ starts the same relay as a cluster on a redis-server of the test's own:
 - `workers`: one gunicorn with WORKERS workers on one port;
 - `hosts`: two gunicorns ("hosts") of HOST_WORKERS workers each, behind
   nginx doing round robin with the README's site config (its public
-  variant: the auth_basic lines deleted), so servers and clients go through
-  nginx as the README sets them up.
+  variant: the auth_basic lines deleted) and the upstream of its cluster
+  section, so servers and clients go through nginx as the README sets them
+  up. nginx connects from NGINX_ADDRESS, which the relay trusts as a proxy.
 
-The test sees one `Relay`: its port is the one clients use, its `proc`
-stands for every process of the relay (logs joined, signals to all). A test
-that starts its own cluster (it passes `-w` or a `redis_url`) is left alone,
-and so is a test marked `single_process` (it looks at the one worker's
-memory or pid): those run as written. Requests really cross: ids name their
-owner worker, and tests/e2e/test_cluster_relay.py proves the crossing.
+The test sees one `Relay` (`cluster=True`): its port is the one clients
+use, its `proc` stands for every process of the relay (logs joined, signals
+to all). A test that starts its own cluster (it passes `-w` or a
+`redis_url`) is left alone. A test that looks at the one worker's memory
+skips (`Relay.worker_pid`); one of the relay's own HTTP edge, marked
+`direct_relay`, skips behind nginx (conftest.py). Requests really cross: ids
+name their owner worker, and tests/e2e/test_cluster_relay.py proves it.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ HOST_WORKERS = 2
 
 def wanted(config: Path, env: dict[str, str] | None, gunicorn_args: Sequence[str]) -> bool:
     """Whether this relay start becomes a cluster: in a cluster mode, unless the test made it one itself."""
-    if MODE == "single" or os.environ.get("PTTH_TEST_SINGLE_PROCESS"):
+    if MODE == "single":
         return False
     if "-w" in gunicorn_args or "--workers" in gunicorn_args or (env and "PTTH_REDIS_URL" in env):
         return False
