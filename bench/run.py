@@ -50,25 +50,22 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from plan import BENCH, QUICK_PLAN, SCENARIOS, SERVER_NAME, STARTED, BenchError, Plan, progress
+from plan import BENCH, QUICK_PLAN, SCENARIOS, SERVER_NAME, STARTED, Plan, progress
 from profiling import profile
 from report import add_medians, background_load, check_targets, machine_info, ratios, summary
 from scenarios import SCENARIO_RUNS
 from targets import (
     Endpoint,
-    ProcError,
     Targets,
     ensure_tools,
     prepare_data,
     procs,
-    raise_nofile,
+    run_command,
     snapshot_code,
 )
 
@@ -143,20 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(BENCH / "results.json"), help="results file (JSON)")
     parser.add_argument("--keep", action="store_true", help="keep the logs and configs of the processes")
     args = parser.parse_args(argv)
-
-    def interrupted(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupted)
-    raise_nofile()  # inherited by the relay and the idle client
-    try:
-        results = run(args)
-    except (BenchError, ProcError) as e:
-        print(f"bench: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+    code, results = run_command("bench", lambda: run(args))
+    if results is None:
+        return code
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     print(summary(results, args.quick, args.output))
     return 0

@@ -18,6 +18,7 @@ import io
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -57,6 +58,25 @@ def raise_nofile() -> None:
     want = NOFILE_LIMIT if hard == resource.RLIM_INFINITY else min(NOFILE_LIMIT, hard)
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def run_command(prog: str, run: Callable[[], dict[str, Any]]) -> tuple[int, dict[str, Any] | None]:
+    """Run a benchmark as a command: SIGTERM stops it as Ctrl+C does (its processes are
+    stopped), the open-file limit is raised for it and its children, and an expected failure
+    is one line on stderr. The exit code, and the results if there are any."""
+    def interrupted(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    raise_nofile()
+    try:
+        return 0, run()
+    except (BenchError, ProcError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1, None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130, None
 
 
 def find_tool(name: str) -> str | None:

@@ -79,10 +79,6 @@ DURATION_BUCKETS_SECS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10
 class RelayMetrics:
     """The relay's metrics, in a registry of their own."""
 
-    def response_post(self, at_owner: bool) -> None:
-        """Count a response POST: at the worker that holds its client, or carried there."""
-        (self._posts_at_owner if at_owner else self._posts_carried).inc()
-
     def __init__(self, rendezvous: Rendezvous, forwarding: PortForwarding) -> None:
         self.registry = CollectorRegistry()
         self.client_requests_in_flight = Gauge(
@@ -114,8 +110,8 @@ class RelayMetrics:
             "ptth_tcp_bytes", "Bytes carried by forwarded TCP connections that have closed",
             ["direction"], registry=self.registry)
         self.response_posts = Counter(
-            "ptth_response_posts", "Servers' response POSTs, by whether they reached the relay worker that holds "
-            "the client (always, in one process) or were carried to it (a relay cluster's peer link)",
+            "ptth_response_posts", "A relay cluster's response POSTs, by whether they reached the worker that "
+            "holds the client or were carried to it over a peer link (not counted in one process)",
             ["reached"], registry=self.registry)
         self._posts_at_owner = self.response_posts.labels("owner")
         self._posts_carried = self.response_posts.labels("carried")
@@ -158,6 +154,10 @@ class RelayMetrics:
         """Count the bytes a forwarded connection carried, once it is forgotten."""
         self.tcp_bytes.labels("to_server").inc(conn.up.bytes)
         self.tcp_bytes.labels("to_client").inc(conn.down.bytes)
+
+    def response_post(self, at_owner: bool) -> None:
+        """Count a cluster's response POST: at the worker that holds its client, or carried there."""
+        (self._posts_at_owner if at_owner else self._posts_carried).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

@@ -308,11 +308,11 @@ class Relay:
 
     def respond(self, request_id: str, req: Request) -> Response:
         """P5 and P7: a server's response POST; its answer says whether the client got it all."""
-        at_owner = self.node is None or request_id.startswith(self.node.id)
-        self.metrics.response_post(at_owner)
-        if not at_owner:
-            assert self.node is not None
-            return self.node.forward_response(request_id, req)  # its client is on another node
+        if self.node is not None:
+            at_owner = request_id.startswith(self.node.id)
+            self.metrics.response_post(at_owner)
+            if not at_owner:
+                return self.node.forward_response(request_id, req)  # its client is on another node
         try:
             p = self.rendezvous.claim(request_id, req.headers.get(API_KEY_HEADER))
         except ForbiddenError as e:

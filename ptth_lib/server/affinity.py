@@ -32,8 +32,9 @@ class SessionPool:
         self._new_session = new_session
         self._most_idle = most_idle
         self._lock = threading.Lock()
-        # (node its last answer named, or "", session), the longest idle first.
-        self._idle: list[tuple[str, requests.Session]] = []
+        # Per node their last answers named ("" for none), the idle Sessions, the longest idle first.
+        self._idle: dict[str, list[requests.Session]] = {}
+        self._count = 0
         self.reached_owner = 0  # taken for a request whose owner it reached last time (for the logs and tests)
 
     def take(self, request_id: str) -> requests.Session:
@@ -43,19 +44,12 @@ class SessionPool:
         idle ones goes: the nodes with few keep theirs for their own requests.
         """
         with self._lock:
-            counts: dict[str, int] = {}
-            for i in range(len(self._idle) - 1, -1, -1):
-                node, session = self._idle[i]
-                if node and request_id.startswith(node):
-                    del self._idle[i]
-                    self.reached_owner += 1
-                    return session
-                counts[node] = counts.get(node, 0) + 1
+            owner = next((node for node in self._idle if node and request_id.startswith(node)), None)
+            if owner is not None:
+                self.reached_owner += 1
+                return self._pop(owner, -1)
             if self._idle:
-                spare = max(counts, key=lambda node: counts[node])
-                for i in range(len(self._idle) - 1, -1, -1):
-                    if self._idle[i][0] == spare:
-                        return self._idle.pop(i)[1]
+                return self._pop(self._fullest(), -1)
         return self._new_session()
 
     def new(self) -> requests.Session:
@@ -66,15 +60,30 @@ class SessionPool:
         """`session`'s POST ended cleanly; `node` is what its answer named (None or "" for no node)."""
         node = node if node and len(node) <= MAX_NODE_CHARS else ""
         with self._lock:
-            self._idle.append((node, session))
-            if len(self._idle) <= self._most_idle:
+            self._idle.setdefault(node, []).append(session)
+            self._count += 1
+            if self._count <= self._most_idle:
                 return
-            _, oldest = self._idle.pop(0)
+            oldest = self._pop(self._fullest(), 0)
         oldest.close()
 
     def close(self) -> None:
         """Close every idle Session."""
         with self._lock:
-            idle, self._idle = self._idle, []
-        for _, session in idle:
-            session.close()
+            idle, self._idle, self._count = self._idle, {}, 0
+        for sessions in idle.values():
+            for session in sessions:
+                session.close()
+
+    def _fullest(self) -> str:
+        """The node with the most idle Sessions (there is one); the lock is held."""
+        return max(self._idle, key=lambda node: len(self._idle[node]))
+
+    def _pop(self, node: str, index: int) -> requests.Session:
+        """Take node's idle Session at `index` (0 the longest idle, -1 the latest); the lock is held."""
+        sessions = self._idle[node]
+        session = sessions.pop(index)
+        if not sessions:
+            del self._idle[node]
+        self._count -= 1
+        return session

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,19 +65,23 @@ def wait_for_nodes(proc: Proc, workers: int) -> None:
 NGINX_ADDRESS = "127.0.0.77"
 
 
+# The README's relay config line that goes with its nginx block, for nginx's own address.
+TRUST_NGINX = f'trusted_proxies = ["{NGINX_ADDRESS}/32"]\n'
+
+
+def _with_trust(text: str) -> str:
+    """`text` trusting nginx, unless it says which proxies to trust itself."""
+    return text if re.search(r"^\s*trusted_proxies\s*=", text, re.MULTILINE) else TRUST_NGINX + text
+
+
 def trust_nginx(config: Path) -> None:
-    """The README's relay config line that goes with its nginx block, for nginx's own address."""
-    text = config.read_text()
-    if not re.search(r"^\s*trusted_proxies\s*=", text, re.MULTILINE):
-        config.write_text(f'trusted_proxies = ["{NGINX_ADDRESS}/32"]\n' + text)
+    """The relay behind the hosts' nginx trusts it (unless its config names its own proxies)."""
+    config.write_text(_with_trust(config.read_text()))
 
 
 def as_deployed(config: Path, text: str) -> str:
     """A new text for a relay's config: under PTTH_TEST_RELAY=hosts, still trusting nginx if it did."""
-    if MODE == "hosts" and f'trusted_proxies = ["{NGINX_ADDRESS}/32"]' in config.read_text() \
-            and not re.search(r"^\s*trusted_proxies\s*=", text, re.MULTILINE):
-        return f'trusted_proxies = ["{NGINX_ADDRESS}/32"]\n' + text
-    return text
+    return _with_trust(text) if MODE == "hosts" and config.read_text().startswith(TRUST_NGINX) else text
 
 
 def hosts_site(ports: Sequence[int]) -> str:
@@ -111,12 +113,14 @@ class _Popens:
         return next((c for c in codes if c != 0), 0)
 
     @property
-    def returncode(self) -> int | None:
+    def returncode(self) -> int | None:  # Proc.check_alive names it
         return self.poll()
 
 
 class RelayProcs(Proc):
-    """Every process of one relay (gunicorns, and nginx for hosts) as one `Proc`: the first is host A."""
+    """Every process of one relay (gunicorns, and nginx for hosts) as one `Proc`: the first is host A.
+
+    Proc's own stop, terminate and wait_for_output work through what this overrides."""
 
     def __init__(self, procs: Sequence[Proc]) -> None:
         self.procs = list(procs)
@@ -138,14 +142,6 @@ class RelayProcs(Proc):
     def send_signal(self, sig: int) -> None:
         for proc in self.procs:
             proc.send_signal(sig)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        self.send_signal(sig)
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.send_signal(signal.SIGKILL)
-            raise self._failure(f"the relay did not stop on signal {sig}") from None
 
     def kill(self) -> None:
         for proc in self.procs:

@@ -83,10 +83,15 @@ local function tell(P, node, message)
   end
 end
 
+-- A head is with a listen now: it counts as unanswered until its owner settles it.
+local function take_head(P, S, entry)
+  redis.call('SADD', P .. 'taken:' .. S, (parse_head(entry)))
+end
+
 -- A head goes to the parked listen of `node`: into its inbox, counted as unanswered.
 local function give_head(P, S, node, entry)
   redis.call('RPUSH', P .. 'inbox:' .. node, 'head ' .. S .. ' ' .. entry)
-  redis.call('SADD', P .. 'taken:' .. S, (parse_head(entry)))
+  take_head(P, S, entry)
 end
 
 -- Whether S has room for one more unanswered request (MAX_UNANSWERED_PER_SERVER).

@@ -74,7 +74,7 @@ if hand then
   -- server's answer, sent back on the listen's connection's node, need not cross.
   local owner = owner_of(id)
   if ARGV[13] == '1' and redis.call('LREM', KEYS[2], 1, owner) == 1 then
-    redis.call('SADD', P .. 'taken:' .. S, id)
+    take_head(P, S, entry)
     return {'handed', owner, 'here'}
   end
   local node = redis.call('LPOP', KEYS[2])
