@@ -17,17 +17,18 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import quote
 
 import requests
 
 from ptth_lib import __version__
 from ptth_lib.config import ClientConfig, Forward
-from ptth_lib.errors import describe_answer, root_cause
-from ptth_lib.forward.client import ClientError
+from ptth_lib.errors import backoff_secs, describe_answer, root_cause
+from ptth_lib.forward.client import ClientError, ForwardTally, RelayState, is_allowed
 from ptth_lib.forward.http_streams import HTTP_ERRORS, RelayStreams
 from ptth_lib.forward.limits import MAX_ANSWER_BYTES, RELAY_CONNECT_TIMEOUT_SECS
-from ptth_lib.forward.splice import OpenSplices, Splice, TcpEnd, in_threads, reset
+from ptth_lib.forward.splice import Splice, TcpEnd, in_threads, reset
 from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import (
     API_KEY_HEADER,
@@ -40,23 +41,72 @@ from ptth_lib.wire.names import short_id
 
 logger = logging.getLogger(__name__)
 
+# In the desktop app, how often the relay is asked again while it answers (after a failure: backoff, up
+# to this): a window that says "connected" is at most this stale, for one small POST per interval.
+RECHECK_SECS = 10.0
+
+T = TypeVar("T")
+
 
 class HttpClientProxy:
     """ptth_client's connections through the HTTP relay, one thread each."""
 
     socket_class = socket.socket
+    fatal = ""  # over HTTP nothing is final: each connection asks the relay again
 
-    def __init__(self, config: ClientConfig) -> None:
+    def __init__(self, config: ClientConfig, background: bool = False) -> None:
         assert config.relay_url is not None
         self.config = config
         self.relay = config.relay_url
         self._base = config.relay_url.rstrip("/")
         self._headers = {API_KEY_HEADER: config.api_key, "User-Agent": f"ptth_client/{__version__}"}
         self._stop = threading.Event()
-        self._open = OpenSplices()
+        self._background = background
+        self._state = RelayState(None)
+
+    def connect(self) -> None:
+        """In the background, check the relay now and then, so that a window can show whether it is up."""
+        if self._background:
+            self.spawn(self._keep_checking, "ptth-client-check")
+
+    def relay_state(self) -> RelayState:
+        return self._state
+
+    def _keep_checking(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self.check()
+                failures = 0
+                delay = RECHECK_SECS
+            except ClientError:
+                delay = min(backoff_secs(failures), RECHECK_SECS)
+                failures = min(failures + 1, 16)
+            self._stop.wait(delay)
+
+    def _note(self, state: RelayState) -> None:
+        """Log a change of the relay's state, once."""
+        if self._background and state.connected is False and state.problem != self._state.problem:
+            logger.warning("%s", state.problem)
+        self._state = state
 
     def check(self) -> str:
         """Ask the relay who our key is; return the client name. ClientError if it cannot say."""
+        try:
+            name, allowed = self._check()
+        except ClientError as e:
+            self._note(RelayState(False, str(e)))
+            raise
+        if not self._state.connected:
+            logger.info("connected to relay %s as client %r", self.relay, name)
+            for f in self.config.forwards:
+                if not is_allowed(allowed, f):
+                    logger.warning("the relay does not allow this client to reach %s:%s (local port %d)",
+                                   f.server, f.port, f.local_port)
+        self._note(RelayState(True, "", name, allowed))
+        return name
+
+    def _check(self) -> tuple[str, frozenset[str]]:
         try:
             # Never follow a redirect: it would carry our key to wherever it points.
             with requests.post(self._base + TCP_CHECK_PATH, headers=self._headers, stream=True,
@@ -78,14 +128,8 @@ class HttpClientProxy:
         if not isinstance(answer, dict):
             raise ClientError(f"the relay at {self.relay} answered "
                               f"{describe_answer(status, headers, body)} to the key check")
-        allowed = set(answer.get("allow", []))
-        for f in self.config.forwards:
-            if f"{f.server}:{f.port}" not in allowed and f"{f.server}:*" not in allowed:
-                logger.warning("the relay does not allow this client to reach %s:%s (local port %d)",
-                               f.server, f.port, f.local_port)
-        name = str(answer.get("client", "?"))
-        logger.info("connected to relay %s as client %r", self.relay, name)
-        return name
+        allow = answer.get("allow", [])
+        return str(answer.get("client", "?")), frozenset(str(a) for a in allow if isinstance(allow, list))
 
     @staticmethod
     def spawn(target: Callable[[], None], name: str) -> None:
@@ -94,20 +138,23 @@ class HttpClientProxy:
     def pause(self, secs: float) -> None:
         self._stop.wait(secs)
 
-    def run_until_stopped(self, close_ports: Callable[[], None]) -> int:
-        """Serve until SIGTERM or SIGINT; then close the ports and cut open connections."""
+    @staticmethod
+    def call(fn: Callable[[], T]) -> T:
+        return fn()
+
+    def wait_for_signal(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
         self._stop.wait()
-        close_ports()
-        self._open.abort_all("ptth_client is stopping")
-        return 0
+
+    def stop(self) -> None:
+        self._stop.set()
 
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def serve(self, sock: socket.socket, peer: tuple[str, int], forward: Forward) -> None:
+    def serve(self, sock: socket.socket, peer: tuple[str, int], forward: Forward, tally: ForwardTally) -> None:
         """One TCP connection: ask the relay to connect it, then splice until it ends."""
         label = f"{peer[0]}:{peer[1]} -> {forward.server}:{forward.port}"
         connect_session = requests.Session()
@@ -122,14 +169,18 @@ class HttpClientProxy:
                 r = connect_session.post(url, stream=True, allow_redirects=False,
                                          timeout=(RELAY_CONNECT_TIMEOUT_SECS, None))
             except HTTP_ERRORS as e:
-                logger.warning("connection %s failed: cannot reach the relay: %s", label, root_cause(e))
+                problem = f"cannot reach the relay at {self.relay}: {root_cause(e)}"
+                logger.warning("connection %s failed: %s", label, problem)
+                self._note(RelayState(False, problem))
+                tally.refused(problem)
                 reset(sock)
                 return
             with r:
                 if r.status_code != 200:
                     body = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
-                    logger.warning("connection %s refused: %s", label,
-                                   describe_answer(r.status_code, r.headers, body))
+                    problem = describe_answer(r.status_code, r.headers, body)
+                    logger.warning("connection %s refused: %s", label, problem)
+                    tally.refused(f"refused: {problem}")
                     reset(sock)
                     return
                 conn_id = r.headers.get(CONNECTION_ID_HEADER, "")
@@ -138,7 +189,7 @@ class HttpClientProxy:
                 upstream_url = self._base + TCP_UPSTREAM_PATH.format(id=quote(conn_id, safe=""))
                 streams = RelayStreams(r, upstream_url, self._headers)
                 splice = Splice(TcpEnd(sock, watch=streams.check), streams, in_threads)
-                with self._open.running(splice):
+                with tally.running(splice):
                     reason = splice.run()
             logger.info("connection %s closed%s: %d bytes up, %d down", label, f" ({reason})" if reason else "",
                         splice.a_to_b, splice.b_to_a)

@@ -24,13 +24,17 @@ Everything runs in greenlets of one gevent hub per thread.
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import gevent
 import gevent.event
+import gevent.hub
 import gevent.socket
 
 from ptth_lib.config import ClientConfig, Forward, QuicRelayTarget, ServerConfig
@@ -45,6 +49,8 @@ from ptth_lib.wire import tip
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # A connection to the relay that ends sooner than this counts as a failure, so
 # a proxy the relay keeps dropping backs off as if it could not connect
 # (errors.backoff_secs) instead of reconnecting several times a second.
@@ -52,6 +58,10 @@ STABLE_CONNECTION_SECS = 30.0
 
 # What a stopping proxy waits for its CONNECTION_CLOSE and resets to go out.
 CLOSE_FLUSH_SECS = 0.3
+
+# The desktop app's client tries again this long after the relay refused its key or showed another
+# certificate: the admin may add the key meanwhile, and nobody else would restart the app.
+REFUSED_RETRY_SECS = 30.0
 
 
 class RefusedError(PtthError):
@@ -94,28 +104,37 @@ def connect_to_relay(target: QuicRelayTarget, hello: tip.PeerHello,
         raise
 
 
-def splice_tcp(stream: QuicStream, sock: socket.socket, first: bytes = b"") -> str:
+def splice_tcp(stream: QuicStream, sock: socket.socket, first: bytes = b"",
+               tally: client.ForwardTally | None = None) -> str:
     """Copy both ways between a stream (after its tip; `first` followed it) and a TCP socket.
 
     Returns "" after a clean close both ways, else the reason it was cut; the
-    socket is closed either way (with a reset when cut).
+    socket is closed either way (with a reset when cut). A client's `tally` counts it.
     """
-    return Splice(TcpEnd(sock, watch_secs=None), QuicStreamEnd(stream, first), in_greenlets).run()
+    splice = Splice(TcpEnd(sock, watch_secs=None), QuicStreamEnd(stream, first), in_greenlets)
+    if tally is None:
+        return splice.run()
+    with tally.running(splice):
+        return splice.run()
 
 
 class _RelayLink:
     """Keeps one QUIC connection to the relay open, reconnecting with backoff."""
 
     def __init__(self, what: str, target: QuicRelayTarget, hello: tip.PeerHello,
-                 on_stream: Callable[[QuicStream], None] | None = None, must_start: bool = False) -> None:
+                 on_stream: Callable[[QuicStream], None] | None = None, must_start: bool = False,
+                 keep_trying: bool = False) -> None:
         self.what = what
         self.must_start = must_start  # a first attempt that fails is fatal (a program run by hand)
+        self.keep_trying = keep_trying  # a refusal is retried after REFUSED_RETRY_SECS (the desktop app)
         self.target = target
         self.hello = hello
         self.on_stream = on_stream
         self.peer: QuicPeer | None = None
         self.connected = gevent.event.Event()
         self.fatal: str = ""  # a refusal that retrying cannot fix
+        self.problem: str = ""  # why it is not connected now
+        self.tried = False  # the first attempt has ended, one way or the other
         self.started = False  # connected at least once
         self.stopping = False
 
@@ -137,14 +156,21 @@ class _RelayLink:
             try:
                 peer = connect_to_relay(self.target, self.hello, self.on_stream)
             except RefusedError as e:
-                self.fatal = str(e)
-                if not self.must_start:  # otherwise the program prints it, as its one line
+                self.problem, self.tried = str(e), True
+                if not self.must_start and state != str(e):  # otherwise the program prints it, as its one line
                     logger.error("%s", e)
+                state = str(e)
+                if self.keep_trying:
+                    gevent.sleep(REFUSED_RETRY_SECS)
+                    continue
+                self.fatal = str(e)
                 self.connected.set()
                 return
             except (OSError, ProtocolError) as e:
+                self.problem = f"cannot connect to the QUIC relay at {self.target.host}:{self.target.port}: {e}"
+                self.tried = True
                 if self.must_start and not self.started:
-                    self.fatal = f"cannot connect to the QUIC relay at {self.target.host}:{self.target.port}: {e}"
+                    self.fatal = self.problem
                     self.connected.set()
                     return
                 if state != str(e):
@@ -154,7 +180,8 @@ class _RelayLink:
                 gevent.sleep(backoff_secs(failures))
                 failures = min(failures + 1, 16)
                 continue
-            state = ""
+            state = self.problem = ""
+            self.tried = True
             logger.info("%s: connected to the QUIC relay at %s:%d as %r", self.what, self.target.host,
                         self.target.port, self.hello.name)
             self.peer = peer
@@ -166,6 +193,7 @@ class _RelayLink:
             self.peer = None
             if self.stopping:
                 return
+            self.problem = f"lost the QUIC relay ({peer.close_reason})"
             if time.monotonic() - connected_at >= STABLE_CONNECTION_SECS:
                 failures = 0
             delay = backoff_secs(failures)
@@ -247,27 +275,79 @@ class QuicEndServer:
 
 
 class QuicClientProxy:
-    """The client-side proxy over QUIC: forward/client.py's transport for `quic_relay`."""
+    """The client-side proxy over QUIC: forward/client.py's transport for `quic_relay`.
+
+    On the command line everything runs in the main thread's gevent hub. In
+    the desktop app (`background`) the hub has a thread of its own, the
+    window's thread reaches it through `call`, and a refusal is retried.
+    """
 
     socket_class = gevent.socket.socket
 
-    def __init__(self, config: ClientConfig) -> None:
+    def __init__(self, config: ClientConfig, background: bool = False) -> None:
         assert config.quic is not None
         self.link = _RelayLink("quic client", config.quic, tip.PeerHello("client", config.name, config.api_key),
-                               must_start=True)
+                               must_start=not background, keep_trying=background)
+        self._background = background
         self._runner: gevent.Greenlet | None = None
+        self._hub: gevent.hub.Hub | None = None
+        self._hub_ready = threading.Event()
 
     @property
     def stopping(self) -> bool:
         return self.link.stopping
 
-    def check(self) -> str:
-        """Connect and say hello (ClientError if the relay cannot be reached or refuses); then stay connected."""
+    @property
+    def fatal(self) -> str:
+        return self.link.fatal
+
+    def connect(self) -> None:
+        """Start the connection to the relay (and, in the background, the hub's thread)."""
+        if not self._background:
+            self._hub = gevent.get_hub()
+            self._runner = gevent.spawn(self.link.run_forever)
+            return
+        threading.Thread(target=self._run_hub, daemon=True, name="ptth-client-quic").start()
+        self._hub_ready.wait()
+
+    def _run_hub(self) -> None:
+        self._hub = gevent.get_hub()
         self._runner = gevent.spawn(self.link.run_forever)
-        self.link.connected.wait()
+        self._hub_ready.set()
+        self._runner.join()
+
+    def check(self) -> str:
+        """Wait for the first attempt (ClientError if the relay cannot be reached or refuses)."""
+        self.call(self.link.connected.wait)
         if self.link.fatal:
             raise client.ClientError(self.link.fatal)
+        if self.link.problem:
+            raise client.ClientError(self.link.problem)
         return self.link.hello.name
+
+    def relay_state(self) -> client.RelayState:
+        if self.link.peer is not None:
+            return client.RelayState(True, "", self.link.hello.name)
+        return client.RelayState(False if self.link.tried else None, self.link.problem)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` in a greenlet of the hub's thread and wait for its result (directly if already there)."""
+        if not self._background or threading.current_thread().name == "ptth-client-quic":
+            return fn()
+        assert self._hub is not None
+        done: queue.Queue[tuple[bool, Any]] = queue.Queue(1)
+
+        def run() -> None:
+            try:
+                done.put((True, fn()))
+            except BaseException as e:  # noqa: BLE001 (handed to the caller's thread, as if raised there)
+                done.put((False, e))
+
+        self._hub.loop.run_callback_threadsafe(gevent.spawn, run)
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
 
     @staticmethod
     def spawn(target: Callable[[], None], name: str) -> None:
@@ -277,27 +357,34 @@ class QuicClientProxy:
     def pause(secs: float) -> None:
         gevent.sleep(secs)
 
-    def run_until_stopped(self, close_ports: Callable[[], None]) -> int:
-        """Serve until SIGTERM or SIGINT (every connection reset), or a refusal on reconnecting (exit 1)."""
+    def wait_for_signal(self) -> None:
+        """Serve until SIGTERM or SIGINT, or a refusal on reconnecting (`fatal` then says why)."""
         assert self._runner is not None
+        runner = self._runner
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(sig, runner.kill)
+        runner.join()
+
+    def stop(self) -> None:
+        """Close the connection to the relay: every open stream is reset."""
+        if self._runner is None:
+            return
         runner = self._runner
 
         def stop() -> None:
             self.link.stop()
             runner.kill()
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            gevent.signal_handler(sig, lambda: gevent.spawn(stop))
-        runner.join()
-        close_ports()
-        return 1 if self.link.fatal else 0
+        self.call(stop)
 
-    def serve(self, sock: socket.socket, peer: tuple[str, int], forward: Forward) -> None:
+    def serve(self, sock: socket.socket, peer: tuple[str, int], forward: Forward,
+              tally: client.ForwardTally) -> None:
         """One TCP connection: a stream with a connect tip, the relay's answer, then the splice."""
         label = f"{peer[0]}:{peer[1]} -> {forward.server}:{forward.port}"
         quic = self.link.peer
         if quic is None:
             logger.warning("quic connection %s refused: not connected to the relay", label)
+            tally.refused("not connected to the relay")
             return reset(sock)
         try:
             stream = quic.open_stream()
@@ -305,14 +392,16 @@ class QuicClientProxy:
             answer, first = read_tip(stream, timeout=2 * TIP_WAIT_SECS)
         except (ProtocolError, StreamBrokenError, gevent.Timeout) as e:
             logger.warning("quic connection %s failed: %s", label, e)
+            tally.refused(f"failed: {e}")
             return reset(sock)
         if not isinstance(answer, tip.Answer):
             stream.abort("expected an answer")
             return reset(sock)
         if not answer.ok:
             logger.warning("quic connection %s refused: %s", label, answer.error)
+            tally.refused(f"refused: {answer.error}")
             stream.abort("refused")
             return reset(sock)
         logger.info("quic connection %s open", label)
-        reason = splice_tcp(stream, sock, first)
+        reason = splice_tcp(stream, sock, first, tally)
         logger.info("quic connection %s closed%s", label, f" ({reason})" if reason else "")
