@@ -22,7 +22,7 @@ demo: $(STAMP)
 # Debian programs the tests call, as command:package (sshd by its path: /usr/sbin is not
 # always on PATH). Installed only when missing, and only as root (CI is root).
 DEBIAN_TOOLS := curl:curl wget:wget ssh:openssh-client /usr/sbin/sshd:openssh-server /usr/sbin/nginx:nginx \
-  chromium:chromium redis-server:redis-server
+  chromium:chromium redis-server:redis-server Xvfb:xvfb xdotool:xdotool xclip:xclip
 debian-deps:
 	@missing=""; for t in $(DEBIAN_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \

@@ -82,11 +82,13 @@ class ClientConfig:
 CLIENT_API_KEY_ENV = "PTTH_CLIENT_API_KEY"
 
 
-def load_client_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any]) -> ClientConfig:
+def load_client_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any],
+                       forwards_required: bool = True) -> ClientConfig:
     """ptth_client's settings: the config file (if any), then flags, then the key.
 
     `overrides` holds command-line values (None or [] for flags not given);
-    --forward flags replace the file's list. The key comes from
+    --forward flags replace the file's list (which the desktop app, not
+    `forwards_required`, may leave empty). The key comes from
     $PTTH_CLIENT_API_KEY or from the file named by api_key_file, never from argv.
     relay_url means forwarding over HTTP; quic_relay over QUIC, which needs
     relay_fingerprint or ca_file, and name.
@@ -103,10 +105,10 @@ def load_client_config(path: str | os.PathLike[str] | None, overrides: Mapping[s
         quic_only = [k for k in ("relay_fingerprint", "ca_file", "name") if values[k] is not None]
         if quic_only:
             raise ConfigError(f"{where}: {quic_only[0]!r} is for quic_relay only (relay_url forwards over HTTP)")
-        forwards = _forwards(values["forward"], where)  # before the key: a config mistake comes first
+        forwards = _forwards(values["forward"], where, forwards_required)  # before the key: mistakes come first
         return ClientConfig(read_client_key(values["api_key_file"], where), values["bind"], forwards,
                             relay_url=values["relay_url"])
-    return _quic_client_config(values, values["quic_relay"], where)
+    return _quic_client_config(values, values["quic_relay"], where, forwards_required)
 
 
 def load_quic_client_config(path: str | None, overrides: Mapping[str, Any]) -> ClientConfig:
@@ -126,21 +128,22 @@ def _client_raw(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any
     return raw, str(path) if path is not None else "command line"
 
 
-def _quic_client_config(values: Mapping[str, Any], relay: str, where: str) -> ClientConfig:
+def _quic_client_config(values: Mapping[str, Any], relay: str, where: str,
+                        forwards_required: bool = True) -> ClientConfig:
     target = quic_target(relay, values["relay_fingerprint"], values["ca_file"],
                           f"{where}: give relay_fingerprint (--relay-fingerprint, as ptth_quic_relay.py printed it) "
                           "or ca_file (--ca-file), to know the relay is the right one")
     if values["name"] is None:
         raise ConfigError(f"{where}: no name: give --name NAME or name in --config FILE (this client's "
                           "[[clients]] name at the relay)")
-    forwards = _forwards(values["forward"], where)
+    forwards = _forwards(values["forward"], where, forwards_required)
     return ClientConfig(read_client_key(values["api_key_file"], where), values["bind"], forwards, quic=target,
                         name=values["name"])
 
 
-def _forwards(specs: list[str], where: str) -> tuple[Forward, ...]:
+def _forwards(specs: list[str], where: str, required: bool = True) -> tuple[Forward, ...]:
     forwards = tuple(must(parse_forward(spec)) for spec in specs)
-    if not forwards:
+    if not forwards and required:
         raise ConfigError(f"{where}: nothing to forward: give --forward LOCALPORT:SERVER:PORTNAME "
                           "(or forward = [...] in the config file)")
     ports = [f.local_port for f in forwards if f.local_port]

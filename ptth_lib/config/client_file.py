@@ -347,7 +347,7 @@ def clients_snippet(name: str, key: str, forwards: Iterable[Forward]) -> str:
     """
     problem = check_name(name)
     if problem:
-        raise ValueError(f"the client's name {problem}")
+        raise ValueError(problem)
     allow = list(dict.fromkeys(f"{f.server}:{f.port}" for f in forwards)) or ["SERVER:PORTNAME"]
     entries = ", ".join(f'"{a}"' for a in allow)
     return f'[[clients]]\nname = "{name}"\ntripcode = "{tripcode.derive(key)}"\nallow = [{entries}]\n'

@@ -211,7 +211,7 @@ class ForwardingClient:
             self._served.add(port)
         over = " over QUIC" if self.config.quic is not None else ""
         logger.info("forwarding %s:%d to %s:%s%s", self.config.bind, port, forward.server, forward.port, over)
-        self.proxy.call(partial(self.proxy.spawn, partial(self._accept_forever, sock, forward, tally),
+        self.proxy.call(partial(self.proxy.spawn, partial(self._accept_forever, port, sock, forward, tally),
                                 f"ptth-client-{port}"))
 
     def close(self, port: int) -> None:
@@ -250,13 +250,18 @@ class ForwardingClient:
             self.close(port)
         self.proxy.stop()
 
-    def _accept_forever(self, listener: socket.socket, forward: Forward, tally: ForwardTally) -> None:
+    def _is_open(self, port: int, listener: socket.socket) -> bool:
+        with self._lock:
+            entry = self._ports.get(port)
+        return entry is not None and entry[1] is listener
+
+    def _accept_forever(self, port: int, listener: socket.socket, forward: Forward, tally: ForwardTally) -> None:
         proxy = self.proxy
         while not proxy.stopping:
             try:
                 sock, peer = listener.accept()
             except OSError as e:
-                if proxy.stopping or listener.fileno() < 0:
+                if proxy.stopping or not self._is_open(port, listener):
                     return  # stopped, or this forward was closed
                 logger.warning("accept on port %d failed: %s", forward.local_port, e.strerror or e)
                 proxy.pause(ACCEPT_RETRY_SECS)

@@ -313,8 +313,11 @@ class QuicClientProxy:
     def _run_hub(self) -> None:
         self._hub = gevent.get_hub()
         self._runner = gevent.spawn(self.link.run_forever)
+        self._stopped = gevent.event.Event()
         self._hub_ready.set()
-        self._runner.join()
+        # Until stop() has finished, not merely until the link ends: the thread's end stops its hub,
+        # and the greenlet running stop() must still hand its result back.
+        self._stopped.wait()
 
     def check(self) -> str:
         """Wait for the first attempt (ClientError if the relay cannot be reached or refuses)."""
@@ -374,6 +377,8 @@ class QuicClientProxy:
         def stop() -> None:
             self.link.stop()
             runner.kill()
+            if self._background:
+                self._stopped.set()
 
         self.call(stop)
 
