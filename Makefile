@@ -1,4 +1,4 @@
-# Entry points for people and CI: `make demo`, `make test`, `make test-all`, `make test-cluster`, `make clean`.
+# Entry points for people and CI: `make demo`, `make gui`, `make test`, `make test-all`, `make test-cluster`, `make clean`.
 # Everything runs from .venv, which is (re)built from the requirements files.
 
 PYTHON ?= python3
@@ -7,7 +7,7 @@ VENV := .venv
 STAMP := $(VENV)/.requirements.stamp
 PORT ?= 4000
 
-.PHONY: demo test test-all test-cluster lint bench bench-forward bench-web bench-cluster bench-heads bench-compare clean debian-deps
+.PHONY: demo gui test test-all test-cluster lint bench bench-forward bench-web bench-cluster bench-heads bench-compare clean debian-deps
 
 # One venv for demo and tests: requirements-dev.txt includes requirements.txt.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -18,6 +18,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 # Relay and server on 127.0.0.1:$(PORT) until Ctrl+C; state in demo/.
 demo: $(STAMP)
 	$(VENV)/bin/python -m ptth_lib.tools.demo --port $(PORT)
+
+# The desktop app for people who connect (README, "For the people who connect"); its settings live in
+# ~/.config/ptth/ptth_client.toml unless GUI_ARGS="--config FILE" says otherwise.
+gui: $(STAMP)
+	$(VENV)/bin/python ptth_client_gui.py $(GUI_ARGS)
 
 # Debian programs the tests call, as command:package (sshd by its path: /usr/sbin is not
 # always on PATH). Installed only when missing, and only as root (CI is root).

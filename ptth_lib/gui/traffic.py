@@ -40,22 +40,20 @@ class Traffic:
         return self.down[-1]
 
     def bars(self, width: int, height: int) -> list[tuple[int, int, int, int]]:
-        """Rectangles (x0, y0, x1, y1), one per history point with traffic: the height is both
-        directions' rate against the highest in view; each point is width // HISTORY_POINTS
-        pixels wide (at least one), the newest at the right."""
+        """Rectangles (x0, y0, x1, y1), one per history point with traffic, the newest at the right:
+        the history spread over `width` pixels, each bar as high as both directions' rate against
+        the highest in view, and at least 2 pixels, so that a trickle still shows."""
         totals = [u + d for u, d in zip(self.up, self.down, strict=True)]
         top = max(totals)
         if top <= 0 or width <= 0 or height <= 0:
             return []
-        step = max(width // HISTORY_POINTS, 1)
-        shown = totals[-(width // step):]
-        x0 = width - step * len(shown)
         rects = []
-        for i, total in enumerate(shown):
-            h = round(total / top * height)
-            if h > 0:
-                x = x0 + i * step
-                rects.append((x, height - h, x + step, height))
+        for i, total in enumerate(totals):
+            if total > 0:
+                x0 = i * width // HISTORY_POINTS
+                x1 = max((i + 1) * width // HISTORY_POINTS, x0 + 1)
+                h = max(round(total / top * height), min(2, height))
+                rects.append((x0, height - h, x1, height))
         return rects
 
 

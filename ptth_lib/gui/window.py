@@ -39,7 +39,10 @@ REFRESH_MS = 500
 
 # Colours that read on light themes and for the common colour blindnesses (blue/orange, not red/green alone:
 # every state also says itself in words).
-GOOD, BAD, NEUTRAL, GRAPH = "#1a7f37", "#b3261e", "#6b6b6b", "#2f6fb0"
+GOOD, BAD, NEUTRAL, GRAPH, GRAPH_BACKGROUND = "#1a7f37", "#b3261e", "#6b6b6b", "#2f6fb0", "#e3e9f1"
+
+# Pixels between a row's graph and its text (the image is that much wider, transparent there).
+GRAPH_GAP = 8
 
 
 class ClientWindow:
@@ -290,13 +293,13 @@ class ClientWindow:
     def _graph(self, port: int, traffic: Traffic) -> tk.PhotoImage:
         """The forward's last half minute of traffic as a small bar graph, redrawn in place."""
         height = max(self.line - 2, 8)
-        width = height * 4
+        width = height * 5
         image = self.images.get(port)
         if image is None:
-            image = self.images[port] = tk.PhotoImage(width=width, height=height)
+            image = self.images[port] = tk.PhotoImage(width=width + GRAPH_GAP, height=height)
         image.blank()
-        image.put("#e6e6e6", to=(0, height - 1, width, height))  # the baseline: an idle forward shows it
-        for x0, y0, x1, y1 in traffic.bars(width, height - 1):
+        image.put(GRAPH_BACKGROUND, to=(0, 0, width, height))
+        for x0, y0, x1, y1 in traffic.bars(width, height):
             image.put(GRAPH, to=(x0, y0, x1, y1))
         return image
 
@@ -453,12 +456,14 @@ class ClientWindow:
     def show_welcome(self, first_run: bool = False) -> TripcodeDialog:
         code = tripcode.derive(self.key)
         if first_run:
-            intro = ("Welcome. This app made a key for you and keeps it in "
-                     f"{self.file.api_key_file} (it is never shown). Send the text below to your relay's "
-                     "admin: it names your key by its tripcode, which is safe to share. Then set the relay's "
-                     "address and add a forward.")
+            intro = ("Welcome! This app has made a key of your own and saved it in "
+                     f"{self.file.api_key_file} (it is never shown).\n\n"
+                     "1. Send the text below to your relay's admin: press Copy, then paste it into an e-mail "
+                     "or a chat. It names your key by its tripcode, which is safe to share.\n"
+                     "2. Type the relay's address your admin gives you (next).\n"
+                     "3. Add a forward for each program you want to reach.")
         else:
-            intro = (f"Your key's tripcode is {code}. To be let in, the relay's admin adds the text below "
+            intro = (f"Your key's tripcode is {code}. To let you in, the relay's admin adds the text below "
                      "to the relay's config.")
         name = self.file.relay().name or _default_name()
         forwards = self.file.forwards()

@@ -74,6 +74,7 @@ def snippet_for_relay(app: ClientWindow, allow: list[str]) -> str:
     """The [[clients]] table the app shows (on its first run), as the admin pastes it with the allow
     list the admin chose; the dialog is closed, as a person closes it once the text is sent."""
     dialog = app.welcome if hasattr(app, "welcome") and app.welcome.winfo_exists() else app.show_welcome()
+    type_into(dialog.name_entry, "alice")
     text = dialog.text.get("1.0", "end-1c")
     dialog.close()
     quoted = ", ".join(f'"{a}"' for a in allow)
@@ -210,10 +211,11 @@ def test_forwards_carry_traffic_and_the_window_follows_the_relay(display: Displa
 
     # Traffic: an echo conversation held open, and a real ssh login through the second forward.
     with socket.create_connection(("127.0.0.1", echo_port), timeout=20) as held:
-        for _ in range(20):
-            data = os.urandom(256 * 1024)
+        for i in range(20):  # over a few seconds, so that the graph has a shape
+            data = os.urandom(128 * 1024 * (1 + i % 5))
             held.sendall(data)
             assert recv_exactly(held, len(data)) == data
+            settle(tk_root, 0.15)
         pump(tk_root, lambda: row(app, echo_port)[1].startswith("1 connection open"), "1 connection open")
         out = subprocess.run(tunnel.sshd.ssh(ssh_port, "echo", "through the desktop app"), capture_output=True,
                              text=True, timeout=60, check=False)
@@ -221,7 +223,7 @@ def test_forwards_carry_traffic_and_the_window_follows_the_relay(display: Displa
         settle(tk_root, 1.2)
         label, _, sent, received = row(app, echo_port)
         assert label == f"127.0.0.1:{echo_port}  →  alpha : echo"
-        assert sent == received == "5.0 MiB", (sent, received)
+        assert sent == received == "7.5 MiB", (sent, received)
         assert row(app, ssh_port)[2] != "0 B"
         display.screenshot(tmp_path / "desktop-connected.png", window_box(app.root))
 
@@ -247,9 +249,17 @@ def test_forwards_carry_traffic_and_the_window_follows_the_relay(display: Displa
     settle(tk_root)
     assert display.clipboard(tk_root) == f"127.0.0.1:{echo_port}"
 
-    # Closing the window closes everything; ptth_client.py reads the file the app wrote and forwards the same ports.
-    app.close()
-    assert not listening(echo_port) and not listening(ssh_port)
+    # Closing the window closes everything, open connections too; ptth_client.py reads the file the app
+    # wrote and forwards the same ports.
+    with socket.create_connection(("127.0.0.1", echo_port), timeout=20) as held:
+        held.sendall(b"open\n")
+        assert recv_exactly(held, 5) == b"open\n"
+        app.close()
+        assert not listening(echo_port) and not listening(ssh_port)
+        try:
+            assert held.recv(1) == b""
+        except ConnectionResetError:
+            pass  # cut: the app resets a forwarded connection it closes
     text = config.read_text()
     assert text.startswith("# Written by hand; the app keeps this comment.\n") and "# the office relay" in text
     client = Proc([sys.executable, "ptth_client.py", "--config", str(config)], tmp_path / "cli.log")
