@@ -348,3 +348,38 @@ def test_the_program_at_the_keyboard_at_200_percent(tmp_path: Path, tunnel: Tunn
         assert not listening(port)
     finally:
         big.close()
+
+
+def test_rows_say_why_a_forward_does_not_work(tk_root: tk.Tk, tmp_path: Path, tunnel: Tunnel) -> None:
+    """A busy local port, a forward the relay does not allow, a port the server does not forward."""
+    c, relay = tunnel.cluster, tunnel.relay
+    key = new_key("laptop")
+    key_file = tmp_path / "key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    relay.config.write_text(relay.config.read_text() + f'[[clients]]\nname = "laptop"\n'
+                            f'tripcode = "{tripcode_of(key)}"\nallow = ["alpha:echo", "alpha:nosuch"]\n')
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        busy_port, denied_port, missing_port = busy.getsockname()[1], free_port(), free_port()
+        config = tmp_path / "ptth_client.toml"
+        config.write_text(f'relay_url = "{relay.url}"\napi_key_file = "{key_file}"\n'
+                          f'forward = ["{busy_port}:alpha:echo", "{denied_port}:alpha:ssh", '
+                          f'"{missing_port}:alpha:nosuch"]\n')
+        app = ClientWindow(tk_root, str(config))
+        pump(tk_root, lambda: app.status_label.cget("text") == "Connected as “laptop”", "connected",
+             RELAY_STATE_SECS)
+        assert row(app, busy_port)[1].startswith(f"cannot listen on 127.0.0.1:{busy_port}: ")
+        assert app.tree.item(str(busy_port))["tags"] == ["problem"]  # shown in the error colour
+        assert row(app, denied_port)[1] == "The relay does not allow this forward: ask your admin"
+        with socket.create_connection(("127.0.0.1", missing_port), timeout=20) as sock:
+            try:
+                assert sock.recv(1) == b""
+            except ConnectionResetError:
+                pass
+        pump(tk_root, lambda: row(app, missing_port)[1].startswith("refused: 502 server 'alpha'"),
+             "the relay's refusal in the row")
+        app.close()
+    for proc in c.procs:  # the relay and the server took it in their stride
+        proc.check_alive()
