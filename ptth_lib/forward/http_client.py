@@ -63,6 +63,7 @@ class HttpClientProxy:
         self._stop = threading.Event()
         self._background = background
         self._state = RelayState(None)
+        self._last_good: RelayState | None = None  # the last check that passed: who the relay says we are
 
     def connect(self) -> None:
         """In the background, check the relay now and then, so that a window can show whether it is up."""
@@ -103,7 +104,8 @@ class HttpClientProxy:
                 if not is_allowed(allowed, f):
                     logger.warning("the relay does not allow this client to reach %s:%s (local port %d)",
                                    f.server, f.port, f.local_port)
-        self._note(RelayState(True, "", name, allowed))
+        self._last_good = RelayState(True, "", name, allowed)
+        self._note(self._last_good)
         return name
 
     def _check(self) -> tuple[str, frozenset[str]]:
@@ -183,6 +185,8 @@ class HttpClientProxy:
                     tally.refused(f"refused: {problem}")
                     reset(sock)
                     return
+                if self._last_good is not None and not self._state.connected:
+                    self._note(self._last_good)  # the relay answers again: no need to wait for the next check
                 conn_id = r.headers.get(CONNECTION_ID_HEADER, "")
                 label = f"{short_id(conn_id)} {label}"
                 logger.info("connection %s open", label)
