@@ -260,9 +260,15 @@ def test_websockets_carry_messages_both_ways_and_close_codes_across_workers(tunn
 
 
 def connect(tunnel: ClusterTunnel, name: str) -> socket.socket:
+    """A connection to ptth_client's port for `name`; closed if connecting fails (a refusal's reset
+    can come so soon that connect() itself reports it)."""
     sock = unused_port_socket()
-    sock.settimeout(TIMEOUT_SECS)
-    sock.connect(("127.0.0.1", tunnel.ports[name]))
+    try:
+        sock.settimeout(TIMEOUT_SECS)
+        sock.connect(("127.0.0.1", tunnel.ports[name]))
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
