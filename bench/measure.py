@@ -137,6 +137,9 @@ def measure(endpoint: Endpoint, run: Callable[[], dict[str, Any]], label: str) -
     result["machine_pct"] = {"busy": round(machine, 1), "others": round(max(0.0, machine - sum(cpu.values())), 1),
                              "others_before": background}
     result["peak_rss_mib"] = {k: round(memory_kib(pid)["VmHWM"] / 1024, 1) for k, pid in pids.items()}
+    if result.get("requests"):  # wrk: CPU per request, steadier than requests/s on a shared machine
+        result["cpu_us_per_request"] = {k: round(1e6 * (sum(after[k]) - sum(before[k])) / result["requests"], 1)
+                                        for k in pids}
     return result
 
 

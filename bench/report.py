@@ -133,6 +133,11 @@ def table(results: dict[str, Any]) -> str:
             metric(f"2. small 1 KiB, concurrency {conc}, requests/s", s["small"][c], "rps")
             metric(f"2. small 1 KiB, concurrency {conc}, p50 ms", s["small"][c], "p50_ms", 2)
             metric(f"2. small 1 KiB, concurrency {conc}, p99 ms", s["small"][c], "p99_ms", 2)
+            cpu = {t: _get(s["small"][c], "median", t, "cpu_us_per_request") or {} for t in TARGETS}
+            if cpu["tunnel"]:
+                rows.append((f"2. small 1 KiB, concurrency {conc}, CPU µs per request",
+                             f"relay {_fmt(cpu['tunnel'].get('relay'))}, server {_fmt(cpu['tunnel'].get('server'))}",
+                             _fmt(cpu["direct"].get("file_server")), _fmt(cpu["nginx"].get("nginx")), "-"))
     if "medium" in s:
         metric("3. medium 256 KiB, concurrency 32, requests/s", s["medium"]["c32"], "rps")
         metric("3. medium 256 KiB, concurrency 32, MiB/s", s["medium"]["c32"], "mib_s")

@@ -10,6 +10,9 @@ ptth_server's uploads (response POSTs) need what requests does not offer:
   the pool manager's `pool_classes_by_scheme`;
 - a body of known length sent with Content-Length rather than chunked
   (`SizedBody`: requests looks for `__len__`);
+- a request sent with urllib3 through the session's own pool (`exchange`),
+  without requests' per-call preparation, which cost as much CPU as the
+  exchange itself on the server's hot path (BENCHMARKS.md);
 - telling a connection closed with nothing answered from other failures
   (`closed_without_answer`: http.client's RemoteDisconnected, as urllib3 and
   requests wrap it), and whether that connection was a kept-alive one,
@@ -27,10 +30,13 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -52,6 +58,70 @@ def new_session(proxies: Mapping[str, str], user_agent: str) -> requests.Session
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+@dataclass(frozen=True)
+class RelayAnswer:
+    """The relay's answer: its status, headers and the first bytes of its body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+def exchange(session: requests.Session, method: str, url: str, headers: Mapping[str, str],
+             timeout: tuple[float, float], max_answer: int, body: bytes | Iterable[bytes] | None = None
+             ) -> RelayAnswer:
+    """One request on one of `session`'s connections (a kept-alive one if idle); the answer, its body
+    read up to `max_answer` bytes.
+
+    `body` is bytes, a `SizedBody` (sent with Content-Length) or any other
+    iterable (sent chunked). The request goes through the session's own pool
+    with urllib3 directly: requests' preparation of every call (merging the
+    session's settings, preparing and building objects) took as much CPU as
+    the exchange itself (BENCHMARKS.md, "Fewer layers per request"). The
+    connections are the same watched ones (is_answered_early,
+    closed_when_reused); redirects are never followed; failures raise
+    urllib3's exceptions. With proxies the call goes through requests, which
+    knows how to reach them.
+    """
+    all_headers: dict[str, Any] = {**session.headers, **headers}
+    if session.proxies:
+        with session.request(method, url, data=body, headers=headers, stream=True, timeout=timeout) as via_proxy:
+            return RelayAnswer(via_proxy.status_code, via_proxy.headers,
+                               via_proxy.raw.read(max_answer, decode_content=True))
+    chunked = body is not None and not isinstance(body, bytes) and not hasattr(body, "__len__")
+    if body is not None and not chunked:
+        all_headers["Content-Length"] = str(len(body))  # type: ignore[arg-type]
+    r = _pool(session, url).urlopen(method, _target(url), body=body, headers=all_headers, chunked=chunked,
+                                    preload_content=False, retries=False, redirect=False,
+                                    timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]))
+    try:
+        # A whole answer gives its connection back to the pool as it is read; close() then closes
+        # the connection only if it is still held, with unread bytes on it.
+        return RelayAnswer(r.status, r.headers, r.read(max_answer, decode_content=True))
+    finally:
+        r.close()
+
+
+def _pool(session: requests.Session, url: str) -> HTTPConnectionPool:
+    """The session's connection pool for `url` (made once, as requests would, with its TLS settings)."""
+    pools: dict[str, HTTPConnectionPool] = session.__dict__.setdefault("_ptth_pools", {})
+    parts = urlsplit(url)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    if origin not in pools:
+        adapter = session.get_adapter(url)
+        assert isinstance(adapter, HTTPAdapter)
+        prepared = requests.Request("POST", url).prepare()
+        pool = adapter.get_connection_with_tls_context(prepared, session.verify, cert=session.cert)
+        assert isinstance(pool, HTTPConnectionPool)
+        pools[origin] = pool
+    return pools[origin]
+
+
+def _target(url: str) -> str:
+    parts = urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 def response_socket(r: requests.Response) -> socket.socket | None:

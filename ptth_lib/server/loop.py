@@ -50,7 +50,7 @@ from ptth_lib import __version__
 from ptth_lib.config import ServerConfig
 from ptth_lib.errors import ProtocolError, backoff_secs, describe_answer, root_cause
 from ptth_lib.forward.http_server import PortForwardServer
-from ptth_lib.requests_adapter import closed_when_reused, new_session
+from ptth_lib.requests_adapter import closed_when_reused, exchange, new_session
 from ptth_lib.server.responder import Responder
 from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import (
@@ -210,25 +210,25 @@ class ServerLoop:
             taken = 0
             started = time.monotonic()
             try:
-                with session.get(self._listen_url, stream=True, headers=headers,
-                                 timeout=(CONNECT_TIMEOUT_SECS, LISTEN_READ_TIMEOUT_SECS)) as r:
-                    # Read at most one byte past the limit: a hostile relay cannot make us read more.
-                    data = r.raw.read(MAX_LISTEN_BODY_BYTES + 1, decode_content=True)
+                # Read at most one byte past the limit: a hostile relay cannot make us read more.
+                r = exchange(session, "GET", self._listen_url, headers, (CONNECT_TIMEOUT_SECS,
+                             LISTEN_READ_TIMEOUT_SECS), MAX_LISTEN_BODY_BYTES + 1)
+                data = r.body
                 ack = ""  # the relay answered, so it has read our acknowledgement
-                if r.status_code in (200, 204):
+                if r.status in (200, 204):
                     self._responder.relay_features = parse_features(r.headers.get(FEATURES_HEADER))
-                if r.status_code == 200:
+                if r.status == 200:
                     batch = decode_requests(data)  # a relay may ignore our limit: serve them all
                     ack = r.headers.get(BATCH_HEADER, "") if is_request_id(r.headers.get(BATCH_HEADER, "")) else ""
                     taken = self._dispatch(batch)
-                elif r.status_code == 403:
+                elif r.status == 403:
                     self._refused()
                     return
-                elif r.status_code == 204:
+                elif r.status == 204:
                     if not at_once and room and time.monotonic() - started < PARKED_CUT_SECS:
                         problem = "quiet"  # answered at once when asked to wait: back off, say nothing
                 else:
-                    problem = f"relay answered {describe_answer(r.status_code, r.headers, data)} to the listen"
+                    problem = f"relay answered {describe_answer(r.status, r.headers, data)} to the listen"
             except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
                 if not at_once and time.monotonic() - started >= PARKED_CUT_SECS:
                     # The listen was parked, then cut: a NAT box or proxy dropping an idle

@@ -28,6 +28,7 @@ from ptth_lib.requests_adapter import (
     SizedBody,
     closed_when_reused,
     ended_early_when_reused,
+    exchange,
     is_answered_early,
 )
 from ptth_lib.server import file_server
@@ -170,9 +171,8 @@ class Responder:
         # POST did not end cleanly is closed, never given back.
         session = self._sessions.new() if again else self._sessions.take(request_id)
         try:
-            with session.post(url, data=body.upload(), headers=headers, stream=True,
-                              timeout=(CONNECT_TIMEOUT_SECS, RESPONSE_READ_TIMEOUT_SECS)) as r:
-                answer = r.raw.read(MAX_ANSWER_BYTES, decode_content=True)
+            r = exchange(session, "POST", url, headers, (CONNECT_TIMEOUT_SECS, RESPONSE_READ_TIMEOUT_SECS),
+                         MAX_ANSWER_BYTES, body.upload())
         except _AbortedError:
             session.close()
             logger.info("response %s abandoned at shutdown after %d bytes", request_id, body.sent)
@@ -199,16 +199,15 @@ class Responder:
             logger.info("response %s cut off after %d bytes: %s", request_id, body.sent, root_cause(e))
             return True
         self._sessions.give_back(session, r.headers.get(NODE_HEADER))
-        if r.status_code == 200:
+        if r.status == 200:
             logger.debug("response %s delivered, %d bytes", request_id, body.sent)
-        elif r.status_code == 410:
+        elif r.status == 410:
             logger.info("response %s: the client left after %d bytes", request_id, body.sent)
-        elif r.status_code == 404 and again:
+        elif r.status == 404 and again:
             logger.info("response %s: the relay no longer waits for it: its client left, or the first try "
                         "reached it", request_id)
         else:
-            logger.warning("response %s: relay answered %s", request_id,
-                           describe_answer(r.status_code, r.headers, answer))
+            logger.warning("response %s: relay answered %s", request_id, describe_answer(r.status, r.headers, r.body))
         return True
 
     def _session(self) -> requests.Session:

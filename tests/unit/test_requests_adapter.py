@@ -27,6 +27,7 @@ from ptth_lib.requests_adapter import (
     closed_when_reused,
     closed_without_answer,
     ended_early_when_reused,
+    exchange,
     is_answered_early,
     new_session,
     response_socket,
@@ -314,3 +315,76 @@ def test_a_kept_alive_connection_ending_between_chunks_is_not_an_answer(answer: 
     assert found == [(True, not answer)], (
         f"{VERSIONS}: {'an early answer' if answer else 'the end of a reused connection'} seen between "
         f"chunks as (seen, ended) = {found}")
+
+
+def read_chunked_body(conn: socket.socket, got: bytes) -> bytes:
+    """Read a chunked body to its last chunk; what came after it is returned."""
+    while b"0\r\n\r\n" not in got:
+        got += conn.recv(65536)
+    return got.partition(b"0\r\n\r\n")[2]
+
+
+def test_exchange_frames_bodies_and_keeps_its_connection() -> None:
+    """exchange (urllib3 through the session's pool): Content-Length for bytes and SizedBody,
+    chunked for an iterable without a length, all three on one kept-alive connection."""
+    heads: list[bytes] = []
+
+    def act(conn: socket.socket, head: bytes) -> None:
+        for kind in ("sized", "sized", "chunked"):
+            header, _, rest = head.partition(b"\r\n\r\n")
+            heads.append(header.lower())
+            if kind == "sized":
+                read_sized_body(conn, head)
+                rest = b""
+            else:
+                rest = read_chunked_body(conn, rest)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-PTTH-Node: n1\r\nContent-Length: 3\r\n\r\nok\n")
+            if kind != "chunked":
+                head = read_head(conn, rest)
+
+    peer = Peer(act)
+    session = new_session({}, "test")
+    try:
+        answers = [exchange(session, "POST", peer.url, {"X-ApiKey": "k"}, (10, 10), 4096, body)
+                   for body in (b"abc", SizedBody(iter([b"ab", b"cd"]), 4), iter([b"x", b"yz"]))]
+    finally:
+        peer.close()
+    assert [(a.status, a.body, a.headers.get("x-ptth-node")) for a in answers] == [(200, b"ok\n", "n1")] * 3
+    assert len(heads) == 3, f"{VERSIONS}: the three POSTs did not share one kept-alive connection"
+    assert b"content-length: 3" in heads[0] and b"content-length: 4" in heads[1]
+    assert b"transfer-encoding: chunked" in heads[2] and b"content-length" not in heads[2]
+    assert all(b"x-apikey: k" in h and b"user-agent: test" in h for h in heads)
+
+
+def test_exchange_tells_a_kept_alive_connection_closed_as_it_is_reused() -> None:
+    """The race of test_a_kept_alive_connection_closed_as_it_is_reused_is_told_apart, through exchange."""
+    def act(conn: socket.socket, head: bytes) -> None:
+        read_sized_body(conn, head)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        read_head(conn)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    peer = Peer(act)
+    session = new_session({}, "test")
+    try:
+        assert exchange(session, "POST", peer.url, {}, (10, 10), 4096, b"y" * 12).body == b"ok"
+        with pytest.raises(urllib3.exceptions.HTTPError) as closed:
+            exchange(session, "POST", peer.url, {}, (10, 10), 4096, SizedBody(iter([b"x" * 12]), 12))
+    finally:
+        peer.close()
+    assert closed_when_reused(closed.value), f"{VERSIONS}: not told apart: {closed.value!r}"
+
+
+def test_exchange_never_follows_a_redirect() -> None:
+    def act(conn: socket.socket, head: bytes) -> None:
+        read_sized_body(conn, head)
+        conn.sendall(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.2:1/stolen\r\n"
+                     b"Content-Length: 0\r\n\r\n")
+
+    peer = Peer(act)
+    try:
+        answer = exchange(new_session({}, "test"), "POST", peer.url, {"X-ApiKey": "k"}, (10, 10), 4096, b"x")
+    finally:
+        peer.close()
+    assert answer.status == 307
