@@ -206,6 +206,7 @@ class ClientWindow:
             return
         self.closed = True
         self._stop_client()
+        self.images.clear()  # Tk images go with their interpreter, in this thread: never in a later GC
         self.root.destroy()
 
     # Redrawing
