@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tempfile
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -41,6 +40,7 @@ from ptth_lib.config.keys import (
     check_port_name,
     normalize_fingerprint,
     parse_forward,
+    write_atomically,
 )
 from ptth_lib.errors import ConfigError
 from ptth_lib.wire import tripcode
@@ -256,17 +256,7 @@ class ClientFile:
         try:
             _make_folder(real.parent)
             mode = stat.S_IMODE(real.stat().st_mode) if real.exists() else 0o600
-            fd, tmp = tempfile.mkstemp(dir=real.parent, prefix=".ptth_client.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fchmod(f.fileno(), mode)
-                    os.fsync(f.fileno())
-                os.replace(tmp, real)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            write_atomically(real, text, mode)
         except OSError as e:
             raise ConfigError(f"{self.path}: cannot save: {e.strerror}") from None
         self.exists = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -217,6 +218,22 @@ class Forward:
     local_port: int
     server: str
     port: str
+
+
+def write_atomically(path: str | os.PathLike[str], text: str, mode: int = 0o600) -> None:
+    """Replace the file at `path` with `text` all at once: a temporary file beside it, written,
+    given `mode`, synced, then renamed over it. OSError if that fails; no temporary file is left."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:

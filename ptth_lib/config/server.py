@@ -9,7 +9,6 @@ ptth_quic_end_server.py reads the same file.
 from __future__ import annotations
 
 import os
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -35,6 +34,7 @@ from ptth_lib.config.keys import (
     parse_address,
     quic_target,
     read_toml,
+    write_atomically,
 )
 from ptth_lib.errors import ConfigError
 from ptth_lib.wire import tripcode
@@ -171,16 +171,7 @@ def _save_new_key(path: str | os.PathLike[str]) -> str:
         if new_text is None:
             raise ConfigError(f"{path}: no api_key, and cannot tell where to add a generated one: add "
                               f"api_key = \"...\" (20+ random characters) above the first [table] by hand")
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(real), prefix=".ptth_server.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:  # mkstemp's mode is 0600 already
-                f.write(new_text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, real)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomically(real, new_text)
     except OSError as e:
         raise ConfigError(f"{path}: no api_key, and cannot save a generated one: {e.strerror}") from None
     return key
