@@ -123,8 +123,11 @@ class TripcodeDialog(tk.Toplevel):
         ttk.Label(body, text=intro, wraplength="340p", justify="left").grid(row=0, column=0, columnspan=3,
                                                                              sticky="w", pady=(0, "8p"))
         ttk.Label(body, text="Your name for the admin").grid(row=1, column=0, sticky="w", padx=(0, "6p"))
-        self.name_var = tk.StringVar(value=name)
-        self.name_entry = ttk.Entry(body, textvariable=self.name_var, width=24)
+        # No StringVar: a Tk variable freed by a garbage collection in another thread calls into Tk
+        # from there. The entry reports each edit itself (validate="key"), typed or pasted.
+        self.name_entry = ttk.Entry(body, width=24, validate="key",
+                                    validatecommand=(self.register(self._edited),))
+        self.name_entry.insert(0, name)
         self.name_entry.grid(row=1, column=1, sticky="w")
         self.name_error = ttk.Label(body, text="", style="Error.TLabel", wraplength=f"{ERROR_WRAP_CHARS * 5}p")
         self.name_error.grid(row=1, column=2, sticky="w", padx=("6p", 0))
@@ -139,7 +142,6 @@ class TripcodeDialog(tk.Toplevel):
         self.close_button.pack(side="left")
         self.status = ttk.Label(body, text="", style="Hint.TLabel")
         self.status.grid(row=4, column=0, columnspan=3, sticky="w")
-        self.name_var.trace_add("write", lambda *_: self._show())
         self._show()
         self.bind("<Return>", lambda _: self.close())
         self.bind("<Escape>", lambda _: self.close())
@@ -150,9 +152,15 @@ class TripcodeDialog(tk.Toplevel):
         self.wait_visibility()
         self.grab_set()
 
+    def _edited(self) -> bool:
+        self.after_idle(self._show)  # once the edit is in the entry
+        return True
+
     def _show(self) -> None:
+        if not self.winfo_exists():
+            return
         try:
-            text, error = self._snippet(self.name_var.get().strip()), ""
+            text, error = self._snippet(self.name_entry.get().strip()), ""
         except ValueError as e:
             text, error = "", str(e)
         self.name_error.configure(text=error)
@@ -168,7 +176,7 @@ class TripcodeDialog(tk.Toplevel):
         self.status.configure(text="Copied: paste it into a message to your relay's admin.")
 
     def close(self) -> None:
-        name = self.name_var.get().strip()
+        name = self.name_entry.get().strip()
         self.destroy()
         if self._on_close is not None:
             self._on_close(name)

@@ -10,6 +10,7 @@ relay learns is the one the app made, from the snippet it shows.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import socket
@@ -42,14 +43,32 @@ def display() -> Iterator[Display]:
     d.close()
 
 
+@dataclass
+class Screen:
+    """The test's Tk root, handed out in a holder so that teardown can drop the last reference."""
+
+    root: tk.Tk | None
+
+
 @pytest.fixture
-def tk_root(display: Display) -> Iterator[tk.Tk]:
-    root = tk.Tk(screenName=display.name, className="ptth-client")
-    yield root
+def screen(display: Display) -> Iterator[Screen]:
+    """A Tk root on the virtual screen; afterwards destroyed and collected in this thread.
+
+    Tk's objects must be freed in the thread that made them: a Tk interpreter
+    collected by a garbage collection that happens to run in another thread (a
+    forwarding thread of the app, of this test or a later one) aborts the
+    process. So the root's last reference goes here, and gc.collect() frees it.
+    """
+    holder = Screen(tk.Tk(screenName=display.name, className="ptth-client"))
+    yield holder
+    root, holder.root = holder.root, None
+    assert root is not None
     try:
         root.destroy()
     except tk.TclError:
         pass  # the app closed it
+    del root
+    gc.collect()
 
 
 def echo_round_trip(port: int, size: int = 64 * 1024) -> None:
@@ -98,8 +117,10 @@ def row(app: ClientWindow, port: int) -> tuple[str, str, str, str]:
     return (item["text"], *item["values"])
 
 
-def test_first_run_makes_a_key_and_shows_what_to_send_the_admin(display: Display, tk_root: tk.Tk,
+def test_first_run_makes_a_key_and_shows_what_to_send_the_admin(display: Display, screen: Screen,
                                                                  tmp_path: Path) -> None:
+    tk_root = screen.root
+    assert tk_root is not None
     config = tmp_path / "ptth" / "ptth_client.toml"
     app = ClientWindow(tk_root, str(config))
     pump(tk_root, lambda: hasattr(app, "welcome") and app.welcome.winfo_viewable(), "the welcome dialog")
@@ -134,7 +155,9 @@ def test_first_run_makes_a_key_and_shows_what_to_send_the_admin(display: Display
     app.close()
 
 
-def test_forward_dialog_errors_sit_beside_their_fields(tk_root: tk.Tk, tmp_path: Path) -> None:
+def test_forward_dialog_errors_sit_beside_their_fields(screen: Screen, tmp_path: Path) -> None:
+    tk_root = screen.root
+    assert tk_root is not None
     config = tmp_path / "ptth_client.toml"
     config.write_text('# my relay\nrelay_url = "http://127.0.0.1:1"\n')
     app = ClientWindow(tk_root, str(config))
@@ -191,8 +214,10 @@ def tunnel(tmp_path: Path) -> Iterator[Tunnel]:
     echo.close()
 
 
-def test_forwards_carry_traffic_and_the_window_follows_the_relay(display: Display, tk_root: tk.Tk,
+def test_forwards_carry_traffic_and_the_window_follows_the_relay(display: Display, screen: Screen,
                                                                    tmp_path: Path, tunnel: Tunnel) -> None:
+    tk_root = screen.root
+    assert tk_root is not None
     c, relay = tunnel.cluster, tunnel.relay
     config = tmp_path / "client" / "ptth_client.toml"
     config.parent.mkdir()
@@ -278,7 +303,9 @@ def _echo_works(port: int) -> bool:
     return True
 
 
-def test_forwarding_over_quic(display: Display, tk_root: tk.Tk, tmp_path: Path) -> None:
+def test_forwarding_over_quic(display: Display, screen: Screen, tmp_path: Path) -> None:
+    tk_root = screen.root
+    assert tk_root is not None
     echo = EchoServer()
     fw = QuicForwarding(tmp_path, {"echo": echo.port}, ["alpha:echo"], [])
     try:
@@ -351,8 +378,10 @@ def test_the_program_at_the_keyboard_at_200_percent(tmp_path: Path, tunnel: Tunn
         big.close()
 
 
-def test_rows_say_why_a_forward_does_not_work(tk_root: tk.Tk, tmp_path: Path, tunnel: Tunnel) -> None:
+def test_rows_say_why_a_forward_does_not_work(screen: Screen, tmp_path: Path, tunnel: Tunnel) -> None:
     """A busy local port, a forward the relay does not allow, a port the server does not forward."""
+    tk_root = screen.root
+    assert tk_root is not None
     c, relay = tunnel.cluster, tunnel.relay
     key = new_key("laptop")
     key_file = tmp_path / "key"
