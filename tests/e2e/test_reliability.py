@@ -463,7 +463,7 @@ def test_request_arriving_as_the_middlebox_cuts_the_listen_is_not_lost(
     request should go back to the queue for the next listen, not wait for
     request_timeout_secs and end as a 504.
     """
-    idle = 1.0
+    idle = 0.5
     timeout = 3
     root = tmp_path / "root"
     root.mkdir()
