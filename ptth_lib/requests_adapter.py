@@ -93,9 +93,11 @@ def exchange(session: requests.Session, method: str, url: str, headers: Mapping[
     chunked = body is not None and not isinstance(body, bytes) and not hasattr(body, "__len__")
     if body is not None and not chunked:
         all_headers["Content-Length"] = str(len(body))  # type: ignore[arg-type]
-    r = _pool(session, url).urlopen(method, _target(url), body=body, headers=all_headers, chunked=chunked,
-                                    preload_content=False, retries=False, redirect=False,
-                                    timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]))
+    parts = urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    r = _pool(session, url, f"{parts.scheme}://{parts.netloc}").urlopen(
+        method, target, body=body, headers=all_headers, chunked=chunked, preload_content=False, retries=False,
+        redirect=False, timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]))
     try:
         # A whole answer gives its connection back to the pool as it is read; close() then closes
         # the connection only if it is still held, with unread bytes on it.
@@ -104,11 +106,9 @@ def exchange(session: requests.Session, method: str, url: str, headers: Mapping[
         r.close()
 
 
-def _pool(session: requests.Session, url: str) -> HTTPConnectionPool:
-    """The session's connection pool for `url` (made once, as requests would, with its TLS settings)."""
-    pools: dict[str, HTTPConnectionPool] = session.__dict__.setdefault("_ptth_pools", {})
-    parts = urlsplit(url)
-    origin = f"{parts.scheme}://{parts.netloc}"
+def _pool(session: requests.Session, url: str, origin: str) -> HTTPConnectionPool:
+    """The session's connection pool for `origin` (made once, as requests would, with its TLS settings)."""
+    pools: dict[str, HTTPConnectionPool] = session.__dict__.setdefault("_ptth_pools", {})  # the relay's: one
     if origin not in pools:
         adapter = session.get_adapter(url)
         assert isinstance(adapter, HTTPAdapter)
@@ -117,11 +117,6 @@ def _pool(session: requests.Session, url: str) -> HTTPConnectionPool:
         assert isinstance(pool, HTTPConnectionPool)
         pools[origin] = pool
     return pools[origin]
-
-
-def _target(url: str) -> str:
-    parts = urlsplit(url)
-    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 def response_socket(r: requests.Response) -> socket.socket | None:

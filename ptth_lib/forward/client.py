@@ -310,14 +310,22 @@ def _unlisten(sock: socket.socket) -> None:
     sock.close()
 
 
-def _listen(socket_class: type[socket.socket], bind: str, port: int) -> socket.socket:
+def listening_socket(socket_class: type[socket.socket], bind: str, port: int) -> socket.socket:
+    """A socket listening on bind:port, as every forward's is (OSError if the port cannot be had)."""
     family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     sock = socket_class(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((bind, port))
         sock.listen(ACCEPT_BACKLOG)
-    except OSError as e:
+    except OSError:
         sock.close()
-        raise ClientError(f"cannot listen on {bind}:{port}: {e.strerror or e}") from None
+        raise
     return sock
+
+
+def _listen(socket_class: type[socket.socket], bind: str, port: int) -> socket.socket:
+    try:
+        return listening_socket(socket_class, bind, port)
+    except OSError as e:
+        raise ClientError(f"cannot listen on {bind}:{port}: {e.strerror or e}") from None

@@ -25,14 +25,14 @@ class Field:
     hint: str = ""  # a grey line under the field: what to type
 
 
+# How far inside the main window a dialog opens, in pixels (× 2 across).
+DIALOG_OFFSET = 40
+
+
 def place_over(dialog: tk.Toplevel, parent: tk.Misc) -> None:
     """Open `dialog` a little inside its parent window, where the eye already is."""
     top = parent.winfo_toplevel()
     dialog.geometry(f"+{top.winfo_rootx() + 2 * DIALOG_OFFSET}+{top.winfo_rooty() + DIALOG_OFFSET}")
-
-
-# How far inside the main window a dialog opens, in pixels (× 2 across).
-DIALOG_OFFSET = 40
 
 
 class FieldDialog(tk.Toplevel):

@@ -27,6 +27,7 @@ from ptth_lib.forward.client import (
     ForwardState,
     RelayState,
     is_allowed,
+    listening_socket,
 )
 from ptth_lib.gui.dialogs import Field, FieldDialog, TripcodeDialog
 from ptth_lib.gui.traffic import Traffic, rate_text, size_text
@@ -305,7 +306,7 @@ class ClientWindow:
         return image
 
     def _address(self, f: Forward) -> str:
-        bind = self.client.config.bind if self.client is not None else "127.0.0.1"
+        bind = self._bind()
         return f"[{bind}]:{f.local_port}" if ":" in bind else f"{bind}:{f.local_port}"
 
     def _selected(self) -> Forward | None:
@@ -442,8 +443,11 @@ class ClientWindow:
         def validate(values: dict[str, str]) -> dict[str, str]:
             if not values["address"]:
                 return {"address": "type the address your admin gave you"}
-            errors = self.file.set_relay(settings(values))
-            return {_RELAY_FIELDS.get(k, "address"): e for k, e in errors.items()}
+            errors = {_RELAY_FIELDS.get(k, "address"): e for k, e in self.file.set_relay(settings(values)).items()}
+            if "address" in errors and not settings(values).relay_url:
+                # Neither a URL nor HOST:PORT: the QUIC fields' errors would only follow from that guess.
+                return {"address": "must be an https:// URL, or HOST:PORT for a QUIC relay"}
+            return errors
 
         def done(_: dict[str, str]) -> None:
             self.file.save()
@@ -498,11 +502,8 @@ def _default_name() -> str:
 
 def _port_busy(bind: str, port: int) -> str:
     """Why `port` cannot be listened on now ("" if it can): another program has it, or it is privileged."""
-    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((bind, port))
-        except OSError as e:
-            return f"port {port} is not free: {e.strerror or e}"
+    try:
+        listening_socket(socket.socket, bind, port).close()  # as the forward itself would listen
+    except OSError as e:
+        return f"port {port} is not free: {e.strerror or e}"
     return ""

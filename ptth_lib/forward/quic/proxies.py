@@ -292,6 +292,7 @@ class QuicClientProxy:
         self._runner: gevent.Greenlet | None = None
         self._hub: gevent.hub.Hub | None = None
         self._hub_ready = threading.Event()
+        self._hub_thread: threading.Thread | None = None  # in the background: the thread the hub runs in
 
     @property
     def stopping(self) -> bool:
@@ -307,7 +308,8 @@ class QuicClientProxy:
             self._hub = gevent.get_hub()
             self._runner = gevent.spawn(self.link.run_forever)
             return
-        threading.Thread(target=self._run_hub, daemon=True, name="ptth-client-quic").start()
+        self._hub_thread = threading.Thread(target=self._run_hub, daemon=True, name="ptth-client-quic")
+        self._hub_thread.start()
         self._hub_ready.wait()
 
     def _run_hub(self) -> None:
@@ -335,7 +337,7 @@ class QuicClientProxy:
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` in a greenlet of the hub's thread and wait for its result (directly if already there)."""
-        if not self._background or threading.current_thread().name == "ptth-client-quic":
+        if self._hub_thread is None or threading.current_thread() is self._hub_thread:
             return fn()
         assert self._hub is not None
         done: queue.Queue[tuple[bool, Any]] = queue.Queue(1)
