@@ -282,6 +282,7 @@ def test_redis_restarted_answers_503_meanwhile_and_service_comes_back(
     assert r.status_code == 200 and r.content == host.files["big.bin"]
     log = host.relay.proc.output()
     assert_clean(log)
+    assert "cluster's secret" not in log, log  # the secret survived the restart: no peer link was refused
     assert log.count("redis down at") <= 2 * 2, log  # once per worker per outage (the dispatcher too)
 
 

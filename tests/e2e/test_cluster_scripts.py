@@ -271,7 +271,14 @@ def test_nodes_register_once_share_epoch_and_secret_and_are_listed(store: Store,
     # Redis restarted (here: emptied): every node learns it from its next heartbeat.
     raw.flushall()
     assert store.heartbeat(node_info("NODE2222"), first.epoch) == "restarted"
-    assert store.register(node_info("NODE2222")).epoch != first.epoch
+    # The first node back puts back the secret it knew: a node that has not noticed the restart yet
+    # still passes the peer handshake. The epoch is new; a node new to the cluster reads the same secret.
+    back = store.register(node_info("NODE2222"), first.secret)
+    assert back.epoch != first.epoch and back.secret == first.secret
+    assert store.register(node_info("NODE3333"), None).secret == first.secret
+    raw.flushall()
+    fresh = store.register(node_info("NODE3333")).secret  # nobody knew one: a new secret
+    assert len(fresh) == 64 and fresh != first.secret
 
 
 # ---- PRESENCE and LEAVE --------------------------------------------------------------

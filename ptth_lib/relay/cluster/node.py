@@ -82,6 +82,7 @@ class Node:
         self.peer_address = ""
         self.id = new_node_id()
         self.epoch = ""
+        self._secret: str | None = None  # the peer secret (hex) once registered; put back after a Redis restart
         self.joined = gevent.event.Event()  # set while registered; until then, 503
         self.rendezvous: ClusterRendezvous | None = None
         # Port forwarding across nodes, and the owner's side of streams other nodes carry here
@@ -113,9 +114,10 @@ class Node:
         Returns the cluster's peer secret; ClusterUnavailableError while Redis cannot be reached.
         """
         while True:
-            registered = self.store.register(self.info())
+            registered = self.store.register(self.info(), self._secret)
             if registered.outcome == "registered":
                 self.epoch = registered.epoch
+                self._secret = registered.secret
                 return bytes.fromhex(registered.secret)
             self.id = new_node_id()
             self._relabel()
@@ -205,8 +207,10 @@ class Node:
         """Our registration is gone (swept after a pause, or Redis restarted), and our parked entries with it."""
         logger.warning("relay node %s: %s; registering again and ending its parked listens", self.label,
                        "Redis restarted" if why == "restarted" else "it was taken for dead (paused too long)")
+        known = self._secret
         secret = self._register()
-        if self.peers is not None and self.pool is not None:  # a restarted Redis made a new secret
+        # Changed only if another node put a new one there first: one that started after the restart.
+        if self.peers is not None and self.pool is not None and secret.hex() != known:
             self.peers.set_secret(secret)
             self.pool.set_secret(secret)
         self.store.heartbeat(self.info(), self.epoch)

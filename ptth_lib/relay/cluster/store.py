@@ -708,10 +708,16 @@ class Store:
 
     # ---- the node registry (CLUSTER.md sections 3 and 6) ----
 
-    def register(self, info: NodeInfo) -> RegisterResult:
-        """Register `info.node` (drawn with new_node_id), with the epoch and peer secret, set once."""
-        answer = self._list(_REGISTER, [], [self._prefix, info.node, secrets.token_hex(16), secrets.token_hex(32),
-                                            _ms(NODE_TTL_SECS), *info.fields()])
+    def register(self, info: NodeInfo, secret: str | None = None) -> RegisterResult:
+        """Register `info.node` (drawn with new_node_id), with the epoch and peer secret, set once.
+
+        `secret` is the peer secret this node already knows (hex), if any: the
+        first node to register after Redis restarted puts it back, so links
+        between nodes that have not all noticed the restart yet still pass
+        their handshake. A new secret is drawn only when no live node knew one.
+        """
+        answer = self._list(_REGISTER, [], [self._prefix, info.node, secrets.token_hex(16),
+                                            secret or secrets.token_hex(32), _ms(NODE_TTL_SECS), *info.fields()])
         outcome = _text(answer[0])
         if outcome not in ("registered", "taken") or len(answer) != 3:
             raise self._unexpected("REGISTER", outcome)

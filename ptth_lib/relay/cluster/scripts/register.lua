@@ -4,13 +4,15 @@
 -- No KEYS (node:{N}, nodes, epoch and secret are named from the prefix; see _lib.lua).
 -- ARGV[1] the key prefix   ARGV[2] N (NODE_ID_CHARS of base32, drawn at random)
 -- ARGV[3] an epoch to set if there is none (random)   ARGV[4] a secret to set if there is none
+--   (the one the node already knows, so that a restart keeps it; random for a new node)
 -- ARGV[5] how long node:{N} lives unless renewed, ms (NODE_TTL_SECS)
 -- ARGV[6...] N's fields, name then value: peer, config, host, pid
 --
 -- Answers {"registered", epoch, secret} or {"taken", epoch, secret} (another node has that
 -- id: draw again). The epoch is set once (SET NX): a node that finds it missing or changed
 -- later knows Redis restarted and lost everything. The secret too, so that every node reads
--- the first one set. N's leftovers from before a restart cannot exist: Redis lost them.
+-- the first one set: after a restart, the secret the first node back knew, so links between
+-- nodes that have not all noticed the restart yet still pass their handshake. N's leftovers from before a restart cannot exist: Redis lost them.
 
 local P, node = ARGV[1], ARGV[2]
 redis.call('SET', P .. 'epoch', ARGV[3], 'NX')
