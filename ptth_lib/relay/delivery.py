@@ -6,7 +6,8 @@
   puts it back in the queue without one (exactly once, PROTOCOL.md
   "Acknowledged delivery"); for one that does not, `requeue_if_lost` takes
   the batch back if the listen's connection dies (a best guess).
-- From the server: `deliver` streams a response POST's body to the waiting
+- From the server: `deliver_answer` hands a small answer that rode on a
+  listen to its client whole; `deliver` streams a response POST's body to the waiting
   client through the rendezvous and answers the POST only when the client
   has it all (P7); a body that breaks off, or a client that leaves, cuts
   both connections instead of ending cleanly. `refuse` answers a POST
@@ -35,7 +36,15 @@ from ptth_lib.relay.rendezvous import (
     Rendezvous,
 )
 from ptth_lib.relay.responses import text
-from ptth_lib.wire.envelope import RESPONSE_HEAD_HEADER, ServerResponseHead, decode_response_head
+from ptth_lib.wire.envelope import (
+    MAX_ANSWERS_BYTES,
+    RESPONSE_HEAD_HEADER,
+    BadAnswer,
+    InlineAnswer,
+    ServerResponseHead,
+    decode_answers,
+    decode_response_head,
+)
 from ptth_lib.wsgi import connection_ended, cut_connection, iter_body
 
 logger = logging.getLogger(__name__)
@@ -84,6 +93,48 @@ def deliver(rv: Rendezvous, p: PendingRequest, req: Request,
     if status != 200:
         cut_connection(environ)
     return text(status, message)
+
+
+def read_answers(req: Request) -> list[InlineAnswer | BadAnswer]:
+    """The answers a POSTed listen carries (PROTOCOL.md); HttpError 411/413/400 if they cannot be read.
+
+    Read whole, at most MAX_ANSWERS_BYTES, and only after the server's key
+    was checked.
+    """
+    length = req.content_length
+    if length is None:
+        raise HttpError("a listen carrying answers needs a Content-Length", 411)
+    if length > MAX_ANSWERS_BYTES:
+        raise HttpError(f"a listen's answers may take {MAX_ANSWERS_BYTES} bytes at most", 413)
+    data = b"".join(iter_body(req.environ, RELAY_CHUNK_BYTES))
+    if len(data) != length:
+        raise HttpError("the listen's body broke off", 400)
+    try:
+        return decode_answers(data)
+    except ProtocolError as e:
+        raise HttpError(f"malformed answers: {e}", 400) from None
+
+
+def deliver_answer(rv: Rendezvous, p: PendingRequest, answer: InlineAnswer) -> None:
+    """A complete small response a listen carried: head and body to the client of `p`, at once.
+
+    Nothing waits for the client to read it: it is whole, and small, and the
+    client's own greenlet sends it (or drops it, if the client left). A body
+    that does not match its head fails `p` (502), as a response POST would.
+    """
+    head, body = answer.head, answer.body
+    length = head.headers.get("content-length")
+    if p.request.method == "HEAD" or head.status_code in (204, 304):
+        wrong = bool(body)
+    else:
+        wrong = length is None or int(length) != len(body)
+    if wrong:
+        logger.warning("bad answer for request %s from server %s: its body does not match its content-length",
+                       p.request.id, p.server.registered.name)
+        rv.fail(p, f"server {p.server.registered.name!r} sent a bad response: its length is wrong")
+        return
+    rv.start_response(p, head)
+    rv.put_whole_body(p, body)
 
 
 def read_head(rv: Rendezvous, p: PendingRequest, header: str | None) -> ServerResponseHead:

@@ -37,7 +37,7 @@ class HotPaths:
         self._flask_app = flask_app
         self._relay = relay
         self._backend = (
-            (LISTEN_PREFIX, ("GET", "HEAD"), relay.listen),
+            (LISTEN_PREFIX, ("GET", "HEAD", "POST"), relay.listen),  # POST: with answers (PROTOCOL.md)
             (RESPONSE_PREFIX, ("POST",), relay.respond),
             (REQUEST_BODY_PREFIX, ("GET",), relay.request_body),
         )

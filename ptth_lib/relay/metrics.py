@@ -113,6 +113,11 @@ class RelayMetrics:
             "ptth_response_posts", "A relay cluster's response POSTs, by whether they reached the worker that "
             "holds the client or were carried to it over a peer link (not counted in one process)",
             ["reached"], registry=self.registry)
+        self.answers = Counter(
+            "ptth_server_answers", "Servers' answers taken, by the way they came: a response POST of their "
+            "own, or riding on a listen (small complete answers, PROTOCOL.md)", ["way"], registry=self.registry)
+        self.answers_posted = self.answers.labels("post")
+        self.answers_carried = self.answers.labels("listen")
         self._posts_at_owner = self.response_posts.labels("owner")
         self._posts_carried = self.response_posts.labels("carried")
         self.servers: dict[str, ServerCounters] = {}

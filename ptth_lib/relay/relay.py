@@ -36,14 +36,21 @@ import gevent
 from werkzeug.wrappers import Request, Response
 
 from ptth_lib.config import RelayConfig
-from ptth_lib.errors import BadPathError, ForbiddenError, HttpError
+from ptth_lib.errors import BadPathError, ForbiddenError, HttpError, UnknownRequestError
 from ptth_lib.relay import trust
 from ptth_lib.relay.audit import AuditLog
 from ptth_lib.relay.basic_auth import Logins, challenge
 from ptth_lib.relay.body_stream import BodyStream
 from ptth_lib.relay.config_watch import ConfigWatcher
 from ptth_lib.relay.dashboard import Dashboard
-from ptth_lib.relay.delivery import deliver, hold_lease, refuse, requeue_if_lost
+from ptth_lib.relay.delivery import (
+    deliver,
+    deliver_answer,
+    hold_lease,
+    read_answers,
+    refuse,
+    requeue_if_lost,
+)
 from ptth_lib.relay.forwarding import ForwardedConnection, PortForwarding
 from ptth_lib.relay.metrics import RelayMetrics
 from ptth_lib.relay.rendezvous import ListenEndedError, PendingRequest, Rendezvous, ServerState
@@ -72,6 +79,7 @@ from ptth_lib.wire.envelope import (
     BATCH_HEADER,
     BODY_LENGTH_UNKNOWN,
     FEATURE_ACK,
+    FEATURE_ANSWERS,
     FEATURE_BODIES,
     FEATURE_HEADER_LISTS,
     FEATURE_WEBSOCKET,
@@ -80,6 +88,8 @@ from ptth_lib.wire.envelope import (
     SERVER_HOST_HEADER,
     SERVER_VERSION_HEADER,
     WAIT_HEADER,
+    BadAnswer,
+    InlineAnswer,
     ServerResponseHead,
     clean_report,
     collect_headers,
@@ -131,7 +141,7 @@ MAX_AUDITED_NAME_CHARS = 64
 # What the relay takes and does, in its listen answers' X-PTTH-Features
 # (PROTOCOL.md "Web apps"): response heads with lists of values, and it
 # relays request bodies and WebSockets to servers that announce them.
-RELAY_FEATURES = f"{FEATURE_HEADER_LISTS}, {FEATURE_BODIES}, {FEATURE_WEBSOCKET}"
+RELAY_FEATURES = f"{FEATURE_HEADER_LISTS}, {FEATURE_BODIES}, {FEATURE_WEBSOCKET}, {FEATURE_ANSWERS}"
 
 
 class Relay:
@@ -282,6 +292,8 @@ class Relay:
         acks = FEATURE_ACK in server.features
         acked = req.headers.get(ACK_HEADER, "")
         acked = acked if acks and is_request_id(acked) else ""
+        if req.method == "POST":
+            self._take_answers(server, req)
         wait = _number(req.headers.get(WAIT_HEADER), 0, MAX_WAIT_HEADER_SECS)
         timeout = rv.config.listen_timeout_secs if wait is None else min(rv.config.listen_timeout_secs, wait)
         sock = connection_socket(req.environ)
@@ -306,8 +318,34 @@ class Relay:
             gevent.spawn(requeue_if_lost, rv, sock, batch)
         return resp
 
+    def _take_answers(self, server: ServerState, req: Request) -> None:
+        """Deliver the small answers a listen carries (PROTOCOL.md), before it parks; HttpError if unreadable."""
+        name = server.registered.name
+        answers = read_answers(req)
+        self.metrics.answers_carried.inc(len(answers))
+        for answer in answers:
+            request_id = answer.request_id
+            if self.node is not None and not request_id.startswith(self.node.id):
+                if isinstance(answer, InlineAnswer):  # its client is on another node
+                    self.node.forward_answer(answer, server.registered.tripcode)
+                continue
+            try:
+                p = self.rendezvous.claim_by_tripcode(request_id, server.registered.tripcode)
+            except UnknownRequestError as e:  # its client left, or it timed out, or it came before
+                logger.debug("answer from server %s not delivered: %s", name, e)
+                continue
+            except HttpError as e:  # another server's request
+                logger.warning("answer from server %s not delivered: %s", name, e)
+                continue
+            if isinstance(answer, BadAnswer):
+                logger.warning("bad answer for request %s from server %s: %s", request_id, name, answer.reason)
+                self.rendezvous.fail(p, f"server {name!r} sent a bad response: {answer.reason}")
+            else:
+                deliver_answer(self.rendezvous, p, answer)
+
     def respond(self, request_id: str, req: Request) -> Response:
         """P5 and P7: a server's response POST; its answer says whether the client got it all."""
+        self.metrics.answers_posted.inc()
         if self.node is not None:
             at_owner = request_id.startswith(self.node.id)
             self.metrics.response_post(at_owner)

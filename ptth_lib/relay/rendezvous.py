@@ -428,6 +428,17 @@ class Rendezvous:
             p.client_gone = True
         return not p.client_gone
 
+    def put_whole_body(self, p: PendingRequest, body: bytes) -> None:
+        """Queue a whole (small) body and its end for the client, without waiting for it to read them.
+
+        The queue is new and empty (nothing else writes to it), so both fit.
+        """
+        if p.client_gone or not p.body_wanted:
+            return
+        if body:
+            p.body.put_nowait(body)
+        p.body.put_nowait(BODY_END)
+
     def end_body(self, p: PendingRequest, complete: bool) -> bool:
         """Mark the end of the body; wait until the client has it all (P7).
 

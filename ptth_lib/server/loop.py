@@ -51,6 +51,7 @@ from ptth_lib.config import ServerConfig
 from ptth_lib.errors import ProtocolError, backoff_secs, describe_answer, root_cause
 from ptth_lib.forward.http_server import PortForwardServer
 from ptth_lib.requests_adapter import closed_when_reused, exchange, new_session
+from ptth_lib.server.answers import AnswerCarrier
 from ptth_lib.server.responder import Responder
 from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import (
@@ -58,6 +59,7 @@ from ptth_lib.wire.envelope import (
     API_KEY_HEADER,
     BATCH_HEADER,
     FEATURE_ACK,
+    FEATURE_ANSWERS,
     FEATURE_BODIES,
     FEATURE_WEBSOCKET,
     FEATURES_HEADER,
@@ -65,11 +67,14 @@ from ptth_lib.wire.envelope import (
     LISTEN_PATH,
     MAX_LISTEN_BODY_BYTES,
     MAX_REQUESTS_HEADER,
+    NODE_HEADER,
     SERVER_HOST_HEADER,
     SERVER_VERSION_HEADER,
     WAIT_HEADER,
+    InlineAnswer,
     RelayRequest,
     decode_requests,
+    encode_answers,
     is_request_id,
     parse_features,
 )
@@ -194,15 +199,25 @@ class ServerLoop:
         failures = 0
         ack = ""        # the batch the last answer brought, acknowledged by the next listen
         at_once = True  # the first listen after (re)connecting is answered at once
+        carrier: AnswerCarrier | None = None  # gathers the last batch's small answers (answers.py)
+        answers: list[InlineAnswer] = []  # what the next listen carries
+        tries = 0  # listens that tried to carry these answers
         while not self._stop.is_set():
             problem = ""
             room = self._reserve()
             if self._stop.is_set():
                 self._unreserve(room)
                 return
+            if carrier is not None:
+                answers, carrier, tries = carrier.take(), None, 0
             headers = {MAX_REQUESTS_HEADER: str(room)}
             if ack:
                 headers[ACK_HEADER] = ack
+            body = None
+            if answers:
+                body = encode_answers(answers)
+                headers["Content-Type"] = "application/msgpack"
+                tries += 1
             if at_once or room == 0:
                 # At capacity: still listen, taking nothing and answered at once, so
                 # the relay keeps counting this server online (and requests queued).
@@ -211,16 +226,19 @@ class ServerLoop:
             started = time.monotonic()
             try:
                 # Read at most one byte past the limit: a hostile relay cannot make us read more.
-                r = exchange(session, "GET", self._listen_url, headers, (CONNECT_TIMEOUT_SECS,
-                             LISTEN_READ_TIMEOUT_SECS), MAX_LISTEN_BODY_BYTES + 1)
+                r = exchange(session, "POST" if body else "GET", self._listen_url, headers,
+                             (CONNECT_TIMEOUT_SECS, LISTEN_READ_TIMEOUT_SECS), MAX_LISTEN_BODY_BYTES + 1, body)
                 data = r.body
-                ack = ""  # the relay answered, so it has read our acknowledgement
+                ack = ""  # the relay answered, so it has read our acknowledgement (and answers)
+                answers = []
                 if r.status in (200, 204):
                     self._responder.relay_features = parse_features(r.headers.get(FEATURES_HEADER))
                 if r.status == 200:
                     batch = decode_requests(data)  # a relay may ignore our limit: serve them all
                     ack = r.headers.get(BATCH_HEADER, "") if is_request_id(r.headers.get(BATCH_HEADER, "")) else ""
-                    taken = self._dispatch(batch)
+                    if FEATURE_ANSWERS in self._responder.relay_features:
+                        carrier = AnswerCarrier((req.id for req in batch), r.headers.get(NODE_HEADER, ""))
+                    taken = self._dispatch(batch, carrier)
                 elif r.status == 403:
                     self._refused()
                     return
@@ -236,6 +254,7 @@ class ServerLoop:
                     logger.debug("listen cut after %.1f s: %s; listening again", time.monotonic() - started,
                                  root_cause(e))
                     failures = 0
+                    answers = []  # the relay had them: it delivers before it parks a listen
                     continue
                 if closed_when_reused(e):
                     # Cut in the instant it was reused (requests_adapter.closed_when_reused):
@@ -252,6 +271,10 @@ class ServerLoop:
                 problem = "internal error (see above)"
             finally:
                 self._unreserve(room - taken)
+                if answers and tries >= 2:  # carried twice in vain: the relay is down, or they are too late
+                    logger.warning("%d answers not delivered: the relay did not take the listens that carried "
+                                   "them", len(answers))
+                    answers = []
             if problem != "quiet":
                 self._report(problem)
             if not problem:
@@ -326,14 +349,14 @@ class ServerLoop:
             self.config.relay_url, self.config.name, self.config.name, tripcode.derive(self._api_key),
         )
 
-    def _dispatch(self, batch: list[RelayRequest]) -> int:
+    def _dispatch(self, batch: list[RelayRequest], carrier: AnswerCarrier | None) -> int:
         """Hand requests to the pool; return how many (each keeps its reservation until done)."""
         taken = 0
         for req in batch:
             with self._lock:
                 if self._stop.is_set():
                     return taken  # the relay fails these when it counts us gone
-                future = self._pool.submit(self._responder.respond, req)
+                future = self._pool.submit(self._responder.respond, req, carrier)
                 self._in_flight.add(future)
             taken += 1
             future.add_done_callback(self._done)

@@ -33,15 +33,19 @@ from ptth_lib.requests_adapter import (
 )
 from ptth_lib.server import file_server
 from ptth_lib.server.affinity import SessionPool
+from ptth_lib.server.answers import AnswerCarrier
 from ptth_lib.server.file_pages import Site
 from ptth_lib.server.proxy_headers import client_address
 from ptth_lib.server.web_app import AppCutError, WebApp
 from ptth_lib.wire.envelope import (
     API_KEY_HEADER,
+    FEATURE_ANSWERS,
+    INLINE_BODY_BYTES,
     MAX_RESPONSE_HEAD_BYTES,
     NODE_HEADER,
     RESPONSE_HEAD_HEADER,
     RESPONSE_PATH,
+    InlineAnswer,
     RelayRequest,
     ServerResponseHead,
     collect_headers,
@@ -94,9 +98,14 @@ class Responder:
         self.web_app = (WebApp(config, self.post_once, self._session, new_session, abort,
                                lambda: self.relay_features) if config.web_app_url else None)
 
-    def respond(self, req: RelayRequest) -> None:
-        """Answer one request: from the file server for /files/ (if it has a root), else from the web app."""
+    def respond(self, req: RelayRequest, carrier: AnswerCarrier | None = None) -> None:
+        """Answer one request: from the file server for /files/ (if it has a root), else from the web app.
+
+        With a `carrier`, a small complete answer goes with the next listen
+        instead of a POST of its own (answers.py).
+        """
         client = client_address(req.headers)
+        self._local.carrier = carrier
         try:
             if self.web_app is not None and (self._root is None or not _is_file_path(req.uri)):
                 self.web_app.forward(req, client)
@@ -111,13 +120,41 @@ class Responder:
                 self.post_once(req.id, head, iter([body]), len(body))
             except Exception as e:  # noqa: BLE001 - the relay may have had an answer already, or be gone
                 logger.debug("request %s: the 500 did not go out either: %s", req.id, e)
+        finally:
+            self._local.carrier = None
+            if carrier is not None:
+                carrier.settle(req.id)  # whatever happened, the listen need not wait for this one
+
+    def _carried(self, request_id: str, head: ServerResponseHead, body: _CountingBody) -> bool:
+        """Give a small complete answer to this request's listen (answers.py); False: POST it instead.
+
+        The body is read here, at most INLINE_BODY_BYTES (its length is
+        known); one that does not match its length goes all the same, and the
+        relay fails it (502), as it would a POST's.
+        """
+        carrier: AnswerCarrier | None = getattr(self._local, "carrier", None)
+        if carrier is None:
+            return False
+        if (FEATURE_ANSWERS not in self.relay_features or body.length is None
+                or body.length > INLINE_BODY_BYTES or head.status_code == 101):
+            carrier.settle(request_id)
+            return False
+        data = body.read_whole(INLINE_BODY_BYTES)
+        if data is None:  # it broke off: its POST meets the same error, and is cut as before
+            carrier.settle(request_id)
+            return False
+        if carrier.offer(InlineAnswer(request_id, head, data)):
+            return True
+        body.replace(data)  # its listen has gone: the bytes go in a POST
+        return False
 
     def post_once(self, request_id: str, head: ServerResponseHead, chunks: Iterator[bytes],
                   length: int | None) -> None:
         """POST a response once, never again on a new connection (a web app's answer cannot be made twice)."""
         body = _CountingBody(chunks, self._abort, length)
         try:
-            self._post(request_id, head, body, last_try=True)
+            if not self._carried(request_id, head, body):
+                self._post(request_id, head, body, last_try=True)
         finally:
             body.close()
 
@@ -147,6 +184,8 @@ class Responder:
             length = head.headers.get("content-length") if has_body else b"0"
             body = _CountingBody(answer.body, self._abort, int(length) if length is not None else None)
             try:
+                if attempt == 1 and self._carried(req.id, head, body):
+                    return
                 if self._post(req.id, head, body, last_try=attempt == 2, again=attempt == 2):
                     return
             finally:
@@ -235,17 +274,45 @@ class _CountingBody:
     def __init__(self, chunks: Iterator[bytes], abort: threading.Event, length: int | None) -> None:
         self._chunks = chunks
         self._abort = abort
-        self._length = length
+        self.length = length
         self.sent = 0
         self.started = False
+        self._read: Iterator[bytes] | None = None  # what read_whole took, if it was not carried
 
     def upload(self) -> bytes | Iterable[bytes]:
         """What to give requests as `data`."""
-        if self._length == 0:
+        if self.length == 0:
             return b""  # requests would frame a sized but empty iterable as chunked
-        if self._length is not None:
-            return SizedBody(self.chunks(), self._length)
+        if self.length is not None:
+            return SizedBody(self.chunks(), self.length)
         return self.chunks()
+
+    def read_whole(self, limit: int) -> bytes | None:
+        """The body, read to its end or to just past `limit` bytes, whichever comes first.
+
+        None if reading it failed (a web app that cut its answer): then the
+        pieces read and the error come again, in order, from `chunks()`, so
+        an upload meets them as it would have.
+        """
+        pieces: list[bytes] = []
+        size = 0
+        try:
+            for chunk in self._chunks:
+                pieces.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    break
+        except Exception as e:  # noqa: BLE001 - whatever the body's source raises, raised again in its place
+            self._chunks = _replay(pieces, e)
+            return None
+        self.sent = size
+        return b"".join(pieces)
+
+    def replace(self, data: bytes) -> None:
+        """Send `data` (what read_whole read) instead of the rest of the chunks."""
+        self.close()
+        self._chunks = iter([data] if data else [])
+        self.sent = 0
 
     def chunks(self) -> Iterator[bytes]:
         self.started = True
@@ -261,3 +328,8 @@ class _CountingBody:
         close = getattr(self._chunks, "close", None)
         if close:
             close()
+
+
+def _replay(pieces: list[bytes], error: Exception) -> Iterator[bytes]:
+    yield from pieces
+    raise error

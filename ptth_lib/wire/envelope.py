@@ -51,6 +51,11 @@ FEATURE_ACK = "ack"
 FEATURE_BODIES = "bodies"
 FEATURE_WEBSOCKET = "websocket"
 FEATURE_HEADER_LISTS = "header-lists"
+# Answers riding on a listen (PROTOCOL.md, "Small answers ride on the next
+# listen"): a relay that names this feature in its listen answers takes a
+# POSTed listen whose body carries complete small responses, so a small
+# response costs the server no exchange of its own.
+FEATURE_ANSWERS = "answers"
 REQUEST_BODY_PATH = "/7ZSFUKGV/http_request_body/{id}"
 # RelayRequest.body for a body whose length is not known in advance (chunked).
 BODY_LENGTH_UNKNOWN = -1
@@ -88,6 +93,12 @@ MAX_REPORT_CHARS = 64
 # A listen answer carries only request heads, never bodies; 4 MiB is room for
 # a full queue of requests with large cookies, and still bounds a hostile relay.
 MAX_LISTEN_BODY_BYTES = 4 * 1024 * 1024
+
+# Answers a listen may carry: each body at most INLINE_BODY_BYTES (a larger
+# one goes in its own POST, streamed), all of them with their heads at most
+# MAX_ANSWERS_BYTES; the relay reads that much, after the key is checked.
+INLINE_BODY_BYTES = 64 * 1024
+MAX_ANSWERS_BYTES = 1024 * 1024
 
 # The base64 response head travels in one HTTP header. 16 KiB is ten times a
 # file server's head with room for large cookies; gunicorn.conf.py allows
@@ -253,9 +264,69 @@ def _decode_item(item: Any) -> RelayRequest:
 
 def encode_response_head(head: ServerResponseHead) -> str:
     """Encode a response head for the X-PTTH-2LJYXWC4 header (multi values as MsgPack lists)."""
-    headers: dict[str, bytes | list[bytes]] = {**head.headers, **{k: list(v) for k, v in head.multi.items()}}
-    packed = msgpack.packb({"status_code": head.status_code, "headers": headers})
+    packed = msgpack.packb(_head_map(head))
     return base64.b64encode(packed).decode("ascii")
+
+
+def _head_map(head: ServerResponseHead) -> dict[str, Any]:
+    headers: dict[str, bytes | list[bytes]] = {**head.headers, **{k: list(v) for k, v in head.multi.items()}}
+    return {"status_code": head.status_code, "headers": headers}
+
+
+@dataclass(frozen=True)
+class InlineAnswer:
+    """A complete small response carried by a listen: the request it answers, its head and whole body."""
+
+    request_id: str
+    head: ServerResponseHead
+    body: bytes
+
+
+def encode_answers(answers: Iterable[InlineAnswer]) -> bytes:
+    """The body of a listen that carries answers: a MsgPack array of {"id", "head", "body"}."""
+    packed: bytes = msgpack.packb([{"id": a.request_id, "head": _head_map(a.head), "body": a.body}
+                                   for a in answers])
+    return packed
+
+
+def answer_size(head: ServerResponseHead, body_bytes: int) -> int:
+    """About how many bytes an answer takes in a listen's body (an upper bound for MAX_ANSWERS_BYTES)."""
+    return 64 + body_bytes + sum(len(k) + len(v) + 8 for k, v in head.lines())
+
+
+@dataclass(frozen=True)
+class BadAnswer:
+    """An answer in a listen's body that is malformed: its request's client gets 502."""
+
+    request_id: str
+    reason: str
+
+
+def decode_answers(data: bytes) -> list[InlineAnswer | BadAnswer]:
+    """Decode a listen's answers; a malformed one is a BadAnswer, in its place.
+
+    Raises ProtocolError if the whole is not an array of maps with ids: then
+    no answer can be told from another.
+    """
+    items = _unpack(data, MAX_ANSWERS_BYTES)
+    if not isinstance(items, list):
+        raise ProtocolError("answers are not an array")
+    out: list[InlineAnswer | BadAnswer] = []
+    for item in items:
+        rid = item.get("id") if isinstance(item, dict) else None
+        if not isinstance(rid, str) or not ID_RE.match(rid):
+            raise ProtocolError("an answer has no valid request id")
+        body = item.get("body")
+        try:
+            if not isinstance(body, bytes) or len(body) > INLINE_BODY_BYTES:
+                raise ProtocolError(f"answer to {rid} has no body, or one over {INLINE_BODY_BYTES} bytes")
+            head = _response_head(item.get("head"))
+            if head.status_code == 101:
+                raise ProtocolError(f"answer to {rid} switches protocols: that needs a response POST")
+            out.append(InlineAnswer(rid, head, body))
+        except ProtocolError as e:
+            out.append(BadAnswer(rid, str(e)))
+    return out
 
 
 def decode_response_head(value: str | None) -> ServerResponseHead:
@@ -268,7 +339,10 @@ def decode_response_head(value: str | None) -> ServerResponseHead:
         packed = base64.b64decode(value.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError) as e:
         raise ProtocolError(f"{RESPONSE_HEAD_HEADER} is not base64") from e
-    obj = _unpack(packed, MAX_RESPONSE_HEAD_BYTES)
+    return _response_head(_unpack(packed, MAX_RESPONSE_HEAD_BYTES))
+
+
+def _response_head(obj: Any) -> ServerResponseHead:
     if not isinstance(obj, dict):
         raise ProtocolError("response head is not a map")
     status = obj.get("status_code")

@@ -358,3 +358,69 @@ def test_body_bytes_reach_the_client_as_they_arrive(relay_and_key: tuple[Relay, 
     sock.sendall(rest)
     assert client.response.raw.read(1000) == b"b" * 1000
     sock.close()
+
+
+# ---- small answers riding on a listen (PROTOCOL.md) ---------------------------------------------
+
+
+def listen_carrying(relay: Relay, name: str, key: str, answers: list[dict], **headers: str,  # type: ignore[type-arg]
+                    ) -> requests.Response:
+    return requests.post(relay.url + LISTEN + name, data=msgpack.packb(answers), timeout=30,
+                         headers={"X-ApiKey": key, "Content-Type": "application/msgpack", **headers})
+
+
+def answer(rid: str, status: int, headers: dict[str, bytes], body: bytes) -> dict:  # type: ignore[type-arg]
+    return {"id": rid, "head": {"status_code": status, "headers": headers}, "body": body}
+
+
+def test_answers_ride_on_the_next_listen(relay_and_key: tuple[Relay, str]) -> None:
+    """A listen POSTed with answers delivers each to its client at once, then serves as a listen."""
+    relay, key = relay_and_key
+    r = listen(relay, "raw", key, timeout=10)
+    assert "answers" in r.headers["X-PTTH-Features"]  # the relay says it takes them
+    calls = {path: ClientCall(f"{relay.url}/frontend/servers/raw{path}")
+             for path in ("/ok", "/head-only", "/bad-length", "/switch", "/bad-head")}
+    items = {item["req"]["uri"]: item["id"] for item in take_requests(relay, key, len(calls))}
+    started = time.monotonic()
+    r = listen_carrying(relay, "raw", key, [
+        answer(items["/ok"], 201, {"content-length": b"5", "x-server": b"yes"}, b"hello"),
+        answer(items["/head-only"], 204, {}, b""),
+        answer(items["/bad-length"], 200, {"content-length": b"9"}, b"short"),
+        answer(items["/switch"], 101, {}, b""),
+        {"id": items["/bad-head"], "head": {"status_code": "200", "headers": {}}, "body": b""},
+    ], **{"X-PTTH-Wait-Secs": "0"})
+    assert r.status_code == 204, r.text  # then a listen as any other: nothing is queued
+    got = {path: call.join(10) for path, call in calls.items()}
+    assert time.monotonic() - started < 2  # at once, not at request_timeout_secs
+    ok = got["/ok"].response
+    assert ok is not None and (ok.status_code, ok.content, ok.headers["X-Server"]) == (201, b"hello", "yes")
+    assert got["/head-only"].response is not None and got["/head-only"].response.status_code == 204
+    for path in ("/bad-length", "/switch", "/bad-head"):
+        failed = got[path].response
+        assert failed is not None and failed.status_code == 502, (path, failed)
+        assert b"short" not in failed.content
+    # Each id is used up, whichever way it was answered.
+    assert respond(relay, items["/ok"], key, 200, {}, b"again").status_code == 404
+    samples = relay_samples(relay.url)
+    assert samples[("ptth_server_answers_total", (("way", "listen"),))] == 5
+    assert "Traceback" not in relay.proc.output()
+
+
+def test_answers_are_the_servers_own_and_bounded(cluster: Cluster) -> None:
+    """Another server's key cannot answer raw's request; no key reads nothing; too much is 413."""
+    key, other_key = new_key("raw"), new_key("other")
+    relay = cluster.relay({"raw": key, "other": other_key}, extra="listen_timeout_secs = 2\nrequest_timeout_secs = 3")
+    client = ClientCall(f"{relay.url}/frontend/servers/raw/mine")
+    (item,) = take_requests(relay, key)
+    forged = [answer(item["id"], 200, {"content-length": b"6"}, b"forged")]
+    assert listen_carrying(relay, "raw", "", forged).status_code == 403
+    # Other's own listen may carry answers, but not to raw's requests: the relay drops this one.
+    assert listen_carrying(relay, "other", other_key, forged, **{"X-PTTH-Wait-Secs": "0"}).status_code == 204
+    assert "belongs to another server" in relay.proc.output()
+    r = requests.post(relay.url + LISTEN + "raw", data=b"x" * (1024 * 1024 + 1), timeout=30,
+                      headers={"X-ApiKey": key, "Content-Type": "application/msgpack"})
+    assert r.status_code == 413
+    assert listen_carrying(relay, "raw", key, [answer(item["id"], 200, {"content-length": b"4"}, b"real")],
+                           **{"X-PTTH-Wait-Secs": "0"}).status_code == 204
+    client.join(10)
+    assert client.response is not None and client.response.content == b"real"

@@ -14,6 +14,7 @@ from urllib.parse import quote, urljoin
 import pytest
 import requests
 from conftest import Tunnel
+from procs import relay_samples
 
 pytestmark = pytest.mark.process
 
@@ -190,6 +191,29 @@ def test_concurrent_downloads(tunnel: Tunnel) -> None:
     with ThreadPoolExecutor(12) as pool:
         for rel, digest in pool.map(fetch, names):
             assert digest == sha(tunnel.files[rel])
+
+
+def test_small_answers_ride_on_listens_and_large_ones_stream_in_posts(tunnel: Tunnel) -> None:
+    """PROTOCOL.md "Small answers ride on the next listen": one exchange with the relay per small file."""
+    def answers() -> tuple[float, float]:
+        """Answers that rode on listens, and POSTed ones (a cluster's: of every node)."""
+        ways = [(dict(labels)["way"], value) for (name, labels), value in relay_samples(tunnel.relay.url).items()
+                if name == "ptth_server_answers_total"]
+        return sum(v for way, v in ways if way == "listen"), sum(v for way, v in ways if way == "post")
+
+    carried, posted = answers()
+    for _ in range(5):
+        r = requests.get(file_url(tunnel, "hello.txt"), timeout=30)
+        assert r.content == tunnel.files["hello.txt"]
+    assert requests.head(file_url(tunnel, "hello.txt"), timeout=30).headers["Content-Length"] == str(
+        len(tunnel.files["hello.txt"]))
+    assert sha(requests.get(file_url(tunnel, "random-3m.bin"), timeout=30).content) == sha(
+        tunnel.files["random-3m.bin"])
+    now_carried, now_posted = answers()
+    if tunnel.relay.cluster:  # only the answers whose owner the listen reached ride on it
+        assert now_carried - carried + now_posted - posted == 7 and now_posted - posted >= 1
+    else:
+        assert (now_carried - carried, now_posted - posted) == (6, 1)
 
 
 @pytest.mark.skipif(shutil.which("wget") is None, reason="wget is not installed")

@@ -50,10 +50,10 @@ from ptth_lib.relay.cluster.store import (
     Store,
     new_node_id,
 )
-from ptth_lib.relay.cluster.streams import forward_upload
+from ptth_lib.relay.cluster.streams import forward_answer, forward_upload
 from ptth_lib.relay.delivery import copy_body, read_head, refuse
 from ptth_lib.wire import tripcode
-from ptth_lib.wire.envelope import API_KEY_HEADER, RESPONSE_HEAD_HEADER
+from ptth_lib.wire.envelope import API_KEY_HEADER, RESPONSE_HEAD_HEADER, InlineAnswer
 
 if TYPE_CHECKING:
     from ptth_lib.relay.cluster.forwarding import ClusterForwarding
@@ -281,6 +281,10 @@ class Node:
         return forward_upload(self, request_id, {
             "kind": "respond", "id": request_id, "tripcode": tripcode.derive(key),
             "head": req.headers.get(RESPONSE_HEAD_HEADER), "length": req.content_length}, req)
+
+    def forward_answer(self, answer: InlineAnswer, code: str) -> None:
+        """Carry a small answer a listen brought to the node that holds its client, in a greenlet of its own."""
+        gevent.spawn(forward_answer, self, answer, code)
 
     def owner_link(self, owned_id: str, head: dict[str, Any]) -> PeerLink | None:
         """A peer link to the node that owns `owned_id` (a request or connection id), `head` sent.

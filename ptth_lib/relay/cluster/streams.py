@@ -56,7 +56,7 @@ from ptth_lib.relay.request_body import BODY_HEADERS, body_source, fetch
 from ptth_lib.relay.responses import text
 from ptth_lib.relay.upgrade import attach_reads, open_tunnel
 from ptth_lib.wire import tripcode
-from ptth_lib.wire.envelope import ServerResponseHead
+from ptth_lib.wire.envelope import InlineAnswer, ServerResponseHead, encode_response_head
 from ptth_lib.wsgi import connection_socket, cut_connection, iter_body, wait_for_hangup
 
 if TYPE_CHECKING:
@@ -149,6 +149,33 @@ def forward_upload(node: Node, owned_id: str, head: dict[str, Any], req: Request
     sender.join()
     _finish_call(link)
     return _answer_response(answer, on_forbidden)
+
+
+def forward_answer(node: Node, answer: InlineAnswer, code: str) -> None:
+    """Carry a small answer that rode on a listen to the node that holds its client (a greenlet).
+
+    The owner takes it as the response POST it stands for (kind "respond",
+    `code` the server's tripcode), so it is checked and answered the same
+    way; its answer is only logged: nobody waits for it.
+    """
+    head = {"kind": "respond", "id": answer.request_id, "tripcode": code,
+            "head": encode_response_head(answer.head), "length": len(answer.body)}
+    link = _open(node, answer.request_id, head)
+    if isinstance(link, Response):
+        logger.info("answer %s not carried to its owner: %s", answer.request_id, link.get_data(as_text=True).strip())
+        return
+    try:
+        if answer.body:
+            link.send(answer.body)
+        link.end()
+        reply = link.read_head()
+    except PeerCutError as e:
+        link.close()
+        logger.info("answer %s: its owner was cut off: %s", answer.request_id, e)
+        return
+    _finish_call(link)
+    if _status(reply) != 200:
+        logger.info("answer %s: its owner answered %s %s", answer.request_id, _status(reply), reply.get("message"))
 
 
 def _download(node: Node, owned_id: str, head: dict[str, Any], req: Request, headers: dict[str, str],
