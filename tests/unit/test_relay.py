@@ -320,7 +320,8 @@ def test_a_response_id_belongs_to_its_server(tunnel: Tunnel) -> None:
 
 
 def test_backend_paths_take_their_own_method_only(tunnel: Tunnel) -> None:
-    assert tunnel.client.post(LISTEN + "alpha").status_code == 405
+    assert tunnel.client.put(LISTEN + "alpha").status_code == 405
+    assert tunnel.client.post(LISTEN + "alpha").status_code == 403  # a listen carrying answers: needs the key
     assert tunnel.client.get(RESPOND + "SOMEID").status_code == 405
     assert tunnel.client.get(LISTEN + "alpha/extra").status_code == 404  # not a hot path: Flask's 404
 
