@@ -89,6 +89,7 @@ def test_stalled_downloads_from_one_address_leave_honest_clients_their_latency(c
     assert max(during) < 2.0, during
 
 
+@pytest.mark.slow  # a soak of thousands of port names; the bound itself is unit-tested
 def test_a_server_listening_on_ever_new_port_names_is_bounded(cluster: Cluster) -> None:
     """Each tcp_listen on a new name used to leave entries behind for good (+70 MiB per 20,000)."""
     from ptth_lib.relay.forwarding import MAX_PORTS_PER_SERVER, PORT_GONE_AFTER_SECS

@@ -250,6 +250,7 @@ def test_server_killed_mid_response_cuts_the_client_and_frees_the_request(
 # ---- 3: clients leaving mid-download, many times -------------------------------
 
 
+@pytest.mark.slow  # a soak: test_faults.py has a client leaving mid-download in make test
 def test_two_hundred_clients_leaving_mid_download_leak_nothing(cluster: Cluster, tmp_path: Path) -> None:
     relay, server, root = setup(cluster, tmp_path, "churn")
     sparse_file(root / "big.bin", 64 * MIB)
