@@ -410,6 +410,7 @@ def test_answers_are_the_servers_own_and_bounded(cluster: Cluster) -> None:
     """Another server's key cannot answer raw's request; no key reads nothing; too much is 413."""
     key, other_key = new_key("raw"), new_key("other")
     relay = cluster.relay({"raw": key, "other": other_key}, extra="listen_timeout_secs = 2\nrequest_timeout_secs = 3")
+    assert listen(relay, "raw", key, timeout=10).status_code == 204  # raw is online: its requests wait
     client = ClientCall(f"{relay.url}/frontend/servers/raw/mine")
     (item,) = take_requests(relay, key)
     forged = [answer(item["id"], 200, {"content-length": b"6"}, b"forged")]
