@@ -180,7 +180,7 @@ class ServerLoop:
                 logger.warning("stopping: abandoning %d unfinished responses", len(not_done))
                 self._abort.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        # The relay ended their parked listens (leave): each delivers the answers it gathered, if any.
+        # The relay ended their parked listens (leave): each POSTs the answers it gathered, if any.
         deadline = time.monotonic() + LEAVE_TIMEOUT_SECS
         for listener in listeners:
             listener.join(max(0.0, deadline - time.monotonic()))
@@ -291,22 +291,10 @@ class ServerLoop:
             delay = backoff_secs(failures)
             failures = min(failures + 1, 16)
             self._stop.wait(delay)
-        if carrier is not None:
-            answers = carrier.take()
-        if answers:
-            self._last_answers(session, answers)
-
-    def _last_answers(self, session: requests.Session, answers: list[InlineAnswer]) -> None:
-        """Stopping: deliver the answers gathered for a listen that will not come (one that takes nothing)."""
-        headers = {MAX_REQUESTS_HEADER: "0", WAIT_HEADER: "0", "Content-Type": "application/msgpack"}
-        try:
-            r = exchange(session, "POST", self._listen_url, headers, (CONNECT_TIMEOUT_SECS, LEAVE_TIMEOUT_SECS),
-                         MAX_LISTEN_BODY_BYTES + 1, encode_answers(answers))
-            if r.status not in (200, 204):
-                logger.warning("%d answers not delivered at shutdown: relay answered %s", len(answers),
-                               describe_answer(r.status, r.headers, r.body))
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
-            logger.warning("%d answers not delivered at shutdown: %s", len(answers), root_cause(e))
+        # Stopping: the answers gathered for a listen that will not come go in POSTs of their own
+        # (a listen now would tell the relay this process is still there).
+        for answer in (carrier.take() if carrier is not None else answers):
+            self._responder.post_answer(answer)
 
     def _reserve(self) -> int:
         """Room in the pool for this listen's requests, reserved; 0 after AT_CAPACITY_POLL_SECS with none."""

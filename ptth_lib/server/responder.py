@@ -125,6 +125,13 @@ class Responder:
             if carrier is not None:
                 carrier.settle(req.id)  # whatever happened, the listen need not wait for this one
 
+    def post_answer(self, answer: InlineAnswer) -> None:
+        """POST an answer gathered for a listen that did not go (the server is stopping)."""
+        try:
+            self.post_once(answer.request_id, answer.head, iter([answer.body]), len(answer.body))
+        except Exception as e:  # noqa: BLE001 - one lost answer must not stop the others; the relay 504s it
+            logger.warning("response %s not delivered at shutdown: %s", answer.request_id, e)
+
     def _carried(self, request_id: str, head: ServerResponseHead, body: _CountingBody) -> bool:
         """Give a small complete answer to this request's listen (answers.py); False: POST it instead.
 
