@@ -104,8 +104,10 @@ LISTENS_IN_FLIGHT = 2
 CONNECT_TIMEOUT_SECS = 10.0
 # A listen that fails after this long had been parked at the relay, so the
 # relay was up: the connection was cut on the way (see _listen_forever). A
-# listen asked to park that is answered 204 sooner was not parked: something
-# answers at once (a stopping relay, a misbehaving proxy), so back off.
+# listen asked to park that is answered 204 sooner was ended early: once, by
+# the relay because another process of this server left (listen again at once);
+# twice in a row, by something that answers at once (a stopping relay, a
+# misbehaving proxy), so back off.
 PARKED_CUT_SECS = 1.0
 # A listen parks at the relay for its listen_timeout_secs (at most 300 s).
 LISTEN_READ_TIMEOUT_SECS = 330.0
@@ -208,6 +210,7 @@ class ServerLoop:
         carrier: AnswerCarrier | None = None  # gathers the last batch's small answers (answers.py)
         answers: list[InlineAnswer] = []  # what the next listen carries
         tries = 0  # listens that tried to carry these answers
+        ended_early = False  # the last listen, asked to wait, was answered 204 at once
         while not self._stop.is_set():
             problem = ""
             room = self._reserve()
@@ -240,6 +243,7 @@ class ServerLoop:
                 if r.status in (200, 204):
                     self._responder.relay_features = parse_features(r.headers.get(FEATURES_HEADER))
                 if r.status == 200:
+                    ended_early = False
                     batch = decode_requests(data)  # a relay may ignore our limit: serve them all
                     ack = r.headers.get(BATCH_HEADER, "") if is_request_id(r.headers.get(BATCH_HEADER, "")) else ""
                     if FEATURE_ANSWERS in self._responder.relay_features:
@@ -250,7 +254,15 @@ class ServerLoop:
                     return
                 elif r.status == 204:
                     if not at_once and room and time.monotonic() - started < PARKED_CUT_SECS:
-                        problem = "quiet"  # answered at once when asked to wait: back off, say nothing
+                        # Answered at once when asked to wait. Once is normal: another process of
+                        # this server left, and the relay ended every listen parked under its name.
+                        # Twice in a row, something answers every listen so (a stopping relay, a
+                        # misbehaving proxy): back off, say nothing.
+                        if ended_early:
+                            problem = "quiet"
+                        ended_early = True
+                    else:
+                        ended_early = False
                 else:
                     problem = f"relay answered {describe_answer(r.status, r.headers, data)} to the listen"
             except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
