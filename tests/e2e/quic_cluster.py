@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
 from conftest import REPO, Proc, new_key, tripcode_of
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection
 from tcp_peers import EchoServer, TcpServer, recv_all, unused_port_socket
 
 from ptth_lib.forward.quic import cert, driver

@@ -1,0 +1,376 @@
+"""Everything PTTH relies on inside qh3 beyond its documented API, in one module.
+
+qh3 (an aioquic fork whose connection core is native) has aioquic's sans-I/O
+`QuicConnection` API; PTTH drives it from gevent (driver.py). What PTTH needs
+beyond that API lives here and nowhere else in ptth_lib:
+
+- Receive flow control (`PacedQuicConnection`). qh3's core grants a stream
+  credit as it hands the stream's bytes to Python (a `stream_data` event
+  popped from the core), not as the application reads them, and it has no
+  hook to change that. So the bound is kept above it: the connection's core
+  is wrapped (`_PacedCore`) and stops handing out events while some stream
+  holds STREAM_WINDOW_BYTES or more that the application has not read
+  (`consumed`); `resume()` goes on once the reader catches up. What holds,
+  per stream: at most STREAM_WINDOW_BYTES + one packet's payload unread in
+  Python, and at most `max_stream_data` (= STREAM_WINDOW_BYTES, driver.configure)
+  more in qh3's core, which it can only have granted for bytes it handed
+  over; per connection, at most `max_data` in the core. The price: while one
+  stream's reader is behind, every stream of that connection waits (and so
+  do PING acknowledgements and resets), where aioquic paused only that
+  stream. tests/unit/test_quic_adapter.py checks both numbers on connections
+  in memory; the backpressure test in tests/e2e/test_quic_forwarding.py
+  checks them end to end.
+- Send flow control (`unacked_bytes`): the bytes of a stream qh3 holds that
+  it has not sent yet (`get_send_buffer_size`). A writer waits while
+  driver.SEND_BUFFER_BYTES are queued; what is in flight is bounded by the
+  peer's credit, which the bound above makes STREAM_WINDOW_BYTES at a time.
+- A connection the relay has not trusted yet (`restrict`, `lift_restriction`).
+  qh3 announces fixed stream counts (100 bidirectional, 103 unidirectional)
+  and its windows cannot be raised later, so a restricted connection is
+  bounded by what it is fed instead: at most UNTRUSTED_DATAGRAM_BYTES of UDP
+  payload in all (every handshake byte, stream byte and out-of-order byte its
+  core can hold comes out of that: this bounds the TLS handshake too), one
+  bidirectional stream, `window_bytes` on it. A peer that goes past any of
+  these is a protocol `violation`: the driver closes the connection at once.
+  A peer never gets to use unidirectional streams (PTTH uses none): bytes on
+  one are a violation too, trusted or not.
+- The relay's certificate as the proxy saw it (`peer_certificate`, from
+  `QuicConnection.get_peercert`), to check the pin.
+- Retry (RFC 9000 8.1.2) at the relay's UDP socket (`parse_header`,
+  `RetryTokens`, `encode_retry`). qh3's own retry token handler decrypts
+  every token with RSA-2048 (a millisecond of CPU per forged Initial) and
+  never expires one, so tokens are PTTH's: AES-GCM with a per-process key,
+  bound to the address and the Retry's connection id, valid RETRY_TOKEN_SECS.
+
+And, for the tests, `peer_limits` reads the credit a peer announced.
+
+qh3 is pinned (requirements.txt) at VERIFIED_VERSION. `problems()` lists what
+an installed qh3 lacks of all this; tests/unit/test_quic_adapter.py runs it
+and drives every behaviour above on in-memory connections, and fails naming
+the installed qh3 version when an upgrade changes any of it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import ipaddress
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import qh3
+from cryptography import x509
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from qh3._hazmat import Buffer
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection, QuicConnectionState
+from qh3.quic.packet import QuicHeader, QuicPacketType, encode_quic_retry, pull_quic_header
+
+# The qh3 release every internal below was read in and tested against.
+VERIFIED_VERSION = "2.1.0"
+INSTALLED_VERSION: str = qh3.__version__
+
+# Bytes a stream may hold unread at the receiver: enough for a 100 MiB/s stream over a
+# 10 ms round trip. The sending side's bound (driver.SEND_BUFFER_BYTES) matches it.
+STREAM_WINDOW_BYTES = 1024 * 1024
+
+# Bidirectional streams a peer may have open at once: qh3 announces 100, fixed.
+MAX_STREAMS = 100
+
+# UDP payload a connection the relay has not trusted yet may send it, in all: an honest
+# proxy's handshake (two Initials with a post-quantum key share, its Finished, ACKs) and
+# its hello (at most 4 KiB) take about 10 KiB, with retransmissions and keepalive PINGs
+# while it waits for the answer well under this. It bounds every byte qh3 can buffer for
+# the connection (handshake, streams, out of order) before the hello is accepted.
+UNTRUSTED_DATAGRAM_BYTES = 64 * 1024
+
+# How long a Retry token is valid: a round trip, with a wide margin.
+RETRY_TOKEN_SECS = 30.0
+
+
+class _PacedCore:
+    """qh3's native core, handing out events only while no stream's reader is a window behind.
+
+    QuicConnection reads events with `_core.next_event()` until None; returning
+    None early leaves the rest in the core, which grants no credit for bytes
+    it still holds. Every other attribute is the core's.
+    """
+
+    def __init__(self, core: Any, connection: PacedQuicConnection) -> None:
+        self._core = core
+        self._connection = connection
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._core, name)
+
+    def next_event(self) -> tuple[Any, ...] | None:
+        c = self._connection
+        if c.blocked_on is not None:
+            return None
+        event: tuple[Any, ...] | None = self._core.next_event()
+        if event is not None and event[0] == "stream_data":
+            c._delivered(event[1], len(event[2]))
+        return event
+
+
+class PacedQuicConnection(QuicConnection):
+    """A QuicConnection whose stream credit follows what the application has read."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.consumed: dict[int, int] = {}  # stream id -> bytes the application has read
+        self.delivered: dict[int, int] = {}  # stream id -> bytes handed to the application
+        self.blocked_on: int | None = None  # a stream whose unread bytes stop the events
+        self.violation = ""  # why the peer must be closed (it went past a limit); "" if it did not
+        self.restricted = False
+        self._window_bytes = STREAM_WINDOW_BYTES
+        self._restricted_window_bytes = STREAM_WINDOW_BYTES
+        self._restricted_streams = MAX_STREAMS
+        self._datagram_budget = 0  # UDP payload a restricted connection may still send
+        self._send_open: set[int] = set()  # our streams we have not ended or reset
+
+    # ---- the untrusted peer ----
+
+    def restrict(self, window_bytes: int, max_streams: int,
+                 datagram_bytes: int = UNTRUSTED_DATAGRAM_BYTES) -> None:
+        """Before the first datagram: the peer may send datagram_bytes in all, on max_streams streams,
+        window_bytes on each, until `lift_restriction`; past any of these, `violation` says so."""
+        self.restricted = True
+        self._restricted_window_bytes = window_bytes
+        self._restricted_streams = max_streams
+        self._datagram_budget = datagram_bytes
+
+    def lift_restriction(self) -> None:
+        """The peer is trusted: full windows, MAX_STREAMS, and no datagram budget from now on."""
+        self.restricted = False
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        if self.restricted:
+            self._datagram_budget -= len(data)
+            if self._datagram_budget < 0:
+                self._violate("sent too much before its hello")
+                return
+        if not self.violation:
+            super().receive_datagram(data, addr, now)
+
+    def receive_many_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None:
+        if self.restricted:  # rare (a handshake); one at a time, counted
+            for data in datagrams:
+                self.receive_datagram(data, addr, now)
+        elif not self.violation:
+            super().receive_many_datagrams(datagrams, addr, now)
+
+    # ---- credit as the application reads ----
+
+    def _create_core(self, remote_addr: Any, initial_dcid: bytes, now: float) -> None:
+        super()._create_core(remote_addr, initial_dcid, now)
+        self._core = _PacedCore(self._core, self)  # type: ignore[assignment]
+
+    def _delivered(self, stream_id: int, n: int) -> None:
+        """qh3's core handed n bytes of a stream to us (called by _PacedCore)."""
+        delivered = self.delivered.get(stream_id, 0) + n
+        self.delivered[stream_id] = delivered
+        if stream_id & 2:
+            self._violate("opened a unidirectional stream")
+        elif self.restricted:
+            peer_streams = sum(1 for s in self.delivered if self._is_peer_stream(s))
+            if peer_streams > self._restricted_streams:
+                self._violate("opened more streams than allowed before its hello")
+            elif delivered > self._restricted_window_bytes:
+                self._violate("sent more than a hello before it was answered")
+        if delivered - self.consumed.get(stream_id, 0) >= self._window_bytes:
+            self.blocked_on = stream_id
+
+    def resume(self) -> bool:
+        """The application read or dropped bytes: go on taking events if no stream is a window behind.
+
+        True if events may now be waiting (the caller processes them).
+        """
+        stream_id = self.blocked_on
+        if stream_id is None or self._core is None:
+            return False
+        if self.delivered.get(stream_id, 0) - self.consumed.get(stream_id, 0) >= self._window_bytes:
+            return False
+        self.blocked_on = None
+        self._drain_core()
+        return True
+
+    def release(self, stream_id: int) -> None:
+        """The application drops what it holds of a stream (it was reset or aborted): count it read."""
+        self.consumed[stream_id] = self.delivered.get(stream_id, 0)
+
+    def forget(self, stream_id: int) -> None:
+        """The stream is over on both sides: drop its counts."""
+        self.consumed.pop(stream_id, None)
+        self.delivered.pop(stream_id, None)
+        self._send_open.discard(stream_id)
+
+    # ---- sending ----
+
+    def send_stream_data(self, stream_id: int, data: Any, end_stream: bool = False) -> None:
+        super().send_stream_data(stream_id, data, end_stream)
+        if end_stream:
+            self._send_open.discard(stream_id)
+        elif stream_id % 4 == (0 if self._is_client else 1):
+            self._send_open.add(stream_id)
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        self._send_open.discard(stream_id)
+        super().reset_stream(stream_id, error_code)
+
+    def unacked_bytes(self, stream_id: int) -> int:
+        """Bytes given to the stream that qh3 has not sent yet (sent bytes wait for the peer's credit)."""
+        return self.get_send_buffer_size(stream_id)
+
+    def has_stream(self, stream_id: int) -> bool:
+        """Tell whether our side of the stream may still send (not ended, not reset, or bytes queued)."""
+        return stream_id in self._send_open or self.get_send_buffer_size(stream_id) > 0
+
+    def is_closing(self) -> bool:
+        """Tell whether the connection is closing, draining or gone."""
+        return self._close_event is not None or self._state == QuicConnectionState.TERMINATED
+
+    def _violate(self, reason: str) -> None:
+        if not self.violation:
+            self.violation = reason
+
+    def _is_peer_stream(self, stream_id: int) -> bool:
+        """A bidirectional stream the peer opened (RFC 9000 2.1: bit 0 is the opener, bit 1 uni)."""
+        return stream_id % 4 == (1 if self._is_client else 0)
+
+
+def peer_certificate(connection: QuicConnection) -> x509.Certificate | None:
+    """The leaf certificate the peer presented, once the handshake is complete; else None.
+
+    qh3 keeps the peer's leaf as the TLS context's peer_certificate, set on the
+    Certificate message and checked against CertificateVerify before the
+    handshake can complete.
+    """
+    if not getattr(connection, "_handshake_complete", False):
+        return None
+    cert = connection.get_peercert()
+    return None if cert is None else x509.load_der_x509_certificate(cert.public_bytes())
+
+
+# ---- Retry, at the relay's UDP socket ---------------------------------------------------------
+
+def parse_header(datagram: bytes, cid_length: int) -> QuicHeader:
+    """The header of a datagram's first packet (raises ValueError if it is not a QUIC packet)."""
+    return pull_quic_header(Buffer(data=datagram), host_cid_length=cid_length)
+
+
+def is_initial(header: QuicHeader) -> bool:
+    """Tell whether a packet header (parse_header's) is a long-header Initial."""
+    return bool(header.packet_type == QuicPacketType.INITIAL)
+
+
+def encode_retry(version: int, source_cid: bytes, destination_cid: bytes, original_destination_cid: bytes,
+                 token: bytes) -> bytes:
+    """A Retry packet (RFC 9000 17.2.5) carrying `token`."""
+    return encode_quic_retry(version=version, source_cid=source_cid, destination_cid=destination_cid,
+                             original_destination_cid=original_destination_cid, retry_token=token)
+
+
+class RetryTokens:
+    """Retry tokens sealed with a key of this process's: bound to an address, valid RETRY_TOKEN_SECS.
+
+    A token is a nonce and, sealed with AES-GCM, the time it was made and the
+    original connection id; the address and the Retry's connection id are its
+    associated data, so a token used from elsewhere or for another Retry fails.
+    """
+
+    def __init__(self) -> None:
+        self._aead = AESGCM(AESGCM.generate_key(bit_length=128))
+
+    def create(self, address: Any, original_cid: bytes, retry_cid: bytes, now: float) -> bytes:
+        """A token for a peer at `address` whose first Initial went to `original_cid`."""
+        nonce = os.urandom(12)
+        sealed = self._aead.encrypt(nonce, struct.pack("!d", now) + original_cid, _bound_to(address, retry_cid))
+        return nonce + sealed
+
+    def validate(self, address: Any, destination_cid: bytes, token: bytes, now: float) -> bytes:
+        """The original connection id a token was made for; ValueError if forged, expired or misdirected."""
+        try:
+            plain = self._aead.decrypt(token[:12], token[12:], _bound_to(address, destination_cid))
+        except (InvalidTag, ValueError):
+            raise ValueError("invalid retry token") from None
+        (made,) = struct.unpack("!d", plain[:8])
+        if not made <= now <= made + RETRY_TOKEN_SECS:
+            raise ValueError("expired retry token")
+        return plain[8:]
+
+
+def _bound_to(address: Any, cid: bytes) -> bytes:
+    ip = ipaddress.ip_address(address[0]).packed
+    return bytes([len(ip)]) + ip + struct.pack("!H", address[1]) + cid
+
+
+# ---- for the tests -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PeerLimits:
+    """The credit a peer announced to us: what we may open and send."""
+
+    streams_bidi: int
+    streams_uni: int
+    max_data: int
+    max_stream_data_bidi_remote: int  # for each stream we open
+
+
+def peer_limits(connection: QuicConnection) -> PeerLimits:
+    """What the peer announced in its transport parameters (qh3 keeps them as it applied them)."""
+    p = connection._applied_transport_parameters
+    if p is None:
+        return PeerLimits(0, 0, 0, 0)
+    return PeerLimits(p.initial_max_streams_bidi or 0, p.initial_max_streams_uni or 0, p.initial_max_data or 0,
+                      p.initial_max_stream_data_bidi_remote or 0)
+
+
+# ---- what a qh3 upgrade could break ------------------------------------------------------------
+
+# Methods we override or call that qh3 does not document, with their parameter names.
+_METHODS: dict[tuple[type, str], tuple[str, ...]] = {
+    (QuicConnection, "_create_core"): ("self", "remote_addr", "initial_dcid", "now"),
+    (QuicConnection, "_drain_core"): ("self",),
+    (QuicConnection, "receive_datagram"): ("self", "data", "addr", "now"),
+    (QuicConnection, "receive_many_datagrams"): ("self", "datagrams", "addr", "now"),
+    (QuicConnection, "send_stream_data"): ("self", "stream_id", "data", "end_stream"),
+    (QuicConnection, "reset_stream"): ("self", "stream_id", "error_code"),
+    (QuicConnection, "get_send_buffer_size"): ("self", "stream_id"),
+}
+_FUNCTIONS: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "pull_quic_header": (pull_quic_header, ("buf", "host_cid_length")),
+    "encode_quic_retry": (encode_quic_retry, ("version", "source_cid", "destination_cid",
+                                              "original_destination_cid", "retry_token", "unused")),
+}
+# Attributes of a fresh QuicConnection we read.
+_CONNECTION_ATTRIBUTES = ("_core", "_state", "_close_event", "_is_client", "_handshake_complete",
+                          "_applied_transport_parameters")
+_CLOSING_STATES = ("TERMINATED",)
+
+
+def problems() -> list[str]:
+    """What the installed qh3 lacks of the internals this module relies on; [] if nothing.
+
+    It checks that names exist and signatures match; the behaviour is the unit test's.
+    """
+    found: list[str] = []
+    for (owner, name), parameters in _METHODS.items():
+        found += _signature_problems(f"{owner.__name__}.{name}", getattr(owner, name, None), parameters)
+    for name, (function, parameters) in _FUNCTIONS.items():
+        found += _signature_problems(name, function, parameters)
+    found += [f"QuicConnectionState.{s} is missing" for s in _CLOSING_STATES if not hasattr(QuicConnectionState, s)]
+    connection = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    found += [f"QuicConnection has no {a}" for a in _CONNECTION_ATTRIBUTES if not hasattr(connection, a)]
+    return sorted(set(found))
+
+
+def _signature_problems(name: str, function: Any, parameters: tuple[str, ...]) -> list[str]:
+    if function is None:
+        return [f"{name} is missing"]
+    got = tuple(inspect.signature(function).parameters)
+    if got != parameters:
+        return [f"{name} takes {got}, not {parameters}"]
+    return []
