@@ -52,6 +52,7 @@ import gevent.socket
 from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
 
+from ptth_lib.config.keys import check_max_datagram_size
 from ptth_lib.errors import PtthError
 from ptth_lib.forward.limits import PIECE_BYTES
 from ptth_lib.forward.quic.quic_adapter import STREAM_WINDOW_BYTES, PacedQuicConnection
@@ -59,7 +60,6 @@ from ptth_lib.forward.quic.udp import (
     DEFAULT_MAX_DATAGRAM_SIZE,
     MAX_DATAGRAM_BYTES,
     UdpSocket,
-    check_max_datagram_size,
     new_socket,
     size_buffers,
 )
@@ -92,12 +92,13 @@ class StreamBrokenError(PtthError, OSError):
 def configure(config: QuicConfiguration, max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE) -> QuicConfiguration:
     """Our settings on a configuration from cert.py: ALPN, windows, idle timeout, packet size.
 
-    `max_datagram_size` is the largest UDP payload we send (config: checked by
-    udp.check_max_datagram_size); path MTU discovery does not go past it.
+    `max_datagram_size` is the largest UDP payload we send (a config's,
+    checked by config.keys.check_max_datagram_size); path MTU discovery does
+    not go past it.
     """
     problem = check_max_datagram_size(max_datagram_size)
     if problem:
-        raise ValueError(problem)
+        raise ValueError(f"max_datagram_size {problem}")
     config.alpn_protocols = [ALPN]
     config.max_stream_data = STREAM_WINDOW_BYTES
     config.max_data = 64 * STREAM_WINDOW_BYTES

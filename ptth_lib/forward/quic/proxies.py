@@ -76,7 +76,7 @@ def connect_to_relay(target: QuicRelayTarget, hello: tip.PeerHello,
     relay refused the key), ProtocolError (not a PTTH relay).
     """
     config = driver.configure(cert.client_configuration(driver.ALPN, target.fingerprint, target.ca_file,
-                                                        server_name=target.host))
+                                                        server_name=target.host), target.max_datagram_size)
     peer = driver.connect(target.host, target.port, config, RELAY_CONNECT_TIMEOUT_SECS, on_stream)
     try:
         if target.fingerprint is not None:

@@ -22,19 +22,15 @@ from typing import Any
 import gevent.socket
 import qh3._hazmat
 
+from ptth_lib.config.keys import DEFAULT_QUIC_MAX_DATAGRAM_SIZE
+
 # quinn-udp's batched socket calls: Unix only.
 _UdpSocketState: Any = getattr(qh3._hazmat, "UdpSocketState", None)
 
 logger = logging.getLogger(__name__)
 
-# The largest QUIC packet we send (the UDP payload), unless configured: 1,350 bytes fit the
-# common 1,500-byte path MTU with room for tunnels (RFC 9000's minimum is 1,200).
-DEFAULT_MAX_DATAGRAM_SIZE = 1350
-# RFC 9000 14: a QUIC endpoint must be able to send 1,200-byte datagrams; a UDP payload
-# over IPv4 carries at most 65,507 bytes. Larger than the path MTU (1,500 on most
-# networks, 65,536 on loopback) and packets are dropped or fragmented.
-MIN_MAX_DATAGRAM_SIZE = 1200
-MAX_MAX_DATAGRAM_SIZE = 65507
+# The largest QUIC packet we send (the UDP payload), unless configured (config/keys.py says why).
+DEFAULT_MAX_DATAGRAM_SIZE = DEFAULT_QUIC_MAX_DATAGRAM_SIZE
 
 # A receive buffer for any UDP datagram (a peer's packets are far smaller: its max_datagram_size).
 MAX_DATAGRAM_BYTES = 65536
@@ -42,14 +38,6 @@ MAX_DATAGRAM_BYTES = 65536
 # UDP socket buffers: the kernel's defaults (about 200 KiB) dropped hundreds of
 # datagrams per MiB at the relay when both directions were busy (bench/forward.py).
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
-
-
-def check_max_datagram_size(value: int) -> str:
-    """Why `value` cannot be a max_datagram_size; "" if it can."""
-    if not MIN_MAX_DATAGRAM_SIZE <= value <= MAX_MAX_DATAGRAM_SIZE:
-        return (f"max_datagram_size must be {MIN_MAX_DATAGRAM_SIZE} to {MAX_MAX_DATAGRAM_SIZE} bytes "
-                f"(a UDP payload that fits the path MTU; {DEFAULT_MAX_DATAGRAM_SIZE} if unsure), not {value}")
-    return ""
 
 
 def size_buffers(sock: socket.socket) -> None:
@@ -135,5 +123,4 @@ def new_socket(family: int) -> gevent.socket.socket:
     return sock
 
 
-__all__ = ["DEFAULT_MAX_DATAGRAM_SIZE", "MAX_DATAGRAM_BYTES", "UdpSocket", "check_max_datagram_size",
-           "new_socket", "size_buffers"]
+__all__ = ["DEFAULT_MAX_DATAGRAM_SIZE", "MAX_DATAGRAM_BYTES", "UdpSocket", "new_socket", "size_buffers"]
