@@ -303,6 +303,7 @@ class QuicPeer:
                 stream = self.streams.get(event.stream_id)
                 if stream is None:
                     if event.stream_id <= self._highest_peer_stream or not self.quic._is_peer_stream(event.stream_id):
+                        self.quic.release(event.stream_id)  # nobody reads them: their credit goes back
                         continue  # late bytes of a stream we have finished with
                     self._highest_peer_stream = event.stream_id
                     stream = QuicStream(self, event.stream_id)
@@ -328,6 +329,9 @@ class QuicPeer:
                 self.on_cid(event.connection_id, False)
             elif isinstance(event, events.ConnectionTerminated):
                 self._terminated(event.reason_phrase or f"closed (error {event.error_code})")
+        if self.quic.blocked_on is not None and self.quic.resume():
+            self._process()
+            return
         if self.quic.violation and not self.closed.is_set():
             logger.info("quic peer closed: it %s", self.quic.violation)
             self.close(f"the peer {self.quic.violation}")

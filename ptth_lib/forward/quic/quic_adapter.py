@@ -129,7 +129,7 @@ class PacedQuicConnection(QuicConnection):
         self._restricted_window_bytes = STREAM_WINDOW_BYTES
         self._restricted_streams = MAX_STREAMS
         self._datagram_budget = 0  # UDP payload a restricted connection may still send
-        self._send_open: set[int] = set()  # our streams we have not ended or reset
+        self._send_closed: set[int] = set()  # streams whose sending side we ended or reset
 
     # ---- the untrusted peer ----
 
@@ -205,19 +205,17 @@ class PacedQuicConnection(QuicConnection):
         """The stream is over on both sides: drop its counts."""
         self.consumed.pop(stream_id, None)
         self.delivered.pop(stream_id, None)
-        self._send_open.discard(stream_id)
+        self._send_closed.discard(stream_id)
 
     # ---- sending ----
 
     def send_stream_data(self, stream_id: int, data: Any, end_stream: bool = False) -> None:
         super().send_stream_data(stream_id, data, end_stream)
         if end_stream:
-            self._send_open.discard(stream_id)
-        elif stream_id % 4 == (0 if self._is_client else 1):
-            self._send_open.add(stream_id)
+            self._send_closed.add(stream_id)
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
-        self._send_open.discard(stream_id)
+        self._send_closed.add(stream_id)
         super().reset_stream(stream_id, error_code)
 
     def unacked_bytes(self, stream_id: int) -> int:
@@ -225,8 +223,8 @@ class PacedQuicConnection(QuicConnection):
         return self.get_send_buffer_size(stream_id)
 
     def has_stream(self, stream_id: int) -> bool:
-        """Tell whether our side of the stream may still send (not ended, not reset, or bytes queued)."""
-        return stream_id in self._send_open or self.get_send_buffer_size(stream_id) > 0
+        """Tell whether our side of the stream may still send: not ended nor reset, or bytes still queued."""
+        return stream_id not in self._send_closed or self.get_send_buffer_size(stream_id) > 0
 
     def is_closing(self) -> bool:
         """Tell whether the connection is closing, draining or gone."""
