@@ -65,8 +65,14 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from qh3._hazmat import Buffer
 from qh3.quic.configuration import QuicConfiguration
-from qh3.quic.connection import QuicConnection, QuicConnectionState
-from qh3.quic.packet import QuicHeader, QuicPacketType, encode_quic_retry, pull_quic_header
+from qh3.quic.connection import QuicConnection, QuicConnectionError, QuicConnectionState
+from qh3.quic.packet import (
+    QuicErrorCode,
+    QuicHeader,
+    QuicPacketType,
+    encode_quic_retry,
+    pull_quic_header,
+)
 
 # The qh3 release every internal below was read in and tested against.
 VERIFIED_VERSION = "2.1.0"
@@ -209,6 +215,21 @@ class PacedQuicConnection(QuicConnection):
 
     # ---- sending ----
 
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        """qh3's, without parsing every packet's header for a qlog nobody keeps (a sixth of the
+        relay's CPU at 75 MiB/s)."""
+        core = self._core
+        if core is None or self._quic_logger is not None:
+            return super().datagrams_to_send(now)
+        poll = core._core.poll_transmit if isinstance(core, _PacedCore) else core.poll_transmit
+        datagrams = []
+        try:
+            while (transmit := poll(now)) is not None:
+                datagrams.append((transmit[0], transmit[1]))
+        except RuntimeError as e:  # what QuicConnection._call_core turns into QuicConnectionError
+            raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(e)) from e
+        return datagrams
+
     def send_stream_data(self, stream_id: int, data: Any, end_stream: bool = False) -> None:
         super().send_stream_data(stream_id, data, end_stream)
         if end_stream:
@@ -337,6 +358,7 @@ _METHODS: dict[tuple[type, str], tuple[str, ...]] = {
     (QuicConnection, "send_stream_data"): ("self", "stream_id", "data", "end_stream"),
     (QuicConnection, "reset_stream"): ("self", "stream_id", "error_code"),
     (QuicConnection, "get_send_buffer_size"): ("self", "stream_id"),
+    (QuicConnection, "datagrams_to_send"): ("self", "now"),
 }
 _FUNCTIONS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "pull_quic_header": (pull_quic_header, ("buf", "host_cid_length")),
@@ -345,7 +367,7 @@ _FUNCTIONS: dict[str, tuple[Any, tuple[str, ...]]] = {
 }
 # Attributes of a fresh QuicConnection we read.
 _CONNECTION_ATTRIBUTES = ("_core", "_state", "_close_event", "_is_client", "_handshake_complete",
-                          "_applied_transport_parameters")
+                          "_applied_transport_parameters", "_quic_logger")
 _CLOSING_STATES = ("TERMINATED",)
 
 
