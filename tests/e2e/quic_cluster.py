@@ -294,10 +294,12 @@ def open_quic(port: int, fingerprint: str, timeout: float = SOCKET_TIMEOUT_SECS)
 
 
 def say_hello(peer: QuicPeer, hello: tip.PeerHello, timeout: float = SOCKET_TIMEOUT_SECS) -> tip.TipMessage:
-    """Send a hello on a new stream; the relay's answer."""
+    """Send a hello on a new stream; the relay's answer. Accepted, the peer opens its control stream, as a proxy does."""
     stream = peer.open_stream()
     stream.write(tip.encode(hello))
     answer, _ = read_tip(stream, timeout)
+    if isinstance(answer, tip.HelloAnswer) and answer.ok:
+        peer.open_control()
     return answer
 
 

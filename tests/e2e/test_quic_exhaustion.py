@@ -134,6 +134,20 @@ def test_an_unauthenticated_connection_may_send_a_hello_and_then_carries_mibs(fw
         peer.close()
 
 
+@pytest.mark.parametrize("version, older", [(0, " (a PTTH from before stream credit)"), (2, "")])
+def test_a_proxy_of_another_credit_version_is_refused_by_name(fw: QuicForwarding, version: int, older: str) -> None:
+    """A hello without stream credit (an older PTTH) or with another version: a one-line refusal, then closed."""
+    peer = open_quic(fw.relay_port, fw.fingerprint)
+    try:
+        hello = laptop_hello(fw)
+        answer = say_hello(peer, tip.PeerHello(hello.role, hello.name, hello.key, version))
+        assert answer == tip.HelloAnswer(False, f"version mismatch: this client proxy speaks stream credit version "
+                                                f"{version}{older}, the relay 1; run the same PTTH version on both")
+        assert peer.closed.wait(PROMPT_SECS)
+    finally:
+        peer.close()
+
+
 def test_extra_streams_before_the_hello_close_the_connection(fw: QuicForwarding) -> None:
     """A peer that opens more than one stream before its hello is closed at once, not left to buffer."""
     pid = fw.relay_proc.pid

@@ -3,10 +3,13 @@
 Every qh3 internal PTTH uses is in quic_adapter.py; these tests fail when a
 qh3 upgrade breaks one, naming the installed qh3 version: first that the
 names and signatures are there (`problems()`), then the behaviour, on two
-connections in memory with datagrams passed by hand and a fake clock: credit
-granted as the application reads (and the bound on what each side holds), a
-restricted connection's limits and datagram budget (which bounds its
-handshake), unidirectional streams, the peer's certificate, Retry.
+connections in memory with datagrams passed by hand and a fake clock: every
+stream's bytes counted against PTTH's credit as qh3 hands them over (and what
+qh3's core holds from a peer that goes past it), no stream waiting for
+another, a restricted connection's limits and datagram budget (which bounds
+its handshake), the control stream and no other unidirectional stream, the
+peer's certificate, Retry. The credit records themselves are
+tests/unit/test_quic_credit.py's.
 """
 
 from __future__ import annotations
@@ -111,10 +114,11 @@ class Pair:
             pass
 
     def read_all(self, stream_id: int) -> None:
-        """The relay's application reads all it was given (what QuicPeer.read_done records)."""
-        self.relay.consumed[stream_id] = self.received.get(stream_id, 0)
-        self.relay.resume()
-        self._drain_events()
+        """The relay's application reads all it was given, and grants the credit that frees
+        (what QuicPeer.read_done does, the record going on the control stream: here by hand)."""
+        credit = self.relay.credit
+        credit.read(stream_id, self.received.get(stream_id, 0) - credit.consumed.get(stream_id, 0))
+        credit.grants()
 
     def sent(self, stream_id: int, total: int) -> int:
         """Bytes of a stream of `total` the client has sent (the rest is queued)."""
@@ -126,52 +130,77 @@ def test_every_internal_relied_on_is_there() -> None:
         assert adapter.problems() == []
 
 
-def test_credit_is_granted_as_the_application_reads(identity: RelayIdentity) -> None:
-    with relied_on("PacedQuicConnection's paced core (credit as the application reads)"):
+def test_a_stream_past_its_credit_is_a_violation(identity: RelayIdentity) -> None:
+    with relied_on("PacedQuicConnection's counting core (credit as the application reads)"):
+        pair = Pair(identity)
+        stream_id = pair.client.get_next_available_stream_id()
+        pair.client.send_stream_data(stream_id, b"\x5a" * STREAM_WINDOW_BYTES)
+        pair.exchange()
+        # Nobody reads: the whole window is handed over, and that is all right.
+        assert pair.received[stream_id] == STREAM_WINDOW_BYTES and not pair.relay.violation
+        pair.client.send_stream_data(stream_id, b"\x5a")
+        pair.exchange()
+        assert pair.relay.violation == (f"sent {STREAM_WINDOW_BYTES + 1} bytes on stream {stream_id}, "
+                                        f"past its credit of {STREAM_WINDOW_BYTES}")
+
+
+def test_a_peer_past_its_credit_gets_no_further(identity: RelayIdentity) -> None:
+    with relied_on("PacedQuicConnection's counting core (what qh3's core holds from a peer past its credit)"):
         pair = Pair(identity)
         stream_id = pair.client.get_next_available_stream_id()
         data = b"\x5a" * (5 * MiB)
-        pair.client.send_stream_data(stream_id, data, end_stream=True)
+        pair.client.send_stream_data(stream_id, data)
         pair.exchange()
-        # Nobody reads: one window (and at most a packet) reaches the application, and qh3's
-        # core holds at most one more window, however long the sender waits.
+        assert pair.relay.violation.endswith(f"on stream {stream_id}, past its credit of {STREAM_WINDOW_BYTES}")
+        # No event is taken after the violation: at most a packet past the credit reached
+        # Python, and qh3's core, which grants QUIC credit only for what it handed over, let the
+        # sender have at most one window (its max_stream_data) more, however long it waits.
         held = pair.received[stream_id]
-        assert STREAM_WINDOW_BYTES <= held < STREAM_WINDOW_BYTES + PACKET_BYTES
-        assert pair.relay.blocked_on == stream_id
-        assert held < pair.sent(stream_id, len(data)) <= held + STREAM_WINDOW_BYTES
+        assert held < STREAM_WINDOW_BYTES + PACKET_BYTES
         pair.now += 5
         pair.exchange()
         assert pair.received[stream_id] == held
         assert pair.sent(stream_id, len(data)) <= held + STREAM_WINDOW_BYTES
-        # Reading makes room for about one more window, no more.
-        pair.read_all(stream_id)
-        pair.exchange()
-        second = pair.received[stream_id]
-        assert 2 * STREAM_WINDOW_BYTES <= second < 2 * STREAM_WINDOW_BYTES + 2 * PACKET_BYTES
-        assert pair.sent(stream_id, len(data)) <= second + STREAM_WINDOW_BYTES
-        for _ in range(5):
-            pair.read_all(stream_id)
+
+
+def test_granted_credit_lets_the_peer_send_more(identity: RelayIdentity) -> None:
+    with relied_on("PacedQuicConnection's counting core (credit as the application reads)"):
+        pair = Pair(identity)
+        stream_id = pair.client.get_next_available_stream_id()
+        data = b"\x5a" * (4 * STREAM_WINDOW_BYTES)
+        window = STREAM_WINDOW_BYTES
+        for i in range(4):
+            pair.client.send_stream_data(stream_id, data[i * window:(i + 1) * window])
             pair.exchange()
-        assert pair.received[stream_id] == len(data)
-        assert pair.client.unacked_bytes(stream_id) == 0  # all sent
-        assert pair.relay.blocked_on is None
+            assert pair.received[stream_id] == (i + 1) * window and not pair.relay.violation
+            pair.read_all(stream_id)
+        assert pair.relay.credit.granted[stream_id] == 5 * window
 
 
-def test_a_stream_dropped_by_the_application_gives_its_credit_back(identity: RelayIdentity) -> None:
-    with relied_on("PacedQuicConnection.release and resume"):
+def test_no_stream_waits_for_another(identity: RelayIdentity) -> None:
+    with relied_on("PacedQuicConnection's counting core (no stream waits for another)"):
         pair = Pair(identity)
         slow = pair.client.get_next_available_stream_id()
-        pair.client.send_stream_data(slow, b"\x01" * (3 * MiB))
+        pair.client.send_stream_data(slow, b"\x01" * STREAM_WINDOW_BYTES)
         pair.exchange()
-        assert pair.relay.blocked_on == slow
         other = pair.client.get_next_available_stream_id()
         pair.client.send_stream_data(other, b"\x02" * 1000, end_stream=True)
         pair.exchange()
-        assert other not in pair.received  # every stream waits for the slow reader
-        pair.relay.release(slow)  # e.g. QuicStream.abort
-        pair.relay.resume()
+        assert pair.received[other] == 1000  # although the slow stream's window is all unread
+        assert pair.relay.credit.unread(slow) == STREAM_WINDOW_BYTES
+
+
+def test_a_stream_dropped_by_the_application_still_has_its_credit_checked(identity: RelayIdentity) -> None:
+    with relied_on("PacedQuicConnection.credit (drop)"):
+        pair = Pair(identity)
+        stream_id = pair.client.get_next_available_stream_id()
+        pair.client.send_stream_data(stream_id, b"\x01" * 1000)
         pair.exchange()
-        assert pair.received[other] == 1000
+        pair.relay.credit.drop(stream_id)  # e.g. QuicStream.abort
+        assert pair.relay.credit.unread(stream_id) == 0 and not pair.relay.credit.due()
+        pair.client.send_stream_data(stream_id, b"\x01" * STREAM_WINDOW_BYTES)
+        pair.exchange()
+        assert pair.relay.violation.endswith(f"on stream {stream_id}, past its credit of {STREAM_WINDOW_BYTES}")
 
 
 def test_a_restricted_connection_is_closed_past_its_window(identity: RelayIdentity) -> None:
@@ -204,9 +233,9 @@ def test_a_lifted_restriction_gives_full_windows(identity: RelayIdentity) -> Non
         pair.exchange()
         pair.relay.lift_restriction()
         second = pair.client.get_next_available_stream_id()
-        pair.client.send_stream_data(second, b"\x02" * (2 * MiB), end_stream=True)
+        pair.client.send_stream_data(second, b"\x02" * STREAM_WINDOW_BYTES, end_stream=True)
         pair.exchange()
-        assert pair.received[second] >= STREAM_WINDOW_BYTES and not pair.relay.violation
+        assert pair.received[second] == STREAM_WINDOW_BYTES and not pair.relay.violation
         assert adapter.peer_limits(pair.client).streams_bidi == MAX_STREAMS
 
 
@@ -228,13 +257,28 @@ def test_a_restricted_connection_is_fed_its_datagram_budget_and_no_more(identity
         assert relay.violation == "sent too much before its hello"
 
 
-def test_a_unidirectional_stream_is_a_violation(identity: RelayIdentity) -> None:
+def test_a_unidirectional_stream_before_the_hello_is_a_violation(identity: RelayIdentity) -> None:
     with relied_on("PacedQuicConnection (unidirectional streams)"):
-        pair = Pair(identity)
+        pair = Pair(identity, restrict=(4099, 1))
         uni = pair.client.get_next_available_stream_id(is_unidirectional=True)
         pair.client.send_stream_data(uni, b"x")
         pair.exchange()
-        assert pair.relay.violation == "opened a unidirectional stream"
+        assert pair.relay.violation == "opened a unidirectional stream before its hello"
+
+
+def test_the_control_stream_is_the_only_unidirectional_stream(identity: RelayIdentity) -> None:
+    with relied_on("PacedQuicConnection (unidirectional streams)"):
+        pair = Pair(identity)
+        control = pair.client.get_next_available_stream_id(is_unidirectional=True)
+        assert control == pair.relay.peer_control_stream == 2
+        assert pair.client.peer_control_stream == 3  # the relay's first
+        pair.client.send_stream_data(control, b"\x00" * 32)
+        pair.exchange()
+        assert pair.relay.control_bytes == 32 and not pair.relay.violation
+        other = pair.client.get_next_available_stream_id(is_unidirectional=True)
+        pair.client.send_stream_data(other, b"x")
+        pair.exchange()
+        assert pair.relay.violation == "sent on a unidirectional stream other than its control stream"
 
 
 def test_the_peer_certificate_is_the_relays(identity: RelayIdentity) -> None:

@@ -9,24 +9,29 @@ greenlets that copy bytes, as sockets have. Each connection sends what it has
 once per turn of the event loop, in one batch (udp.py: GSO where Linux has
 it). No asyncio event loop anywhere.
 
-Flow control is ours, both ways, because qh3 bounds neither:
+Flow control is ours, per stream, both ways (credit.py), because qh3 grants
+QUIC credit as it hands bytes over, whether or not anyone reads them:
 
-- Sending: qh3 queues whatever it is given. `QuicStream.write` waits while
-  SEND_BUFFER_BYTES are queued and unsent, so a proxy never reads more from
-  its TCP socket than the stream has room for.
-- Receiving: qh3 grants credit as it hands bytes over, whether or not anyone
-  reads them. `PacedQuicConnection` stops taking bytes from qh3 while a
-  stream has a window unread, and goes on (`resume`) as the application
-  reads, so a slow reader at one end slows the writer at the other, through
-  the relay, and no process buffers more than about two STREAM_WINDOW_BYTES
-  per stream (quic_adapter.py says exactly what holds, and what it costs).
+- Receiving: as the application reads a stream (`read_done`), its credit
+  grows, and the grants due go out on our control stream once per turn of
+  the event loop. A peer that sends past its credit is closed
+  (`PacedQuicConnection.violation`). So at most STREAM_WINDOW_BYTES of a
+  stream are unread in Python, and no stream waits for another: a slow
+  reader slows its own stream's writer at the other end, through the relay,
+  and nothing else.
+- Sending: `QuicStream.write` never gives qh3 more than the peer's credit for
+  the stream allows; it waits for the peer's next grant (which the peer's
+  control stream brings, `_control_received`). So a proxy never reads more
+  from its TCP socket than the stream has room for, and qh3 never holds more
+  than a window of a stream unsent.
 
 A connection the relay accepts starts *restricted* (`restrict`): one stream,
 a hello's worth of bytes on it, and a small budget of datagram bytes in all,
 so a peer that has not proved who it is cannot make the relay hold more than
 that; a peer that goes past a limit is closed at once (`violation`).
-`QuicPeer.trust` lifts that once the hello is accepted. A peer never gets to
-use unidirectional streams (PTTH uses none).
+`QuicPeer.trust` lifts that once the hello is accepted, and opens our control
+stream (a proxy opens its own with `open_control` once the relay accepted its
+hello). A peer's only unidirectional stream is its control stream.
 
 The qh3 internals these need are all in quic_adapter.py (with a unit test
 that names the qh3 version when an upgrade breaks them); the backpressure
@@ -55,6 +60,7 @@ from qh3.quic.configuration import QuicConfiguration
 from ptth_lib.config.keys import check_max_datagram_size
 from ptth_lib.errors import PtthError
 from ptth_lib.forward.limits import PIECE_BYTES
+from ptth_lib.forward.quic.credit import CreditError, RecordReader, SendCredit
 from ptth_lib.forward.quic.quic_adapter import STREAM_WINDOW_BYTES, PacedQuicConnection
 from ptth_lib.forward.quic.udp import (
     DEFAULT_MAX_DATAGRAM_SIZE,
@@ -69,10 +75,6 @@ logger = logging.getLogger(__name__)
 # The protocol name both sides announce in the TLS handshake (spec 004): a relay or
 # proxy of another protocol fails the handshake instead of misreading the streams.
 ALPN = "ptth-quic-1"
-
-# Bytes a stream may hold queued and unsent at the sender: as many as the
-# receiver lets it have unread (quic_adapter.STREAM_WINDOW_BYTES).
-SEND_BUFFER_BYTES = STREAM_WINDOW_BYTES
 
 # A PING every few seconds: far below common NAT timeouts for UDP (30 s and
 # up), and it lets a peer that went silent count as gone after
@@ -120,6 +122,7 @@ class QuicStream:
         self._writable = gevent.event.Event()
         self._writable.set()
         self._ended = False
+        self._dropped = False  # aborted by us: what still arrives is dropped
 
     def read(self, max_bytes: int = PIECE_BYTES) -> bytes:
         """Up to max_bytes, waiting for at least one; b"" at the peer's end of stream."""
@@ -138,16 +141,20 @@ class QuicStream:
         return b""
 
     def write(self, data: bytes) -> None:
-        """Queue data, waiting while the peer has not acknowledged SEND_BUFFER_BYTES."""
-        while True:
+        """Send data, in pieces as the peer's credit for the stream allows, waiting for its grants."""
+        credit = self.peer.send_credit
+        while data:
             if self.broken:
                 raise StreamBrokenError(self.broken)
-            if self.peer.quic.unacked_bytes(self.stream_id) < SEND_BUFFER_BYTES:
-                break
-            self._writable.clear()
-            self._writable.wait()
-        self.peer.quic.send_stream_data(self.stream_id, data)
-        self.peer.transmit()
+            room = credit.room(self.stream_id)
+            if room <= 0:
+                self._writable.clear()
+                self._writable.wait()
+                continue
+            piece, data = data[:room], data[room:]
+            self.peer.quic.send_stream_data(self.stream_id, piece)
+            credit.spend(self.stream_id, len(piece))
+            self.peer.transmit()
 
     def end(self) -> None:
         """Our end of stream: the peer reads b"" after the last byte (a half-close)."""
@@ -161,9 +168,9 @@ class QuicStream:
         if self.broken:
             return
         self._break(reason)
-        self._chunks.clear()  # nobody will read them: their credit goes back
-        self.peer.quic.release(self.stream_id)
-        self.peer.resume()
+        self._chunks.clear()  # nobody will read them
+        self._dropped = True
+        self.peer.quic.credit.drop(self.stream_id)
         # Either may find the stream already finished or reset on qh3's side.
         with contextlib.suppress(Exception):
             self.peer.quic.reset_stream(self.stream_id, ERROR_ABORTED)
@@ -174,6 +181,9 @@ class QuicStream:
     # called by QuicPeer
 
     def _received(self, data: bytes, end: bool) -> None:
+        if self._dropped:
+            self.peer.quic.credit.drop(self.stream_id)
+            return
         if data:
             self._chunks.append(data)
         if end:
@@ -203,6 +213,9 @@ class QuicPeer:
         self.close_reason = ""
         self.on_cid: Callable[[bytes, bool], None] = lambda cid, issued: None
         self._highest_peer_stream = -1
+        self.send_credit = SendCredit(STREAM_WINDOW_BYTES)  # what the peer lets us send, per stream
+        self._records = RecordReader()  # the peer's control stream
+        self._control_stream: int | None = None  # ours, once open_control
         self._flush_scheduled = False
         self._timer_changed = gevent.event.Event()
         self._timer = gevent.spawn(self._run_timer)
@@ -219,7 +232,15 @@ class QuicPeer:
         self.quic.send_stream_data(stream_id, b"")
         stream = QuicStream(self, stream_id)
         self.streams[stream_id] = stream
+        self.send_credit.track(stream_id)
         return stream
+
+    def open_control(self) -> None:
+        """Open our control stream, once the hello is accepted: our credit grants go on it (credit.py)."""
+        if self._control_stream is None and not self.closed.is_set():
+            self._control_stream = self.quic.get_next_available_stream_id(is_unidirectional=True)
+            self.quic.send_stream_data(self._control_stream, b"")
+            self.transmit()
 
     def own(self, greenlet: gevent.Greenlet) -> None:
         """Kill `greenlet` when the connection ends (at once if it has)."""
@@ -231,7 +252,7 @@ class QuicPeer:
         """The peer proved who it is: lift the restriction on its streams and credit."""
         self.quic.lift_restriction()
         self.trusted.set()
-        self.transmit()
+        self.open_control()
 
     def ping(self) -> None:
         """A PING now: last_answer moves when the peer acknowledges it, if it is still there."""
@@ -247,16 +268,10 @@ class QuicPeer:
         self._process()
 
     def read_done(self, stream_id: int, n: int) -> None:
-        """The application read n bytes: credit may now be granted back."""
-        consumed = self.quic.consumed
-        consumed[stream_id] = consumed.get(stream_id, 0) + n
-        self.resume()
-        self.transmit()
-
-    def resume(self) -> None:
-        """Take bytes from qh3 again if a stream's reader has caught up (quic_adapter.resume)."""
-        if self.quic.blocked_on is not None and self.quic.resume():
-            self._process()
+        """The application read n bytes: a grant may be due, sent with the next flush."""
+        self.quic.credit.read(stream_id, n)
+        if self.quic.credit.due():
+            self.transmit()
 
     def transmit(self) -> None:
         """Send what qh3 has ready, soon: once per turn of the event loop, in one batch.
@@ -271,6 +286,9 @@ class QuicPeer:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        credit = self.quic.credit
+        if self._control_stream is not None and credit.due() and not self.quic.is_closing():
+            self.quic.send_stream_data(self._control_stream, credit.grants())
         batch: list[bytes] = []
         to = None
         for data, addr in self.quic.datagrams_to_send(now=time.monotonic()):
@@ -282,7 +300,7 @@ class QuicPeer:
         if batch:
             self._send_batch(batch, to)
         self._timer_changed.set()
-        self._wake_writers()
+        self._forget_finished()
 
     def _send_batch(self, datagrams: list[bytes], addr: Any) -> None:
         try:
@@ -298,24 +316,32 @@ class QuicPeer:
         self._terminated(reason)
 
     def _process(self) -> None:
-        while (event := self.quic.next_event()) is not None:
+        while not self.quic.violation and (event := self.quic.next_event()) is not None:
             if isinstance(event, events.StreamDataReceived):
+                if event.stream_id & 2:
+                    self._control_received(event.data, event.end_stream)
+                    continue
                 stream = self.streams.get(event.stream_id)
                 if stream is None:
                     if event.stream_id <= self._highest_peer_stream or not self.quic._is_peer_stream(event.stream_id):
-                        self.quic.release(event.stream_id)  # nobody reads them: their credit goes back
-                        continue  # late bytes of a stream we have finished with
+                        self.quic.forget(event.stream_id)  # late bytes of a stream we have finished with
+                        continue
                     self._highest_peer_stream = event.stream_id
                     stream = QuicStream(self, event.stream_id)
                     self.streams[event.stream_id] = stream
+                    self.send_credit.track(event.stream_id)
                     if self.on_stream is not None:
                         gevent.spawn(self.on_stream, stream)
                 stream._received(event.data, event.end_stream)
             elif isinstance(event, events.StreamReset):
+                if event.stream_id & 2:
+                    self.quic.violate("reset its control stream")
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream._break("reset by the peer")
             elif isinstance(event, events.StopSendingReceived):
+                if event.stream_id & 2:
+                    self.quic.violate("stopped reading our control stream")
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream._break("the peer stopped reading")
@@ -329,24 +355,34 @@ class QuicPeer:
                 self.on_cid(event.connection_id, False)
             elif isinstance(event, events.ConnectionTerminated):
                 self._terminated(event.reason_phrase or f"closed (error {event.error_code})")
-        if self.quic.blocked_on is not None and self.quic.resume():
-            self._process()
-            return
         if self.quic.violation and not self.closed.is_set():
             logger.info("quic peer closed: it %s", self.quic.violation)
             self.close(f"the peer {self.quic.violation}")
         self.transmit()
 
-    def _wake_writers(self) -> None:
+    def _control_received(self, data: bytes, end: bool) -> None:
+        """Bytes of the peer's control stream (the adapter has checked it is that one): credit records."""
+        try:
+            for stream_id, max_offset in self._records.feed(data):
+                if self.send_credit.grant(stream_id, max_offset):
+                    stream = self.streams.get(stream_id)
+                    if stream is not None:
+                        stream._writable.set()
+        except CreditError as e:
+            self.quic.violate(str(e))
+            return
+        if end:
+            self.quic.violate("ended its control stream")
+
+    def _forget_finished(self) -> None:
         done = []
         for stream_id, stream in self.streams.items():
-            if not stream._writable.is_set() and self.quic.unacked_bytes(stream_id) < SEND_BUFFER_BYTES:
-                stream._writable.set()
             if not self.quic.has_stream(stream_id) and (stream.broken or (stream._eof and not stream._chunks)):
                 done.append(stream_id)  # over on both sides, and nothing of ours is left to send
         for stream_id in done:
             del self.streams[stream_id]
             self.quic.forget(stream_id)
+            self.send_credit.forget(stream_id)
 
     def _run_keepalive(self) -> None:
         """A PING now and then, so NAT boxes keep the mapping and a dead peer is noticed."""

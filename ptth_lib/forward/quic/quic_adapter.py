@@ -5,25 +5,26 @@ qh3 (an aioquic fork whose connection core is native) has aioquic's sans-I/O
 beyond that API lives here and nowhere else in ptth_lib:
 
 - Receive flow control (`PacedQuicConnection`). qh3's core grants a stream
-  credit as it hands the stream's bytes to Python (a `stream_data` event
-  popped from the core), not as the application reads them, and it has no
-  hook to change that. So the bound is kept above it: the connection's core
-  is wrapped (`_PacedCore`) and stops handing out events while some stream
-  holds STREAM_WINDOW_BYTES or more that the application has not read
-  (`consumed`); `resume()` goes on once the reader catches up. What holds,
-  per stream: at most STREAM_WINDOW_BYTES + one packet's payload unread in
-  Python, and at most `max_stream_data` (= STREAM_WINDOW_BYTES, driver.configure)
-  more in qh3's core, which it can only have granted for bytes it handed
-  over; per connection, at most `max_data` in the core. The price: while one
-  stream's reader is behind, every stream of that connection waits (and so
-  do PING acknowledgements and resets), where aioquic paused only that
-  stream. tests/unit/test_quic_adapter.py checks both numbers on connections
-  in memory; the backpressure test in tests/e2e/test_quic_forwarding.py
-  checks them end to end.
+  QUIC credit as it hands the stream's bytes to Python (a `stream_data`
+  event popped from the core), not as the application reads them, and it has
+  no hook to change that. So the bound is PTTH's own per-stream credit
+  (credit.py, sent on a control stream by driver.QuicPeer): the core is
+  wrapped (`_CountingCore`) to count each stream's bytes as it hands them
+  out, and a peer that sends past the credit granted for a stream is a
+  `violation` (the driver closes the connection at once). Every event is
+  taken as soon as it comes; no stream waits for another. What holds, per
+  stream: at most STREAM_WINDOW_BYTES received and unread in Python, and, from
+  a peer that keeps to its credit, nothing more in qh3's core (it can only
+  hold bytes sent within that credit and not handed out yet); from one that
+  does not, at most `max_stream_data` (= STREAM_WINDOW_BYTES,
+  driver.configure) more per stream, `max_data` per connection, until the
+  events that show it are taken (at once). tests/unit/test_quic_adapter.py
+  checks this on connections in memory, tests/unit/test_quic_credit.py the
+  credit itself, and the e2e backpressure and fairness tests
+  (tests/e2e/test_quic_forwarding.py) both end to end.
 - Send flow control (`unacked_bytes`): the bytes of a stream qh3 holds that
-  it has not sent yet (`get_send_buffer_size`). A writer waits while
-  driver.SEND_BUFFER_BYTES are queued; what is in flight is bounded by the
-  peer's credit, which the bound above makes STREAM_WINDOW_BYTES at a time.
+  it has not sent yet (`get_send_buffer_size`). The driver's writers keep to
+  the peer's credit, so this is at most a window per stream.
 - A connection the relay has not trusted yet (`restrict`, `lift_restriction`).
   qh3 announces fixed stream counts (100 bidirectional, 103 unidirectional)
   and its windows cannot be raised later, so a restricted connection is
@@ -32,8 +33,9 @@ beyond that API lives here and nowhere else in ptth_lib:
   core can hold comes out of that: this bounds the TLS handshake too), one
   bidirectional stream, `window_bytes` on it. A peer that goes past any of
   these is a protocol `violation`: the driver closes the connection at once.
-  A peer never gets to use unidirectional streams (PTTH uses none): bytes on
-  one are a violation too, trusted or not.
+  A peer's one unidirectional stream is its control stream (the first it may
+  open: `peer_control_stream`), once trusted; bytes on it before, or on any
+  other unidirectional stream, are a violation.
 - The relay's certificate as the proxy saw it (`peer_certificate`, from
   `QuicConnection.get_peercert`), to check the pin.
 - Retry (RFC 9000 8.1.2) at the relay's UDP socket (`parse_header`,
@@ -74,13 +76,15 @@ from qh3.quic.packet import (
     pull_quic_header,
 )
 
+from ptth_lib.forward.quic.credit import WINDOW, CreditError, ReceiveCredit
+
 # The qh3 release every internal below was read in and tested against.
 VERIFIED_VERSION = "2.1.0"
 INSTALLED_VERSION: str = qh3.__version__
 
-# Bytes a stream may hold unread at the receiver: enough for a 100 MiB/s stream over a
-# 10 ms round trip. The sending side's bound (driver.SEND_BUFFER_BYTES) matches it.
-STREAM_WINDOW_BYTES = 1024 * 1024
+# Bytes a stream may hold unread at the receiver: PTTH's credit window (credit.WINDOW),
+# and the window qh3 announces on top of it (driver.configure).
+STREAM_WINDOW_BYTES = WINDOW
 
 # Bidirectional streams a peer may have open at once: qh3 announces 100, fixed.
 MAX_STREAMS = 100
@@ -96,12 +100,12 @@ UNTRUSTED_DATAGRAM_BYTES = 64 * 1024
 RETRY_TOKEN_SECS = 30.0
 
 
-class _PacedCore:
-    """qh3's native core, handing out events only while no stream's reader is a window behind.
+class _CountingCore:
+    """qh3's native core, counting each stream's bytes as it hands them out (`_delivered`).
 
-    QuicConnection reads events with `_core.next_event()` until None; returning
-    None early leaves the rest in the core, which grants no credit for bytes
-    it still holds. Every other attribute is the core's.
+    QuicConnection reads events with `_core.next_event()`; every other
+    attribute is the core's. Once the peer is a `violation`, it hands out
+    nothing more: the driver closes the connection.
     """
 
     def __init__(self, core: Any, connection: PacedQuicConnection) -> None:
@@ -113,7 +117,7 @@ class _PacedCore:
 
     def next_event(self) -> tuple[Any, ...] | None:
         c = self._connection
-        if c.blocked_on is not None:
+        if c.violation:
             return None
         event: tuple[Any, ...] | None = self._core.next_event()
         if event is not None and event[0] == "stream_data":
@@ -122,20 +126,20 @@ class _PacedCore:
 
 
 class PacedQuicConnection(QuicConnection):
-    """A QuicConnection whose stream credit follows what the application has read."""
+    """A QuicConnection whose peer may send no more on a stream than PTTH's credit grants (credit.py)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.consumed: dict[int, int] = {}  # stream id -> bytes the application has read
-        self.delivered: dict[int, int] = {}  # stream id -> bytes handed to the application
-        self.blocked_on: int | None = None  # a stream whose unread bytes stop the events
+        self.credit = ReceiveCredit(STREAM_WINDOW_BYTES)  # what the peer may send on each stream
         self.violation = ""  # why the peer must be closed (it went past a limit); "" if it did not
         self.restricted = False
-        self._window_bytes = STREAM_WINDOW_BYTES
         self._restricted_window_bytes = STREAM_WINDOW_BYTES
         self._restricted_streams = MAX_STREAMS
         self._datagram_budget = 0  # UDP payload a restricted connection may still send
         self._send_closed: set[int] = set()  # streams whose sending side we ended or reset
+        # The peer's control stream (credit.py): its first unidirectional stream, the only one it may use.
+        self.peer_control_stream = 3 if self._is_client else 2
+        self.control_bytes = 0  # bytes received on it
 
     # ---- the untrusted peer ----
 
@@ -149,14 +153,14 @@ class PacedQuicConnection(QuicConnection):
         self._datagram_budget = datagram_bytes
 
     def lift_restriction(self) -> None:
-        """The peer is trusted: full windows, MAX_STREAMS, and no datagram budget from now on."""
+        """The peer is trusted: its credit, MAX_STREAMS and its control stream, no datagram budget."""
         self.restricted = False
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
         if self.restricted:
             self._datagram_budget -= len(data)
             if self._datagram_budget < 0:
-                self._violate("sent too much before its hello")
+                self.violate("sent too much before its hello")
                 return
         if not self.violation:
             super().receive_datagram(data, addr, now)
@@ -168,49 +172,36 @@ class PacedQuicConnection(QuicConnection):
         elif not self.violation:
             super().receive_many_datagrams(datagrams, addr, now)
 
-    # ---- credit as the application reads ----
+    # ---- what the peer sends, against its credit ----
 
     def _create_core(self, remote_addr: Any, initial_dcid: bytes, now: float) -> None:
         super()._create_core(remote_addr, initial_dcid, now)
-        self._core = _PacedCore(self._core, self)  # type: ignore[assignment]
+        self._core = _CountingCore(self._core, self)  # type: ignore[assignment]
 
     def _delivered(self, stream_id: int, n: int) -> None:
-        """qh3's core handed n bytes of a stream to us (called by _PacedCore)."""
-        delivered = self.delivered.get(stream_id, 0) + n
-        self.delivered[stream_id] = delivered
+        """qh3's core handed n bytes of a stream to us (called by _CountingCore)."""
         if stream_id & 2:
-            self._violate("opened a unidirectional stream")
-        elif self.restricted:
-            peer_streams = sum(1 for s in self.delivered if self._is_peer_stream(s))
+            if self.restricted:
+                self.violate("opened a unidirectional stream before its hello")
+            elif stream_id != self.peer_control_stream:
+                self.violate("sent on a unidirectional stream other than its control stream")
+            self.control_bytes += n
+            return
+        try:
+            self.credit.receive(stream_id, n)
+        except CreditError as e:
+            self.violate(str(e))
+            return
+        if self.restricted:
+            peer_streams = sum(1 for s in self.credit.received if self._is_peer_stream(s))
             if peer_streams > self._restricted_streams:
-                self._violate("opened more streams than allowed before its hello")
-            elif delivered > self._restricted_window_bytes:
-                self._violate("sent more than a hello before it was answered")
-        if delivered - self.consumed.get(stream_id, 0) >= self._window_bytes:
-            self.blocked_on = stream_id
-
-    def resume(self) -> bool:
-        """The application read or dropped bytes: go on taking events if no stream is a window behind.
-
-        True if events may now be waiting (the caller processes them).
-        """
-        stream_id = self.blocked_on
-        if stream_id is None or self._core is None:
-            return False
-        if self.delivered.get(stream_id, 0) - self.consumed.get(stream_id, 0) >= self._window_bytes:
-            return False
-        self.blocked_on = None
-        self._drain_core()
-        return True
-
-    def release(self, stream_id: int) -> None:
-        """The application drops what it holds of a stream (it was reset or aborted): count it read."""
-        self.consumed[stream_id] = self.delivered.get(stream_id, 0)
+                self.violate("opened more streams than allowed before its hello")
+            elif self.credit.received[stream_id] > self._restricted_window_bytes:
+                self.violate("sent more than a hello before it was answered")
 
     def forget(self, stream_id: int) -> None:
         """The stream is over on both sides: drop its counts."""
-        self.consumed.pop(stream_id, None)
-        self.delivered.pop(stream_id, None)
+        self.credit.forget(stream_id)
         self._send_closed.discard(stream_id)
 
     # ---- sending ----
@@ -221,7 +212,7 @@ class PacedQuicConnection(QuicConnection):
         core = self._core
         if core is None or self._quic_logger is not None:
             return super().datagrams_to_send(now)
-        poll = core._core.poll_transmit if isinstance(core, _PacedCore) else core.poll_transmit
+        poll = core._core.poll_transmit if isinstance(core, _CountingCore) else core.poll_transmit
         datagrams = []
         try:
             while (transmit := poll(now)) is not None:
@@ -251,7 +242,8 @@ class PacedQuicConnection(QuicConnection):
         """Tell whether the connection is closing, draining or gone."""
         return self._close_event is not None or self._state == QuicConnectionState.TERMINATED
 
-    def _violate(self, reason: str) -> None:
+    def violate(self, reason: str) -> None:
+        """The peer broke a rule: `violation` says which (the first), and the driver closes the connection."""
         if not self.violation:
             self.violation = reason
 
