@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if identity.created:
         logger.info("made a new self-signed certificate %s (key %s)", identity.cert_path, identity.key_path)
     relay = QuicRelay(config)
-    endpoint = QuicServerEndpoint(sock, driver.configure(cert.server_configuration(driver.ALPN, identity)),
+    endpoint = QuicServerEndpoint(sock, driver.configure(cert.server_configuration(driver.ALPN, identity),
+                                                         config.quic_max_datagram_size),
                                   relay.on_peer)
     logger.info("listening on udp://%s:%d, certificate fingerprint %s", host, sock.getsockname()[1],
                 identity.fingerprint)

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/forward.py [--quick] [--bytes 1G] [--quic-bytes 64M]
         [--round-trips 2000] [--runs 3] [--no-quic | --only-quic] [--profile-quic DIR]
+        [--quic-max-datagram-size 1350]
 
 Starts on 127.0.0.1 the TCP end servers in a process of their own (so this
 script's GIL cannot slow them): `echo`, and `bulk`, which reads a header
@@ -23,8 +24,10 @@ to the end server (direct, the baseline):
   both        upload and download at once on one connection, MiB/s each way
   parallel    8 downloads at once (bytes/8 each), aggregate MiB/s
 
-QUIC (aioquic, pure Python) moves a few MiB/s, so its transfers are smaller
-(--quic-bytes, 64 MiB; direct and http move --bytes, 1 GiB). A transfer's
+QUIC transfers are smaller (--quic-bytes, 64 MiB; direct and http move
+--bytes, 1 GiB): aioquic moved a few MiB/s. --quic-max-datagram-size sets the
+largest QUIC packet at all three QUIC processes (their configs' max_datagram_size;
+loopback carries up to 65,507 bytes). A transfer's
 clock starts once the end server has its header and stops at its last byte
 (an upload's count). Each transfer runs --runs times, the paths taking turns
 (the order rotating from run to run), and the median run is kept. Meanwhile
@@ -360,7 +363,7 @@ def start_http_tunnel(work: Path, ends: dict[str, int], keys: dict[str, str],
 
 
 def start_quic_tunnel(work: Path, ends: dict[str, int], keys: dict[str, str],
-                      started: list[Proc], profile: Path | None
+                      started: list[Proc], profile: Path | None, max_datagram_size: int | None = None
                       ) -> tuple[dict[str, int], dict[str, int]]:
     """Start ptth_quic_relay, ptth_quic_end_server and ptth_quic_client; pids and local ports."""
 
@@ -379,13 +382,18 @@ def start_quic_tunnel(work: Path, ends: dict[str, int], keys: dict[str, str],
         work / "quic-server.toml", "bench", keys["server"],
         "http://127.0.0.1:1",  # not used: QUIC only
         work / "root", _ports_table(ends) + f'[quic]\nrelay = "127.0.0.1:{port}"\n'
-                                            f'relay_fingerprint = "{fingerprint}"\n')
+                                            f'relay_fingerprint = "{fingerprint}"\n'
+                                            + (f"max_datagram_size = {max_datagram_size}\n"
+                                               if max_datagram_size else ""))
     server = Proc([*python("quic_server"), "ptth_quic_end_server.py", "--config",
                    str(server_config)], work / "quic-server.log")
     started.append(server)
     args = [*python("quic_client"), "ptth_quic_client.py", "--relay", f"127.0.0.1:{port}",
             "--relay-fingerprint", fingerprint, "--name", "bench-client"]
     args += [a for n in ends for a in ("--forward", f"0:bench:{n}")]
+    if max_datagram_size:
+        (work / "quic-client.toml").write_text(f"max_datagram_size = {max_datagram_size}\n")
+        args += ["--config", str(work / "quic-client.toml")]
     client = Proc(args, work / "quic-client.log", env={"PTTH_CLIENT_API_KEY": keys["client"]})
     started.append(client)
     ports = {n: int(client.wait_for_output(rf"forwarding 127\.0\.0\.1:(\d+) to bench:{n} over QUIC",
@@ -459,7 +467,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         (work / "root").mkdir()
         (work / "relay.toml").write_text(  # read by both relays
             f'quic_bind = "127.0.0.1:0"\nquic_cert_file = "{work / "quic-relay.crt"}"\n'
-            f'quic_key_file = "{work / "quic-relay.key"}"\n\n'
+            f'quic_key_file = "{work / "quic-relay.key"}"\n'
+            + (f"quic_max_datagram_size = {args.quic_max_datagram_size}\n" if args.quic_max_datagram_size else "")
+            + "\n"
             f'[[servers]]\nname = "bench"\ntripcode = "{procs.tripcode_of(keys["server"])}"\n\n'
             f'[[clients]]\nname = "bench-client"\ntripcode = "{procs.tripcode_of(keys["client"])}"\n'
             f'allow = ["bench:*"]\n')
@@ -471,7 +481,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             pids |= got
         if "quic" in args.paths:
             progress("starting the QUIC tunnel" + " under cProfile" * bool(args.profile_quic))
-            got, routes["quic"] = start_quic_tunnel(work, ends, keys, started, args.profile_quic)
+            got, routes["quic"] = start_quic_tunnel(work, ends, keys, started, args.profile_quic,
+                                                    args.quic_max_datagram_size)
             pids |= got
         tunnel_pids = tuple(pids)
         pids |= {"ends": ends_proc.pid or 0, "bench": os.getpid()}
@@ -608,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--only-quic", action="store_true", help="direct and QUIC only")
     parser.add_argument("--profile-quic", type=Path, metavar="DIR",
                         help="run the QUIC relay and proxies under cProfile, profiles in DIR")
+    parser.add_argument("--quic-max-datagram-size", type=int, metavar="BYTES",
+                        help="the largest QUIC packet at the relay and both proxies (default: theirs)")
     parser.add_argument("--json", type=Path, default=BENCH / "forward-results.json")
     args = parser.parse_args(argv)
     args.bytes = args.bytes or (128 * MIB if args.quick else 1024 * MIB)
@@ -634,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"PTTH TCP forwarding, {info['date']}, {info['git_commit']}{dirty}, "
           f"{info['cpu_model']} x {info['nproc']}\n\n{table}")
     keys = ("quick", "bytes", "quic_bytes", "runs", "round_trips", "warmup", "parallel", "no_extra",
-            "paths")
+            "paths", "quic_max_datagram_size")
     settings = {k: getattr(args, k) for k in keys}
     settings["profile_quic"] = str(args.profile_quic) if args.profile_quic else None
     args.json.write_text(json.dumps({**info, "duration_secs": round(time.monotonic() - STARTED),

@@ -31,7 +31,7 @@ from ptth_lib.config.server import QUIC_SERVER_KEYS
 from ptth_lib.errors import ConfigError
 from ptth_lib.wire import tripcode
 
-_RELAY_FINGERPRINT, _CA_FILE = QUIC_SERVER_KEYS[1:]
+_RELAY_FINGERPRINT, _CA_FILE, _MAX_DATAGRAM_SIZE = QUIC_SERVER_KEYS[1:]
 
 
 _API_KEY_FILE = Key("api_key_file", str, None, "file holding the client's API key (or set $PTTH_CLIENT_API_KEY)")
@@ -52,6 +52,8 @@ CLIENT_KEYS = (
     _RELAY_FINGERPRINT,
     _CA_FILE,
     Key("name", str, None, "over QUIC: this client's name in the relay's [[clients]]", check_name),
+    Key("quic_max_datagram_size", _MAX_DATAGRAM_SIZE.type, _MAX_DATAGRAM_SIZE.default,
+        "over QUIC: " + _MAX_DATAGRAM_SIZE.doc, _MAX_DATAGRAM_SIZE.check),
     _API_KEY_FILE,
     _BIND,
     _FORWARD,
@@ -62,7 +64,7 @@ CLIENT_KEYS = (
 QUIC_CLIENT_KEYS = (
     QUIC_SERVER_KEYS[0], _RELAY_FINGERPRINT, _CA_FILE,
     Key("name", str, REQUIRED, "this client's name in the relay's [[clients]]", check_name),
-    _API_KEY_FILE, _BIND, _FORWARD,
+    _API_KEY_FILE, _BIND, _FORWARD, _MAX_DATAGRAM_SIZE,
 )
 
 
@@ -130,9 +132,10 @@ def _client_raw(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any
 
 def _quic_client_config(values: Mapping[str, Any], relay: str, where: str,
                         forwards_required: bool = True) -> ClientConfig:
+    size = values["quic_max_datagram_size"] if "quic_max_datagram_size" in values else values["max_datagram_size"]
     target = quic_target(relay, values["relay_fingerprint"], values["ca_file"],
                           f"{where}: give relay_fingerprint (--relay-fingerprint, as ptth_quic_relay.py printed it) "
-                          "or ca_file (--ca-file), to know the relay is the right one")
+                          "or ca_file (--ca-file), to know the relay is the right one", size)
     if values["name"] is None:
         raise ConfigError(f"{where}: no name: give --name NAME or name in --config FILE (this client's "
                           "[[clients]] name at the relay)")

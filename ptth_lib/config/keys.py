@@ -201,6 +201,22 @@ def check_key(value: str) -> str | None:
     )
 
 
+# QUIC packets (UDP payloads) we send, at most: 1,350 bytes fit the common 1,500-byte path MTU
+# with room for tunnels. RFC 9000 14 wants at least 1,200; a UDP payload over IPv4 carries at
+# most 65,507. Larger than the path MTU (1,500 on most networks, 65,536 on loopback), packets
+# are dropped or fragmented. Both ends of a connection may set their own.
+DEFAULT_QUIC_MAX_DATAGRAM_SIZE = 1350
+MIN_QUIC_MAX_DATAGRAM_SIZE = 1200
+MAX_QUIC_MAX_DATAGRAM_SIZE = 65507
+
+
+def check_max_datagram_size(value: int) -> str | None:
+    if isinstance(value, bool) or not MIN_QUIC_MAX_DATAGRAM_SIZE <= value <= MAX_QUIC_MAX_DATAGRAM_SIZE:
+        return (f"must be {MIN_QUIC_MAX_DATAGRAM_SIZE} to {MAX_QUIC_MAX_DATAGRAM_SIZE} bytes, a UDP payload that "
+                f"fits the path MTU ({DEFAULT_QUIC_MAX_DATAGRAM_SIZE} if unsure; up to 65507 on loopback)")
+    return None
+
+
 @dataclass(frozen=True)
 class QuicRelayTarget:
     """Where a proxy finds the QUIC relay, and how it knows it is the right one."""
@@ -209,6 +225,7 @@ class QuicRelayTarget:
     port: int
     fingerprint: str | None  # the pinned SHA-256 of the relay's certificate
     ca_file: str | None  # or CAs to check it with
+    max_datagram_size: int = DEFAULT_QUIC_MAX_DATAGRAM_SIZE  # the largest QUIC packet the proxy sends
 
 
 @dataclass(frozen=True)
@@ -285,12 +302,15 @@ _HEX64_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _COLON_HEX_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){31}\Z")
 
 
-def quic_target(relay: str, fingerprint: str | None, ca_file: str | None, neither: str) -> QuicRelayTarget:
+def quic_target(relay: str, fingerprint: str | None, ca_file: str | None, neither: str,
+                max_datagram_size: int = DEFAULT_QUIC_MAX_DATAGRAM_SIZE) -> QuicRelayTarget:
     """The checked QUIC relay settings; `neither` is the error when there is no way to check the relay."""
     if fingerprint is None and ca_file is None:
         raise ConfigError(neither)
     host, port = must(parse_address(relay))
-    return QuicRelayTarget(host, port, normalize_fingerprint(fingerprint) if fingerprint else None, ca_file)
+    return QuicRelayTarget(host, port, normalize_fingerprint(fingerprint) if fingerprint else None, ca_file,
+                           max_datagram_size)
+
 
 
 def normalize_fingerprint(text: str) -> str | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ptth_lib.config.keys import (
+    DEFAULT_QUIC_MAX_DATAGRAM_SIZE,
     REQUIRED,
     Key,
     apply_keys,
@@ -23,6 +24,7 @@ from ptth_lib.config.keys import (
     check_idle_timeout,
     check_label,
     check_listen_timeout,
+    check_max_datagram_size,
     check_name,
     check_networks,
     check_peer_bind,
@@ -61,6 +63,8 @@ RELAY_KEYS = (
          else "must be HOST:PORT, e.g. 0.0.0.0:30380"),
     Key("quic_cert_file", str, "ptth_quic_relay.crt", "ptth_quic_relay.py's certificate (PEM); made on first start"),
     Key("quic_key_file", str, "ptth_quic_relay.key", "its private key (PEM, mode 0600); made on first start"),
+    Key("quic_max_datagram_size", int, DEFAULT_QUIC_MAX_DATAGRAM_SIZE, "the largest QUIC packet (UDP payload) "
+         "ptth_quic_relay.py sends, in bytes", check_max_datagram_size),
     Key("tcp_idle_timeout_secs", (int, float), 3600,
          "a forwarded TCP connection with no bytes either way for this long is closed (0: never)",
          check_idle_timeout),
@@ -168,6 +172,7 @@ class RelayConfig:
     quic_bind: str = "0.0.0.0:30380"
     quic_cert_file: str = "ptth_quic_relay.crt"
     quic_key_file: str = "ptth_quic_relay.key"
+    quic_max_datagram_size: int = DEFAULT_QUIC_MAX_DATAGRAM_SIZE
     server_host_suffix: str = ""  # lowercase, with its leading dot; "" is off
     max_request_body_bytes: int = 0  # 0: no limit
     redis_url: str | None = None  # cluster mode (CLUSTER.md); None: one process, no Redis
@@ -234,6 +239,7 @@ def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
         quic_bind=values["quic_bind"],
         quic_cert_file=values["quic_cert_file"],
         quic_key_file=values["quic_key_file"],
+        quic_max_datagram_size=values["quic_max_datagram_size"],
         server_host_suffix=suffix,
         max_request_body_bytes=values["max_request_body_bytes"],
         redis_url=os.environ.get(REDIS_URL_ENV) or values["redis_url"],

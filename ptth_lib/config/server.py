@@ -20,12 +20,14 @@ from tomlkit.exceptions import TOMLKitError
 from tomlkit.items import AoT, Comment, Table
 
 from ptth_lib.config.keys import (
+    DEFAULT_QUIC_MAX_DATAGRAM_SIZE,
     REQUIRED,
     Key,
     QuicRelayTarget,
     apply_keys,
     check_forwarded_ports,
     check_key,
+    check_max_datagram_size,
     check_name,
     check_url,
     check_web_app_url,
@@ -62,6 +64,8 @@ QUIC_SERVER_KEYS = (
          "ptth_quic_relay.py prints it"),
     Key("ca_file", str, None, "CA certificates (PEM) to check the relay's certificate with, instead of a "
          "fingerprint"),
+    Key("max_datagram_size", int, DEFAULT_QUIC_MAX_DATAGRAM_SIZE, "the largest QUIC packet (UDP payload) sent "
+         "to the relay, in bytes", check_max_datagram_size),
 )
 
 
@@ -90,7 +94,7 @@ def parse_server_config(raw: Mapping[str, Any], where: str) -> ServerConfig:
         q = apply_keys(QUIC_SERVER_KEYS, quic_raw, f"{where}: [quic]")
         quic = quic_target(q["relay"], q["relay_fingerprint"], q["ca_file"],
                             f"{where}: [quic] needs relay_fingerprint (as ptth_quic_relay.py prints it) or "
-                            "ca_file, to know the relay is the right one")
+                            "ca_file, to know the relay is the right one", q["max_datagram_size"])
     return ServerConfig(**values, forwarded_ports={name: must(parse_address(a)) for name, a in ports.items()},
                         quic=quic)
 

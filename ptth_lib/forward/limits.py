@@ -2,7 +2,7 @@
 
 Sizes and timeouts that only one transport has stay beside the code that
 uses them: the HTTP server proxy's listen timings (`http_server`), QUIC's
-windows, keepalive and packet sizes (`quic/driver`, `quic/aioquic_adapter`),
+windows, keepalive and packet sizes (`quic/driver`, `quic/quic_adapter`),
 the tip deadline and reconnection (`quic/streams`, `quic/proxies`), the QUIC
 relay's hello deadline and caps (`quic/relay`, `quic/endpoint`).
 """

@@ -25,10 +25,15 @@ Our encoder writes "type" first, then the fields in the order below; a
 decoder accepts any order. The messages:
 
 - `PeerHello`, "hello", server or client proxy -> relay:
-  {"type": "hello", "role": "server" | "client", "name": str, "key": str}.
+  {"type": "hello", "role": "server" | "client", "name": str, "key": str,
+  "credit": int}.
   `name` is the proxy's name in the relay config (1-64 of A-Z a-z 0-9 . _ ~ -,
   the first a letter or digit); `key` is the API key the HTTP side uses
   (1-256 printable ASCII, no spaces), which the relay hashes into a tripcode.
+  `credit` is the version of the per-stream credit protocol the proxy speaks
+  (forward/quic/credit.py), CREDIT_VERSION = 1, 0..255; a hello without it
+  decodes as 0 (a PTTH from before credit), and the relay refuses any
+  version but its own with a one-line reason naming both.
 - `HelloAnswer`, "hello_answer", relay -> proxy:
   {"type": "hello_answer", "ok": bool, "error": str}.
 - `ClientConnect`, "connect", client proxy -> relay:
@@ -76,6 +81,9 @@ from ptth_lib.wire.names import NAME_RE, PORT_NAME_RE
 
 TIP_VERSION = 1
 
+# The per-stream credit protocol (forward/quic/credit.py) a PeerHello says it speaks.
+CREDIT_VERSION = 1
+
 # A tip holds two names, a key and a reason: a few hundred bytes. 4 KiB leaves
 # room to grow and bounds what a hostile peer makes us buffer per stream.
 MAX_TIP_BYTES = 4096
@@ -114,8 +122,12 @@ class PeerHello:
     role: Role
     name: str
     key: str = dataclasses.field(repr=False)  # never in logs
+    credit: int = CREDIT_VERSION
 
     def __post_init__(self) -> None:
+        credit = self.credit
+        if isinstance(credit, bool) or not isinstance(credit, int) or not 0 <= credit <= 255:
+            raise ProtocolError(f"bad credit version {_show(credit)}: expected an integer 0..255")
         if self.role not in _ROLES:
             raise ProtocolError(f"bad role {_show(self.role)}: expected 'server' or 'client'")
         _check_name("name", self.name)
@@ -259,6 +271,8 @@ def _decode_body(body: bytes) -> TipMessage:
     cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown tip type {_show(kind)}")
+    if kind == "hello":
+        fields.setdefault("credit", 0)  # a proxy from before stream credit: the relay refuses it by name
     if "inner" in fields:
         fields["inner"] = _build(InnerTip, fields["inner"], "inner tip")
     msg: TipMessage = _build(cls, fields, f"{kind!r} tip")

@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
 from conftest import REPO, Proc, new_key, tripcode_of
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection
 from tcp_peers import EchoServer, TcpServer, recv_all, unused_port_socket
 
 from ptth_lib.forward.quic import cert, driver
@@ -294,10 +294,12 @@ def open_quic(port: int, fingerprint: str, timeout: float = SOCKET_TIMEOUT_SECS)
 
 
 def say_hello(peer: QuicPeer, hello: tip.PeerHello, timeout: float = SOCKET_TIMEOUT_SECS) -> tip.TipMessage:
-    """Send a hello on a new stream; the relay's answer."""
+    """Send a hello on a new stream; the relay's answer. Accepted, the peer opens its control stream, as a proxy does."""
     stream = peer.open_stream()
     stream.write(tip.encode(hello))
     answer, _ = read_tip(stream, timeout)
+    if isinstance(answer, tip.HelloAnswer) and answer.ok:
+        peer.open_control()
     return answer
 
 

@@ -5,9 +5,10 @@ fingerprint can open QUIC connections to it. Until a hello is accepted the
 relay must hold next to nothing for them, however many come, and honest
 proxies must still get in:
 
-1. Before its hello a connection gets one stream and a hello's worth of
-   credit; a peer that ignores the limits is closed at once; every greenlet
-   of a connection ends with it. (The hello deadline for the whole
+1. Before its hello a connection may use one stream, a hello's worth of
+   bytes on it and a small budget of datagram bytes (quic_adapter.py); a peer
+   that goes past them is closed at once; every greenlet of a connection ends
+   with it. (The hello deadline for the whole
    connection is in test_quic_hostile.py.)
 2. An Initial without a token gets a Retry and no state; a flood of them
    leaves the relay's memory alone and honest proxies prompt; half-open
@@ -31,7 +32,7 @@ from pathlib import Path
 import gevent
 import gevent.socket
 import pytest
-from aioquic.quic.packet import QuicPacketType
+from qh3.quic.packet import QuicPacketType
 from quic_cluster import (
     InitialFlood,
     QuicForwarding,
@@ -45,18 +46,17 @@ from tcp_peers import EchoServer
 
 from ptth_lib.config import load_relay_config
 from ptth_lib.forward.quic import cert, driver
-from ptth_lib.forward.quic.aioquic_adapter import (
-    PeerLimits,
-    parse_header,
-    peer_limits,
-    pretend_peer_limits,
-)
 from ptth_lib.forward.quic.endpoint import (
     MAX_HALF_OPEN_PER_ADDRESS,
-    UNTRUSTED_WINDOW_BYTES,
     HalfOpenCount,
     QuicServerEndpoint,
     address_key,
+)
+from ptth_lib.forward.quic.quic_adapter import (
+    MAX_STREAMS,
+    UNTRUSTED_DATAGRAM_BYTES,
+    parse_header,
+    peer_limits,
 )
 from ptth_lib.forward.quic.relay import QuicRelay
 from ptth_lib.wire import tip
@@ -103,19 +103,16 @@ def wait_for(predicate: Callable[[], bool], deadline: float) -> bool:
 
 # ---- 1. streams and bytes before the hello -----------------------------------------------
 
-def test_an_unauthenticated_connection_gets_one_stream_and_a_hello_of_credit(fw: QuicForwarding) -> None:
-    """The transport parameters bound what a stranger can send; an accepted hello lifts them."""
+def test_an_unauthenticated_connection_may_send_a_hello_and_then_carries_mibs(fw: QuicForwarding) -> None:
+    """qh3 announces its fixed limits before the hello; an accepted hello lifts the relay's own."""
     peer = open_quic(fw.relay_port, fw.fingerprint)
     try:
-        q = peer.quic
-        announced = astuple(peer_limits(q))
-        print(f"\ncredit before the hello: streams, uni streams, bytes, bytes per stream = {announced}")
-        assert announced == (1, 0, UNTRUSTED_WINDOW_BYTES, UNTRUSTED_WINDOW_BYTES)
+        announced = astuple(peer_limits(peer.quic))
+        print(f"\ncredit announced before the hello: streams, uni streams, bytes, bytes per stream = {announced}")
+        assert announced[0] == MAX_STREAMS
         answer = say_hello(peer, laptop_hello(fw))
         assert isinstance(answer, tip.HelloAnswer) and answer.ok, answer
-        assert wait_for(lambda: peer_limits(q).streams_bidi > 100 and peer_limits(q).max_data > MiB,
-                        PROMPT_SECS), peer_limits(q)
-        # A new stream's own credit is raised as soon as the relay sees it: a stream carries MiBs.
+        # A new stream carries MiBs at once.
         stream = peer.open_stream()
         stream.write(tip.encode(tip.ClientConnect("alpha", "echo", tip.InnerTip(1))))
         with gevent.Timeout(PROMPT_SECS):
@@ -137,8 +134,22 @@ def test_an_unauthenticated_connection_gets_one_stream_and_a_hello_of_credit(fw:
         peer.close()
 
 
+@pytest.mark.parametrize("version, older", [(0, " (a PTTH from before stream credit)"), (2, "")])
+def test_a_proxy_of_another_credit_version_is_refused_by_name(fw: QuicForwarding, version: int, older: str) -> None:
+    """A hello without stream credit (an older PTTH) or with another version: a one-line refusal, then closed."""
+    peer = open_quic(fw.relay_port, fw.fingerprint)
+    try:
+        hello = laptop_hello(fw)
+        answer = say_hello(peer, tip.PeerHello(hello.role, hello.name, hello.key, version))
+        assert answer == tip.HelloAnswer(False, f"version mismatch: this client proxy speaks stream credit version "
+                                                f"{version}{older}, the relay 1; run the same PTTH version on both")
+        assert peer.closed.wait(PROMPT_SECS)
+    finally:
+        peer.close()
+
+
 def test_extra_streams_before_the_hello_close_the_connection(fw: QuicForwarding) -> None:
-    """A peer that ignores the one-stream limit is closed at once, not left to buffer."""
+    """A peer that opens more than one stream before its hello is closed at once, not left to buffer."""
     pid = fw.relay_proc.pid
     rss_before = rss_bytes(pid)
     peer = open_quic(fw.relay_port, fw.fingerprint)
@@ -146,13 +157,8 @@ def test_extra_streams_before_the_hello_close_the_connection(fw: QuicForwarding)
     try:
         first = peer.open_stream()
         first.write(b"\x01\x10\x00")  # a tip announcing 4 KiB, never finished: the relay waits for it
-        q = peer.quic
-        # The attacker pretends it was given more: 64 streams, 1 GiB, 1 MiB each.
-        pretend_peer_limits(q, PeerLimits(64, peer_limits(q).streams_uni, 1 << 30, MiB))
-        writers = []
         for _ in range(8):
             stream = peer.open_stream()
-            stream.write(b"\x00")  # takes the stream's id
             writers.append(gevent.spawn(stream.write, b"\x00" * 256 * 1024))
         assert peer.closed.wait(PROMPT_SECS), "the relay kept a connection with extra streams before its hello"
         print(f"\nclosed by the relay: {peer.close_reason}; relay RSS "
@@ -160,6 +166,20 @@ def test_extra_streams_before_the_hello_close_the_connection(fw: QuicForwarding)
     finally:
         peer.close()
         gevent.killall(writers)
+    assert fw.works()
+
+
+def test_too_many_bytes_before_the_hello_close_the_connection(fw: QuicForwarding) -> None:
+    """A peer that sends more than a hello's worth, or past the datagram budget, is closed at once."""
+    peer = open_quic(fw.relay_port, fw.fingerprint)
+    try:
+        first = peer.open_stream()
+        writer = gevent.spawn(first.write, b"\x01\x10\x00" + b"\x00" * (2 * UNTRUSTED_DATAGRAM_BYTES))
+        assert peer.closed.wait(PROMPT_SECS), "the relay kept a connection that sent MiBs before its hello"
+        print(f"\nclosed by the relay: {peer.close_reason}")
+        writer.kill()
+    finally:
+        peer.close()
     assert fw.works()
 
 
@@ -189,7 +209,7 @@ def test_every_greenlet_of_a_connection_ends_with_it(fw: QuicForwarding) -> None
         peers = [open_quic(port, fw.fingerprint) for _ in range(3)]
         _silent, partial, busy = peers
         partial.open_stream().write(b"\x01\x10\x00")
-        for _ in range(6):  # honours the limits: only the first can carry bytes
+        for _ in range(6):  # past the limits: the relay closes it
             busy.open_stream().write(b"\x01\x10\x00" + b"\x00" * 4000)
         client = open_quic(port, fw.fingerprint)
         answer = say_hello(client, laptop_hello(fw))

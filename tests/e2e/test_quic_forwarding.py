@@ -14,7 +14,8 @@ server (tcp_peers.py, fault_peers.py, quic_cluster.py).
    must work once the restarted part is back.
 3. Refusals: unknown keys, ports a client may not reach or a server does not
    forward, a relay whose certificate is not the pinned one.
-4. Backpressure: a reader that stops stops the sender, and nobody buffers it all.
+4. Backpressure: a reader that stops stops the sender, and nobody buffers it all;
+   a client that stops reading does not slow another through the same server proxy.
 5. Keepalive (slow): a connection idle for longer than the QUIC idle timeout.
 6. Several server proxies under one name: both serve, in turn; a relay that
    keeps dropping a proxy sees it back off.
@@ -682,6 +683,58 @@ def test_a_reader_that_stops_stops_the_sender(shared: Bundle) -> None:
           f"{(STREAM_BYTES - accepted) / 2**20 / elapsed:.1f} MiB/s; RSS growth in MiB while blocked: "
           f"{ {n: round(g / 2**20, 1) for n, g in blocked.items()} }, in all: "
           f"{ {n: round(g / 2**20, 1) for n, g in growth.items()} }")
+
+
+# A client that stops reading must not slow the others: the relay's one connection to the
+# server proxy carries every client's streams, and each stream has credit of its own.
+FAIR_BYTES = 8 * 1024 * 1024
+FAIR_SECS = 6.0
+
+
+def test_a_stalled_client_does_not_stall_another_through_the_same_server(make: Callable[..., Bundle]) -> None:
+    """Client A's echo is never read; client B's 8 MiB echo through the same server proxy still flows."""
+    b = make()
+    fw = b.fw
+    client_a = fw.client_proc
+    port_a = fw.ports["echo"]
+    client_b = fw.start_client(name="mallory", key=fw.other_client_key, forwards=["echo"])
+    assert fw.ports["echo"] != port_a
+    assert fw.works()  # warm, through B
+    watch = RssWatch({"relay": fw.relay_proc.pid, "server proxy": fw.server_proc.pid,
+                      "client proxy A": client_a.pid, "client proxy B": client_b.pid})
+    stalled = os.urandom(STREAM_BYTES)
+    failed: list[OSError] = []
+    with socket.create_connection(("127.0.0.1", port_a), timeout=60.0) as sock_a:
+        def send_a() -> None:
+            try:
+                sock_a.sendall(stalled)
+            except OSError as e:
+                failed.append(e)
+
+        sender = threading.Thread(target=send_a, daemon=True)
+        sender.start()
+        try:
+            time.sleep(3.0)  # A's echo fills every buffer on its way back, and A reads none of it
+            assert sender.is_alive(), "A's 64 MiB went through although A read nothing"
+            data = os.urandom(FAIR_BYTES)
+            start = time.monotonic()
+            got, _ = echo_exchange(fw, data)
+            elapsed = time.monotonic() - start
+            assert got == data
+            assert elapsed < FAIR_SECS, f"B's {FAIR_BYTES >> 20} MiB echo took {elapsed:.1f} s while A was stalled"
+            assert sender.is_alive(), "A was not stalled while B ran"
+            stalled_growth = {name: watch.peak[name] - watch.start[name] for name in watch.pids}
+            # Now A reads: all of its echo comes back, in order.
+            sock_a.settimeout(SOCKET_TIMEOUT_SECS)
+            assert recv_exactly(sock_a, STREAM_BYTES) == stalled
+            sender.join(SOCKET_TIMEOUT_SECS)
+            assert not sender.is_alive() and not failed, f"A's sending failed: {failed}"
+        finally:
+            growth = watch.stop()
+    for name, grew in growth.items():
+        assert grew < RSS_GROWTH_LIMIT, f"{name} grew by {grew / 2**20:.0f} MiB"
+    print(f"B's {FAIR_BYTES >> 20} MiB echo while A stalled: {elapsed:.2f} s; RSS growth in MiB while A "
+          f"stalled: { {n: round(g / 2**20, 1) for n, g in stalled_growth.items()} }")
 
 
 # ---- 5. keepalive -------------------------------------------------------------------------------------

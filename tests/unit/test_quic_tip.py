@@ -106,7 +106,7 @@ def test_exact_bytes_of_a_connect_tip() -> None:
 
 
 @pytest.mark.parametrize("msg, wire", [
-    (PeerHello("client", "c", KEY), {"type": "hello", "role": "client", "name": "c", "key": KEY}),
+    (PeerHello("client", "c", KEY), {"type": "hello", "role": "client", "name": "c", "key": KEY, "credit": 1}),
     (HelloAnswer(False, "no"), {"type": "hello_answer", "ok": False, "error": "no"}),
     (RelayOffer("c", "p", InnerTip(7)),
      {"type": "offer", "client": "c", "port": "p", "inner": {"client_port": 7}}),
@@ -119,6 +119,18 @@ def test_wire_maps(msg: TipMessage, wire: dict[str, Any]) -> None:
     body = msgpack.unpackb(data[3:], raw=False)
     assert body == wire
     assert list(body) == list(wire)  # "type" first, then the fields in order
+
+
+def test_a_hello_says_its_credit_version() -> None:
+    assert PeerHello("server", "srv", KEY).credit == tip.CREDIT_VERSION == 1
+    # A proxy from before stream credit sends no "credit": it decodes as version 0, which the
+    # relay refuses by name (relay.py), instead of an unreadable tip.
+    old = _read(_frame({"type": "hello", "role": "server", "name": "srv", "key": KEY}))
+    assert isinstance(old, PeerHello) and old.credit == 0
+    assert _read(_frame({"type": "hello", "role": "server", "name": "srv", "key": KEY, "credit": 2})).credit == 2
+    for bad in (True, -1, 256, "1"):
+        with pytest.raises(ProtocolError, match="bad credit version"):
+            _read(_frame({"type": "hello", "role": "server", "name": "srv", "key": KEY, "credit": bad}))
 
 
 def test_hand_built_tip_decodes() -> None:

@@ -4,8 +4,8 @@ The QUIC relay needs a certificate. Out of the box it makes a self-signed one
 (EC P-256, 10 years) and prints its fingerprint: the SHA-256 of the DER
 certificate as 64 lowercase hex digits. Proxies then either pin that
 fingerprint or, for a certificate from a real CA, verify it the usual way.
-No sockets here; the one aioquic internal `peer_certificate_der` needs is
-aioquic_adapter's.
+No sockets here; the qh3 internal `peer_certificate_der` needs is
+quic_adapter's.
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection
 
 from ptth_lib.config import is_private, normalize_fingerprint
 from ptth_lib.errors import ConfigError
-from ptth_lib.forward.quic.aioquic_adapter import peer_certificate
+from ptth_lib.forward.quic.quic_adapter import peer_certificate
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ _FINGERPRINT_HINT = "expected the SHA-256 fingerprint ptth_quic_relay.py printed
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 
-# The key types aioquic 1.7.2 can sign a handshake with
-# (tls.Context._signature_algorithms_for_private_key); EC only on these curves.
+# The key types a relay can sign a handshake with that a qh3 2.1.0 proxy accepts (the
+# signature algorithms a qh3 client offers by default: no EdDSA, no P-521); EC only on these curves.
 _EC_CURVES = (ec.SECP256R1, ec.SECP384R1)
 
 
@@ -121,7 +121,7 @@ def client_configuration(alpn: str, fingerprint: str | None, ca_file: str | None
                          server_name: str | None = None) -> QuicConfiguration:
     """QUIC settings for a proxy connecting to the relay.
 
-    - With `fingerprint` (and no `ca_file`), aioquic checks nothing about the
+    - With `fingerprint` (and no `ca_file`), qh3 checks nothing about the
       certificate but that the relay holds its key (CertificateVerify): the
       caller MUST compare `peer_certificate_der(conn)` with the pin using
       `matches` once the handshake completes, and close the connection on a
@@ -133,7 +133,7 @@ def client_configuration(alpn: str, fingerprint: str | None, ca_file: str | None
       system has none) and name `server_name`.
 
     `server_name` (the relay's host name or IP address) is sent as SNI when it
-    is a name. It is required when checking by CA: without it aioquic would
+    is a name. It is required when checking by CA: without it qh3 would
     check the chain but not the name, so any certificate from a trusted CA
     would pass. With both a fingerprint and a CA file, both are checked.
     """
@@ -147,13 +147,9 @@ def client_configuration(alpn: str, fingerprint: str | None, ca_file: str | None
         raise ValueError("server_name is required to verify the relay's certificate by CA")
     config.verify_mode = ssl.CERT_REQUIRED
     if ca_file is not None:
-        _load_certificates(ca_file, "CA file")  # aioquic reads it only during the handshake
+        _load_certificates(ca_file, "CA file")  # qh3 reads it only during the handshake
         config.load_verify_locations(cafile=ca_file)
-    else:
-        # aioquic uses certifi's CAs when given none; prefer the system's.
-        paths = ssl.get_default_verify_paths()
-        if paths.cafile or paths.capath:
-            config.load_verify_locations(cafile=paths.cafile, capath=paths.capath)
+    # With no CA file, qh3 uses the system's CAs (ssl.create_default_context's).
     return config
 
 
@@ -178,8 +174,8 @@ def _load(cert_path: str, key_path: str) -> str:
         raise ConfigError(f"{key_path}: not a PEM private key ({e})"[:300]) from None
     if not _is_usable_key(key):
         raise ConfigError(
-            f"{key_path}: aioquic cannot sign with this key type: use EC P-256 or P-384, "
-            "RSA, Ed25519 or Ed448")
+            f"{key_path}: PTTH's QUIC (qh3) cannot sign with this key type: use EC P-256 or P-384, "
+            "or RSA")
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(*spki) != certs[0].public_key().public_bytes(*spki):
         raise ConfigError(f"{key_path} is not the key of {cert_path}: give the matching pair")
@@ -190,12 +186,12 @@ def _load(cert_path: str, key_path: str) -> str:
         logger.warning("relay certificate %s is outside its validity dates; "
                        "proxies that verify by CA will refuse it", cert_path)
     try:
-        # aioquic splits PEM files its own way (tls.load_pem_x509_certificates),
+        # qh3 splits PEM files its own way (tls.load_pem_x509_certificates),
         # stricter than cryptography: a blank line after a certificate breaks it.
         QuicConfiguration(is_client=False).load_cert_chain(cert_path, key_path)
     except (OSError, ValueError, TypeError, IndexError, UnsupportedAlgorithm) as e:
         raise ConfigError(
-            f"{cert_path}: aioquic cannot load it ({type(e).__name__}): keep only PEM "
+            f"{cert_path}: qh3 cannot load it ({type(e).__name__}): keep only PEM "
             "certificate blocks, each ending in a newline, with no blank lines") from None
     return fingerprint_of(certs[0].public_bytes(serialization.Encoding.DER))
 
@@ -219,11 +215,16 @@ def _load_certificates(path: str, what: str) -> list[x509.Certificate]:
 def _is_usable_key(key: object) -> bool:
     if isinstance(key, ec.EllipticCurvePrivateKey):
         return isinstance(key.curve, _EC_CURVES)
-    return isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey)
+    return isinstance(key, rsa.RSAPrivateKey)
 
 
 def _generate(hostname: str) -> tuple[bytes, bytes]:
-    """A new self-signed certificate and its key, both PEM."""
+    """A new self-signed certificate and its key, both PEM.
+
+    No extended key usage: qh3 takes a self-issued certificate that names TLS
+    server use for a leaf, never for a CA, so a proxy could not use the relay's
+    certificate as its own CA file (ca_file) if it had one.
+    """
     names: list[x509.GeneralName] = []
     for host in dict.fromkeys([hostname, "localhost", "127.0.0.1"]):
         try:
@@ -247,7 +248,6 @@ def _generate(hostname: str) -> tuple[bytes, bytes]:
         .not_valid_after(now + timedelta(days=CERT_VALID_DAYS))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(key, hashes.SHA256())
     )
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -17,11 +17,14 @@ accepted (`QuicPeer.trust`) it gets as little as possible:
    The relay closes a connection whose hello does not come within
    `relay.HELLO_WAIT_SECS`, which frees its place.
 3. A new connection is restricted (`PacedQuicConnection.restrict`): one
-   stream, and a hello's worth of credit for it and for the whole
-   connection, until it is trusted.
+   stream, a hello's worth of bytes on it, and UNTRUSTED_DATAGRAM_BYTES of
+   datagrams in all (its handshake included), until it is trusted; a peer
+   that goes past any of these is closed at once.
 
-Everything else about a connection is driver.py's; the aioquic internals Retry and the
-restriction need are aioquic_adapter.py's.
+The socket is read in batches (udp.py: recvmmsg and GRO where Linux has
+them), and each connection is fed its datagrams of a batch at once.
+Everything else about a connection is driver.py's; the qh3 internals Retry
+and the restriction need are quic_adapter.py's.
 """
 
 from __future__ import annotations
@@ -35,33 +38,33 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from aioquic.quic.configuration import QuicConfiguration
+from qh3.quic.configuration import QuicConfiguration
 
-from ptth_lib.forward.quic.aioquic_adapter import (
+from ptth_lib.forward.quic.driver import QuicPeer
+from ptth_lib.forward.quic.quic_adapter import (
     PacedQuicConnection,
     RetryTokens,
     encode_retry,
     is_initial,
     parse_header,
 )
-from ptth_lib.forward.quic.driver import MAX_DATAGRAM_BYTES, QuicPeer
+from ptth_lib.forward.quic.udp import UdpSocket
 from ptth_lib.wire import tip
 
 logger = logging.getLogger(__name__)
 
-# Credit for a connection that has not said a valid hello yet, in all and for
-# its one stream: the longest tip (a 3-byte header and MAX_TIP_BYTES), so the
-# largest possible hello fits and nothing more.
+# Bytes a connection that has not said a valid hello yet may send on its one
+# stream: the longest tip (a 3-byte header and MAX_TIP_BYTES), so the largest
+# possible hello fits and nothing more.
 UNTRUSTED_WINDOW_BYTES = 3 + tip.MAX_TIP_BYTES
 UNTRUSTED_MAX_STREAMS = 1
 
 # Half-open connections from one address: proxies behind one NAT that all
 # reconnect after a relay restart fit easily; one attacker holds no more.
 MAX_HALF_OPEN_PER_ADDRESS = 16
-# Half-open connections in all. Each costs a TLS handshake and about 120 KiB
-# (measured; at most about 170 KiB with all the handshake bytes and the tip a
-# peer may send), for at most HELLO_WAIT_SECS: 256 hold 30-45 MiB at worst
-# (RELIABILITY.md, "Exhaustion before authentication (QUIC)").
+# Half-open connections in all. Each costs a TLS handshake and its state, and at
+# most quic_adapter.UNTRUSTED_DATAGRAM_BYTES (64 KiB) of what the peer sent, for at
+# most HELLO_WAIT_SECS (RELIABILITY.md, "Exhaustion before authentication (QUIC)").
 MAX_HALF_OPEN = 256
 
 # RFC 9000 requires an Initial to fill a 1,200-byte datagram (anti-amplification).
@@ -116,8 +119,9 @@ class QuicServerEndpoint:
     """The relay's UDP socket: every proxy's QUIC connection to it."""
 
     def __init__(self, sock: socket.socket, configuration: QuicConfiguration,
-                 on_peer: Callable[[QuicPeer], None]) -> None:
+                 on_peer: Callable[[QuicPeer], None], batched: bool = True) -> None:
         self.sock = sock
+        self.udp = UdpSocket(sock, batched)
         self.configuration = configuration
         self.on_peer = on_peer  # called in a new greenlet for each new connection
         self.peers: dict[bytes, QuicPeer] = {}
@@ -129,11 +133,35 @@ class QuicServerEndpoint:
     def serve_forever(self) -> None:
         while True:
             try:
-                data, addr = self.sock.recvfrom(MAX_DATAGRAM_BYTES)
+                batch = self.udp.recv_batch()
             except OSError as e:  # e.g. an ICMP error queued on the socket: not fatal
                 logger.debug("recvfrom: %s", e)
                 continue
-            self.datagram_received(data, addr)
+            self.datagrams_received(batch)
+
+    def datagrams_received(self, batch: list[tuple[bytes, Any]]) -> None:
+        """A batch from the socket: each connection gets its datagrams in one call, in order."""
+        cid_length = self.configuration.connection_id_length
+        run: list[bytes] = []  # consecutive datagrams for one connection from one address
+        run_peer: QuicPeer | None = None
+        run_addr: Any = None
+        for data, addr in batch:
+            peer = None
+            if data and not data[0] & 0x80:  # a short header: the connection id comes right after
+                peer = self.peers.get(data[1:1 + cid_length])
+            if peer is None:
+                if run_peer is not None:
+                    run_peer.datagrams_received(run, run_addr)
+                    run, run_peer = [], None
+                self.datagram_received(data, addr)
+                continue
+            if run_peer is not None and (peer is not run_peer or addr != run_addr):
+                run_peer.datagrams_received(run, run_addr)
+                run = []
+            run.append(data)
+            run_peer, run_addr = peer, addr
+        if run_peer is not None:
+            run_peer.datagrams_received(run, run_addr)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         try:
@@ -142,7 +170,7 @@ class QuicServerEndpoint:
             return
         peer = self.peers.get(header.destination_cid)
         if peer is not None:
-            peer.datagram_received(data, addr)
+            peer.datagrams_received([data], addr)
             return
         if not is_initial(header) or len(data) < MIN_INITIAL_BYTES \
                 or header.version not in self.configuration.supported_versions:
@@ -159,13 +187,13 @@ class QuicServerEndpoint:
             self._note_drop()
             return
         peer = self._new_peer(original_cid, header.destination_cid, key)
-        peer.datagram_received(data, addr)
+        peer.datagrams_received([data], addr)
 
     def _send_retry(self, version: int, peer_cid: bytes, original_cid: bytes, addr: Any) -> None:
         retry_cid = os.urandom(self.configuration.connection_id_length)
         token = self._tokens.create(addr, original_cid, retry_cid, time.monotonic())
         try:
-            self._sendto(encode_retry(version, retry_cid, peer_cid, original_cid, token), addr)
+            self.udp.send_batch([encode_retry(version, retry_cid, peer_cid, original_cid, token)], addr)
         except OSError as e:  # the peer retransmits its Initial
             logger.debug("sendto failed: %s", e)
 
@@ -184,7 +212,7 @@ class QuicServerEndpoint:
                                    original_destination_connection_id=original_cid,
                                    retry_source_connection_id=retry_cid)
         quic.restrict(UNTRUSTED_WINDOW_BYTES, UNTRUSTED_MAX_STREAMS)
-        peer = QuicPeer(quic, self._sendto)
+        peer = QuicPeer(quic, self.udp.send_batch)
         cids = {retry_cid, quic.host_cid}
 
         def on_cid(cid: bytes, issued: bool) -> None:
@@ -211,5 +239,3 @@ class QuicServerEndpoint:
             if self.peers.get(cid) is peer:
                 del self.peers[cid]
 
-    def _sendto(self, data: bytes, addr: Any) -> None:
-        self.sock.sendto(data, addr)

@@ -76,7 +76,7 @@ def connect_to_relay(target: QuicRelayTarget, hello: tip.PeerHello,
     relay refused the key), ProtocolError (not a PTTH relay).
     """
     config = driver.configure(cert.client_configuration(driver.ALPN, target.fingerprint, target.ca_file,
-                                                        server_name=target.host))
+                                                        server_name=target.host), target.max_datagram_size)
     peer = driver.connect(target.host, target.port, config, RELAY_CONNECT_TIMEOUT_SECS, on_stream)
     try:
         if target.fingerprint is not None:
@@ -94,11 +94,15 @@ def connect_to_relay(target: QuicRelayTarget, hello: tip.PeerHello,
         if not answer.ok:
             raise RefusedError(f"the relay refused {hello.role} {hello.name!r}: {answer.error}")
         stream.end()
+        peer.open_control()  # our credit grants (credit.py) go on it from now on
         return peer
     except BaseException as e:
         peer.close("hello failed")
         if isinstance(e, StreamBrokenError):
-            raise OSError(f"the relay closed the connection: {e}") from None
+            # A relay from before stream credit cannot read our hello's "credit" and closes at once.
+            older = " (a relay older than this proxy? run the same PTTH version on both)" \
+                if "no valid hello" in str(e) else ""
+            raise OSError(f"the relay closed the connection: {e}{older}") from None
         if isinstance(e, gevent.Timeout):
             raise OSError("the relay did not answer the hello") from None
         raise

@@ -158,6 +158,10 @@ class QuicRelay:
         return None
 
     def _check(self, hello: tip.PeerHello) -> str:
+        if hello.credit != tip.CREDIT_VERSION:
+            older = " (a PTTH from before stream credit)" if hello.credit == 0 else ""
+            return (f"version mismatch: this {hello.role} proxy speaks stream credit version {hello.credit}{older}, "
+                    f"the relay {tip.CREDIT_VERSION}; run the same PTTH version on both")
         if hello.role == "server":
             registered = self.config.servers.get(hello.name)
             code = registered.tripcode if registered else None
