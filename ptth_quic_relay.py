@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     add_logging_flags(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic's own per-connection lines
+    logging.getLogger("quic").setLevel(logging.WARNING)  # qh3's own per-connection lines
 
     import signal
     import socket

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     add_logging_flags(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic's own lines, when [quic] is set
+    logging.getLogger("quic").setLevel(logging.WARNING)  # qh3's own lines, when [quic] is set
 
     overrides = {"name": args.name, "relay_url": args.relay_url, "file_server_root": args.file_server_root,
                  "web_app_url": args.web_app_url}
