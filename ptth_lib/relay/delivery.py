@@ -124,11 +124,9 @@ def deliver_answer(rv: Rendezvous, p: PendingRequest, answer: InlineAnswer) -> N
     """
     head, body = answer.head, answer.body
     length = head.headers.get("content-length")
-    if p.request.method == "HEAD" or head.status_code in (204, 304):
-        wrong = bool(body)
-    else:
-        wrong = length is None or int(length) != len(body)
-    if wrong:
+    # A HEAD, 204 or 304 answer's body is not sent on (the client's side skips it, as for a POST).
+    bodiless = p.request.method == "HEAD" or head.status_code in (204, 304)
+    if not bodiless and (length is None or int(length) != len(body)):
         logger.warning("bad answer for request %s from server %s: its body does not match its content-length",
                        p.request.id, p.server.registered.name)
         rv.fail(p, f"server {p.server.registered.name!r} sent a bad response: its length is wrong")

@@ -425,3 +425,20 @@ def test_answers_are_the_servers_own_and_bounded(cluster: Cluster) -> None:
                            **{"X-PTTH-Wait-Secs": "0"}).status_code == 204
     client.join(10)
     assert client.response is not None and client.response.content == b"real"
+
+
+def test_a_head_answer_riding_on_a_listen_sends_no_body(relay_and_key: tuple[Relay, str]) -> None:
+    """As with a POST, a HEAD's answer keeps its content-length and its body (if any) stays at the relay."""
+    relay, key = relay_and_key
+    assert listen(relay, "raw", key, timeout=10).status_code == 204  # raw is online: its requests wait
+    box: dict[str, requests.Response] = {}
+    asking = threading.Thread(target=lambda: box.update(r=requests.head(
+        f"{relay.url}/frontend/servers/raw/page", timeout=20)), daemon=True)
+    asking.start()
+    (item,) = take_requests(relay, key)
+    assert item["req"]["method"] == "HEAD"
+    r = listen_carrying(relay, "raw", key, [answer(item["id"], 200, {"content-length": b"1234"}, b"sloppy app")],
+                        **{"X-PTTH-Wait-Secs": "0"})
+    assert r.status_code == 204
+    asking.join(10)
+    assert box["r"].status_code == 200 and box["r"].headers["Content-Length"] == "1234"
