@@ -29,9 +29,11 @@ from collections.abc import Iterable
 from ptth_lib.wire.envelope import MAX_ANSWERS_BYTES, InlineAnswer, answer_size
 
 # How long a listen waits for its batch's answers before it goes without them.
-# A file server's answer is ready within a millisecond or two; under load on
-# two cores, a batch of sixteen within about ten.
-CARRY_WAIT_SECS = 0.02
+# A file server's answer is ready within a millisecond or two. Longer costs
+# more than it saves: under load both listens wait while requests queue at the
+# relay (20 ms gave 1,389 requests/s at concurrency 32, 5 ms 1,569;
+# BENCHMARKS.md); an answer later than this goes in a POST of its own.
+CARRY_WAIT_SECS = 0.005
 
 
 class AnswerCarrier:
