@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_client_config import client_key, flags  # noqa: F401 - client_key: the key every test here uses
 
 from ptth_lib.config import (
     load_client_config,
@@ -20,26 +21,15 @@ from ptth_lib.errors import ConfigError
 from ptth_lib.forward.quic import driver
 from ptth_lib.forward.quic.cert import client_configuration
 
-KEY = "a-strong-client-key-0123456789abcdef"
 FINGERPRINT = "3f" * 32
 SERVER = ('name = "alpha"\napi_key = "a-strong-server-key-0123456789"\nrelay_url = "http://127.0.0.1:1/"\n'
           '[forwarded_ports]\nssh = "127.0.0.1:22"\n'
           f'[quic]\nrelay = "127.0.0.1:30380"\nrelay_fingerprint = "{FINGERPRINT}"\n')
 
 
-@pytest.fixture(autouse=True)
-def client_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PTTH_CLIENT_API_KEY", KEY)
-
-
-def client_flags(**given: object) -> dict[str, object]:
-    names = ("relay_url", "quic_relay", "relay_fingerprint", "ca_file", "name", "api_key_file", "bind", "forward")
-    return {n: given.get(n) for n in names}
-
-
 def test_the_default_fits_a_common_path() -> None:
     assert parse_relay_config({}, "relay.toml").quic_max_datagram_size == 1350
-    config = load_client_config(None, client_flags(quic_relay="127.0.0.1:30380", relay_fingerprint=FINGERPRINT,
+    config = load_client_config(None, flags(quic_relay="127.0.0.1:30380", relay_fingerprint=FINGERPRINT,
                                                    name="laptop", forward=["0:alpha:ssh"]))
     assert config.quic is not None and config.quic.max_datagram_size == 1350
 
@@ -49,7 +39,7 @@ def test_every_end_may_set_it(tmp_path: Path) -> None:
     path = tmp_path / "client.toml"
     path.write_text(f'quic_relay = "127.0.0.1:30380"\nrelay_fingerprint = "{FINGERPRINT}"\nname = "laptop"\n'
                     'forward = ["0:alpha:ssh"]\nquic_max_datagram_size = 1452\n')
-    quic = load_client_config(path, client_flags()).quic
+    quic = load_client_config(path, flags()).quic
     assert quic is not None and quic.max_datagram_size == 1452
     path.write_text(f'relay = "127.0.0.1:30380"\nrelay_fingerprint = "{FINGERPRINT}"\nname = "laptop"\n'
                     'forward = ["0:alpha:ssh"]\nmax_datagram_size = 1200\n')
