@@ -57,13 +57,12 @@ import gevent.socket
 from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
 
-from ptth_lib.config.keys import check_max_datagram_size
+from ptth_lib.config.keys import DEFAULT_QUIC_MAX_DATAGRAM_SIZE, check_max_datagram_size
 from ptth_lib.errors import PtthError
 from ptth_lib.forward.limits import PIECE_BYTES
 from ptth_lib.forward.quic.credit import CreditError, RecordReader, SendCredit
 from ptth_lib.forward.quic.quic_adapter import STREAM_WINDOW_BYTES, PacedQuicConnection
 from ptth_lib.forward.quic.udp import (
-    DEFAULT_MAX_DATAGRAM_SIZE,
     MAX_DATAGRAM_BYTES,
     UdpSocket,
     new_socket,
@@ -91,7 +90,7 @@ class StreamBrokenError(PtthError, OSError):
     """The stream was reset by the peer or by us, or its connection closed."""
 
 
-def configure(config: QuicConfiguration, max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE) -> QuicConfiguration:
+def configure(config: QuicConfiguration, max_datagram_size: int = DEFAULT_QUIC_MAX_DATAGRAM_SIZE) -> QuicConfiguration:
     """Our settings on a configuration from cert.py: ALPN, windows, idle timeout, packet size.
 
     `max_datagram_size` is the largest UDP payload we send (a config's,

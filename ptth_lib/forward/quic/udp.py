@@ -22,15 +22,10 @@ from typing import Any
 import gevent.socket
 import qh3._hazmat
 
-from ptth_lib.config.keys import DEFAULT_QUIC_MAX_DATAGRAM_SIZE
-
 # quinn-udp's batched socket calls: Unix only.
 _UdpSocketState: Any = getattr(qh3._hazmat, "UdpSocketState", None)
 
 logger = logging.getLogger(__name__)
-
-# The largest QUIC packet we send (the UDP payload), unless configured (config/keys.py says why).
-DEFAULT_MAX_DATAGRAM_SIZE = DEFAULT_QUIC_MAX_DATAGRAM_SIZE
 
 # A receive buffer for any UDP datagram (a peer's packets are far smaller: its max_datagram_size).
 MAX_DATAGRAM_BYTES = 65536
@@ -123,4 +118,4 @@ def new_socket(family: int) -> gevent.socket.socket:
     return sock
 
 
-__all__ = ["DEFAULT_MAX_DATAGRAM_SIZE", "MAX_DATAGRAM_BYTES", "UdpSocket", "new_socket", "size_buffers"]
+__all__ = ["MAX_DATAGRAM_BYTES", "UdpSocket", "new_socket", "size_buffers"]
