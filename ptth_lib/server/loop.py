@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from functools import partial
 from urllib.parse import quote
 
 import requests
@@ -372,13 +373,22 @@ class ServerLoop:
         )
 
     def _dispatch(self, batch: list[RelayRequest], carrier: AnswerCarrier | None) -> int:
-        """Hand requests to the pool; return how many (each keeps its reservation until done)."""
+        """Hand requests to the pool; return how many (each keeps its reservation until done).
+
+        A lone request whose answer can ride on the next listen is answered
+        here, in the listen thread (Responder.start_here): at concurrency 1
+        the two hand-offs between threads are a tenth of the request's time.
+        """
         taken = 0
         for req in batch:
+            work = (self._responder.start_here(req, carrier) if len(batch) == 1 and carrier is not None
+                    else partial(self._responder.respond, req, carrier))
+            if work is None:
+                return taken  # answered: it rides on the next listen
             with self._lock:
                 if self._stop.is_set():
                     return taken  # the relay fails these when it counts us gone
-                future = self._pool.submit(self._responder.respond, req, carrier)
+                future = self._pool.submit(work)
                 self._in_flight.add(future)
             taken += 1
             future.add_done_callback(self._done)

@@ -98,16 +98,21 @@ class Responder:
         self.web_app = (WebApp(config, self.post_once, self._session, new_session, abort,
                                lambda: self.relay_features) if config.web_app_url else None)
 
-    def respond(self, req: RelayRequest, carrier: AnswerCarrier | None = None) -> None:
+    def respond(self, req: RelayRequest, carrier: AnswerCarrier | None = None,
+                started: _FileAnswer | None = None) -> None:
         """Answer one request: from the file server for /files/ (if it has a root), else from the web app.
 
         With a `carrier`, a small complete answer goes with the next listen
-        instead of a POST of its own (answers.py).
+        instead of a POST of its own (answers.py). `started` is the file
+        answer `start_here` made and could not carry.
         """
         client = client_address(req.headers)
         self._local.carrier = carrier
         try:
-            if self.web_app is not None and (self._root is None or not _is_file_path(req.uri)):
+            if started is not None:
+                self._serve_file(req, client, started)
+            elif self._is_for_web_app(req):
+                assert self.web_app is not None
                 self.web_app.forward(req, client)
             else:
                 self._serve_file(req, client)
@@ -124,6 +129,35 @@ class Responder:
             self._local.carrier = None
             if carrier is not None:
                 carrier.settle(req.id)  # whatever happened, the listen need not wait for this one
+
+    def start_here(self, req: RelayRequest, carrier: AnswerCarrier) -> Callable[[], None] | None:
+        """Answer a file request in the calling thread if its answer rides on the next listen.
+
+        The listen loop calls this for a batch of one request, in the listen
+        thread: a small file's answer is ready in well under a millisecond,
+        and going through a pool thread would add two hand-offs between
+        threads to the request's time. None: answered. Otherwise the rest of
+        the work, for a pool thread: a web app's request (its time is the
+        app's), a large or unsized body, or a failure (the pool answers it
+        again, and 500 if it fails again). The file server only reads, so
+        making its answer twice is harmless.
+        """
+        if self._is_for_web_app(req):
+            return lambda: self.respond(req, carrier)
+        self._local.carrier = carrier
+        started: _FileAnswer | None = None
+        try:
+            started = self._file_answer(req, client_address(req.headers), log=True)
+            if self._carried(req.id, *started):
+                started[1].close()
+                return None
+        except Exception:  # noqa: BLE001 - a bug of ours: the pool thread meets it again, and answers 500
+            if started is not None:
+                started[1].close()
+            return lambda: self.respond(req, carrier)
+        finally:
+            self._local.carrier = None
+        return lambda: self.respond(req, carrier, started)
 
     def post_answer(self, answer: InlineAnswer) -> None:
         """POST an answer gathered for a listen that did not go (the server is stopping)."""
@@ -165,7 +199,7 @@ class Responder:
         finally:
             body.close()
 
-    def _serve_file(self, req: RelayRequest, client: str) -> None:
+    def _serve_file(self, req: RelayRequest, client: str, started: _FileAnswer | None = None) -> None:
         """Answer one request, on a new connection if the kept-alive one it went on ended unanswered.
 
         A kept-alive connection may be closed by a proxy or NAT box (or the
@@ -180,23 +214,34 @@ class Responder:
         connection that ends unanswered is not tried again: there the close
         came after the relay had the POST (it cut it: the client left).
         """
-        assert self._root is not None
-        headers = {k: v.decode("latin-1") for k, v in req.headers.items()}
         for attempt in (1, 2):
-            answer = file_server.serve(self._root, req.method, req.uri, headers, self._site)
-            head = ServerResponseHead(answer.status, collect_headers(answer.headers))
-            if attempt == 1:
-                logger.info("request %s from %s: %s %s -> %d", req.id, client, req.method, req.uri, answer.status)
-            has_body = req.method != "HEAD" and answer.status not in (204, 304)
-            length = head.headers.get("content-length") if has_body else b"0"
-            body = _CountingBody(answer.body, self._abort, int(length) if length is not None else None)
+            if attempt == 1 and started is not None:
+                head, body = started  # start_here made it, logged it and tried to carry it
+            else:
+                head, body = self._file_answer(req, client, log=attempt == 1)
             try:
-                if attempt == 1 and self._carried(req.id, head, body):
+                if attempt == 1 and started is None and self._carried(req.id, head, body):
                     return
                 if self._post(req.id, head, body, last_try=attempt == 2, again=attempt == 2):
                     return
             finally:
                 body.close()
+
+    def _file_answer(self, req: RelayRequest, client: str, log: bool) -> _FileAnswer:
+        """The file server's answer to `req`: its head, and its body ready to send."""
+        assert self._root is not None
+        headers = {k: v.decode("latin-1") for k, v in req.headers.items()}
+        answer = file_server.serve(self._root, req.method, req.uri, headers, self._site)
+        head = ServerResponseHead(answer.status, collect_headers(answer.headers))
+        if log:
+            logger.info("request %s from %s: %s %s -> %d", req.id, client, req.method, req.uri, answer.status)
+        has_body = req.method != "HEAD" and answer.status not in (204, 304)
+        length = head.headers.get("content-length") if has_body else b"0"
+        return head, _CountingBody(answer.body, self._abort, int(length) if length is not None else None)
+
+    def _is_for_web_app(self, req: RelayRequest) -> bool:
+        """Tell whether the web app answers `req`: all but /files/, which the file server answers if it has a root."""
+        return self.web_app is not None and (self._root is None or not _is_file_path(req.uri))
 
     def _post(self, request_id: str, head: ServerResponseHead, body: _CountingBody, last_try: bool,
               again: bool = False) -> bool:
@@ -335,6 +380,10 @@ class _CountingBody:
         close = getattr(self._chunks, "close", None)
         if close:
             close()
+
+
+# A file server's answer on its way: its head, and its body ready to send.
+_FileAnswer = tuple[ServerResponseHead, "_CountingBody"]
 
 
 def _replay(pieces: list[bytes], error: Exception) -> Iterator[bytes]:
