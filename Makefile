@@ -87,7 +87,8 @@ bench-web: $(STAMP)
 bench-cluster: $(STAMP)
 	$(VENV)/bin/python bench/cluster.py $(BENCH_ARGS)
 
-# Two revisions side by side, CPU and time per small request: BENCH_ARGS="--rev OLD" (a minute).
+# Two revisions and direct serving side by side: a small request's CPU and time at concurrency 1 and 32,
+# and bulk: BENCH_ARGS="--rev OLD" (about 3 minutes).
 bench-compare: $(STAMP)
 	$(VENV)/bin/python bench/compare.py $(BENCH_ARGS)
 
