@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from load import curl, wrk
-from measure import cpu_seconds
+from measure import cpu_seconds, machine_busy_pct, machine_ticks
 from plan import MIB, REPO, BenchError
 from targets import (
     STOP_SECS,
@@ -119,6 +119,13 @@ class Side:
             proc.terminate(STOP_SECS)
 
 
+def _our_cpu(sides: list[Side]) -> float:
+    """CPU seconds so far of the sides' processes, this script, and its finished children (curl, wrk)."""
+    times = os.times()
+    return (sum(cpu_seconds(pid) for side in sides for pid in side.pids.values())
+            + times.user + times.system + times.children_user + times.children_system)
+
+
 ROWS = (
     ("c32 rps", "1 KiB, concurrency 32, requests/s", "{:,.0f}"),
     ("c32 relay us", "relay CPU per request, c32, µs", "{:,.0f}"),
@@ -156,9 +163,12 @@ def main() -> None:
             sides.append(Side("before", work / "old", work, root))
             sides.append(Side("after", REPO, work, root))
             sides.append(Side("direct", REPO, work, root, direct=True))
+            ours_before, ticks_before, started = _our_cpu(sides), machine_ticks(), time.monotonic()
             for i in range(args.rounds):
                 for side in sides[i % 3:] + sides[:i % 3]:
                     results[side.name].append(side.round(args.requests, args.wrk_secs, args.bulk_mib * MIB))
+            others = (machine_busy_pct(ticks_before, machine_ticks())
+                      - 100 * (_our_cpu(sides) - ours_before) / (time.monotonic() - started))
         except (BenchError, ProcError) as e:
             raise SystemExit(f"bench/compare.py: {e}") from None
         finally:
@@ -169,7 +179,7 @@ def main() -> None:
     before, after, direct = medians["before"], medians["after"], medians["direct"]
     print(f"before = {args.rev} ({commit}), after = the working tree, direct = ptth_file_server; "
           f"{args.rounds} rounds (concurrency 1: {args.requests} requests; 32: wrk for {args.wrk_secs} s), "
-          "medians\n")
+          f"medians; processes not ours took {others:.0f} % of a core on average\n")
     print("| figure | before | after | change | direct |\n|---|---:|---:|---:|---:|")
     for key, name, form in ROWS:
         if key not in after:
