@@ -42,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     from ptth_lib.cli import parse_bind
     from ptth_lib.config import load_relay_config
     from ptth_lib.errors import ConfigError
+    from ptth_lib.extras import require_extra
+
+    try:
+        require_extra("quic", "the QUIC relay")
+    except ConfigError as e:
+        print(f"ptth_quic_relay: {e}", file=sys.stderr)
+        return 2
+
     from ptth_lib.forward.quic import cert, driver
     from ptth_lib.forward.quic.endpoint import QuicServerEndpoint
     from ptth_lib.forward.quic.relay import QuicRelay

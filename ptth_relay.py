@@ -131,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         host, port = parse_bind(args.bind)
         config = load_relay_config(args.config)
+        relay = Relay(config, config_path=args.config)
     except ConfigError as e:
         print(f"ptth_relay: {e}", file=sys.stderr)
         return 2
-    relay = Relay(config, config_path=args.config)
     relay.start()
     gevent.signal_handler(signal.SIGHUP, relay.reload_config)
     try:

@@ -16,6 +16,7 @@ import sys
 from ptth_lib.cli import add_logging_flags, setup_logging
 from ptth_lib.config import is_private, load_server_config
 from ptth_lib.errors import ConfigError
+from ptth_lib.extras import require_extra
 from ptth_lib.wire import tripcode
 
 DEFAULT_CONFIG = "./ptth_server.toml"
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                  "web_app_url": args.web_app_url}
     try:
         config, key_source = load_server_config(args.config, overrides)
+        if config.quic is not None:
+            require_extra("quic", f"{args.config}: [quic]")
     except ConfigError as e:
         print(f"ptth_server: {e}", file=sys.stderr)
         return 2

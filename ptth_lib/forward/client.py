@@ -31,7 +31,8 @@ from functools import partial
 from typing import Protocol, TypeVar
 
 from ptth_lib.config import ClientConfig, Forward
-from ptth_lib.errors import PtthError
+from ptth_lib.errors import ConfigError, PtthError
+from ptth_lib.extras import require_extra
 from ptth_lib.forward.limits import ACCEPT_BACKLOG
 from ptth_lib.forward.splice import Splice
 
@@ -153,6 +154,7 @@ def new_proxy(config: ClientConfig, background: bool = False) -> ClientProxy:
     the QUIC hub has a thread of its own, and the relay is checked again and again, refusals
     included, instead of once at start."""
     if config.quic is not None:
+        require_extra("quic", "forwarding over QUIC (quic_relay)")
         from ptth_lib.forward.quic.proxies import QuicClientProxy
 
         return QuicClientProxy(config, background)
@@ -285,7 +287,11 @@ def add_client_flags(parser: argparse.ArgumentParser, quic_note: str = "") -> No
 
 def run_client(config: ClientConfig, prog: str) -> int:
     """Forward config's local ports until stopped; the exit code (start-up errors printed as one line)."""
-    client = ForwardingClient(config)
+    try:
+        client = ForwardingClient(config)
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
     try:
         # First: a busy port is found without a word to the relay.
         ports = [client.listen(f) for f in config.forwards]

@@ -178,11 +178,11 @@ class ClientWindow:
             return
         try:
             config = load_client_config(self.file.path, {}, forwards_required=False)
+            self.client = ForwardingClient(config, background=True)
         except ConfigError as e:
             self.config_problem = str(e)
             return
         self.config_problem = ""
-        self.client = ForwardingClient(config, background=True)
         self.client.proxy.connect()
         for f in config.forwards:
             if f.local_port not in self.stopped:

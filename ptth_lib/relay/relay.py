@@ -37,6 +37,7 @@ from werkzeug.wrappers import Request, Response
 
 from ptth_lib.config import RelayConfig
 from ptth_lib.errors import BadPathError, ForbiddenError, HttpError, UnknownRequestError
+from ptth_lib.extras import require_extra
 from ptth_lib.relay import trust
 from ptth_lib.relay.audit import AuditLog
 from ptth_lib.relay.basic_auth import Logins, challenge
@@ -157,6 +158,7 @@ class Relay:
         self.rendezvous: Rendezvous
         self.forwarding: PortForwarding
         if config.redis_url is not None:
+            require_extra("cluster", "redis_url (a cluster)")
             from ptth_lib.relay.cluster import build  # imports redis: only in cluster mode
             self.node, self.rendezvous, self.forwarding = build(
                 config, on_event=self.audit.record, on_closed=self._forwarded_connection_closed)
