@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-
-CONFIG_ENV = "PTTH_RELAY_CONFIG"
-DEFAULT_CONFIG = "./ptth_relay.toml"
 
 logger = logging.getLogger("ptth_quic_relay")
 
 
 def main(argv: list[str] | None = None) -> int:
     from ptth_lib.cli import add_logging_flags, setup_logging
+    from ptth_lib.config import RELAY_CONFIG_ENV, relay_config_path
 
     parser = argparse.ArgumentParser(prog="ptth_quic_relay.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=os.environ.get(CONFIG_ENV, DEFAULT_CONFIG),
-                        help=f"relay config file (default: ${CONFIG_ENV} or {DEFAULT_CONFIG})")
+    parser.add_argument("--config", default=relay_config_path(),
+                        help=f"relay config file (default: ${RELAY_CONFIG_ENV} or ./ptth_relay.toml)")
     parser.add_argument("--bind", help="UDP HOST:PORT to listen on (default: quic_bind, 0.0.0.0:30380)")
     add_logging_flags(parser)
     args = parser.parse_args(argv)

@@ -10,16 +10,10 @@ same app on gevent's own WSGI server.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import signal
 import sys
-import tempfile
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-CONFIG_ENV = "PTTH_RELAY_CONFIG"
-DEFAULT_CONFIG = "./ptth_relay.toml"
 DEFAULT_BIND = "127.0.0.1:4000"
 
 _app: Any = None
@@ -31,73 +25,20 @@ def __getattr__(name: str) -> Any:
     if name != "app":
         raise AttributeError(name)
     if _app is None:
-        _app = _load_app_for_gunicorn()
+        from ptth_lib.config import relay_config_path
+        from ptth_lib.relay.gunicorn_app import load_app
+        from ptth_lib.wsgi import gunicorn_workers
+
+        _app = load_app(relay_config_path(), gunicorn_workers())
     return _app
 
 
-def _load_app_for_gunicorn() -> Any:
-    from ptth_lib.cli import LOG_FORMAT_ENV, make_handler
-    from ptth_lib.config import load_relay_config
-    from ptth_lib.errors import ConfigError, PtthError
-    from ptth_lib.relay.app import create_app
-    from ptth_lib.wsgi import gunicorn_workers
-
-    path = os.environ.get(CONFIG_ENV, DEFAULT_CONFIG)
-    try:
-        config = load_relay_config(path)
-    except ConfigError as e:
-        print(f"ptth_relay: {e}", file=sys.stderr, flush=True)
-        sys.exit(3)  # gunicorn's "worker failed to boot": the master stops instead of retrying
-    workers = gunicorn_workers()
-    if workers is not None and workers > 1 and config.redis_url is None:
-        _refuse_many_workers(workers)
-    # The relay's own lines go through gunicorn's error log, or as JSON if asked.
-    gunicorn_log = logging.getLogger("gunicorn.error")
-    lib_log = logging.getLogger("ptth_lib")
-    if not lib_log.handlers:
-        if os.environ.get(LOG_FORMAT_ENV, "").lower() == "json":
-            lib_log.handlers = [make_handler("json")]
-        else:
-            lib_log.handlers = gunicorn_log.handlers
-        lib_log.setLevel(gunicorn_log.level)
-        lib_log.propagate = False
-    lib_log.info("ptth_relay: %d servers registered (config %s)", len(config.servers), path)
-    try:
-        return create_app(config, config_path=path)
-    except PtthError as e:  # cluster mode: a Redis URL it cannot use, a Redis it cannot reach
-        print(f"ptth_relay: {e}", file=sys.stderr, flush=True)
-        sys.exit(3)
-
-
-def _refuse_many_workers(workers: int) -> NoReturn:
-    """Stop gunicorn with one line: it was asked for `workers` > 1.
-
-    Every worker gets here. The first to create a marker file named after
-    their master says why and exits as a worker that failed to boot, which
-    makes the master stop; the others exit quietly with 0 (a second failed
-    boot while the master stops makes it print a traceback; until the first
-    one's exit is seen, the master may start a replacement or two, which exit
-    the same way). The marker stays: a 0-byte file in the temporary folder.
-    """
-    marker = Path(tempfile.gettempdir()) / f"ptth_relay-{os.getppid()}-refused"
-    try:
-        marker.touch(exist_ok=False)
-    except FileExistsError:
-        os._exit(0)  # a sibling says it; a clean exit makes no second "failed to boot"
-    except OSError:
-        pass  # no marker here: each worker says it
-    print(f"ptth_relay: gunicorn was asked for {workers} workers, but without redis_url the relay keeps its "
-          "state (parked listens, queued requests, bodies in flight) in one process, and a second worker "
-          "would answer half of the requests wrong: run exactly one (-w 1, as conf/gunicorn.conf.py sets), "
-          "or set redis_url in the relay config (or PTTH_REDIS_URL) to run a cluster (CLUSTER.md)",
-          file=sys.stderr, flush=True)
-    sys.exit(3)  # gunicorn's "worker failed to boot": the master stops instead of retrying
-
-
 def main(argv: list[str] | None = None) -> int:
+    from ptth_lib.config import RELAY_CONFIG_ENV, relay_config_path
+
     parser = argparse.ArgumentParser(prog="ptth_relay.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=os.environ.get(CONFIG_ENV, DEFAULT_CONFIG),
-                        help=f"relay config file (default: ${CONFIG_ENV} or {DEFAULT_CONFIG})")
+    parser.add_argument("--config", default=relay_config_path(),
+                        help=f"relay config file (default: ${RELAY_CONFIG_ENV} or ./ptth_relay.toml)")
     parser.add_argument("--bind", default=DEFAULT_BIND, help=f"HOST:PORT to listen on (default {DEFAULT_BIND})")
     parser.add_argument("--new-scraper-key", metavar="NAME",
                         help="print a new scraper API key and the [[scraper_keys]] snippet for it, and exit")

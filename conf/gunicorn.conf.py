@@ -1,110 +1,17 @@
-"""gunicorn settings for ptth_relay: `gunicorn -c conf/gunicorn.conf.py ptth_relay:app`.
+"""gunicorn settings for ptth_relay from a checkout: `gunicorn -c conf/gunicorn.conf.py ptth_relay:app`.
 
-The relay config file comes from $PTTH_RELAY_CONFIG (default ./ptth_relay.toml).
+The settings themselves, one comment each, are in ptth_lib/relay/gunicorn_settings.py,
+which `ptth-relay` applies too. The relay config file comes from $PTTH_RELAY_CONFIG
+(default ./ptth_relay.toml).
 """
 
-import os
 import sys
+from pathlib import Path
 
-# Loopback by default; put nginx (with TLS) in front for the internet. --bind on
-# the command line overrides this.
-bind = os.environ.get("PTTH_RELAY_BIND", "127.0.0.1:4000")
+# This file's checkout first on the path, so that gunicorn finds its ptth_lib and
+# ptth_relay whatever the current folder.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if (_CHECKOUT / "ptth_lib").is_dir() and str(_CHECKOUT) not in sys.path:
+    sys.path.insert(0, str(_CHECKOUT))
 
-# Exactly one worker: the rendezvous (parked listens, queued requests, bodies in
-# flight) lives in the worker's memory, so a second worker would see half of it.
-workers = 1
-
-# gevent: every parked long-poll and streaming body is a cheap greenlet.
-worker_class = "gevent"
-
-# Connections the one worker holds at once: one parked listen per server plus
-# its responses in flight, plus clients. Raise the open-file limit to match
-# (ulimit -n, or LimitNOFILE= in a systemd unit).
-worker_connections = 4096
-
-# With gevent this is a heartbeat of the worker, not a request limit; long-polls
-# and long downloads are bounded by the relay's own timeouts.
-timeout = 60
-
-# How long a stopping worker lets downloads in flight finish. Parked listens do
-# not count: post_worker_init below answers them at once.
-graceful_timeout = 40
-
-# Idle keep-alive connections are held this long. A server re-polls at once, so
-# its listen connection is never idle; a graceful stop waits for idle ones, so
-# keep this short.
-keepalive = 5
-
-# The response head travels base64-encoded in the X-PTTH-2LJYXWC4 header, up
-# to 16 KiB (ptth_lib.wire.envelope.MAX_RESPONSE_HEAD_BYTES), plus room for the
-# name. The worst head these accept (50 fields of 16 KiB, 800 KiB) costs the
-# one worker 10 ms to parse with the C parser below; the README's nginx
-# bounds heads to 128 KiB before they get here (BENCHMARKS.md, request heads).
-limit_request_field_size = 16 * 1024 + 64
-limit_request_fields = 50
-
-# gunicorn_h1c, the C parser (requirements.txt): the Python one is quadratic
-# in the head's size (92 ms for the worst head above). "fast" fails at start
-# if it is missing, rather than running slow.
-http_parser = "fast"
-
-# Trust no peer's X-Forwarded-Proto (gunicorn's default trusts this machine's):
-# the relay believes proxies only through trusted_proxies in its own config,
-# and tells servers the scheme itself (X-Forwarded-Proto, Forwarded).
-forwarded_allow_ips = ""
-
-# Never preload: gevent must monkey-patch in the worker before the app loads.
-preload_app = False
-
-# Each relay has no need for gunicorn's per-user control socket, and tests run
-# many relays side by side.
-control_socket_disable = True
-
-# Logs to stderr; the relay's own lines go through gunicorn's error log.
-errorlog = "-"
-loglevel = os.environ.get("PTTH_LOG_LEVEL", "info").lower()
-accesslog = os.environ.get("PTTH_ACCESS_LOG") or None
-
-
-def on_starting(server):
-    """Check the relay config in the master, before any worker starts.
-
-    A bad config then stops gunicorn with one line instead of a worker crash.
-    """
-    sys.path.insert(0, os.getcwd())
-    from ptth_lib.config import load_relay_config
-    from ptth_lib.errors import ConfigError
-
-    path = os.environ.get("PTTH_RELAY_CONFIG", "./ptth_relay.toml")
-    try:
-        load_relay_config(path)
-    except ConfigError as e:
-        print(f"ptth_relay: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-def post_worker_init(worker):
-    """When the worker starts to stop, answer parked listens at once (204).
-
-    gunicorn's graceful stop waits for every open request, and a parked listen
-    lasts up to listen_timeout_secs; the servers reconnect to the new worker.
-    (gunicorn's worker attributes are reached through ptth_lib/wsgi.py.)
-    """
-    from ptth_lib.relay.app import relay_of
-    from ptth_lib.wsgi import call_when_worker_stops, worker_app
-
-    relay = relay_of(worker_app(worker))
-    if relay is not None:
-        call_when_worker_stops(worker, relay.close)
-
-
-def pre_request(worker, req):
-    """Leave `Expect: 100-continue` to the relay, which answers it when the server fetches the body.
-
-    gunicorn would send 100 Continue before the relay even sees the request,
-    and the client would upload a body that a 401, 413 or 405 then wastes.
-    (gunicorn's request internals are reached through ptth_lib/wsgi.py.)
-    """
-    from ptth_lib.wsgi import defer_continue
-
-    defer_continue(req)
+from ptth_lib.relay.gunicorn_settings import *

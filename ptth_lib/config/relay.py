@@ -89,6 +89,16 @@ DASHBOARD_KEYS = (
 # The environment variable that overrides redis_url (so that a password can stay out of the file).
 REDIS_URL_ENV = "PTTH_REDIS_URL"
 
+# Where the relay's programs (ptth_relay, ptth-relay, gunicorn's hooks, ptth_quic_relay) find their
+# config when no --config names it.
+RELAY_CONFIG_ENV = "PTTH_RELAY_CONFIG"
+DEFAULT_RELAY_CONFIG = "./ptth_relay.toml"
+
+
+def relay_config_path() -> str:
+    """The relay config file named by $PTTH_RELAY_CONFIG, else ./ptth_relay.toml."""
+    return os.environ.get(RELAY_CONFIG_ENV, DEFAULT_RELAY_CONFIG)
+
 
 CLIENT_ENTRY_KEYS = (
     Key("name", str, REQUIRED, "the client's name, shown in logs and to servers", check_name),

@@ -1,0 +1,100 @@
+"""The relay under gunicorn: the app a worker loads.
+
+`load_app` builds the relay in a gunicorn worker, for `gunicorn ptth_relay:app`
+(with or without `-c conf/gunicorn.conf.py`): a config that will not load, or
+more workers than one without `redis_url`, stops gunicorn with one line.
+Importing this module does not import the relay.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ptth_lib.cli import LOG_FORMAT_ENV, make_handler
+from ptth_lib.config import RelayConfig, load_relay_config
+from ptth_lib.errors import ConfigError
+
+# gunicorn's exit code for "worker failed to boot": the master stops instead of retrying.
+_WORKER_BOOT_ERROR = 3
+
+
+def check_config(path: str) -> RelayConfig:
+    """The relay config at `path`; if it will not load, exit 2 with one line (as every PTTH program does)."""
+    try:
+        return load_relay_config(path)
+    except ConfigError as e:
+        print(f"ptth_relay: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def many_workers_refusal(asked: str, one: str) -> str:
+    """The one line that refuses more than one worker without redis_url.
+
+    `asked` says who asked for how many ("gunicorn was asked for 4 workers");
+    `one` how to run exactly one.
+    """
+    return (f"ptth_relay: {asked}, but without redis_url the relay keeps its state (parked listens, "
+            "queued requests, bodies in flight) in one process, and a second worker would answer half "
+            f"of the requests wrong: run exactly one ({one}), or set redis_url in the relay config "
+            "(or PTTH_REDIS_URL) to run a cluster (CLUSTER.md)")
+
+
+def load_app(path: str, workers: int | None) -> Any:
+    """Build the relay's WSGI app from the config at `path`, in a gunicorn worker.
+
+    `workers` is how many workers gunicorn was asked for (None if unknown).
+    Any problem exits the worker with one line on stderr, which stops gunicorn.
+    """
+    from ptth_lib.errors import PtthError
+    from ptth_lib.relay.app import create_app
+
+    try:
+        config = load_relay_config(path)
+    except ConfigError as e:
+        print(f"ptth_relay: {e}", file=sys.stderr, flush=True)
+        sys.exit(_WORKER_BOOT_ERROR)
+    if workers is not None and workers > 1 and config.redis_url is None:
+        _refuse_many_workers(workers)
+    # The relay's own lines go through gunicorn's error log, or as JSON if asked.
+    gunicorn_log = logging.getLogger("gunicorn.error")
+    lib_log = logging.getLogger("ptth_lib")
+    if not lib_log.handlers:
+        if os.environ.get(LOG_FORMAT_ENV, "").lower() == "json":
+            lib_log.handlers = [make_handler("json")]
+        else:
+            lib_log.handlers = gunicorn_log.handlers
+        lib_log.setLevel(gunicorn_log.level)
+        lib_log.propagate = False
+    lib_log.info("ptth_relay: %d servers registered (config %s)", len(config.servers), path)
+    try:
+        return create_app(config, config_path=path)
+    except PtthError as e:  # cluster mode: a Redis URL it cannot use, a Redis it cannot reach
+        print(f"ptth_relay: {e}", file=sys.stderr, flush=True)
+        sys.exit(_WORKER_BOOT_ERROR)
+
+
+def _refuse_many_workers(workers: int) -> NoReturn:
+    """Stop gunicorn with one line: it was asked for `workers` > 1.
+
+    Every worker gets here. The first to create a marker file named after
+    their master says why and exits as a worker that failed to boot, which
+    makes the master stop; the others exit quietly with 0 (a second failed
+    boot while the master stops makes it print a traceback; until the first
+    one's exit is seen, the master may start a replacement or two, which exit
+    the same way). The marker stays: a 0-byte file in the temporary folder.
+    """
+    marker = Path(tempfile.gettempdir()) / f"ptth_relay-{os.getppid()}-refused"
+    try:
+        marker.touch(exist_ok=False)
+    except FileExistsError:
+        os._exit(0)  # a sibling says it; a clean exit makes no second "failed to boot"
+    except OSError:
+        pass  # no marker here: each worker says it
+    print(many_workers_refusal(f"gunicorn was asked for {workers} workers", "-w 1, as conf/gunicorn.conf.py sets"),
+          file=sys.stderr, flush=True)
+    sys.exit(_WORKER_BOOT_ERROR)
