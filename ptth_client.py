@@ -15,19 +15,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ptth_lib.cli import add_logging_flags, setup_logging
+from ptth_lib.commands import add_command_flags, command_argv, print_unit
 from ptth_lib.config import load_client_config, read_client_key, read_toml, write_new_key_file
 from ptth_lib.errors import ConfigError
 from ptth_lib.forward.client import add_client_flags, run_client
+from ptth_lib.systemd import client_unit
 from ptth_lib.wire import tripcode
 
 PROG = "ptth_client"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ptth_client.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="config file (TOML) with relay_url or quic_relay, api_key_file, bind, "
                         "forward")
     parser.add_argument("--relay-url", help="relay base URL, e.g. https://relay.example.com: forward over HTTP")
@@ -39,7 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-tripcode", action="store_true",
                         help="print the tripcode of the API key (for the relay's [[clients]]) and exit")
     add_logging_flags(parser)
+    add_command_flags(parser, example="client", unit=True, user_unit=True)
     args = parser.parse_args(argv)
+    if args.systemd_unit:
+        if not args.user or not args.config:
+            print(f"{PROG}: --systemd-unit needs --user and --config FILE: the client runs as a user service "
+                  "(systemctl --user) with its settings in FILE", file=sys.stderr)
+            return 2
+        return print_unit(client_unit(command_argv(), os.path.abspath(args.config), os.getcwd()), PROG)
     setup_logging(args.log_level, args.log_format)
     logging.getLogger("quic").setLevel(logging.WARNING)  # qh3's own per-connection lines
 

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from ptth_lib.cli import add_logging_flags, setup_logging
+from ptth_lib.commands import add_command_flags
 from ptth_lib.config.client_file import default_config_path
 from ptth_lib.errors import ConfigError
 
@@ -20,11 +21,12 @@ PROG = "ptth_client_gui"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ptth_client_gui.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(default_config_path()),
                         help="the client's config file, shared with ptth_client.py --config "
                              "(default: %(default)s; made on the first run)")
     add_logging_flags(parser)
+    add_command_flags(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     logging.getLogger("quic").setLevel(logging.WARNING)

@@ -17,11 +17,14 @@ DEFAULT_BIND = "127.0.0.1:4001"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ptth_file_server.py", description=__doc__.splitlines()[0])
+    from ptth_lib.commands import add_command_flags
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".", help="folder to serve (default: the current one)")
     parser.add_argument("--bind", default=DEFAULT_BIND,
                         help=f"HOST:PORT to listen on, port 0 for any (default {DEFAULT_BIND})")
     parser.add_argument("--name", help="the name the pages show first (default: the folder's name)")
+    add_command_flags(parser)
     args = parser.parse_args(argv)
 
     from gevent import monkey

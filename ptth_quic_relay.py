@@ -19,13 +19,15 @@ logger = logging.getLogger("ptth_quic_relay")
 
 def main(argv: list[str] | None = None) -> int:
     from ptth_lib.cli import add_logging_flags, setup_logging
+    from ptth_lib.commands import add_command_flags
     from ptth_lib.config import RELAY_CONFIG_ENV, relay_config_path
 
-    parser = argparse.ArgumentParser(prog="ptth_quic_relay.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=relay_config_path(),
                         help=f"relay config file (default: ${RELAY_CONFIG_ENV} or ./ptth_relay.toml)")
     parser.add_argument("--bind", help="UDP HOST:PORT to listen on (default: quic_bind, 0.0.0.0:30380)")
     add_logging_flags(parser)
+    add_command_flags(parser, example="relay")
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     logging.getLogger("quic").setLevel(logging.WARNING)  # qh3's own per-connection lines

@@ -1,7 +1,10 @@
 """ptth_relay: the public relay that clients and servers both connect to.
 
-Production: `gunicorn -c conf/gunicorn.conf.py ptth_relay:app` (or plainly
-`gunicorn -k gevent ptth_relay:app`); the config file comes from the
+Production: `ptth-relay [--config PATH] [--bind HOST:PORT] [--workers N]`, the
+installed command, runs it under gunicorn with the gevent worker and the
+settings of ptth_lib/relay/gunicorn_settings.py; from a checkout,
+`gunicorn -c conf/gunicorn.conf.py ptth_relay:app` does the same (or plainly
+`gunicorn -k gevent ptth_relay:app`), with the config file from the
 environment variable PTTH_RELAY_CONFIG, else ./ptth_relay.toml.
 Development: `python ptth_relay.py [--config PATH] [--bind HOST:PORT]` runs the
 same app on gevent's own WSGI server.
@@ -33,23 +36,38 @@ def __getattr__(name: str) -> Any:
     return _app
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser(under_gunicorn: bool) -> argparse.ArgumentParser:
+    from ptth_lib.cli import add_logging_flags
+    from ptth_lib.commands import add_command_flags
     from ptth_lib.config import RELAY_CONFIG_ENV, relay_config_path
 
-    parser = argparse.ArgumentParser(prog="ptth_relay.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=relay_config_path(),
                         help=f"relay config file (default: ${RELAY_CONFIG_ENV} or ./ptth_relay.toml)")
-    parser.add_argument("--bind", default=DEFAULT_BIND, help=f"HOST:PORT to listen on (default {DEFAULT_BIND})")
+    if under_gunicorn:
+        from ptth_lib.relay import gunicorn_settings
+
+        parser.add_argument("--bind", help=f"HOST:PORT to listen on, port 0 for any (default "
+                            f"{gunicorn_settings.bind}, or $PTTH_RELAY_BIND)")
+        parser.add_argument("--workers", type=int, metavar="N",
+                            help="gunicorn workers (default 1; more only with redis_url: a cluster)")
+    else:
+        parser.add_argument("--bind", default=DEFAULT_BIND,
+                            help=f"HOST:PORT to listen on, port 0 for any (default {DEFAULT_BIND})")
     parser.add_argument("--new-scraper-key", metavar="NAME",
                         help="print a new scraper API key and the [[scraper_keys]] snippet for it, and exit")
     parser.add_argument("--valid-days", type=int, default=30, metavar="N",
                         help="with --new-scraper-key: days until the key expires (default 30)")
     parser.add_argument("--hash-password", action="store_true",
                         help="ask for a user name and password and print a basic_auth entry for them, and exit")
-    from ptth_lib.cli import add_logging_flags
-
     add_logging_flags(parser)
-    args = parser.parse_args(argv)
+    add_command_flags(parser, example="relay", unit=under_gunicorn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python ptth_relay.py`: the relay on gevent's own WSGI server."""
+    args = _parser(under_gunicorn=False).parse_args(argv)
     if args.new_scraper_key is not None:
         return _print_new_scraper_key(args.new_scraper_key, args.valid_days)
     if args.hash_password:
@@ -84,6 +102,56 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ptth_relay: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def serve(argv: list[str] | None = None) -> int:
+    """`ptth-relay`: the relay under gunicorn with the gevent worker, as deployed."""
+    args = _parser(under_gunicorn=True).parse_args(argv)
+    if args.new_scraper_key is not None:
+        return _print_new_scraper_key(args.new_scraper_key, args.valid_days)
+    if args.hash_password:
+        return _print_password_entry()
+
+    from ptth_lib.cli import parse_bind
+    from ptth_lib.config import load_relay_config
+    from ptth_lib.errors import ConfigError
+    from ptth_lib.extras import require_extra
+    from ptth_lib.relay import gunicorn_app, gunicorn_settings
+
+    workers = 1 if args.workers is None else args.workers
+    try:
+        if args.bind is not None:
+            parse_bind(args.bind)
+        if workers < 1:
+            raise ConfigError(f"--workers {workers}: expected 1 or more")
+        if args.systemd_unit:
+            return _print_unit(args)
+        config = load_relay_config(args.config)
+        if config.redis_url is not None:
+            require_extra("cluster", "redis_url (a cluster)")
+    except ConfigError as e:
+        print(f"ptth_relay: {e}", file=sys.stderr)
+        return 2
+    if workers > 1 and config.redis_url is None:
+        print(gunicorn_app.many_workers_refusal(f"--workers asked for {workers} workers", "leave out --workers"),
+              file=sys.stderr)
+        return 2
+    gunicorn_app.run(args.config, args.bind or gunicorn_settings.bind, workers, args.log_level, args.log_format)
+
+
+def _print_unit(args: argparse.Namespace) -> int:
+    """ptth-relay --systemd-unit: a unit running this command with --config and the other flags given."""
+    import os
+
+    from ptth_lib.commands import command_argv, print_unit
+    from ptth_lib.systemd import relay_unit
+
+    path, command = os.path.abspath(args.config), command_argv()
+    given = [*(["--bind", args.bind] if args.bind else []),
+             *(["--workers", str(args.workers)] if args.workers else []),
+             *(["--log-level", args.log_level] if args.log_level != "INFO" else []),
+             *(["--log-format", args.log_format] if args.log_format != "text" else [])]
+    return print_unit(relay_unit(command, path, given), "ptth_relay", [command[-1], path])
 
 
 def _print_new_scraper_key(name: str, days: int) -> int:

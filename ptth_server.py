@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
 from ptth_lib.cli import add_logging_flags, setup_logging
+from ptth_lib.commands import add_command_flags, command_argv, print_unit
 from ptth_lib.config import is_private, load_server_config
 from ptth_lib.errors import ConfigError
 from ptth_lib.extras import require_extra
+from ptth_lib.systemd import server_unit
 from ptth_lib.wire import tripcode
 
 DEFAULT_CONFIG = "./ptth_server.toml"
@@ -25,7 +28,7 @@ logger = logging.getLogger("ptth_server")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ptth_server.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
     parser.add_argument("--print-tripcode", action="store_true",
                         help="print the tripcode of the API key (for the relay config) and exit")
@@ -35,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--web-app-url", help="local web app to serve (every path but /files/ when a "
                         "folder is served too), e.g. http://127.0.0.1:8080")
     add_logging_flags(parser)
+    add_command_flags(parser, example="server", unit=True, user_unit=True)
     args = parser.parse_args(argv)
+    if args.systemd_unit:
+        command = command_argv()
+        text = server_unit(command, os.path.abspath(args.config), args.user, os.getcwd())
+        return print_unit(text, "ptth_server", [] if args.user else [command[-1]])
     setup_logging(args.log_level, args.log_format)
     logging.getLogger("quic").setLevel(logging.WARNING)  # qh3's own lines, when [quic] is set
 

@@ -1,9 +1,12 @@
-"""The relay under gunicorn: the app a worker loads.
+"""The relay under gunicorn: the app a worker loads, and `ptth-relay`, which runs gunicorn itself.
 
 `load_app` builds the relay in a gunicorn worker, for `gunicorn ptth_relay:app`
-(with or without `-c conf/gunicorn.conf.py`): a config that will not load, or
-more workers than one without `redis_url`, stops gunicorn with one line.
-Importing this module does not import the relay.
+(with or without `-c conf/gunicorn.conf.py`) and for `ptth-relay` alike: a
+config that will not load, or more workers than one without `redis_url`, stops
+gunicorn with one line. `run` is `ptth-relay`: gunicorn with the gevent worker
+and the settings of gunicorn_settings.py, started through gunicorn's
+documented `BaseApplication`, so that no gunicorn config file is needed.
+Importing this module imports gunicorn but not the relay.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
+from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
+
 from ptth_lib.cli import LOG_FORMAT_ENV, make_handler
-from ptth_lib.config import RelayConfig, load_relay_config
+from ptth_lib.config import RELAY_CONFIG_ENV, RelayConfig, load_relay_config, relay_config_path
 from ptth_lib.errors import ConfigError
+from ptth_lib.relay import gunicorn_settings
 
 # gunicorn's exit code for "worker failed to boot": the master stops instead of retrying.
 _WORKER_BOOT_ERROR = 3
@@ -98,3 +104,33 @@ def _refuse_many_workers(workers: int) -> NoReturn:
     print(many_workers_refusal(f"gunicorn was asked for {workers} workers", "-w 1, as conf/gunicorn.conf.py sets"),
           file=sys.stderr, flush=True)
     sys.exit(_WORKER_BOOT_ERROR)
+
+
+class _RelayApplication(BaseApplication):  # type: ignore[misc]
+    """gunicorn, configured by gunicorn_settings.py and then `overrides`, serving the relay."""
+
+    def __init__(self, overrides: dict[str, Any]) -> None:
+        self._overrides = overrides
+        super().__init__(prog="ptth-relay")
+
+    def load_config(self) -> None:
+        # As gunicorn reads a config module: every name that is a setting, the rest ignored.
+        settings = {k: v for k, v in vars(gunicorn_settings).items() if k in self.cfg.settings}
+        for name, value in {**settings, **self._overrides}.items():
+            self.cfg.set(name, value)
+
+    def load(self) -> Any:
+        return load_app(relay_config_path(), self.cfg.workers)
+
+
+def run(path: str, bind: str, workers: int, log_level: str, log_format: str) -> NoReturn:
+    """Run the relay under gunicorn until it stops, then exit with gunicorn's exit code.
+
+    The config at `path` must have been checked. It and `log_format` reach the
+    hooks and the workers as $PTTH_RELAY_CONFIG and $PTTH_LOG_FORMAT, as under
+    a plain `gunicorn -c conf/gunicorn.conf.py`.
+    """
+    os.environ[RELAY_CONFIG_ENV] = path
+    os.environ[LOG_FORMAT_ENV] = log_format
+    _RelayApplication({"bind": [bind], "workers": workers, "loglevel": log_level.lower()}).run()
+    sys.exit(0)  # gunicorn's arbiter exits by itself; this is for mypy

@@ -1,6 +1,6 @@
 """Health check for cron: is the relay up, and are the named servers online?
 
-`python -m ptth_lib.healthcheck --relay URL [--server NAME ...] [--max-age SECONDS]
+`ptth-healthcheck --relay URL [--server NAME ...] [--max-age SECONDS]
 [--scraper-key-file FILE] [--quiet]` asks the relay's up check, then (if servers
 are named) its server list: the frontend's JSON, or the scraper API with a key.
 Exit 0 when all is well (one "ok" line on stdout unless --quiet), 1 with one line
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -174,7 +175,11 @@ def _read_key(path: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check from the command line; return the exit code (0 ok, 1 problems, 2 usage)."""
-    parser = _Parser(prog="python -m ptth_lib.healthcheck", description="Check a PTTH relay and its servers, for cron.")
+    from ptth_lib.commands import add_command_flags
+
+    # Run as the installed command, or by the module name cron lines use.
+    prog = "ptth-healthcheck" if os.path.basename(sys.argv[0]) == "ptth-healthcheck" else "python -m ptth_lib.healthcheck"
+    parser = _Parser(prog=prog, description="Check a PTTH relay and its servers, for cron.")
     parser.add_argument("--relay", required=True, type=_relay_url, help="the relay's base URL")
     parser.add_argument("--server", action="append", default=[], metavar="NAME",
                         help="a server that must be online (repeatable)")
@@ -183,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scraper-key-file", metavar="FILE",
                         help="read the server list through the scraper API with the key in FILE")
     parser.add_argument("--quiet", action="store_true", help="print nothing when all is well")
+    add_command_flags(parser)
     try:
         args = parser.parse_args(argv)
         key = _read_key(args.scraper_key_file) if args.scraper_key_file else None
