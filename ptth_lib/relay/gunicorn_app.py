@@ -107,7 +107,7 @@ def _refuse_many_workers(workers: int) -> NoReturn:
 
 
 class _RelayApplication(BaseApplication):  # type: ignore[misc]
-    """gunicorn, configured by gunicorn_settings.py and then `overrides`, serving the relay."""
+    """gunicorn, configured by gunicorn_settings.py, $GUNICORN_CMD_ARGS and `overrides`, serving the relay."""
 
     def __init__(self, overrides: dict[str, Any]) -> None:
         self._overrides = overrides
@@ -116,6 +116,9 @@ class _RelayApplication(BaseApplication):  # type: ignore[misc]
     def load_config(self) -> None:
         # As gunicorn reads a config module: every name that is a setting, the rest ignored.
         settings = {k: v for k, v in vars(gunicorn_settings).items() if k in self.cfg.settings}
+        # Then $GUNICORN_CMD_ARGS, as gunicorn reads it (e.g. --max-requests), then our own flags.
+        from_env = vars(self.cfg.parser().parse_args(self.cfg.get_cmd_args_from_env()))
+        settings |= {k: v for k, v in from_env.items() if v is not None and k != "args"}
         for name, value in {**settings, **self._overrides}.items():
             self.cfg.set(name, value)
 

@@ -141,3 +141,35 @@ def test_the_client_runs_only_as_a_user_unit(capsys: pytest.CaptureFixture[str])
     assert call(ptth_client.main, "--systemd-unit", "--config", "c.toml") == 2
     _, err = capsys.readouterr()
     assert err.startswith("ptth_client: --systemd-unit needs --user") and len(err.splitlines()) == 1
+
+
+# ---- ptth-relay's gunicorn --------------------------------------------------------------------
+
+
+def test_ptth_relay_runs_gunicorn_with_the_settings_of_conf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every setting conf/gunicorn.conf.py gives gunicorn, ptth-relay gives it too; then
+    $GUNICORN_CMD_ARGS (gunicorn's own way to add one), then ptth-relay's flags."""
+    import runpy
+
+    from gunicorn.config import Config
+
+    from ptth_lib.relay.gunicorn_app import _RelayApplication
+
+    conf = {k: v for k, v in runpy.run_path(str(REPO / "conf" / "gunicorn.conf.py")).items()
+            if k in Config().settings}
+    assert {"worker_class", "worker_connections", "graceful_timeout", "on_starting", "pre_request"} <= conf.keys()
+    monkeypatch.delenv("GUNICORN_CMD_ARGS", raising=False)
+    flags = {"bind": ["127.0.0.1:0"], "workers": 1, "loglevel": "debug"}
+    cfg = _RelayApplication(flags).cfg
+    for name, value in conf.items():
+        got = cfg.settings[name].value
+        if name in flags:
+            assert got == flags[name]
+            continue
+        as_set = Config()
+        as_set.set(name, value)  # as gunicorn keeps it ("" becomes [] for forwarded_allow_ips)
+        want = as_set.settings[name].value
+        assert got == want or (callable(want) and got.__qualname__ == want.__qualname__), name
+    monkeypatch.setenv("GUNICORN_CMD_ARGS", "--max-requests 1000 --worker-connections 99 -w 3")
+    cfg = _RelayApplication({"bind": ["127.0.0.1:0"], "workers": 1, "loglevel": "info"}).cfg
+    assert (cfg.max_requests, cfg.worker_connections, cfg.workers) == (1000, 99, 1)
