@@ -197,29 +197,50 @@ def _section(text: str, start: str, end: str) -> str:
     return text[text.index(start):text.index(end, text.index(start))]
 
 
-# The programs a set-up command may start: anything of ours runs from the copy's venv.
-_FROM_THE_VENV = re.compile(r"^(\.venv|/opt/ptth/\.venv)/bin/(python|gunicorn|pip)\b")
-_OUTSIDE_THE_VENV = ("python3 -m venv .venv", "cp ", "mkdir ", "curl ", "sudo mkdir ", "sudo mv ",
-                     "sudo systemctl ")
+# What a set-up command may run: PTTH's installed commands (on the PATH through /usr/local/bin), or
+# the install itself and the system's own tools. Never a program from a copy of the repository.
+_SET_UP_COMMAND = re.compile(
+    r"^(sudo )?(ptth-[a-z-]+ |sudoedit |mkdir -p |curl |systemctl --user |"
+    r"python3 -m venv /opt/ptth|/opt/ptth/bin/pip install -c requirements\.txt |ln -sf /opt/ptth/bin/ptth-\* |"
+    r"mkdir -p /etc/ptth|systemctl )")
 
 
-def test_readme_set_up_runs_from_a_venv_on_each_machine() -> None:
-    """README's set-up (steps 1-3 and the systemd units) as a first-time user follows it on fresh
-    machines: each machine makes its venv, and every program runs from it (a bare `gunicorn` or
-    `python` is whatever the machine has, if anything)."""
+def _commands(markdown: str) -> list[str]:
+    """Each command of the sh blocks, pipelines and && lists split, comments dropped."""
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", markdown, re.DOTALL):
+        for line in block.splitlines():
+            commands += [c.strip() for c in re.split(r"&&|\|", line.split("#")[0]) if c.strip()]
+    return commands
+
+
+def test_readme_starts_with_the_install_and_the_servers_example_config() -> None:
+    readme = (REPO / "README.md").read_text()
+    first = re.match(r"# PTTH\n\n```sh\n(.*?)```", readme, re.DOTALL)
+    assert first, "the README opens with the commands"
+    assert _commands(first.group(0))[:4] == [
+        "pipx install .", "ptth-server --example-config > ptth_server.toml", "ptth-server --print-tripcode",
+        "ptth-server"]
+
+
+def test_readme_set_up_runs_the_installed_commands() -> None:
+    """README's set-up (steps 1-3 and systemd) as a first-time user follows it on a fresh machine:
+    PTTH installed into /opt/ptth, every program one of its commands, every unit printed by one."""
+    from ptth_lib.systemd import relay_unit
+
     readme = (REPO / "README.md").read_text()
     set_up = _section(readme, "## Setting up for real", "### Behind nginx")
     systemd = _section(readme, "### systemd", "\n## ")
-    commands = []
-    for block in re.findall(r"```sh\n(.*?)```", set_up + systemd, re.DOTALL):
-        for line in block.splitlines():
-            commands += [c.strip() for c in line.split("#")[0].split("&&") if c.strip()]
+    commands = _commands(set_up + systemd)
     assert commands
     for command in commands:
-        assert _FROM_THE_VENV.match(command) or command.startswith(_OUTSIDE_THE_VENV), command
-    for step in ("### 1. The server", "### 2. The relay"):
-        assert "python3 -m venv .venv" in _section(set_up, step, "\n### "), f"{step} makes no venv"
-    units = re.findall(r"```ini\n(.*?)```", systemd, re.DOTALL)[0]
-    for exec_start in re.findall(r"^ExecStart=(\S+)", units, re.MULTILINE):
-        assert exec_start.startswith("/opt/ptth/.venv/bin/"), exec_start
-    assert units.count("[Service]") == units.count("[Install]") == 3, "systemctl enable needs [Install]"
+        assert _SET_UP_COMMAND.match(command) or command.startswith("sudo tee "), command
+    for unit in ("ptth-relay", "ptth-server"):
+        printing = [c for c in commands if c.startswith(f"{unit} --systemd-unit --config /etc/ptth/")]
+        assert printing, f"{unit}'s unit is not printed by {unit} --systemd-unit"
+        assert f"| sudo tee /etc/systemd/system/{unit}.service" in set_up
+        assert f"sudo systemctl enable --now {unit}" in set_up
+    assert "ptth-client --systemd-unit --user --config " in systemd
+    (shown,) = re.findall(r"```ini\n(.*?)```", systemd, re.DOTALL)
+    assert shown == relay_unit(["/usr/local/bin/ptth-relay"], "/etc/ptth/ptth_relay.toml"), (
+        "README's relay unit is not what ptth-relay --systemd-unit prints")
