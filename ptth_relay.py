@@ -65,13 +65,19 @@ def _parser(under_gunicorn: bool) -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: list[str] | None, under_gunicorn: bool) -> argparse.Namespace:
+    """The flags; a one-shot action (--new-scraper-key, --hash-password) runs here, and exits."""
+    args = _parser(under_gunicorn).parse_args(argv)
+    if args.new_scraper_key is not None:
+        sys.exit(_print_new_scraper_key(args.new_scraper_key, args.valid_days))
+    if args.hash_password:
+        sys.exit(_print_password_entry())
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python ptth_relay.py`: the relay on gevent's own WSGI server."""
-    args = _parser(under_gunicorn=False).parse_args(argv)
-    if args.new_scraper_key is not None:
-        return _print_new_scraper_key(args.new_scraper_key, args.valid_days)
-    if args.hash_password:
-        return _print_password_entry()
+    args = _parse(argv, under_gunicorn=False)
 
     from gevent import monkey
 
@@ -106,11 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(argv: list[str] | None = None) -> int:
     """`ptth-relay`: the relay under gunicorn with the gevent worker, as deployed."""
-    args = _parser(under_gunicorn=True).parse_args(argv)
-    if args.new_scraper_key is not None:
-        return _print_new_scraper_key(args.new_scraper_key, args.valid_days)
-    if args.hash_password:
-        return _print_password_entry()
+    args = _parse(argv, under_gunicorn=True)
 
     from ptth_lib.cli import parse_bind
     from ptth_lib.config import load_relay_config
