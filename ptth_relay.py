@@ -45,10 +45,8 @@ def _parser(under_gunicorn: bool) -> argparse.ArgumentParser:
     parser.add_argument("--config", default=relay_config_path(),
                         help=f"relay config file (default: ${RELAY_CONFIG_ENV} or ./ptth_relay.toml)")
     if under_gunicorn:
-        from ptth_lib.relay import gunicorn_settings
-
         parser.add_argument("--bind", help=f"HOST:PORT to listen on, port 0 for any (default "
-                            f"{gunicorn_settings.bind}, or $PTTH_RELAY_BIND)")
+                            f"$PTTH_RELAY_BIND, else {DEFAULT_BIND})")
         parser.add_argument("--workers", type=int, metavar="N",
                             help="gunicorn workers (default 1; more only with redis_url: a cluster)")
     else:
@@ -113,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
 def serve(argv: list[str] | None = None) -> int:
     """`ptth-relay`: the relay under gunicorn with the gevent worker, as deployed."""
     args = _parse(argv, under_gunicorn=True)
+    import os
+
+    from ptth_lib.config import RELAY_CONFIG_ENV
+
+    # Where gunicorn's hooks and workers read the config's path, and so may gunicorn_settings.py.
+    os.environ[RELAY_CONFIG_ENV] = args.config
 
     from ptth_lib.cli import parse_bind
     from ptth_lib.config import load_relay_config
@@ -138,7 +142,7 @@ def serve(argv: list[str] | None = None) -> int:
         print(gunicorn_app.many_workers_refusal(f"--workers asked for {workers} workers", "leave out --workers"),
               file=sys.stderr)
         return 2
-    gunicorn_app.run(args.config, args.bind or gunicorn_settings.bind, workers, args.log_level, args.log_format)
+    gunicorn_app.run(args.bind or gunicorn_settings.bind, workers, args.log_level, args.log_format)
 
 
 def _print_unit(args: argparse.Namespace) -> int:

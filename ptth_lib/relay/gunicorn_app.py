@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 
 from ptth_lib.cli import LOG_FORMAT_ENV, make_handler
-from ptth_lib.config import RELAY_CONFIG_ENV, RelayConfig, load_relay_config, relay_config_path
+from ptth_lib.config import RelayConfig, load_relay_config, relay_config_path
 from ptth_lib.errors import ConfigError
 from ptth_lib.relay import gunicorn_settings
 
@@ -126,14 +126,13 @@ class _RelayApplication(BaseApplication):  # type: ignore[misc]
         return load_app(relay_config_path(), self.cfg.workers)
 
 
-def run(path: str, bind: str, workers: int, log_level: str, log_format: str) -> NoReturn:
+def run(bind: str, workers: int, log_level: str, log_format: str) -> NoReturn:
     """Run the relay under gunicorn until it stops, then exit with gunicorn's exit code.
 
-    The config at `path` must have been checked. It and `log_format` reach the
-    hooks and the workers as $PTTH_RELAY_CONFIG and $PTTH_LOG_FORMAT, as under
-    a plain `gunicorn -c conf/gunicorn.conf.py`.
+    The config is $PTTH_RELAY_CONFIG's (else ./ptth_relay.toml), checked
+    already. `log_format` reaches the workers as $PTTH_LOG_FORMAT, as under a
+    plain `gunicorn -c conf/gunicorn.conf.py`.
     """
-    os.environ[RELAY_CONFIG_ENV] = path
     os.environ[LOG_FORMAT_ENV] = log_format
     _RelayApplication({"bind": [bind], "workers": workers, "loglevel": log_level.lower()}).run()
     sys.exit(0)  # gunicorn's arbiter exits by itself; this is for mypy

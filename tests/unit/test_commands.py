@@ -7,8 +7,9 @@ tests/e2e/test_install.py runs the installed commands themselves.
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,15 @@ MAINS: dict[str, Callable[[list[str]], int]] = {
     "ptth-file-server": ptth_file_server.main, "ptth-quic-relay": ptth_quic_relay.main,
     "ptth-healthcheck": healthcheck.main, "ptth-client-gui": ptth_client_gui.main,
 }
+
+
+@pytest.fixture(autouse=True)
+def _environment_kept() -> Iterator[None]:
+    """ptth-relay exports its --config to gunicorn's hooks and workers: none of that outlives a test."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def call(main: Callable[[list[str]], int], *args: str) -> int:
