@@ -16,8 +16,9 @@ worker once died at start on a fresh machine while every other test passed.)
 
 To stay cheap the wheel is built without build isolation, with the setuptools
 requirements-dev.txt pins, and installed with the test run's own pip (pointed
-at the new venv with `--python`) from pip's cache, constrained to
-requirements.txt's pins.
+at the new venv with `--python`) from `.venv/wheelhouse` alone (`--no-index`),
+constrained to requirements.txt's pins: `make test` builds that folder, the
+wheels of requirements.txt, from pip's cache, so no test reaches the network.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from conftest import REPO, Proc, wait_until
 from procs import http_status
 from tcp_peers import EchoServer, recv_all
 
-# A cold pip cache downloads some 60 MB of wheels; a warm one installs in ~10 s.
-INSTALL_TIMEOUT_SECS = 500.0
+# The wheels of requirements.txt, which `make test` builds: the install reads nothing else.
+WHEELHOUSE = REPO / ".venv" / "wheelhouse"
+INSTALL_TIMEOUT_SECS = 120.0
 RUN_TIMEOUT_SECS = 30.0
 # The names the example configs use, which the flow below keeps.
 SERVER_NAME = "aliens_wildland"
@@ -75,6 +77,9 @@ def _is_online(url: str, name: str) -> bool:
 @pytest.mark.process
 @pytest.mark.timeout(INSTALL_TIMEOUT_SECS + 120)
 def test_the_wheel_runs_the_tunnel_with_its_commands(tmp_path: Path) -> None:
+    if not (WHEELHOUSE / ".stamp").exists():
+        pytest.skip(f"no {WHEELHOUSE}: `make test` builds it (the wheels of requirements.txt, so that no test "
+                    "reaches the network)")
     source, dist = tmp_path / "source", tmp_path / "dist"
     source.mkdir()
     _copy_source(source)
@@ -91,7 +96,8 @@ def test_the_wheel_runs_the_tunnel_with_its_commands(tmp_path: Path) -> None:
     python, bin_dir = venv / "bin" / "python", venv / "bin"
     install = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--disable-pip-version-check",
-         "--no-compile", "-c", str(REPO / "requirements.txt"), str(wheel)],
+         "--no-compile", "--no-index", "--find-links", str(WHEELHOUSE), "-c", str(REPO / "requirements.txt"),
+         str(wheel)],
         check=False, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_SECS)
     assert install.returncode == 0, install.stdout + install.stderr
 
