@@ -21,6 +21,7 @@ import sys
 from ptth_lib.cli import add_logging_flags, setup_logging
 from ptth_lib.commands import add_command_flags, command_argv, print_unit
 from ptth_lib.config import load_client_config, read_client_key, read_toml, write_new_key_file
+from ptth_lib.config.client_file import default_config_path
 from ptth_lib.errors import ConfigError
 from ptth_lib.forward.client import add_client_flags, run_client
 from ptth_lib.systemd import client_unit
@@ -45,11 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     add_command_flags(parser, example="client", unit=True, user_unit=True)
     args = parser.parse_args(argv)
     if args.systemd_unit:
-        if not args.user or not args.config:
-            print(f"{PROG}: --systemd-unit needs --user and --config FILE: the client runs as a user service "
-                  "(systemctl --user) with its settings in FILE", file=sys.stderr)
+        if not args.user:
+            print(f"{PROG}: --systemd-unit needs --user: the client runs as a user service (systemctl --user)",
+                  file=sys.stderr)
             return 2
-        return print_unit(client_unit(command_argv(), os.path.abspath(args.config), os.getcwd()), PROG)
+        # Without --config, the desktop app's file: a unit then forwards what the app set up.
+        config = os.path.abspath(args.config) if args.config else str(default_config_path())
+        return print_unit(client_unit(command_argv(), config, os.getcwd()), PROG)
     setup_logging(args.log_level, args.log_format)
     logging.getLogger("quic").setLevel(logging.WARNING)  # qh3's own per-connection lines
 

@@ -153,6 +153,15 @@ def test_the_client_runs_only_as_a_user_unit(capsys: pytest.CaptureFixture[str])
     assert err.startswith("ptth_client: --systemd-unit needs --user") and len(err.splitlines()) == 1
 
 
+def test_the_client_s_unit_runs_the_desktop_app_s_config_by_default(
+        as_command: Callable[[str], None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    as_command("/home/ann/.local/bin/ptth-client")
+    unit, _ = unit_of(ptth_client.main, capsys, "--user")
+    assert f"\nExecStart=/home/ann/.local/bin/ptth-client --config {tmp_path}/config/ptth/ptth_client.toml\n" in unit
+
+
 # ---- ptth-relay's gunicorn --------------------------------------------------------------------
 
 
