@@ -16,7 +16,11 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from ptth_lib.config import RelayConfig
+    from ptth_lib.relay.capacity import CapacityPlan
 
 CONFIG_ENV = "PTTH_RELAY_CONFIG"
 DEFAULT_CONFIG = "./ptth_relay.toml"
@@ -39,8 +43,13 @@ def _load_app_for_gunicorn() -> Any:
     from ptth_lib.cli import LOG_FORMAT_ENV, make_handler
     from ptth_lib.config import load_relay_config
     from ptth_lib.errors import ConfigError, PtthError
-    from ptth_lib.relay.app import create_app
-    from ptth_lib.wsgi import gunicorn_workers
+    from ptth_lib.relay.app import create_app, relay_of
+    from ptth_lib.relay.capacity import raise_open_files_limit
+    from ptth_lib.wsgi import (
+        count_gunicorn_connections,
+        gunicorn_worker_connections,
+        gunicorn_workers,
+    )
 
     path = os.environ.get(CONFIG_ENV, DEFAULT_CONFIG)
     try:
@@ -61,12 +70,27 @@ def _load_app_for_gunicorn() -> Any:
             lib_log.handlers = gunicorn_log.handlers
         lib_log.setLevel(gunicorn_log.level)
         lib_log.propagate = False
-    lib_log.info("ptth_relay: %d servers registered (config %s)", len(config.servers), path)
+    raise_open_files_limit()  # the master raised it already (conf/gunicorn.conf.py), unless run without it
     try:
-        return create_app(config, config_path=path)
+        app = create_app(config, config_path=path, pool_connections=gunicorn_worker_connections())
     except PtthError as e:  # cluster mode: a Redis URL it cannot use, a Redis it cannot reach
         print(f"ptth_relay: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
+    relay = relay_of(app)
+    assert relay is not None
+    if not count_gunicorn_connections(relay.capacity):
+        lib_log.warning("ptth_relay: connections are not counted under this gunicorn worker (use its gevent "
+                        "worker, as conf/gunicorn.conf.py does): past gunicorn's own limit they wait unanswered")
+    _log_start(lib_log, config, path, relay.capacity.plan)
+    return app
+
+
+def _log_start(log: logging.Logger, config: RelayConfig, path: str, plan: CapacityPlan) -> None:
+    """The start line: servers registered, and how many connections the relay holds (and why)."""
+    log.info("ptth_relay: %d servers registered (config %s); holds %d connections (%s)", len(config.servers),
+             path, plan.max_connections, plan.why)
+    if plan.warning:
+        log.warning("ptth_relay: %s holds fewer connections than asked: %s", plan.why, plan.warning)
 
 
 def _refuse_many_workers(workers: int) -> NoReturn:
@@ -124,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from ptth_lib.config import load_relay_config
     from ptth_lib.errors import ConfigError
     from ptth_lib.relay.app import app_for
+    from ptth_lib.relay.capacity import raise_open_files_limit
     from ptth_lib.relay.relay import Relay
     from ptth_lib.wsgi import ListenError, run
 
@@ -134,11 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ptth_relay: {e}", file=sys.stderr)
         return 2
+    raise_open_files_limit()
     relay = Relay(config, config_path=args.config)
+    _log_start(logging.getLogger("ptth_lib.relay"), config, args.config, relay.capacity.plan)
     relay.start()
     gevent.signal_handler(signal.SIGHUP, relay.reload_config)
     try:
-        run(app_for(relay), host, port, "ptth_relay", on_stop=relay.close)
+        run(app_for(relay), host, port, "ptth_relay", on_stop=relay.close, gate=relay.capacity)
     except ListenError as e:
         print(f"ptth_relay: {e}", file=sys.stderr)
         return 1

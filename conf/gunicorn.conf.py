@@ -17,10 +17,15 @@ workers = 1
 # gevent: every parked long-poll and streaming body is a cheap greenlet.
 worker_class = "gevent"
 
-# Connections the one worker holds at once: one parked listen per server plus
-# its responses in flight, plus clients. Raise the open-file limit to match
-# (ulimit -n, or LimitNOFILE= in a systemd unit).
-worker_connections = 4096
+# Connections the worker accepts at once: the relay config's max_connections
+# (by default what the open-files limit allows, which this raises to its hard
+# limit: LimitNOFILE= in a systemd unit) plus room to answer those past it 503
+# at once. gunicorn stops accepting when this is reached, so it must never be
+# the limit that bites first (ptth_lib/relay/capacity.py; gunicorn has put its
+# --chdir, the repository, on sys.path).
+from ptth_lib.relay.capacity import gunicorn_worker_connections
+
+worker_connections = gunicorn_worker_connections()
 
 # With gevent this is a heartbeat of the worker, not a request limit; long-polls
 # and long downloads are bounded by the relay's own timeouts.

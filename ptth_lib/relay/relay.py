@@ -3,6 +3,7 @@
 A `Relay` is built from a config and owns every part of the relay:
 
 - the rendezvous (rendezvous.py), where clients' requests meet servers' listens;
+- its capacity (capacity.py): the connections it holds, and those it refuses;
 - port forwarding's state (forwarding.py);
 - the metrics (metrics.py), the dashboard's samples of them (dashboard.py)
   and the audit log (audit.py);
@@ -41,6 +42,7 @@ from ptth_lib.relay import trust
 from ptth_lib.relay.audit import AuditLog
 from ptth_lib.relay.basic_auth import Logins, challenge
 from ptth_lib.relay.body_stream import BodyStream
+from ptth_lib.relay.capacity import Capacity, open_files_limit, plan_capacity
 from ptth_lib.relay.config_watch import ConfigWatcher
 from ptth_lib.relay.dashboard import Dashboard
 from ptth_lib.relay.delivery import (
@@ -147,9 +149,12 @@ RELAY_FEATURES = f"{FEATURE_HEADER_LISTS}, {FEATURE_BODIES}, {FEATURE_WEBSOCKET}
 class Relay:
     """The relay: its state, its policy, and what each request does."""
 
-    def __init__(self, config: RelayConfig, config_path: str | None = None) -> None:
+    def __init__(self, config: RelayConfig, config_path: str | None = None,
+                 pool_connections: int | None = None) -> None:
         """Build every part for `config`; with `config_path`, also a watcher that reloads it.
 
+        `pool_connections` is the WSGI server's own limit on connections
+        (gunicorn's worker_connections), if it has one: the relay holds fewer.
         Nothing runs until `start()`.
         """
         self.audit = AuditLog(config.audit_log)
@@ -163,7 +168,9 @@ class Relay:
         else:
             self.rendezvous = Rendezvous(config, on_event=self.audit.record)
             self.forwarding = PortForwarding(config, on_closed=self._forwarded_connection_closed)
-        self.metrics = RelayMetrics(self.rendezvous, self.forwarding)
+        self.capacity = Capacity(plan_capacity(config.max_connections, open_files_limit(), pool_connections,
+                                               cluster=config.redis_url is not None))
+        self.metrics = RelayMetrics(self.rendezvous, self.forwarding, self.capacity)
         # Cluster mode: the audit page, /metrics and the config version for the whole cluster.
         self.cluster_ops: ClusterOps | None = None
         if self.node is not None:
@@ -185,12 +192,13 @@ class Relay:
     # ---- life ----------------------------------------------------------------------
 
     def start(self) -> list[gevent.Greenlet]:
-        """Start the greenlets: server presence, forwarded connections, the config file, the dashboard's samples.
+        """Start the greenlets: server presence, forwarded connections, the config file, the dashboard's
+        samples, the refusals' log.
 
         They run for the relay's life; the caller may kill them (a test does).
         """
         greenlets = [gevent.spawn(self.rendezvous.watch_presence), gevent.spawn(self.forwarding.sweep),
-                     gevent.spawn(self.dashboard.run)]
+                     gevent.spawn(self.dashboard.run), gevent.spawn(self.capacity.run)]
         if self.watcher is not None:
             greenlets.append(gevent.spawn(self.watcher.run))
         if self.node is not None:
@@ -211,7 +219,14 @@ class Relay:
             self.node.close()
 
     def reconfigure(self, config: RelayConfig) -> None:
-        """Apply a new config without dropping servers or connections that stay allowed."""
+        """Apply a new config without dropping servers or connections that stay allowed.
+
+        max_connections waits for a restart: gunicorn sized its pool of connections from it at start.
+        """
+        if config.max_connections != self.config.max_connections:
+            logger.warning("max_connections changed from %d to %d in the config: it takes effect when the relay "
+                           "restarts (it holds %d connections until then)", self.config.max_connections,
+                           config.max_connections, self.capacity.max_connections)
         self.audit.set_path(config.audit_log)
         self.rendezvous.reconfigure(config)
         self.forwarding.reconfigure(config)

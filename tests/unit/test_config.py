@@ -233,6 +233,10 @@ BAD_RELAY_CONFIGS = [
     ("legacy bad tripcode", {"server_tripcodes": {"a": "nope"}}, ["tripcode", "server_tripcodes"]),
     ("legacy bad name", {"server_tripcodes": {"a/b": CODE_A}}, ["name", "server_tripcodes"]),
     ("legacy not a table", {"server_tripcodes": ["a"]}, ["server_tripcodes"]),
+    ("max_connections too few", {"max_connections": 15}, ["max_connections", "0 (derived", "16 to 1000000"]),
+    ("max_connections negative", {"max_connections": -1}, ["max_connections"]),
+    ("max_connections too many", {"max_connections": 1_000_001}, ["max_connections"]),
+    ("max_connections not a whole number", {"max_connections": 100.5}, ["max_connections", "whole number"]),
 ]
 
 

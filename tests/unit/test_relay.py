@@ -576,8 +576,8 @@ def test_create_app_starts_the_relay_and_keeps_it(tmp_path: Path, monkeypatch: p
     try:
         relay = relay_of(app)
         assert relay is not None and relay.watcher is not None and relay_of(object()) is None
-        # presence, forwarding, the dashboard's samples, the config file
-        assert len(started) == 4 and not any(g.dead for g in started)
+        # presence, forwarding, the dashboard's samples, the refusals' log, the config file
+        assert len(started) == 5 and not any(g.dead for g in started)
         path.write_text(path.read_text().replace('"alpha"', '"gamma"'))
         assert relay.reload_config() and list(relay.config.servers) == ["gamma"]
         assert app.test_client().get("/frontend/relay_up_check").text == "Relay is up\n"
