@@ -152,6 +152,43 @@ def end_on_hangup(sock: socket.socket, waiter: gevent.Greenlet, exception: type[
         gevent.kill(waiter, exception)
 
 
+def watch_for_hangup(sock: socket.socket, waiter: Any, exception: type[BaseException]) -> Callable[[], None]:
+    """Throw `exception` into `waiter` as soon as the peer of `sock` hangs up; returns what stops watching.
+
+    `end_on_hangup` without a greenlet of its own, for a parked listen: a
+    libev watcher on the socket calls back in the hub, which costs a listen
+    no greenlet, no stack and no switches (BENCHMARKS.md, idle servers).
+    `waiter` must call the returned function before it waits on anything
+    else. Bytes from the peer (it should send none) end the watching, as
+    `wait_for_hangup` does.
+    """
+    raw = getattr(sock, "_sock", sock)  # gevent's socket would wait; this peeks without
+    try:
+        watcher = gevent.get_hub().loop.io(sock.fileno(), 1)  # 1: readable
+    except (OSError, ValueError):  # closed already: the listen's answer will find out
+        return lambda: None
+
+    def readable() -> None:
+        try:
+            ended = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return  # nothing after all
+        except OSError:
+            ended = True  # reset
+        except ValueError:
+            ended = False  # a socket that cannot peek (TLS): we cannot tell
+        watcher.stop()
+        if ended:
+            waiter.throw(exception)  # from the hub, as a gevent wait's own wake-up switches
+
+    def stop() -> None:
+        watcher.stop()
+        watcher.close()
+
+    watcher.start(readable)
+    return stop
+
+
 def connection_ended(sock: socket.socket, within: float) -> bool:
     """Tell whether a connection whose peer should send next ends (EOF, reset) within `within` s."""
     raw = getattr(sock, "_sock", sock)  # gevent's socket would wait, beside the worker's own reader

@@ -109,6 +109,7 @@ from ptth_lib.wsgi import (
     forget_continue,
     request_target,
     show_client_address,
+    watch_for_hangup,
 )
 
 if TYPE_CHECKING:
@@ -312,14 +313,14 @@ class Relay:
         wait = _number(req.headers.get(WAIT_HEADER), 0, MAX_WAIT_HEADER_SECS)
         timeout = rv.config.listen_timeout_secs if wait is None else min(rv.config.listen_timeout_secs, wait)
         sock = connection_socket(req.environ)
-        watcher = gevent.spawn(end_on_hangup, sock, gevent.getcurrent(), ListenEndedError) if sock else None
+        stop_watching = watch_for_hangup(sock, gevent.getcurrent(), ListenEndedError) if sock else None
         try:
             batch, lease = rv.listen(server, timeout,
                                      _number(req.headers.get(MAX_REQUESTS_HEADER), 0, MAX_REQUESTS_PER_LISTEN),
                                      lease=acks, ack=acked)
         finally:
-            if watcher is not None:
-                watcher.kill()
+            if stop_watching is not None:
+                stop_watching()
         if not batch:
             return Response(status=204, headers={FEATURES_HEADER: RELAY_FEATURES})
         logger.debug("listen by %s takes %d requests", name, len(batch))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import hmac
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -125,6 +126,14 @@ BODY_STALL_SECS = 120.0
 # minute (4 KiB/s) still gets its file; one that stops reading is cut, and
 # the server's upload stops at once.
 CLIENT_STALL_SECS = 60.0
+
+# Parked listens end on a grid of this many seconds (their timeouts rounded up
+# to it), so that a fleet's re-listens come in batches that one wake-up of the
+# relay serves: with 2,000 listens ending 83 times a second, 0.69 ms of relay
+# CPU per re-listen instead of 1.17 ms, one by one (0.62 at 0.5 s, 0.54 at 1 s;
+# BENCHMARKS.md, idle servers). Coarser would save more, but the batch's work
+# (a few ms at 0.1 s) delays a visitor's request that arrives meanwhile.
+LISTEN_END_GRAIN_SECS = 0.1
 
 # How often watch_presence looks for servers coming online or going offline.
 PRESENCE_CHECK_SECS = 1.0
@@ -305,9 +314,10 @@ class Rendezvous:
         me = gevent.getcurrent()
         server.parked.add(me)
         try:
+            deadline = listen_deadline(started, timeout)
             try:
-                room = self._wait_for_room(server, started + timeout)
-                first = self._take(server, started + timeout) if room else None
+                room = self._wait_for_room(server, deadline)
+                first = self._take(server, deadline) if room else None
             except ListenEndedError:
                 return [], None
             finally:
@@ -727,6 +737,14 @@ class Rendezvous:
         if len(self.unregistered) >= MAX_UNREGISTERED_SHOWN:
             del self.unregistered[next(iter(self.unregistered))]
         self.unregistered[entry] = time.time()
+
+
+def listen_deadline(started: float, timeout: float) -> float:
+    """When a listen parked at `started` (monotonic seconds) for `timeout` s ends: on the grid of
+    LISTEN_END_GRAIN_SECS; at once for 0."""
+    if timeout <= 0:
+        return started
+    return math.ceil((started + timeout) / LISTEN_END_GRAIN_SECS) * LISTEN_END_GRAIN_SECS
 
 
 def _new_id() -> str:

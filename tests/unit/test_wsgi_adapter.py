@@ -488,6 +488,42 @@ def test_a_hang_up_ends_the_waiting_greenlet(pair: tuple[Any, Any]) -> None:
     assert isinstance(waiter.exception, ListenEndedError)
 
 
+def test_a_hang_up_ends_the_waiting_greenlet_without_a_greenlet_to_watch(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    waiter = gevent.spawn(gevent.sleep, 10)
+    gevent.sleep(0)
+    stop = wsgi.watch_for_hangup(a, waiter, ListenEndedError)
+    gevent.sleep(0.05)
+    assert not waiter.dead  # quiet: nothing happens
+    b.close()
+    waiter.join(timeout=2)
+    assert isinstance(waiter.exception, ListenEndedError), changed(GEVENT, "a libev io watcher on the socket's "
+                                                                            "descriptor no longer sees a hang-up")
+    stop()
+
+
+def test_bytes_or_a_stop_end_the_watching_quietly(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    waiter = gevent.spawn(gevent.sleep, 0.3)
+    gevent.sleep(0)
+    stop = wsgi.watch_for_hangup(a, waiter, ListenEndedError)
+    b.sendall(b"GET /next")  # a pipelined request: not a hang-up
+    gevent.sleep(0.05)
+    b.close()
+    waiter.join(timeout=2)
+    assert waiter.successful()
+    stop()
+    other = gevent.spawn(gevent.sleep, 0.3)
+    gevent.sleep(0)
+    c, d = gevent.socket.socketpair()
+    stop = wsgi.watch_for_hangup(c, other, ListenEndedError)
+    stop()
+    d.close()
+    other.join(timeout=2)
+    assert other.successful()
+    c.close()
+
+
 def test_a_hang_up_is_seen_with_bytes_still_unread(pair: tuple[Any, Any]) -> None:
     a, b = pair
     b.sendall(b"a request body nobody has read yet")

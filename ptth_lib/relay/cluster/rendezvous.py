@@ -70,6 +70,7 @@ from ptth_lib.relay.rendezvous import (
     Rendezvous,
     ServerState,
     format_rfc3339,
+    listen_deadline,
 )
 from ptth_lib.relay.shares import MAX_WAITING_PER_ADDRESS, TURN_WAIT_SECS
 from ptth_lib.wire import tripcode
@@ -211,7 +212,8 @@ class ClusterRendezvous(Rendezvous):
         if parked.outcome == "took":
             heads = list(parked.heads)
         else:
-            head = self._wait(server, name, waiter, timeout)
+            now = time.monotonic()
+            head = self._wait(server, name, waiter, listen_deadline(now, timeout) - now)
             heads = [head] if head is not None else []
         batch = [_taken(head, name) for head in heads]
         if not (batch and lease):
