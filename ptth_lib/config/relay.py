@@ -39,8 +39,8 @@ from ptth_lib.errors import ConfigError
 from ptth_lib.relay import trust
 
 RELAY_KEYS = (
-    Key("listen_timeout_secs", (int, float), 30, "how long a server's listen waits before 204",
-         check_listen_timeout),
+    Key("listen_timeout_secs", (int, float), 120, "how long a server's listen waits before 204 (a spec 002 "
+         "server's at most 30 s)", check_listen_timeout),
     Key("request_timeout_secs", (int, float), 30, "how long a client waits for a server to answer", check_timeout),
     Key("servers", list, [], "[[servers]] tables: name, tripcode, optional display_name"),
     Key("server_tripcodes", dict, {}, "older form: a table of name = tripcode"),

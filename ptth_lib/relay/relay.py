@@ -141,6 +141,13 @@ MAX_UNTRUSTED_PROXIES_WARNED = 64
 # The longest name or id from a path quoted in the audit log.
 MAX_AUDITED_NAME_CHARS = 64
 
+# A server that announces none of PTTH's features (a spec 002 server) has its
+# listens parked at most this long, whatever listen_timeout_secs says: spec 002
+# names no timeout, and 30 s is what such servers have always been answered
+# within. PTTH's own servers wait up to 330 s for an answer
+# (server/loop.py LISTEN_READ_TIMEOUT_SECS), so they get listen_timeout_secs.
+SPEC_002_LISTEN_SECS = 30.0
+
 # What the relay takes and does, in its listen answers' X-PTTH-Features
 # (PROTOCOL.md "Web apps"): response heads with lists of values, and it
 # relays request bodies and WebSockets to servers that announce them.
@@ -311,7 +318,10 @@ class Relay:
         if req.method == "POST":
             self._take_answers(server, req)
         wait = _number(req.headers.get(WAIT_HEADER), 0, MAX_WAIT_HEADER_SECS)
-        timeout = rv.config.listen_timeout_secs if wait is None else min(rv.config.listen_timeout_secs, wait)
+        longest = rv.config.listen_timeout_secs
+        if not server.features:
+            longest = min(longest, SPEC_002_LISTEN_SECS)
+        timeout = longest if wait is None else min(longest, wait)
         sock = connection_socket(req.environ)
         stop_watching = watch_for_hangup(sock, gevent.getcurrent(), ListenEndedError) if sock else None
         try:

@@ -298,7 +298,8 @@ def test_relay_file_errors_name_the_file_and_key(tmp_path: Path) -> None:
 
 def test_relay_defaults() -> None:
     cfg = parse_relay_config({}, "relay.toml")
-    assert cfg.listen_timeout_secs == 30
+    assert cfg.listen_timeout_secs == 120  # a spec 002 server's: at most 30 (relay.py SPEC_002_LISTEN_SECS)
+    assert cfg.max_connections == 0  # derived from the open-files limit (capacity.py)
     assert cfg.request_timeout_secs == 30
     assert dict(cfg.servers) == {}
 

@@ -13,6 +13,7 @@ import base64
 import logging
 import subprocess
 import sys
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from werkzeug.test import EnvironBuilder, TestResponse
 from werkzeug.wrappers import Request
 
 from ptth_lib.config import RelayConfig, load_relay_config, parse_relay_config
+from ptth_lib.relay import relay as relay_module
 from ptth_lib.relay import rendezvous
 from ptth_lib.relay.app import create_app, relay_of
 from ptth_lib.relay.body_stream import BodyCutError
@@ -340,6 +342,27 @@ def test_a_listen_asking_for_nothing_is_answered_at_once(tunnel: Tunnel) -> None
     for headers in ({"X-PTTH-Wait-Secs": "0"}, {"X-PTTH-Max-Requests": "0"}):
         with gevent.Timeout(1):
             assert tunnel.listen(**headers).status_code == 204
+
+
+def test_a_spec_002_servers_listen_ends_within_its_limit_and_ptth_servers_wait_longer(
+        make_tunnel: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server announcing no feature gets SPEC_002_LISTEN_SECS at most; PTTH's get listen_timeout_secs."""
+    monkeypatch.setattr(relay_module, "SPEC_002_LISTEN_SECS", 0.3)
+    tunnel = make_tunnel(listen_timeout_secs=2)
+    spec_002 = gevent.spawn(tunnel.listen)
+    ptth = gevent.spawn(tunnel.listen, **{"X-PTTH-Features": "ack"})
+    started = time.monotonic()
+    assert spec_002.get(timeout=1.5).status_code == 204
+    assert 0.3 <= time.monotonic() - started < 1.5
+    assert not ptth.ready()  # still parked
+    assert ptth.get(timeout=3).status_code == 204
+    assert 2 <= time.monotonic() - started < 3  # listen_timeout_secs, up to the next tenth of a second
+
+
+def test_listens_end_on_a_grid_so_that_a_fleets_re_listens_come_in_batches() -> None:
+    assert rendezvous.listen_deadline(1000.03, 0) == 1000.03  # answered at once
+    ends = {rendezvous.listen_deadline(1000 + i / 1000, 120) for i in range(100)}
+    assert {round(e, 6) for e in ends} == {1120.0, 1120.1} and all(e >= 1120 for e in ends)
 
 
 def test_an_acknowledged_batch_is_released_by_the_next_listen(tunnel: Tunnel) -> None:
