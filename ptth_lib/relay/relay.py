@@ -416,7 +416,7 @@ class Relay:
         """A process of server `name` is stopping: requests for it fail at once if no other listens."""
         server = self.authenticate_server(name, req)
         self.rendezvous.leave(server)
-        logger.info("server %s says it is leaving", name)
+        self.rendezvous.presence_log.record_leaving(name)  # by name, unless a fleet is leaving
         return text(200, "goodbye")
 
     # ---- frontend: clients ---------------------------------------------------------------
