@@ -276,9 +276,11 @@ class Capacity:
             return None
         self.refused[kind] += 1
         self.log.record(kind)
-        return error_response(RelayFullError(
+        resp = error_response(RelayFullError(
             f"the relay is full ({self.max_connections} connections, its max_connections): "
             f"try again in {RETRY_AFTER_SECS} s"))
+        resp.headers["Connection"] = "close"  # (gunicorn writes its own, having been told above)
+        return resp
 
     def run(self, interval_secs: float = 1.0) -> None:
         """Forever: let the refusal log say its minute's counts."""

@@ -106,3 +106,32 @@ def test_past_max_connections_listens_and_visitors_get_503_at_once_and_service_r
     assert r.status_code == 200 and r.content == b"hello\n"
     print(f"the late server was online {time.monotonic() - recovered:.1f} s after the load went away")
     assert time.monotonic() - recovered < 15
+
+
+def test_the_development_server_keeps_its_capacity_too(tmp_path: Path) -> None:
+    """`python ptth_relay.py` (gevent's WSGIServer) counts connections and refuses past max_connections alike."""
+    import sys
+
+    from procs import Proc
+
+    config = tmp_path / "relay.toml"
+    config.write_text("max_connections = 16\n")
+    proc = Proc([sys.executable, "ptth_relay.py", "--config", str(config), "--bind", "127.0.0.1:0"],
+                tmp_path / "relay.log")
+    held = []
+    try:
+        port = int(proc.wait_for_output(r"listening on http://127\.0\.0\.1:(\d+)/").group(1))
+        assert "holds 16 connections (max_connections in the relay config)" in proc.output()
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(16)]
+        wait_until(lambda: "ptth_connections_open 1" in requests.get(f"http://127.0.0.1:{port}/metrics",
+                                                                     timeout=5).text, "16 connections open")
+        r = requests.get(f"http://127.0.0.1:{port}/frontend/relay_up_check", timeout=AT_ONCE_SECS)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "5" and r.headers["Connection"] == "close"
+        for sock in held:
+            sock.close()
+        wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/frontend/relay_up_check", timeout=5).status_code
+                   == 200, "room again")
+    finally:
+        for sock in held:
+            sock.close()
+        proc.kill()
