@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_presence_log import Clock
 
 from ptth_lib.relay import capacity
 from ptth_lib.relay.capacity import (
@@ -22,14 +23,6 @@ from ptth_lib.relay.capacity import (
 )
 
 LOG = logging.getLogger("test.capacity")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.mark.parametrize("open_files", [1024, 4096, 20_000, 65_536, 1 << 20])
