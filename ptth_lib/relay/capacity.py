@@ -37,9 +37,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import gevent
 from werkzeug.wrappers import Response
 
-from ptth_lib.errors import RETRY_AFTER_SECS, ServiceUnavailableError
+from ptth_lib.config import load_relay_config
+from ptth_lib.errors import RETRY_AFTER_SECS, ConfigError, ServiceUnavailableError
 from ptth_lib.relay.responses import error_response
 from ptth_lib.wire.envelope import LISTEN_PATH, TCP_LISTEN_PATH
 from ptth_lib.wsgi import close_after_response, was_refused
@@ -165,9 +167,6 @@ def gunicorn_worker_connections(config_path: str | None = None) -> int:
     does not load counts as the defaults (the master's on_starting then
     refuses it with one line).
     """
-    from ptth_lib.config import load_relay_config
-    from ptth_lib.errors import ConfigError
-
     open_files = raise_open_files_limit()
     path = config_path or os.environ.get("PTTH_RELAY_CONFIG", "./ptth_relay.toml")
     try:
@@ -284,8 +283,6 @@ class Capacity:
 
     def run(self, interval_secs: float = 1.0) -> None:
         """Forever: let the refusal log say its minute's counts."""
-        import gevent
-
         while True:
             self.log.tick()
             gevent.sleep(interval_secs)

@@ -162,3 +162,19 @@ def test_metrics_show_the_connections_and_the_refusals() -> None:
     assert samples[("ptth_connections_max", ())] == relay.capacity.max_connections > 1000
     assert samples[("ptth_connections_refused_total", (("kind", "listen"),))] == 3
     assert samples[("ptth_connections_refused_total", (("kind", "visitor"),))] == 0
+
+
+def test_a_reload_keeps_the_capacity_and_says_a_new_one_waits_for_a_restart(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from test_relay import relay_config
+
+    from ptth_lib.relay.relay import Relay
+
+    relay = Relay(relay_config(max_connections=500))
+    assert relay.capacity.max_connections == 500
+    with caplog.at_level(logging.WARNING, "ptth_lib.relay.relay"):
+        relay.reconfigure(relay_config(max_connections=600))
+    assert relay.capacity.max_connections == 500
+    assert [r.getMessage() for r in caplog.records] == [(
+        "max_connections changed from 500 to 600 in the config: it takes effect when the relay restarts (it holds "
+        "500 connections until then)")]
