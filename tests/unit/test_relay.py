@@ -360,9 +360,25 @@ def test_a_spec_002_servers_listen_ends_within_its_limit_and_ptth_servers_wait_l
 
 
 def test_listens_end_on_a_grid_so_that_a_fleets_re_listens_come_in_batches() -> None:
-    assert rendezvous.listen_deadline(1000.03, 0) == 1000.03  # answered at once
-    ends = {rendezvous.listen_deadline(1000 + i / 1000, 120) for i in range(100)}
-    assert {round(e, 6) for e in ends} == {1120.0, 1120.1} and all(e >= 1120 for e in ends)
+    ends = rendezvous.ListenEnds()
+    assert ends.deadline(1000.03, 0) == 1000.03  # answered at once
+    # 10 listens in a second: each ends on the 0.1 s grid.
+    assert [round(ends.deadline(1001.05 + i / 10, 120), 6) for i in range(10)] == [
+        round(1121.1 + i / 10, 6) for i in range(10)]
+
+    def batches(second: int, per_second: int) -> list[int]:
+        counts: dict[float, int] = {}
+        for i in range(per_second):
+            started = second + i / per_second
+            end = round(ends.deadline(started, 120), 6)
+            assert started + 120 <= end <= started + 120.1
+            counts[end] = counts.get(end, 0) + 1
+        return list(counts.values())
+
+    # 320 in a second: finer as their number grows, batches of 32 at most...
+    assert max(batches(1002, 320)) <= 2 * rendezvous.LISTEN_END_BATCH
+    # ...and at the same rate the next second, of LISTEN_END_BATCH at most (a 0.05 s grid).
+    assert max(batches(1003, 320)) <= rendezvous.LISTEN_END_BATCH
 
 
 def test_an_acknowledged_batch_is_released_by_the_next_listen(tunnel: Tunnel) -> None:

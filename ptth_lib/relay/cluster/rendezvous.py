@@ -70,7 +70,6 @@ from ptth_lib.relay.rendezvous import (
     Rendezvous,
     ServerState,
     format_rfc3339,
-    listen_deadline,
 )
 from ptth_lib.relay.shares import MAX_WAITING_PER_ADDRESS, TURN_WAIT_SECS
 from ptth_lib.wire import tripcode
@@ -213,7 +212,7 @@ class ClusterRendezvous(Rendezvous):
             heads = list(parked.heads)
         else:
             now = time.monotonic()
-            head = self._wait(server, name, waiter, listen_deadline(now, timeout) - now)
+            head = self._wait(server, name, waiter, self.listen_ends.deadline(now, timeout) - now)
             heads = [head] if head is not None else []
         batch = [_taken(head, name) for head in heads]
         if not (batch and lease):
