@@ -161,11 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     raise_open_files_limit()
     relay = Relay(config, config_path=args.config)
-    _log_start(logging.getLogger("ptth_lib.relay"), config, args.config, relay.capacity.plan)
     relay.start()
     gevent.signal_handler(signal.SIGHUP, relay.reload_config)
     try:
-        run(app_for(relay), host, port, "ptth_relay", on_stop=relay.close, gate=relay.capacity)
+        run(app_for(relay), host, port, "ptth_relay", on_stop=relay.close, gate=relay.capacity,
+            on_listening=lambda: _log_start(logging.getLogger("ptth_lib.relay"), config, args.config,
+                                            relay.capacity.plan))
     except ListenError as e:
         print(f"ptth_relay: {e}", file=sys.stderr)
         return 1

@@ -518,12 +518,13 @@ def make_server(app: Any, host: str, port: int, gate: ConnectionGate | None = No
 
 
 def run(app: Any, host: str, port: int, name: str, on_stop: Callable[[], None] | None = None,
-        gate: ConnectionGate | None = None) -> None:
+        gate: ConnectionGate | None = None, on_listening: Callable[[], None] | None = None) -> None:
     """Serve `app` until SIGINT or SIGTERM; the caller must have monkey-patched with gevent.
 
     Prints `NAME: listening on http://HOST:PORT/` to stderr once bound (port 0
-    picks a free port), and raises ListenError if the address is unusable.
-    `gate` (relay/capacity.py) counts the connections and says which to refuse.
+    picks a free port), then calls `on_listening`; raises ListenError if the
+    address is unusable. `gate` (relay/capacity.py) counts the connections
+    and says which to refuse.
     """
     server = make_server(app, host, port, gate)
     try:
@@ -535,6 +536,8 @@ def run(app: Any, host: str, port: int, name: str, on_stop: Callable[[], None] |
         raise ListenError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
     shown_host = f"[{host}]" if ":" in host else host
     print(f"{name}: listening on http://{shown_host}:{server.address[1]}/", file=sys.stderr, flush=True)
+    if on_listening is not None:
+        on_listening()
 
     def stop() -> None:
         if on_stop:
