@@ -90,7 +90,7 @@ def _log_start(log: logging.Logger, config: RelayConfig, path: str, plan: Capaci
     log.info("ptth_relay: %d servers registered (config %s); holds %d connections (%s)", len(config.servers),
              path, plan.max_connections, plan.why)
     if plan.warning:
-        log.warning("ptth_relay: %s holds fewer connections than asked: %s", plan.why, plan.warning)
+        log.warning("ptth_relay: %s: %s", plan.why, plan.warning)
 
 
 def _refuse_many_workers(workers: int) -> NoReturn:

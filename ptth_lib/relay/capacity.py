@@ -128,7 +128,7 @@ def plan_capacity(configured: int, open_files: int, pool: int | None = None,
     if configured:
         plan = CapacityPlan(configured, "max_connections in the relay config")
         if configured > _fitting(files_left):
-            plan = CapacityPlan(by_files, f"max_connections {configured} in the relay config is more than "
+            plan = CapacityPlan(_fitting(files_left), f"max_connections {configured} in the relay config is more than "
                                 f"the open-files limit ({open_files}) allows",
                                 warning="raise the open-files limit (LimitNOFILE= in a systemd unit, ulimit -n)")
     else:

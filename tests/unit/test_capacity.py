@@ -59,6 +59,11 @@ def test_more_than_the_open_files_allow_is_cut_down_with_a_warning() -> None:
     assert plan.warning is not None and "LimitNOFILE" in plan.warning
 
 
+def test_a_cluster_may_be_given_more_than_its_default_half() -> None:
+    assert plan_capacity(15_000, 20_000, cluster=True).max_connections == 15_000
+    assert plan_capacity(50_000, 20_000, cluster=True).max_connections == plan_capacity(0, 20_000).max_connections
+
+
 def test_gunicorns_own_limit_never_bites_first() -> None:
     """Under `gunicorn -k gevent ptth_relay:app` (worker_connections 1000), the relay holds what fits in it."""
     plan = plan_capacity(0, 20_000, pool=1000)
