@@ -13,6 +13,7 @@ same app on gevent's own WSGI server.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 from typing import Any
@@ -87,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     from ptth_lib.config import load_relay_config
     from ptth_lib.errors import ConfigError
     from ptth_lib.relay.app import app_for
+    from ptth_lib.relay.capacity import log_start, raise_open_files_limit
     from ptth_lib.relay.relay import Relay
     from ptth_lib.wsgi import ListenError, run
 
     setup_logging(args.log_level, args.log_format)
+    raise_open_files_limit()  # before the relay plans its capacity from it
     try:
         host, port = parse_bind(args.bind)
         config = load_relay_config(args.config)
@@ -101,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     relay.start()
     gevent.signal_handler(signal.SIGHUP, relay.reload_config)
     try:
-        run(app_for(relay), host, port, "ptth_relay", on_stop=relay.close)
+        run(app_for(relay), host, port, "ptth_relay", on_stop=relay.close, gate=relay.capacity,
+            on_listening=lambda: log_start(logging.getLogger("ptth_lib.relay"), config, args.config,
+                                           relay.capacity.plan))
     except ListenError as e:
         print(f"ptth_relay: {e}", file=sys.stderr)
         return 1

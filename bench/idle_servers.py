@@ -1,15 +1,20 @@
 """Keep many idle servers' listens parked at a relay (benchmark helper).
 
     python bench/idle_servers.py --relay http://127.0.0.1:PORT --keys KEYS.json
-        [--ramp-secs 5] [--duration-secs 900]
+        [--ramp-secs 5] [--duration-secs 900] [--spec-002]
 
 KEYS.json maps server names to API keys. Each name gets one greenlet that
 loops `GET /7ZSFUKGV/http_listen/NAME` with its X-ApiKey on one kept-alive
-connection, as ptth_server's listen loop does, but on raw gevent sockets: a
-thousand greenlets cost this process a few MiB, and it is the relay's memory
-that the benchmark measures. The first listens are spread over --ramp-secs,
-so the re-polls that follow each listen timeout are spread as well, as those
-of real servers would be. Stops by itself after --duration-secs.
+connection, as an idle ptth_server's listen loop does (one listen parked,
+announcing PTTH's features, so the relay parks it for its
+listen_timeout_secs), but on raw gevent sockets: a thousand greenlets cost
+this process a few MiB, and it is the relay's memory that the benchmark
+measures. --spec-002 announces nothing, as a spec 002 server (the relay then
+parks each listen at most 30 s). The first listens are spread over
+--ramp-secs, so the re-polls that follow each listen timeout are spread as
+well, as those of real servers would be. A refused listen (a full relay's
+503) waits as ptth_server does: its Retry-After, with jitter. Stops by
+itself after --duration-secs.
 """
 
 from __future__ import annotations
@@ -68,9 +73,9 @@ def _read_response(reader) -> tuple[int, dict[str, str]]:  # type: ignore[no-unt
 
 
 def _listen_forever(host: str, port: int, name: str, key: str, start_in: float, stop_at: float,
-                    stats: _Stats) -> None:
+                    stats: _Stats, features: str) -> None:
     request = (f"GET /7ZSFUKGV/http_listen/{quote(name, safe='')} HTTP/1.1\r\n"
-               f"Host: {host}:{port}\r\nX-ApiKey: {key}\r\nUser-Agent: ptth-bench-idle\r\n\r\n").encode()
+               f"Host: {host}:{port}\r\nX-ApiKey: {key}\r\nUser-Agent: ptth-bench-idle\r\n{features}\r\n").encode()
     gevent.sleep(start_in)
     sock = reader = None
     while time.monotonic() < stop_at:
@@ -90,7 +95,8 @@ def _listen_forever(host: str, port: int, name: str, key: str, start_in: float, 
                 print(f"idle_servers: relay refused {name}: is it in the relay config?", file=sys.stderr)
                 return
             if status not in (200, 204):
-                gevent.sleep(RETRY_SECS)
+                asked = headers.get("retry-after", "")
+                gevent.sleep(random.uniform(0.5, 1.0) * (int(asked) if asked.isdigit() else RETRY_SECS))
         except (OSError, ValueError, IndexError):
             stats.errors += 1
             if sock is not None:
@@ -107,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", required=True, help="JSON file mapping server names to API keys")
     parser.add_argument("--ramp-secs", type=float, default=5.0, help="spread the first listens over this")
     parser.add_argument("--duration-secs", type=float, default=900.0, help="stop after this long")
+    parser.add_argument("--spec-002", action="store_true", help="announce no PTTH features, as a spec 002 server")
     args = parser.parse_args(argv)
+    features = "" if args.spec_002 else "X-PTTH-Features: ack\r\n"
 
     # One socket per server, plus a few: raise the soft open-file limit to the hard one.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -121,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     stats = _Stats()
     stop_at = time.monotonic() + args.duration_secs
     greenlets = [
-        gevent.spawn(_listen_forever, host, port, name, key, random.uniform(0, args.ramp_secs), stop_at, stats)
+        gevent.spawn(_listen_forever, host, port, name, key, random.uniform(0, args.ramp_secs), stop_at, stats,
+                     features)
         for name, key in keys.items()
     ]
     print(f"idle_servers: {len(greenlets)} servers listening at {args.relay}", file=sys.stderr, flush=True)

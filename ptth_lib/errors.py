@@ -168,10 +168,20 @@ def root_cause(e: BaseException) -> str:
     return (str(cause) or type(cause).__name__)[:200]
 
 
-def backoff_secs(failures: int) -> float:
-    """How long to wait after `failures` failed attempts in a row: doubling, capped, with jitter."""
-    delay: float = min(BACKOFF_CAP_SECS, BACKOFF_START_SECS * 2.0 ** min(failures, 16))
+def backoff_secs(failures: int, asked_secs: float = 0.0) -> float:
+    """How long to wait after `failures` failed attempts in a row: doubling, capped, with jitter.
+
+    At least `asked_secs` (a Retry-After) before the jitter, so that a fleet
+    of servers a full relay refused at once comes back spread over time.
+    """
+    delay: float = min(BACKOFF_CAP_SECS, max(asked_secs, BACKOFF_START_SECS * 2.0 ** min(failures, 16)))
     return delay * random.uniform(0.5, 1.0)
+
+
+def retry_after_secs(headers: Mapping[str, str]) -> float:
+    """An answer's Retry-After in seconds (0 when absent, or an HTTP date, which the relay never sends)."""
+    value = headers.get("Retry-After", "").strip()
+    return float(value) if value.isascii() and value.isdigit() and len(value) <= 6 else 0.0
 
 
 def describe_answer(status: int, headers: Mapping[str, str], body: bytes, hint: str = RELAY_URL_HINT) -> str:

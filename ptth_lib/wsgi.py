@@ -9,11 +9,16 @@ here and only here:
   `ChunkedReader`, their `unreader` and `parser`, `Unreader.take_buffered`)
   to hand on each piece of a POST body as it arrives; its worker's
   `wsgi` (the app it loaded) and `alive` (False once it starts to stop), for
-  conf/gunicorn.conf.py; and its config parser (`WSGIApplication().cfg`), to
-  read in a worker how many workers the master was asked for;
+  conf/gunicorn.conf.py; its config parser (`WSGIApplication().cfg`), to
+  read in a worker how many workers and connections the master was asked
+  for; its gevent worker's `handle` (one call per connection, for its whole
+  life), wrapped to count connections (`count_gunicorn_connections`); and
+  its `Response.force_close` (through `start_response.__self__`), to end a
+  connection with its answer;
 - gevent: a gevent socket's `_sock` (to peek without waiting beside the
   worker's own reader), and pywsgi's `WSGIHandler` (`get_environ`, `path`,
-  `socket`, `handle`) for `python ptth_relay.py` and `ptth_file_server.py`.
+  `socket`, `server`, `handle`, `close_connection`) for `python ptth_relay.py`
+  and `ptth_file_server.py`.
 
 gunicorn and gevent are pinned in requirements.txt; tests/unit/test_wsgi_adapter.py
 drives each of these against the installed versions and fails naming the
@@ -51,6 +56,14 @@ Web apps (PROTOCOL.md "Web apps"), under gunicorn only:
 - The access log: gunicorn's `%(h)s` is `REMOTE_ADDR`, which
   `show_client_address` sets to the client's address (through trusted
   proxies) once the relay has decided everything else.
+
+Connections, counted (relay/capacity.py): a `ConnectionGate` hears of each
+connection as it opens, says whether the relay holds it, and hears when it
+closes; `was_refused` tells a request on a connection it did not hold, which
+the relay answers 503 and ends (`close_after_response`). Under gunicorn the
+gevent worker's `handle` runs once per connection for its whole life, kept
+alive or carrying a WebSocket, so wrapping it counts them all; for gevent's
+WSGIServer our handler's `handle` does the same.
 """
 
 from __future__ import annotations
@@ -65,7 +78,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import gevent
@@ -137,6 +150,43 @@ def end_on_hangup(sock: socket.socket, waiter: gevent.Greenlet, exception: type[
     """
     if wait_for_hangup(sock):
         gevent.kill(waiter, exception)
+
+
+def watch_for_hangup(sock: socket.socket, waiter: Any, exception: type[BaseException]) -> Callable[[], None]:
+    """Throw `exception` into `waiter` as soon as the peer of `sock` hangs up; returns what stops watching.
+
+    `end_on_hangup` without a greenlet of its own, for a parked listen: a
+    libev watcher on the socket calls back in the hub, which costs a listen
+    no greenlet, no stack and no switches (BENCHMARKS.md, idle servers).
+    `waiter` must call the returned function before it waits on anything
+    else. Bytes from the peer (it should send none) end the watching, as
+    `wait_for_hangup` does.
+    """
+    raw = getattr(sock, "_sock", sock)  # gevent's socket would wait; this peeks without
+    try:
+        watcher = gevent.get_hub().loop.io(sock.fileno(), 1)  # 1: readable
+    except (OSError, ValueError):  # closed already: the listen's answer will find out
+        return lambda: None
+
+    def readable() -> None:
+        try:
+            ended = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return  # nothing after all
+        except OSError:
+            ended = True  # reset
+        except ValueError:
+            ended = False  # a socket that cannot peek (TLS): we cannot tell
+        watcher.stop()
+        if ended:
+            waiter.throw(exception)  # from the hub, as a gevent wait's own wake-up switches
+
+    def stop() -> None:
+        watcher.stop()
+        watcher.close()
+
+    watcher.start(readable)
+    return stop
 
 
 def connection_ended(sock: socket.socket, within: float) -> bool:
@@ -267,6 +317,69 @@ def forget_continue(environ: dict[str, Any]) -> None:
         _CONTINUE_OWED.pop(sock, None)
 
 
+# ---- connections, counted ---------------------------------------------------------
+
+
+class ConnectionGate(Protocol):
+    """What counts connections (relay/capacity.py Capacity)."""
+
+    def opened(self) -> bool:
+        """A connection opened: True if it is held, False if its requests are to be refused."""
+
+    def closed(self, admitted: bool) -> None:
+        """A connection closed; `admitted` is what `opened` said of it."""
+
+
+# Connections the gate did not hold: their requests are refused. By socket, forgotten with it.
+_REFUSED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _handle_through(gate: ConnectionGate, sock: Any, handle: Callable[[], None]) -> None:
+    """Run `handle`, a connection's whole life, told to `gate`."""
+    admitted = gate.opened()
+    if not admitted:
+        _REFUSED.add(sock)
+    try:
+        handle()
+    finally:
+        gate.closed(admitted)
+
+
+def was_refused(environ: dict[str, Any]) -> bool:
+    """Tell whether this request came on a connection the gate did not hold."""
+    sock = connection_socket(environ)
+    return sock is not None and sock in _REFUSED
+
+
+def close_after_response(start_response: Any) -> None:
+    """End the connection once this request's answer is out (a `Connection: close` answer)."""
+    owner: Any = getattr(start_response, "__self__", None)
+    if hasattr(owner, "force_close"):  # gunicorn's Response: it drops a Connection header from the app
+        owner.force_close()
+    elif hasattr(owner, "close_connection"):  # gevent's WSGIHandler
+        owner.close_connection = True
+
+
+def count_gunicorn_connections(gate: ConnectionGate) -> bool:
+    """Under gunicorn's gevent worker, tell `gate` of every connection; False if not under it.
+
+    Call it in the worker before it starts serving (while it loads the
+    app): the worker's `run` binds `handle` for its servers then.
+    """
+    ggevent = sys.modules.get("gunicorn.workers.ggevent")
+    worker_class = getattr(ggevent, "GeventWorker", None)
+    if worker_class is None or "gunicorn.arbiter" not in sys.modules:
+        return False
+    handle = getattr(worker_class, "_ptth_uncounted_handle", worker_class.handle)
+
+    def counted_handle(self: Any, listener: Any, client: Any, addr: Any) -> None:
+        _handle_through(gate, client, lambda: handle(self, listener, client, addr))
+
+    worker_class._ptth_uncounted_handle = handle
+    worker_class.handle = counted_handle
+    return True
+
+
 # ---- taking a connection over (WebSocket) ----------------------------------------
 
 
@@ -384,7 +497,11 @@ class _Handler(WSGIHandler):  # type: ignore[misc]
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # not TCP (a Unix socket): nothing to do
-        super().handle()
+        gate: ConnectionGate | None = getattr(self.server, "ptth_gate", None)
+        if gate is None:
+            super().handle()
+        else:
+            _handle_through(gate, self.socket, super().handle)
 
     def get_environ(self) -> dict[str, Any]:
         environ: dict[str, Any] = super().get_environ()
@@ -393,18 +510,23 @@ class _Handler(WSGIHandler):  # type: ignore[misc]
         return environ
 
 
-def make_server(app: Any, host: str, port: int) -> WSGIServer:
-    """gevent's WSGI server for `app` on HOST:PORT, not yet bound, with our handler."""
-    return WSGIServer((host, port), app, handler_class=_Handler, log=None)
+def make_server(app: Any, host: str, port: int, gate: ConnectionGate | None = None) -> WSGIServer:
+    """gevent's WSGI server for `app` on HOST:PORT, not yet bound, with our handler; `gate` counts connections."""
+    server = WSGIServer((host, port), app, handler_class=_Handler, log=None)
+    server.ptth_gate = gate
+    return server
 
 
-def run(app: Any, host: str, port: int, name: str, on_stop: Callable[[], None] | None = None) -> None:
+def run(app: Any, host: str, port: int, name: str, on_stop: Callable[[], None] | None = None,
+        gate: ConnectionGate | None = None, on_listening: Callable[[], None] | None = None) -> None:
     """Serve `app` until SIGINT or SIGTERM; the caller must have monkey-patched with gevent.
 
     Prints `NAME: listening on http://HOST:PORT/` to stderr once bound (port 0
-    picks a free port), and raises ListenError if the address is unusable.
+    picks a free port), then calls `on_listening`; raises ListenError if the
+    address is unusable. `gate` (relay/capacity.py) counts the connections
+    and says which to refuse.
     """
-    server = make_server(app, host, port)
+    server = make_server(app, host, port, gate)
     try:
         server.init_socket()
     except OSError as e:
@@ -414,6 +536,8 @@ def run(app: Any, host: str, port: int, name: str, on_stop: Callable[[], None] |
         raise ListenError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
     shown_host = f"[{host}]" if ":" in host else host
     print(f"{name}: listening on http://{shown_host}:{server.address[1]}/", file=sys.stderr, flush=True)
+    if on_listening is not None:
+        on_listening()
 
     def stop() -> None:
         if on_stop:
@@ -442,15 +566,30 @@ def gunicorn_workers() -> int | None:
     `gunicorn -w 4 -k gevent ptth_relay:app` runs no hook of ours, so the
     worker is the one place that sees every way of asking for more.
     """
+    return _gunicorn_setting("workers")
+
+
+def gunicorn_worker_connections() -> int | None:
+    """The worker_connections the gunicorn running this process was given (its gevent worker's pool); None if
+    not under gunicorn. Read as `gunicorn_workers` reads the workers."""
+    return _gunicorn_setting("worker_connections")
+
+
+def _gunicorn_config() -> Any:
+    """gunicorn's config as its master read it, read again here; None if not under gunicorn or unreadable."""
     if "gunicorn.arbiter" not in sys.modules:
         return None
     from gunicorn.app.wsgiapp import WSGIApplication  # type: ignore[import-untyped]
 
     try:
-        workers = WSGIApplication().cfg.workers
+        return WSGIApplication().cfg
     except (Exception, SystemExit):  # noqa: BLE001 - gunicorn reports its own errors; then we cannot tell
         return None
-    return int(workers) if isinstance(workers, int) else None
+
+
+def _gunicorn_setting(name: str) -> int | None:
+    value = getattr(_gunicorn_config(), name, None)
+    return int(value) if isinstance(value, int) else None
 
 
 def worker_app(worker: Any) -> Any:

@@ -31,7 +31,7 @@ REQUIRED = object()
 
 
 _TYPE_NAMES: dict[Any, str] = {
-    str: "string", bool: "boolean (true or false)", list: "list of tables", dict: "table",
+    str: "string", bool: "boolean (true or false)", list: "list of tables", dict: "table", int: "whole number",
     (int, float): "number", (datetime, date): "TOML date-time such as 2026-12-31T00:00:00Z",
 }
 
@@ -102,6 +102,20 @@ def check_listen_timeout(value: float) -> str | None:
     if 1 <= value <= 300:
         return None
     return "must be a number of seconds from 1 to 300"
+
+
+# The most connections max_connections may name: far above what one process's open-files limit allows
+# on any common system, still a number a typo (an extra zero or two) does not reach unnoticed.
+MAX_MAX_CONNECTIONS = 1_000_000
+# The fewest: a relay holds at least a few servers and their visitors.
+MIN_MAX_CONNECTIONS = 16
+
+
+def check_max_connections(value: int) -> str | None:
+    if value == 0 or MIN_MAX_CONNECTIONS <= value <= MAX_MAX_CONNECTIONS:
+        return None
+    return (f"must be 0 (derived from the open-files limit) or a number of connections from "
+            f"{MIN_MAX_CONNECTIONS} to {MAX_MAX_CONNECTIONS}")
 
 
 def check_idle_timeout(value: float) -> str | None:

@@ -24,6 +24,7 @@ from ptth_lib.config.keys import (
     check_idle_timeout,
     check_label,
     check_listen_timeout,
+    check_max_connections,
     check_max_datagram_size,
     check_name,
     check_networks,
@@ -38,8 +39,8 @@ from ptth_lib.errors import ConfigError
 from ptth_lib.relay import trust
 
 RELAY_KEYS = (
-    Key("listen_timeout_secs", (int, float), 30, "how long a server's listen waits before 204",
-         check_listen_timeout),
+    Key("listen_timeout_secs", (int, float), 120, "how long a server's listen waits before 204 (a spec 002 "
+         "server's at most 30 s)", check_listen_timeout),
     Key("request_timeout_secs", (int, float), 30, "how long a client waits for a server to answer", check_timeout),
     Key("servers", list, [], "[[servers]] tables: name, tripcode, optional display_name"),
     Key("server_tripcodes", dict, {}, "older form: a table of name = tripcode"),
@@ -72,6 +73,9 @@ RELAY_KEYS = (
          "goes to server NAME at / (empty: off)", check_host_suffix),
     Key("max_request_body_bytes", int, 0, "request bodies larger than this get 413 (0: no limit)",
          check_body_limit),
+    Key("max_connections", int, 0, "connections the relay holds at once (parked listens, visitors, responses "
+         "in flight); past it, new connections get 503 with Retry-After (0: derived from the open-files limit; "
+         "takes effect at a restart)", check_max_connections),
     Key("redis_url", str, None, "run as a cluster of workers and hosts sharing this Redis, e.g. "
          "\"redis://:PASSWORD@10.0.0.2:6379/0\" (env PTTH_REDIS_URL wins; default: one process, no Redis)"),
     Key("peer_bind", str, "127.0.0.1:41000-41099", "cluster mode: where each worker listens for the others, "
@@ -185,6 +189,7 @@ class RelayConfig:
     quic_max_datagram_size: int = DEFAULT_QUIC_MAX_DATAGRAM_SIZE
     server_host_suffix: str = ""  # lowercase, with its leading dot; "" is off
     max_request_body_bytes: int = 0  # 0: no limit
+    max_connections: int = 0  # 0: derived from the open-files limit (relay/capacity.py)
     redis_url: str | None = None  # cluster mode (CLUSTER.md); None: one process, no Redis
     peer_bind: str = "127.0.0.1:41000-41099"
     dashboard: DashboardConfig = DashboardConfig()
@@ -252,6 +257,7 @@ def parse_relay_config(raw: Mapping[str, Any], where: str) -> RelayConfig:
         quic_max_datagram_size=values["quic_max_datagram_size"],
         server_host_suffix=suffix,
         max_request_body_bytes=values["max_request_body_bytes"],
+        max_connections=values["max_connections"],
         redis_url=os.environ.get(REDIS_URL_ENV) or values["redis_url"],
         peer_bind=values["peer_bind"],
         dashboard=_dashboard(values["dashboard"], where),

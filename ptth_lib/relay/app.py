@@ -35,12 +35,13 @@ from ptth_lib.wire.envelope import LEAVE_PATH
 _EXTENSION = "ptth_relay"
 
 
-def create_app(config: RelayConfig, config_path: str | None = None) -> Flask:
+def create_app(config: RelayConfig, config_path: str | None = None, pool_connections: int | None = None) -> Flask:
     """Build the relay for `config` and its Flask app, and start the relay's greenlets.
 
-    Given `config_path`, the relay reloads that file when it changes (config_watch.py).
+    Given `config_path`, the relay reloads that file when it changes (config_watch.py);
+    `pool_connections` is the WSGI server's own limit on connections, if any (capacity.py).
     """
-    relay = Relay(config, config_path)
+    relay = Relay(config, config_path, pool_connections)
     relay.start()
     return app_for(relay)
 

@@ -57,7 +57,9 @@ def load_app(path: str, workers: int | None) -> Any:
     Any problem exits the worker with one line on stderr, which stops gunicorn.
     """
     from ptth_lib.errors import PtthError
-    from ptth_lib.relay.app import create_app
+    from ptth_lib.relay.app import create_app, relay_of
+    from ptth_lib.relay.capacity import log_start, raise_open_files_limit
+    from ptth_lib.wsgi import count_gunicorn_connections, gunicorn_worker_connections
 
     try:
         config = load_relay_config(path)
@@ -76,12 +78,20 @@ def load_app(path: str, workers: int | None) -> Any:
             lib_log.handlers = gunicorn_log.handlers
         lib_log.setLevel(gunicorn_log.level)
         lib_log.propagate = False
-    lib_log.info("ptth_relay: %d servers registered (config %s)", len(config.servers), path)
+    raise_open_files_limit()  # the master raised it already (gunicorn_settings.py), unless run without it
     try:
-        return create_app(config, config_path=path)
+        app = create_app(config, config_path=path, pool_connections=gunicorn_worker_connections())
     except PtthError as e:  # cluster mode: a Redis URL it cannot use, a Redis it cannot reach
         print(f"ptth_relay: {e}", file=sys.stderr, flush=True)
         sys.exit(_WORKER_BOOT_ERROR)
+    relay = relay_of(app)
+    assert relay is not None
+    if not count_gunicorn_connections(relay.capacity):
+        lib_log.warning("ptth_relay: connections are not counted under this gunicorn worker (use its gevent "
+                        "worker, as conf/gunicorn.conf.py does): past gunicorn's own limit they wait unanswered")
+    log_start(lib_log, config, path, relay.capacity.plan)
+    return app
+
 
 
 def _refuse_many_workers(workers: int) -> NoReturn:

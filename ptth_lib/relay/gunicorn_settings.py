@@ -2,16 +2,20 @@
 
 gunicorn reads every module-level name that is one of its settings (as for
 `gunicorn -c python:ptth_lib.relay.gunicorn_settings`) and ignores the rest;
-helpers here start with `_`. Importing this module has no side effects: the
-hooks import the relay only when gunicorn calls them. The relay config file
-comes from $PTTH_RELAY_CONFIG (default ./ptth_relay.toml), which `ptth-relay
---config` sets.
+helpers here start with `_`. Importing this module reads the relay config
+and raises the process's open-files limit to its hard limit, for
+`worker_connections` (capacity.py); the hooks import the relay itself only
+when gunicorn calls them. The relay config file comes from $PTTH_RELAY_CONFIG
+(default ./ptth_relay.toml), which `ptth-relay --config` sets before it
+imports this.
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any
+
+from ptth_lib.relay.capacity import gunicorn_worker_connections as _worker_connections
 
 # Loopback by default; put nginx (with TLS) in front for the internet. --bind on
 # the command line overrides this.
@@ -25,10 +29,12 @@ workers = 1
 # gevent: every parked long-poll and streaming body is a cheap greenlet.
 worker_class = "gevent"
 
-# Connections the one worker holds at once: one parked listen per server plus
-# its responses in flight, plus clients. Raise the open-file limit to match
-# (ulimit -n, or LimitNOFILE= in a systemd unit).
-worker_connections = 4096
+# Connections the worker accepts at once: the relay config's max_connections
+# (by default what the open-files limit allows, which this raises to its hard
+# limit: LimitNOFILE= in a systemd unit) plus room to answer those past it 503
+# at once. gunicorn stops accepting when this is reached, so it must never be
+# the limit that bites first (ptth_lib/relay/capacity.py).
+worker_connections = _worker_connections()
 
 # With gevent this is a heartbeat of the worker, not a request limit; long-polls
 # and long downloads are bounded by the relay's own timeouts.

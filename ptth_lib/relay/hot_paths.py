@@ -43,6 +43,9 @@ class HotPaths:
         )
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        refused = self._relay.capacity.refusal(environ, start_response)  # past max_connections: 503 (capacity.py)
+        if refused is not None:
+            return views.as_page(refused, environ)(environ, start_response)
         path: str = environ.get("PATH_INFO", "")
         suffix = self._relay.config.server_host_suffix
         host_name = trust.host_server_name(self._relay.request_host(environ, raw=True), suffix) if suffix else None

@@ -32,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from ptth_lib.relay.capacity import Capacity
 from ptth_lib.relay.forwarding import ForwardedConnection, PortForwarding
 from ptth_lib.relay.rendezvous import Rendezvous
 
@@ -79,7 +80,7 @@ DURATION_BUCKETS_SECS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10
 class RelayMetrics:
     """The relay's metrics, in a registry of their own."""
 
-    def __init__(self, rendezvous: Rendezvous, forwarding: PortForwarding) -> None:
+    def __init__(self, rendezvous: Rendezvous, forwarding: PortForwarding, capacity: Capacity | None = None) -> None:
         self.registry = CollectorRegistry()
         self.client_requests_in_flight = Gauge(
             "ptth_client_requests_in_flight", "Client requests being answered now", registry=self.registry)
@@ -124,6 +125,8 @@ class RelayMetrics:
         self._rv = rendezvous
         self.registry.register(_RendezvousCollector(rendezvous, forwarding))
         self.registry.register(_ServerCollector(self))
+        if capacity is not None:
+            self.registry.register(_CapacityCollector(capacity))
 
     def for_server(self, name: str) -> ServerCounters | None:
         """Server `name`'s counters; None for a name not in the config (not counted)."""
@@ -201,6 +204,25 @@ class _RendezvousCollector(Collector):
         # one raises ReferenceError.
         yield GaugeMetricFamily("ptth_greenlets", "Greenlets alive in the relay worker",
                                 sum(1 for o in gc.get_objects() if issubclass(type(o), greenlet.greenlet)))
+
+
+class _CapacityCollector(Collector):
+    """The connections the relay holds and refuses (capacity.py), read at each scrape."""
+
+    def __init__(self, capacity: Capacity) -> None:
+        self._capacity = capacity
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        capacity = self._capacity
+        yield GaugeMetricFamily("ptth_connections_open", "Connections open at the relay now: parked listens, "
+                                "visitors, responses in flight, and those being refused", capacity.open)
+        yield GaugeMetricFamily("ptth_connections_max", "Connections the relay holds at once (max_connections); "
+                                "past it new ones get 503", capacity.max_connections)
+        refused = CounterMetricFamily("ptth_connections_refused", "Connections answered 503 because the relay "
+                                      "held max_connections, by what they asked for", labels=["kind"])
+        for kind, count in sorted(capacity.refused.items()):
+            refused.add_metric([kind], count)
+        yield refused
 
 
 class _ServerCollector(Collector):

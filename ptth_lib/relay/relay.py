@@ -3,6 +3,7 @@
 A `Relay` is built from a config and owns every part of the relay:
 
 - the rendezvous (rendezvous.py), where clients' requests meet servers' listens;
+- its capacity (capacity.py): the connections it holds, and those it refuses;
 - port forwarding's state (forwarding.py);
 - the metrics (metrics.py), the dashboard's samples of them (dashboard.py)
   and the audit log (audit.py);
@@ -42,6 +43,7 @@ from ptth_lib.relay import trust
 from ptth_lib.relay.audit import AuditLog
 from ptth_lib.relay.basic_auth import Logins, challenge
 from ptth_lib.relay.body_stream import BodyStream
+from ptth_lib.relay.capacity import Capacity, open_files_limit, plan_capacity
 from ptth_lib.relay.config_watch import ConfigWatcher
 from ptth_lib.relay.dashboard import Dashboard
 from ptth_lib.relay.delivery import (
@@ -108,6 +110,7 @@ from ptth_lib.wsgi import (
     forget_continue,
     request_target,
     show_client_address,
+    watch_for_hangup,
 )
 
 if TYPE_CHECKING:
@@ -139,6 +142,13 @@ MAX_UNTRUSTED_PROXIES_WARNED = 64
 # The longest name or id from a path quoted in the audit log.
 MAX_AUDITED_NAME_CHARS = 64
 
+# A server that announces none of PTTH's features (a spec 002 server) has its
+# listens parked at most this long, whatever listen_timeout_secs says: spec 002
+# names no timeout, and 30 s is what such servers have always been answered
+# within. PTTH's own servers wait up to 330 s for an answer
+# (server/loop.py LISTEN_READ_TIMEOUT_SECS), so they get listen_timeout_secs.
+SPEC_002_LISTEN_SECS = 30.0
+
 # What the relay takes and does, in its listen answers' X-PTTH-Features
 # (PROTOCOL.md "Web apps"): response heads with lists of values, and it
 # relays request bodies and WebSockets to servers that announce them.
@@ -148,9 +158,12 @@ RELAY_FEATURES = f"{FEATURE_HEADER_LISTS}, {FEATURE_BODIES}, {FEATURE_WEBSOCKET}
 class Relay:
     """The relay: its state, its policy, and what each request does."""
 
-    def __init__(self, config: RelayConfig, config_path: str | None = None) -> None:
+    def __init__(self, config: RelayConfig, config_path: str | None = None,
+                 pool_connections: int | None = None) -> None:
         """Build every part for `config`; with `config_path`, also a watcher that reloads it.
 
+        `pool_connections` is the WSGI server's own limit on connections
+        (gunicorn's worker_connections), if it has one: the relay holds fewer.
         Nothing runs until `start()`.
         """
         self.audit = AuditLog(config.audit_log)
@@ -165,7 +178,9 @@ class Relay:
         else:
             self.rendezvous = Rendezvous(config, on_event=self.audit.record)
             self.forwarding = PortForwarding(config, on_closed=self._forwarded_connection_closed)
-        self.metrics = RelayMetrics(self.rendezvous, self.forwarding)
+        self.capacity = Capacity(plan_capacity(config.max_connections, open_files_limit(), pool_connections,
+                                               cluster=config.redis_url is not None))
+        self.metrics = RelayMetrics(self.rendezvous, self.forwarding, self.capacity)
         # Cluster mode: the audit page, /metrics and the config version for the whole cluster.
         self.cluster_ops: ClusterOps | None = None
         if self.node is not None:
@@ -187,12 +202,13 @@ class Relay:
     # ---- life ----------------------------------------------------------------------
 
     def start(self) -> list[gevent.Greenlet]:
-        """Start the greenlets: server presence, forwarded connections, the config file, the dashboard's samples.
+        """Start the greenlets: server presence, forwarded connections, the config file, the dashboard's
+        samples, the refusals' log.
 
         They run for the relay's life; the caller may kill them (a test does).
         """
         greenlets = [gevent.spawn(self.rendezvous.watch_presence), gevent.spawn(self.forwarding.sweep),
-                     gevent.spawn(self.dashboard.run)]
+                     gevent.spawn(self.dashboard.run), gevent.spawn(self.capacity.run)]
         if self.watcher is not None:
             greenlets.append(gevent.spawn(self.watcher.run))
         if self.node is not None:
@@ -213,7 +229,14 @@ class Relay:
             self.node.close()
 
     def reconfigure(self, config: RelayConfig) -> None:
-        """Apply a new config without dropping servers or connections that stay allowed."""
+        """Apply a new config without dropping servers or connections that stay allowed.
+
+        max_connections waits for a restart: gunicorn sized its pool of connections from it at start.
+        """
+        if config.max_connections != self.config.max_connections:
+            logger.warning("max_connections changed from %d to %d in the config: it takes effect when the relay "
+                           "restarts (it holds %d connections until then)", self.config.max_connections,
+                           config.max_connections, self.capacity.max_connections)
         self.audit.set_path(config.audit_log)
         self.rendezvous.reconfigure(config)
         self.forwarding.reconfigure(config)
@@ -297,16 +320,19 @@ class Relay:
         if req.method == "POST":
             self._take_answers(server, req)
         wait = _number(req.headers.get(WAIT_HEADER), 0, MAX_WAIT_HEADER_SECS)
-        timeout = rv.config.listen_timeout_secs if wait is None else min(rv.config.listen_timeout_secs, wait)
+        longest = rv.config.listen_timeout_secs
+        if not server.features:
+            longest = min(longest, SPEC_002_LISTEN_SECS)
+        timeout = longest if wait is None else min(longest, wait)
         sock = connection_socket(req.environ)
-        watcher = gevent.spawn(end_on_hangup, sock, gevent.getcurrent(), ListenEndedError) if sock else None
+        stop_watching = watch_for_hangup(sock, gevent.getcurrent(), ListenEndedError) if sock else None
         try:
             batch, lease = rv.listen(server, timeout,
                                      _number(req.headers.get(MAX_REQUESTS_HEADER), 0, MAX_REQUESTS_PER_LISTEN),
                                      lease=acks, ack=acked)
         finally:
-            if watcher is not None:
-                watcher.kill()
+            if stop_watching is not None:
+                stop_watching()
         if not batch:
             return Response(status=204, headers={FEATURES_HEADER: RELAY_FEATURES})
         logger.debug("listen by %s takes %d requests", name, len(batch))
@@ -392,7 +418,7 @@ class Relay:
         """A process of server `name` is stopping: requests for it fail at once if no other listens."""
         server = self.authenticate_server(name, req)
         self.rendezvous.leave(server)
-        logger.info("server %s says it is leaving", name)
+        self.rendezvous.presence_log.record_leaving(name)  # by name, unless a fleet is leaving
         return text(200, "goodbye")
 
     # ---- frontend: clients ---------------------------------------------------------------

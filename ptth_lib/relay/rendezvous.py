@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import hmac
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -125,6 +126,20 @@ BODY_STALL_SECS = 120.0
 # minute (4 KiB/s) still gets its file; one that stops reading is cut, and
 # the server's upload stops at once.
 CLIENT_STALL_SECS = 60.0
+
+# Parked listens end on a grid of this many seconds (their timeouts rounded up
+# to it), so that a fleet's re-listens come in batches that one wake-up of the
+# relay serves: with 2,000 listens ending 83 times a second, 0.69 ms of relay
+# CPU per re-listen instead of 1.17 ms, one by one (0.62 at 0.5 s, 0.54 at 1 s;
+# BENCHMARKS.md, a fleet of idle servers). Coarser would save more, but the
+# batch's work delays a visitor's request that arrives meanwhile...
+LISTEN_END_GRAIN_SECS = 0.1
+# ...so a batch holds about this many listens at most: where more are parked
+# in a second than fill a grid's batches, the grid is halved as often as
+# needed. A visitor then waits behind at most about 8 ms of re-listens (at 333
+# a second on the 0.1 s grid, 10,000 spec 002 servers, the probe's p99 was
+# 14.9 ms).
+LISTEN_END_BATCH = 16
 
 # How often watch_presence looks for servers coming online or going offline.
 PRESENCE_CHECK_SECS = 1.0
@@ -263,6 +278,7 @@ class Rendezvous:
         self.closing = False
         self._on_event = on_event
         self.presence_log = PresenceLog(logger)  # online/offline lines, summed up for a fleet
+        self.listen_ends = ListenEnds()  # parked listens end in batches
 
     # ---- backend side: servers -----------------------------------------
 
@@ -305,9 +321,10 @@ class Rendezvous:
         me = gevent.getcurrent()
         server.parked.add(me)
         try:
+            deadline = self.listen_ends.deadline(started, timeout)
             try:
-                room = self._wait_for_room(server, started + timeout)
-                first = self._take(server, started + timeout) if room else None
+                room = self._wait_for_room(server, deadline)
+                first = self._take(server, deadline) if room else None
             except ListenEndedError:
                 return [], None
             finally:
@@ -727,6 +744,30 @@ class Rendezvous:
         if len(self.unregistered) >= MAX_UNREGISTERED_SHOWN:
             del self.unregistered[next(iter(self.unregistered))]
         self.unregistered[entry] = time.time()
+
+
+class ListenEnds:
+    """When parked listens end: on a grid (LISTEN_END_GRAIN_SECS), finer where listens come fast (LISTEN_END_BATCH)."""
+
+    def __init__(self) -> None:
+        self._second = 0  # the whole second (monotonic) being counted
+        self._counted = 0  # listens parked in it so far
+        self._before = 0  # in the second before it
+
+    def deadline(self, started: float, timeout: float) -> float:
+        """When a listen parked at `started` (monotonic seconds) for `timeout` s ends; at once for 0."""
+        if timeout <= 0:
+            return started
+        second = int(started)
+        if second != self._second:
+            self._before = self._counted if second == self._second + 1 else 0
+            self._second, self._counted = second, 0
+        self._counted += 1
+        per_second = max(self._before, self._counted)
+        grain = LISTEN_END_GRAIN_SECS
+        while per_second * grain > LISTEN_END_BATCH and grain > LISTEN_END_GRAIN_SECS / 64:
+            grain /= 2
+        return math.ceil((started + timeout) / grain) * grain
 
 
 def _new_id() -> str:

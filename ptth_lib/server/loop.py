@@ -49,11 +49,18 @@ import urllib3
 
 from ptth_lib import __version__
 from ptth_lib.config import ServerConfig
-from ptth_lib.errors import ProtocolError, backoff_secs, describe_answer, root_cause
+from ptth_lib.errors import (
+    ProtocolError,
+    backoff_secs,
+    describe_answer,
+    retry_after_secs,
+    root_cause,
+)
 from ptth_lib.forward.http_server import PortForwardServer
 from ptth_lib.requests_adapter import closed_when_reused, exchange, new_session
 from ptth_lib.server.answers import AnswerCarrier
 from ptth_lib.server.responder import Responder
+from ptth_lib.server.spare_listens import SpareListens
 from ptth_lib.wire import tripcode
 from ptth_lib.wire.envelope import (
     ACK_HEADER,
@@ -143,6 +150,7 @@ class ServerLoop:
         self._state = ""  # "connected" or the last problem, for _report
         self._forwarding = PortForwardServer(config, self._new_session, self._stop)
         self._responder = Responder(config, self._new_session, self._abort, MAX_CONCURRENT_REQUESTS)
+        self._spare = SpareListens(self._stop)  # listens beyond the first rest while idle
         self._features = FEATURE_ACK
         if config.web_app_url is not None:
             self._features = f"{FEATURE_ACK}, {FEATURE_BODIES}, {FEATURE_WEBSOCKET}"
@@ -152,7 +160,7 @@ class ServerLoop:
 
     def run(self) -> int:
         """Listen until `stop()` or a refusal from the relay; return the exit code."""
-        listeners = [threading.Thread(target=self._listen_forever, name=f"ptth-listen-{i}", daemon=True)
+        listeners = [threading.Thread(target=self._listen_forever, args=(i,), name=f"ptth-listen-{i}", daemon=True)
                      for i in range(LISTENS_IN_FLIGHT)]
         for listener in listeners:
             listener.start()
@@ -196,7 +204,7 @@ class ServerLoop:
 
     # ---- P1/P3: the listen loop ----------------------------------------
 
-    def _listen_forever(self) -> None:
+    def _listen_forever(self, index: int = 0) -> None:
         session = self._new_session()
         session.headers.update({
             API_KEY_HEADER: self._api_key,
@@ -214,6 +222,8 @@ class ServerLoop:
         ended_early = False  # the last listen, asked to wait, was answered 204 at once
         while not self._stop.is_set():
             problem = ""
+            asked_secs = 0.0  # the relay's Retry-After, when it refuses
+            parked_out = False  # parked the whole listen timeout: nothing came (spare_listens.py)
             room = self._reserve()
             if self._stop.is_set():
                 self._unreserve(room)
@@ -249,6 +259,7 @@ class ServerLoop:
                     ack = r.headers.get(BATCH_HEADER, "") if is_request_id(r.headers.get(BATCH_HEADER, "")) else ""
                     if FEATURE_ANSWERS in self._responder.relay_features:
                         carrier = AnswerCarrier((req.id for req in batch), r.headers.get(NODE_HEADER, ""))
+                    self._spare.work_came()
                     taken = self._dispatch(batch, carrier)
                 elif r.status == 403:
                     self._refused()
@@ -264,8 +275,10 @@ class ServerLoop:
                         ended_early = True
                     else:
                         ended_early = False
+                        parked_out = not at_once and room > 0
                 else:
                     problem = f"relay answered {describe_answer(r.status, r.headers, data)} to the listen"
+                    asked_secs = retry_after_secs(r.headers)  # a relay that is full says when to come back
             except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
                 if not at_once and time.monotonic() - started >= PARKED_CUT_SECS:
                     # The listen was parked, then cut: a NAT box or proxy dropping an idle
@@ -299,9 +312,11 @@ class ServerLoop:
             if not problem:
                 failures = 0
                 at_once = False
+                if parked_out:
+                    self._spare.rest_if_idle(index)
                 continue
             at_once = problem != "quiet"  # after a real problem, check the connection at once again
-            delay = backoff_secs(failures)
+            delay = backoff_secs(failures, asked_secs)
             failures = min(failures + 1, 16)
             self._stop.wait(delay)
         # Stopping: the answers gathered for a listen that will not come go in POSTs of their own

@@ -233,6 +233,10 @@ BAD_RELAY_CONFIGS = [
     ("legacy bad tripcode", {"server_tripcodes": {"a": "nope"}}, ["tripcode", "server_tripcodes"]),
     ("legacy bad name", {"server_tripcodes": {"a/b": CODE_A}}, ["name", "server_tripcodes"]),
     ("legacy not a table", {"server_tripcodes": ["a"]}, ["server_tripcodes"]),
+    ("max_connections too few", {"max_connections": 15}, ["max_connections", "0 (derived", "16 to 1000000"]),
+    ("max_connections negative", {"max_connections": -1}, ["max_connections"]),
+    ("max_connections too many", {"max_connections": 1_000_001}, ["max_connections"]),
+    ("max_connections not a whole number", {"max_connections": 100.5}, ["max_connections", "whole number"]),
 ]
 
 
@@ -294,7 +298,8 @@ def test_relay_file_errors_name_the_file_and_key(tmp_path: Path) -> None:
 
 def test_relay_defaults() -> None:
     cfg = parse_relay_config({}, "relay.toml")
-    assert cfg.listen_timeout_secs == 30
+    assert cfg.listen_timeout_secs == 120  # a spec 002 server's: at most 30 (relay.py SPEC_002_LISTEN_SECS)
+    assert cfg.max_connections == 0  # derived from the open-files limit (capacity.py)
     assert cfg.request_timeout_secs == 30
     assert dict(cfg.servers) == {}
 

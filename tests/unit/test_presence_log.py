@@ -64,3 +64,18 @@ def test_a_quiet_minute_starts_over(caplog: pytest.LogCaptureFixture) -> None:
     summary = ("1 more servers came online and 0 went offline in the last 60 s (more than 2 changes a minute: "
                "names at DEBUG)")
     assert infos(caplog) == ["server a is online", "server b is online", summary, "server d is online"]
+
+
+def test_a_fleet_leaving_is_summed_up_too(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    log = PresenceLog(LOG, few=2, clock=clock)
+    with caplog.at_level(logging.INFO, LOG.name):
+        for i in range(500):
+            log.record_leaving(f"shop-{i}")
+        for i in range(500):
+            log.record(f"shop-{i}", False)
+        clock.now += 60
+        log.tick()
+    assert infos(caplog) == ["server shop-0 says it is leaving", "server shop-1 says it is leaving",
+                             ("0 more servers came online and 500 went offline (498 said they were leaving) in the "
+                              "last 60 s (more than 2 changes a minute: names at DEBUG)")]

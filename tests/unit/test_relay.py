@@ -13,6 +13,7 @@ import base64
 import logging
 import subprocess
 import sys
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from werkzeug.test import EnvironBuilder, TestResponse
 from werkzeug.wrappers import Request
 
 from ptth_lib.config import RelayConfig, load_relay_config, parse_relay_config
+from ptth_lib.relay import relay as relay_module
 from ptth_lib.relay import rendezvous
 from ptth_lib.relay.app import create_app, relay_of
 from ptth_lib.relay.body_stream import BodyCutError
@@ -342,6 +344,43 @@ def test_a_listen_asking_for_nothing_is_answered_at_once(tunnel: Tunnel) -> None
             assert tunnel.listen(**headers).status_code == 204
 
 
+def test_a_spec_002_servers_listen_ends_within_its_limit_and_ptth_servers_wait_longer(
+        make_tunnel: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server announcing no feature gets SPEC_002_LISTEN_SECS at most; PTTH's get listen_timeout_secs."""
+    monkeypatch.setattr(relay_module, "SPEC_002_LISTEN_SECS", 0.3)
+    tunnel = make_tunnel(listen_timeout_secs=2)
+    spec_002 = gevent.spawn(tunnel.listen)
+    ptth = gevent.spawn(tunnel.listen, **{"X-PTTH-Features": "ack"})
+    started = time.monotonic()
+    assert spec_002.get(timeout=1.5).status_code == 204
+    assert 0.3 <= time.monotonic() - started < 1.5
+    assert not ptth.ready()  # still parked
+    assert ptth.get(timeout=3).status_code == 204
+    assert 2 <= time.monotonic() - started < 3  # listen_timeout_secs, up to the next tenth of a second
+
+
+def test_listens_end_on_a_grid_so_that_a_fleets_re_listens_come_in_batches() -> None:
+    ends = rendezvous.ListenEnds()
+    assert ends.deadline(1000.03, 0) == 1000.03  # answered at once
+    # 10 listens in a second: each ends on the 0.1 s grid.
+    assert [round(ends.deadline(1001.05 + i / 10, 120), 6) for i in range(10)] == [
+        round(1121.1 + i / 10, 6) for i in range(10)]
+
+    def batches(second: int, per_second: int) -> list[int]:
+        counts: dict[float, int] = {}
+        for i in range(per_second):
+            started = second + i / per_second
+            end = round(ends.deadline(started, 120), 6)
+            assert started + 120 <= end <= started + 120.1
+            counts[end] = counts.get(end, 0) + 1
+        return list(counts.values())
+
+    # 320 in a second: finer as their number grows, batches of 32 at most...
+    assert max(batches(1002, 320)) <= 2 * rendezvous.LISTEN_END_BATCH
+    # ...and at the same rate the next second, of LISTEN_END_BATCH at most (a 0.05 s grid).
+    assert max(batches(1003, 320)) <= rendezvous.LISTEN_END_BATCH
+
+
 def test_an_acknowledged_batch_is_released_by_the_next_listen(tunnel: Tunnel) -> None:
     listener = gevent.spawn(tunnel.listen, **{"X-PTTH-Features": "ack"})
     gevent.sleep(0)
@@ -576,8 +615,8 @@ def test_create_app_starts_the_relay_and_keeps_it(tmp_path: Path, monkeypatch: p
     try:
         relay = relay_of(app)
         assert relay is not None and relay.watcher is not None and relay_of(object()) is None
-        # presence, forwarding, the dashboard's samples, the config file
-        assert len(started) == 4 and not any(g.dead for g in started)
+        # presence, forwarding, the dashboard's samples, the refusals' log, the config file
+        assert len(started) == 5 and not any(g.dead for g in started)
         path.write_text(path.read_text().replace('"alpha"', '"gamma"'))
         assert relay.reload_config() and list(relay.config.servers) == ["gamma"]
         assert app.test_client().get("/frontend/relay_up_check").text == "Relay is up\n"

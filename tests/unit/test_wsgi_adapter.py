@@ -357,6 +357,92 @@ def test_a_stopping_worker_is_no_longer_alive(worker: Worker) -> None:
     assert called == [True]
 
 
+class _Gate:
+    """Holds the first `room` connections; records what it hears."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.heard: list[object] = []
+
+    def opened(self) -> bool:
+        self.heard.append("opened")
+        self.room -= 1
+        return self.room >= 0
+
+    def closed(self, admitted: bool) -> None:
+        self.heard.append(("closed", admitted))
+
+
+def _refusing_app(seen: list[bool]) -> Any:
+    """A WSGI app that answers 503 and ends the connection when it came past the gate's room."""
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        refused = wsgi.was_refused(environ)
+        seen.append(refused)
+        if refused:
+            wsgi.close_after_response(start_response)
+        start_response("503 Service Unavailable" if refused else "200 OK", [("Content-Length", "2")])
+        return [b"no" if refused else b"ok"]
+    return app
+
+
+def test_gunicorn_connections_are_counted_for_their_whole_life(worker: Worker,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """count_gunicorn_connections wraps the gevent worker's per-connection `handle`; refused ones end with 503."""
+    import gunicorn.arbiter  # noqa: F401 - what tells wsgi it runs under gunicorn
+    from gunicorn.workers.ggevent import GeventWorker
+
+    assert isinstance(worker, GeventWorker), changed(GUNICORN, "conf/gunicorn.conf.py's worker is not GeventWorker")
+    assert list(inspect.signature(GeventWorker.handle).parameters) == ["self", "listener", "client", "addr"], \
+        changed(GUNICORN, "GeventWorker.handle(listener, client, addr) changed: connections are not counted")
+    assert "partial(self.handle, s)" in inspect.getsource(GeventWorker.run), changed(
+        GUNICORN, "GeventWorker.run no longer serves each connection with self.handle")
+    monkeypatch.setattr(GeventWorker, "handle", GeventWorker.handle)  # put back after the test
+    monkeypatch.setattr(GeventWorker, "_ptth_uncounted_handle", GeventWorker.handle, raising=False)
+    from gunicorn.glogging import Logger
+
+    gate = _Gate(room=1)
+    assert wsgi.count_gunicorn_connections(gate)
+    seen: list[bool] = []
+    worker.wsgi = _refusing_app(seen)
+    worker.log = Logger(worker.cfg)
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    answers = []
+    for _ in range(2):
+        client, served = gevent.socket.socketpair()
+        client.sendall(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n")
+        client.shutdown(socket.SHUT_WR)  # a held connection is kept alive: it ends when the client leaves
+        worker.handle(listener, served, ("127.0.0.1", 40000))
+        answers.append(client.recv(4096))
+        client.close()
+    listener.close()
+    assert seen == [False, True]
+    assert answers[0].startswith(b"HTTP/1.1 200") and b"Connection: keep-alive" in answers[0]
+    assert answers[1].startswith(b"HTTP/1.1 503") and b"Connection: close" in answers[1], changed(
+        GUNICORN, "Response.force_close (reached as start_response.__self__) no longer ends the connection")
+    assert gate.heard == ["opened", ("closed", True), "opened", ("closed", False)]
+
+
+def test_gevent_wsgi_server_counts_connections_through_a_gate() -> None:
+    gate = _Gate(room=1)
+    seen: list[bool] = []
+    server = wsgi.make_server(_refusing_app(seen), "127.0.0.1", 0, gate)
+    server.start()
+    answers = []
+    try:
+        for _ in range(2):
+            with gevent.socket.create_connection(("127.0.0.1", server.address[1]), timeout=5) as client:
+                client.sendall(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n")
+                answers.append(client.recv(4096))
+                if len(answers) == 2:
+                    assert client.recv(4096) == b"", "a refused connection ends after its answer"
+    finally:
+        server.stop(timeout=1)
+    assert seen == [False, True]
+    assert answers[1].startswith(b"HTTP/1.1 503")
+    assert gate.heard[:3] == ["opened", ("closed", True), "opened"]
+
+
 # ---- gevent: sockets ----------------------------------------------------------------
 
 
@@ -400,6 +486,42 @@ def test_a_hang_up_ends_the_waiting_greenlet(pair: tuple[Any, Any]) -> None:
     waiter.join(timeout=2)
     watcher.join(timeout=2)
     assert isinstance(waiter.exception, ListenEndedError)
+
+
+def test_a_hang_up_ends_the_waiting_greenlet_without_a_greenlet_to_watch(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    waiter = gevent.spawn(gevent.sleep, 10)
+    gevent.sleep(0)
+    stop = wsgi.watch_for_hangup(a, waiter, ListenEndedError)
+    gevent.sleep(0.05)
+    assert not waiter.dead  # quiet: nothing happens
+    b.close()
+    waiter.join(timeout=2)
+    assert isinstance(waiter.exception, ListenEndedError), changed(GEVENT, "a libev io watcher on the socket's "
+                                                                            "descriptor no longer sees a hang-up")
+    stop()
+
+
+def test_bytes_or_a_stop_end_the_watching_quietly(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    waiter = gevent.spawn(gevent.sleep, 0.3)
+    gevent.sleep(0)
+    stop = wsgi.watch_for_hangup(a, waiter, ListenEndedError)
+    b.sendall(b"GET /next")  # a pipelined request: not a hang-up
+    gevent.sleep(0.05)
+    b.close()
+    waiter.join(timeout=2)
+    assert waiter.successful()
+    stop()
+    other = gevent.spawn(gevent.sleep, 0.3)
+    gevent.sleep(0)
+    c, d = gevent.socket.socketpair()
+    stop = wsgi.watch_for_hangup(c, other, ListenEndedError)
+    stop()
+    d.close()
+    other.join(timeout=2)
+    assert other.successful()
+    c.close()
 
 
 def test_a_hang_up_is_seen_with_bytes_still_unread(pair: tuple[Any, Any]) -> None:

@@ -126,8 +126,9 @@ SKIP_REST_SECS = 0.2
 
 # A server may serve this many authenticated links at once (one thread, or
 # greenlet, and one socket each). Each crossing stream (a body, a WebSocket, a
-# forwarded connection's direction) holds one link; a worker's own limit is
-# gunicorn's worker_connections (1,000 by default), so this rarely binds.
+# forwarded connection's direction) holds one link, while idle servers' parked
+# listens hold none: of a worker's max_connections (relay/capacity.py) only
+# the streams in flight count, so this rarely binds.
 MAX_LINKS = 4096
 # An idle link is kept this long in an opener's pool: a busy pair of nodes
 # reuses links continuously, a quiet one lets them go.

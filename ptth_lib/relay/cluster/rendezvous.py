@@ -211,7 +211,8 @@ class ClusterRendezvous(Rendezvous):
         if parked.outcome == "took":
             heads = list(parked.heads)
         else:
-            head = self._wait(server, name, waiter, timeout)
+            now = time.monotonic()
+            head = self._wait(server, name, waiter, self.listen_ends.deadline(now, timeout) - now)
             heads = [head] if head is not None else []
         batch = [_taken(head, name) for head in heads]
         if not (batch and lease):
