@@ -80,7 +80,10 @@ def test_one_of_two_processes_stopping_leaves_the_other_serving(cluster: Cluster
     relay = cluster.relay({"twin": key})
     root = root_with_file(tmp_path)
     first = cluster.server(relay, "twin", key, root)
-    cluster.server(relay, "twin", key, root)
+    second = cluster.server(relay, "twin", key, root)
+    # The name is online already (the first): wait for the second itself, or on a busy machine
+    # the first leaves before the second has listened, and the name is rightly offline for a while.
+    wait_until(lambda: "connected to relay" in second.proc.output(), "the second process connected", second.proc)
     assert first.proc.stop(signal.SIGTERM) == 0
     statuses = [requests.get(relay.url + "/frontend/servers/twin/files/hello.txt", timeout=30).status_code
                 for _ in range(30)]
