@@ -357,6 +357,7 @@ IDLE_CUT_SECS = 2.0
 LONG_QUIET_SECS = 15.0
 
 
+@pytest.mark.slow  # a 15 s quiet stretch; make test keeps the next test (a request arriving as a listen is cut)
 def test_middlebox_cutting_idle_listens_loses_no_request(cluster: Cluster, tmp_path: Path) -> None:
     """A NAT box or firewall that closes idle connections cuts every parked listen.
 
