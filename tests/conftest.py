@@ -35,10 +35,11 @@ _LOCK_DIR_KEY = "ptth_alone_lock_dir"
 
 # The files that take longest (30 s or more in one process), longest first: under xdist they
 # are handed out first. Only the order depends on this list; a stale one costs time, nothing else.
-LONGEST_FILES = ("test_reliability.py", "test_forwarding_faults.py", "test_cluster_ops.py",
-                 "test_backend_api.py", "test_relay_pages.py", "test_cli.py", "test_forwarding_api.py",
-                 "test_hostile.py", "test_quic_forwarding.py", "test_operations.py", "test_faults.py",
-                 "test_cluster_faults.py", "test_desktop_client.py", "test_cluster_relay.py")
+LONGEST_FILES = ("test_quic_forwarding.py", "test_backend_api.py", "test_reliability.py",
+                 "test_forwarding_faults.py", "test_cli.py", "test_forwarding_api.py", "test_relay_pages.py",
+                 "test_hostile.py", "test_operations.py", "test_cluster_faults.py", "test_desktop_client.py",
+                 "test_cluster_ops.py", "test_cluster_relay.py", "test_web_app_processes.py", "test_redirects.py",
+                 "test_server_lifecycle.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:

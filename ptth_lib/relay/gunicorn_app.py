@@ -50,16 +50,17 @@ def many_workers_refusal(asked: str, one: str) -> str:
             "(or PTTH_REDIS_URL) to run a cluster (CLUSTER.md)")
 
 
-def load_app(path: str, workers: int | None) -> Any:
+def load_app(path: str, workers: int | None, pool_connections: int | None) -> Any:
     """Build the relay's WSGI app from the config at `path`, in a gunicorn worker.
 
-    `workers` is how many workers gunicorn was asked for (None if unknown).
-    Any problem exits the worker with one line on stderr, which stops gunicorn.
+    `workers` is how many workers gunicorn was asked for, `pool_connections`
+    its worker_connections (None if unknown). Any problem exits the worker
+    with one line on stderr, which stops gunicorn.
     """
     from ptth_lib.errors import PtthError
     from ptth_lib.relay.app import create_app, relay_of
     from ptth_lib.relay.capacity import log_start, raise_open_files_limit
-    from ptth_lib.wsgi import count_gunicorn_connections, gunicorn_worker_connections
+    from ptth_lib.wsgi import count_gunicorn_connections
 
     try:
         config = load_relay_config(path)
@@ -80,7 +81,7 @@ def load_app(path: str, workers: int | None) -> Any:
         lib_log.propagate = False
     raise_open_files_limit()  # the master raised it already (gunicorn_settings.py), unless run without it
     try:
-        app = create_app(config, config_path=path, pool_connections=gunicorn_worker_connections())
+        app = create_app(config, config_path=path, pool_connections=pool_connections)
     except PtthError as e:  # cluster mode: a Redis URL it cannot use, a Redis it cannot reach
         print(f"ptth_relay: {e}", file=sys.stderr, flush=True)
         sys.exit(_WORKER_BOOT_ERROR)
@@ -133,7 +134,7 @@ class _RelayApplication(BaseApplication):  # type: ignore[misc]
             self.cfg.set(name, value)
 
     def load(self) -> Any:
-        return load_app(relay_config_path(), self.cfg.workers)
+        return load_app(relay_config_path(), self.cfg.workers, self.cfg.worker_connections)
 
 
 def run(bind: str, workers: int, log_level: str, log_format: str) -> NoReturn:

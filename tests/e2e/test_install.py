@@ -156,6 +156,9 @@ def test_the_wheel_runs_the_tunnel_with_its_commands(tmp_path: Path) -> None:
         procs.append(relay)
         url = "http://127.0.0.1:" + relay.wait_for_output(r"Listening at: http://127\.0\.0\.1:(\d+)").group(1)
         wait_until(lambda: http_status(f"{url}/frontend/relay_up_check") == 200, "relay up", relay)
+        # Its start line gives the capacity gunicorn's pool was sized for, and nothing says an error.
+        relay.wait_for_output(r"holds \d+ connections")
+        assert "Error" not in relay.output(), relay.output()
         server = Proc([str(bin_dir / "ptth-server"), "--relay-url", url], tmp_path / "server.log", env=env,
                       cwd=work, inherit_env=False)
         procs.append(server)
