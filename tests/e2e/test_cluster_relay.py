@@ -75,13 +75,14 @@ def test_four_workers_serve_the_file_tunnel(redis_server: RedisServer, cluster: 
     owners = Counter(i[:NODE_ID_CHARS] for i in ids)
     assert len(owners) >= 2, owners  # clients landed on several of the 4 workers
     # Small answers whose owner the listen reached rode on it; the server sent most others on
-    # connections that reach their owner (X-PTTH-Node): by chance a quarter would.
+    # connections that reach their owner (X-PTTH-Node): by chance a quarter would (of some 110,
+    # 27 ± 5); runs give 35 % (with make test beside it) to 80 %, so a third tells affinity from chance.
     posts = response_posts(relay)
     text = requests.get(f"{relay.url}/metrics", timeout=10).text
     carried = sum(float(v) for v in re.findall(r'^ptth_server_answers_total\{[^}]*way="listen"[^}]*\} (\S+)$',
                                                    text, re.MULTILINE))
     assert posts["owner"] + posts["carried"] + carried >= REQUESTS + 1, (posts, carried)
-    assert carried >= 10 and posts["owner"] >= 0.4 * (posts["owner"] + posts["carried"]), (posts, carried)
+    assert carried >= 10 and posts["owner"] >= (posts["owner"] + posts["carried"]) / 3, (posts, carried)
     assert "Traceback" not in relay.proc.output()
 
 
