@@ -57,10 +57,10 @@ from ptth_lib.wire.names import PORT_NAME_RE, short_id
 from ptth_lib.wsgi import (
     connection_socket,
     cut_connection,
-    end_on_hangup,
     iter_body,
     reads_promptly,
     wait_for_hangup,
+    watch_for_hangup,
 )
 
 if TYPE_CHECKING:
@@ -124,12 +124,13 @@ def register(app: Flask, relay: Relay) -> None:
         _check_port_name(port)
         server_is(server)
         sock = connection_socket(request.environ)
-        watcher = gevent.spawn(end_on_hangup, sock, gevent.getcurrent(), ListenEndedError) if sock else None
+        # Parked like a server's listen (relay.py), and as many: watched without a greenlet of its own.
+        stop_watching = watch_for_hangup(sock, gevent.getcurrent(), ListenEndedError) if sock else None
         try:
             conn = fw.listen(server, port, relay.config.listen_timeout_secs)
         finally:
-            if watcher is not None:
-                watcher.kill()
+            if stop_watching is not None:
+                stop_watching()
         if conn is None:
             return Response(status=204)
         logger.debug("tcp listen of %s:%s takes connection %s", server, port, short_id(conn.id))
