@@ -31,9 +31,9 @@ def __getattr__(name: str) -> Any:
     if _app is None:
         from ptth_lib.config import relay_config_path
         from ptth_lib.relay.gunicorn_app import load_app
-        from ptth_lib.wsgi import gunicorn_worker_connections, gunicorn_workers
+        from ptth_lib.wsgi import gunicorn_sizes
 
-        _app = load_app(relay_config_path(), gunicorn_workers(), gunicorn_worker_connections())
+        _app = load_app(relay_config_path(), *gunicorn_sizes())
     return _app
 
 

@@ -557,39 +557,27 @@ def run(app: Any, host: str, port: int, name: str, on_stop: Callable[[], None] |
 WORKER_CHECK_SECS = 0.1
 
 
-def gunicorn_workers() -> int | None:
-    """How many workers the gunicorn running this process was told to start; None if not under gunicorn.
+def gunicorn_sizes() -> tuple[int | None, int | None]:
+    """How many workers, and how many connections each (worker_connections), the gunicorn running this
+    process was told to start; (None, None) if not under gunicorn.
 
     Read again in the worker as gunicorn's master read it, with gunicorn's own
     parser: the command line (inherited by the forked worker), the -c file,
     $GUNICORN_CMD_ARGS and $WEB_CONCURRENCY. A plain
     `gunicorn -w 4 -k gevent ptth_relay:app` runs no hook of ours, so the
-    worker is the one place that sees every way of asking for more.
+    worker is the one place that sees every way of asking for more workers.
     """
-    return _gunicorn_setting("workers")
-
-
-def gunicorn_worker_connections() -> int | None:
-    """The worker_connections the gunicorn running this process was given (its gevent worker's pool); None if
-    not under gunicorn. Read as `gunicorn_workers` reads the workers."""
-    return _gunicorn_setting("worker_connections")
-
-
-def _gunicorn_config() -> Any:
-    """gunicorn's config as its master read it, read again here; None if not under gunicorn or unreadable."""
     if "gunicorn.arbiter" not in sys.modules:
-        return None
+        return None, None
     from gunicorn.app.wsgiapp import WSGIApplication  # type: ignore[import-untyped]
 
     try:
-        return WSGIApplication().cfg
+        cfg = WSGIApplication().cfg
     except (Exception, SystemExit):  # noqa: BLE001 - gunicorn reports its own errors; then we cannot tell
-        return None
-
-
-def _gunicorn_setting(name: str) -> int | None:
-    value = getattr(_gunicorn_config(), name, None)
-    return int(value) if isinstance(value, int) else None
+        return None, None
+    workers, connections = cfg.workers, cfg.worker_connections
+    return (workers if isinstance(workers, int) else None,
+            connections if isinstance(connections, int) else None)
 
 
 def worker_app(worker: Any) -> Any:

@@ -577,13 +577,13 @@ def test_gevent_wsgi_server_gives_the_raw_target_and_the_socket() -> None:
 ])
 def test_the_worker_count_is_read_as_gunicorn_reads_it(monkeypatch: pytest.MonkeyPatch, argv: list[str],
                                                         env: dict[str, str], workers: int) -> None:
-    """gunicorn_workers() re-reads the master's settings in the worker (the relay refuses more than one)."""
-    import gunicorn.arbiter  # noqa: F401 - what tells gunicorn_workers() it runs under gunicorn
+    """gunicorn_sizes() re-reads the master's settings in the worker (the relay refuses more than one)."""
+    import gunicorn.arbiter  # noqa: F401 - what tells gunicorn_sizes() it runs under gunicorn
 
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.delenv("GUNICORN_CMD_ARGS", raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(CONF.parents[1])
-    assert wsgi.gunicorn_workers() == workers, changed(GUNICORN, "its config no longer reads the worker count "
+    assert wsgi.gunicorn_sizes()[0] == workers, changed(GUNICORN, "its config no longer reads the worker count "
                                                        "from argv, -c or $GUNICORN_CMD_ARGS")
